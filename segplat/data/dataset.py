@@ -1,0 +1,147 @@
+"""PatchDataset: patches of `patch_size` cut from a store's tiles, in native dtypes.
+
+Training draws random crops (optionally class-balanced), validation walks a grid over each
+tile. Randomness comes from a generator seeded by (seed, epoch, index): a sample's crop and
+augmentation do not depend on which rank or worker loads it, which makes runs reproducible
+across worker counts and exactly resumable, and gives every rank and worker distinct streams.
+The zarr store is opened lazily in each worker process (safe under fork, spawn, forkserver).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from segplat.data.store import PatchStore
+from segplat.errors import ConfigError
+
+
+def grid_offsets(size: int, patch: int) -> list[int]:
+    """Patch start offsets covering [0, size): regular steps, the last one aligned to the end."""
+    if patch >= size:
+        return [0]
+    offsets = list(range(0, size - patch + 1, patch))
+    if offsets[-1] != size - patch:
+        offsets.append(size - patch)
+    return offsets
+
+
+class PatchDataset(Dataset):
+    def __init__(
+        self,
+        store_path: str,
+        split: str,
+        patch_size: int,
+        modalities: Sequence[str] | None = None,
+        train: bool = False,
+        patches_per_tile: int = 1,
+        class_balanced: float = 0.0,
+        augment: Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.store_path = str(store_path)
+        self.split = split
+        self.patch_size = int(patch_size)
+        self.train = train
+        self.patches_per_tile = int(patches_per_tile)
+        self.class_balanced = float(class_balanced)
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
+        store = PatchStore(self.store_path)
+        self.specs = store.modalities
+        self.modalities = list(modalities) if modalities else list(self.specs)
+        unknown = [m for m in self.modalities if m not in self.specs]
+        if unknown:
+            raise ConfigError(f"dataset.modalities names {unknown}, which the store {store.path} does not hold; "
+                              f"choose from {list(self.specs)}.")
+        self.tile_size = store.tile_size
+        if self.patch_size > self.tile_size:
+            raise ConfigError(f"dataset.patch_size={self.patch_size} is larger than the store's tiles "
+                              f"({self.tile_size} px); lower patch_size or re-prepare with a larger "
+                              "dataset.tile_size.")
+        for m in self.modalities:
+            p = self.patch_size * self.specs[m].scale
+            if abs(p - round(p)) > 1e-6:
+                raise ConfigError(f"dataset.patch_size={self.patch_size} does not map to whole pixels of {m} "
+                                  f"(scale {self.specs[m].scale}); use a multiple of {round(1 / self.specs[m].scale)}.")
+        self.ignore_index = store.ignore_index
+        self.num_classes = len(store.classes)
+        meta = store.tiles_meta(split)
+        self.tiles = [i for i, m in enumerate(meta) if m is not None]  # skipped samples leave empty tiles
+        if self.train:
+            self.index = [(t, None) for t in self.tiles for _ in range(self.patches_per_tile)]
+        else:
+            offs = grid_offsets(self.tile_size, self.patch_size)
+            self.index = [(t, (y, x)) for t in self.tiles for y in offs for x in offs]
+        self._group = None
+        self._pid: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_group"] = None
+        state["_pid"] = None
+        return state
+
+    def _open(self):
+        if self._group is None or self._pid != os.getpid():
+            self._group = PatchStore(self.store_path).split(self.split)
+            self._pid = os.getpid()
+        return self._group
+
+    def _choose_offset(self, group, tile: int, rng: np.random.Generator) -> tuple[int, int]:
+        span = self.tile_size - self.patch_size
+        if span <= 0:
+            return 0, 0
+        if self.class_balanced > 0 and rng.random() < self.class_balanced:
+            label = np.asarray(group["label"][tile])
+            present = [c for c in np.unique(label) if c != self.ignore_index]
+            if present:
+                cls = rng.choice(present)
+                ys, xs = np.nonzero(label == cls)
+                k = rng.integers(len(ys))
+                half = self.patch_size // 2
+                return (int(np.clip(ys[k] - half, 0, span)), int(np.clip(xs[k] - half, 0, span)))
+        return int(rng.integers(0, span + 1)), int(rng.integers(0, span + 1))
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        group = self._open()
+        tile, offset = self.index[i]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        y, x = offset if offset is not None else self._choose_offset(group, tile, rng)
+        p = self.patch_size
+        sample: dict[str, Any] = {}
+        for m in self.modalities:
+            s = self.specs[m].scale
+            ys, xs, ps = round(y * s), round(x * s), round(p * s)
+            sample[m] = np.asarray(group[m][tile, ..., ys:ys + ps, xs:xs + ps])
+            if self.specs[m].temporal:
+                dates = np.asarray(group[f"{m}_dates"][tile])
+                sample[f"{m}_dates"] = dates
+                sample[f"{m}_time_mask"] = dates >= 0
+        sample["label"] = np.asarray(group["label"][tile, y:y + p, x:x + p])
+        if self.train and self.augment is not None:
+            sample = self.augment(sample, rng)
+        sample["label"] = sample["label"].astype(np.int64)
+        sample["tile"] = np.int64(tile)
+        sample["offset"] = np.array([y, x], dtype=np.int64)
+        return sample
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack numpy samples into tensors without changing their dtypes."""
+    out = {}
+    for key in batch[0]:
+        out[key] = torch.from_numpy(np.stack([np.asarray(b[key]) for b in batch]))
+    return out

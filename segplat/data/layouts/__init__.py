@@ -1,0 +1,1 @@
+"""One reader per raw dataset layout (../shared/DATASETS.md); each carries its dataset's constants."""

@@ -1,0 +1,394 @@
+"""The training loop on Accelerate.
+
+One loop serves every model (inputs are `dict[str, Tensor]`), every launcher (python, accelerate
+launch, torchrun, SLURM) and every precision. Facts it keeps:
+- gradient accumulation is explicit: `no_sync` on every micro-batch but the last of a group, the
+  schedule stepped once per optimiser step, a short last group at an epoch end is not carried over;
+- validation uses the unwrapped model, so ranks with different numbers of validation batches never
+  meet in a collective; the confusion matrices are summed once;
+- decisions (best checkpoint, early stop) are taken from the summed metrics, so all ranks agree;
+- only the main process writes; checkpoints are atomic and hold everything for an exact resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from segplat.engine.callbacks import Callback, improved
+from segplat.engine.checkpoint import check_compatible, find_checkpoint, load_checkpoint
+from segplat.engine.checkpoint import save_checkpoint as write_checkpoint
+from segplat.engine.loggers import JsonlLogger, format_metrics
+from segplat.errors import ConfigError
+from segplat.metrics import ConfusionMatrix, flatten_metrics
+from segplat.utils.io import atomic_write_json
+from segplat.utils.seed import rng_state, set_rng_state
+
+log = logging.getLogger("segplat")
+
+
+class StopTraining(Exception):
+    """Raised by a callback (e.g. a pruner) to end training at once with a reason."""
+
+    def __init__(self, reason: str, status: str = "stopped") -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # completed epochs
+    global_step: int = 0  # optimiser steps
+    best_score: float | None = None
+    best_epoch: int | None = None
+    last_metrics: dict[str, Any] | None = None
+    stopped_reason: str | None = None
+
+
+def resolve_mixed_precision(value: str, cpu: bool) -> str:
+    if value not in ("auto", "no", "bf16", "fp16"):
+        raise ConfigError(f"trainer.mixed_precision={value!r} is not known; use auto, no, bf16 or fp16.")
+    cuda = torch.cuda.is_available() and not cpu
+    if value == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if value == "fp16" and not cuda:
+        raise ConfigError("trainer.mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU.")
+    return value
+
+
+class Trainer:
+    def __init__(self, max_epochs: int = 10, mixed_precision: str = "auto", accumulate_grad_batches: int = 1,
+                 gradient_clip_val: float | None = 1.0, val_every_n_epochs: int = 1, resume: str | None = None,
+                 progress: bool = True, limit_train_batches: int | None = None,
+                 limit_val_batches: int | None = None, sync_batchnorm: bool = False, cpu: bool = False) -> None:
+        for key, value in (("trainer.max_epochs", max_epochs), ("trainer.accumulate_grad_batches",
+                           accumulate_grad_batches), ("trainer.val_every_n_epochs", val_every_n_epochs)):
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{key}={value} must be a positive integer.")
+        for key, value in (("trainer.limit_train_batches", limit_train_batches),
+                           ("trainer.limit_val_batches", limit_val_batches)):
+            if value is not None and value <= 0:
+                raise ConfigError(f"{key}={value} must be a positive integer or null.")
+        if gradient_clip_val is not None and gradient_clip_val < 0:
+            raise ConfigError(f"trainer.gradient_clip_val={gradient_clip_val} must be >= 0 or null.")
+        self.max_epochs = max_epochs
+        self.mixed_precision = resolve_mixed_precision(mixed_precision, cpu)
+        self.accumulate = accumulate_grad_batches
+        self.clip = gradient_clip_val
+        self.val_every = val_every_n_epochs
+        self.resume = resume
+        self.progress = progress
+        self.limit_train = limit_train_batches
+        self.limit_val = limit_val_batches
+        self.sync_batchnorm = sync_batchnorm
+        self.cpu = cpu
+        self.state = TrainState()
+        self.callbacks: list[Callback] = []
+        self.monitor = "val/miou"
+        self.mode = "max"
+        self._accelerator = None
+
+    # -- set-up ---------------------------------------------------------------------------------
+    @property
+    def accelerator(self):
+        if self._accelerator is None:
+            from accelerate import Accelerator
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            self._accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=self.cpu,
+                                            step_scheduler_with_optimizer=False,
+                                            kwargs_handlers=[DistributedDataParallelKwargs(
+                                                find_unused_parameters=False)])
+        return self._accelerator
+
+    def resume_checkpoint_path(self, run_dir: Path) -> Path | None:
+        """Checked before any data is read: a resume path that has no checkpoint is an error."""
+        if self.resume in (None, "", "none", False):
+            return None
+        if self.resume == "auto":
+            ckpt = run_dir / "checkpoints" / "last.ckpt"
+            return ckpt if ckpt.is_file() else None
+        return find_checkpoint(self.resume)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self, model: nn.Module, datamodule, loss_fn: nn.Module, optimizer_factory: Callable[..., Any],
+            scheduler_factory: Callable[..., Any] | None, run_dir: str | Path, callbacks: Sequence[Callback] = (),
+            monitor: str = "val/miou", mode: str = "max", loggers: Sequence[Any] = (),
+            meta: Mapping[str, Any] | None = None, extra_state: Mapping[str, Any] | None = None) -> float:
+        if mode not in ("max", "min"):
+            raise ConfigError(f"callbacks.mode={mode!r} must be max or min.")
+        acc = self.accelerator
+        self.run_dir = Path(run_dir)
+        self.callbacks = list(callbacks)
+        self.monitor, self.mode = monitor, mode
+        self.loggers = list(loggers)
+        self.meta = dict(meta or {})
+        self.extra_state = dict(extra_state or {})
+        self.datamodule = datamodule
+        info = datamodule.info
+        self.class_names = list(info.classes)
+        self.ignore_index = info.ignore_index
+        resume_from = self.resume_checkpoint_path(self.run_dir)
+
+        if self.sync_batchnorm and acc.num_processes > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.raw_model = model
+        self.optimizer_factory = optimizer_factory
+        optimizer = optimizer_factory(model)
+        self.train_loader = datamodule.train_loader(acc.process_index, acc.num_processes)
+        self.val_loader = datamodule.val_loader(acc.process_index, acc.num_processes)
+        n_batches = len(self.train_loader)
+        if self.limit_train:
+            n_batches = min(n_batches, self.limit_train)
+        if n_batches == 0:
+            raise ConfigError(f"the training split gives no batch of dataset.batch_size={datamodule.batch_size} "
+                              f"on {acc.num_processes} process(es); lower the batch size.")
+        self.n_train_batches = n_batches
+        self.steps_per_epoch = math.ceil(n_batches / self.accumulate)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.scheduler = scheduler_factory(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
+                                           else self.optimizer, total_steps=self.steps_per_epoch * self.max_epochs,
+                                           steps_per_epoch=self.steps_per_epoch) if scheduler_factory else None
+        self.loss_fn = loss_fn.to(acc.device)
+        self.preprocess = datamodule.preprocessor()
+        self.metrics_log = JsonlLogger(self.run_dir)
+
+        if resume_from is not None:
+            self.load_state(resume_from)
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+
+        status = "completed"
+        try:
+            while self.state.epoch < self.max_epochs:
+                epoch = self.state.epoch + 1
+                for cb in self.callbacks:
+                    cb.on_train_epoch_start(self)
+                train_stats = self.train_epoch(epoch)
+                self.state.epoch = epoch
+                for cb in self.callbacks:
+                    cb.on_train_epoch_end(self)
+                if epoch % self.val_every == 0 or epoch == self.max_epochs:
+                    self.validate_and_record(epoch, train_stats)
+                if self.state.stopped_reason:
+                    status = "stopped_early"
+                    break
+        except StopTraining as stop:
+            status = stop.status
+            self.state.stopped_reason = str(stop)
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+        self.write_summary(status)
+        acc.wait_for_everyone()
+        score = self.state.best_score
+        return float(score) if score is not None else float("nan")
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        acc = self.accelerator
+        self.model.train()
+        self.train_loader.sampler.set_epoch(epoch)
+        self.train_loader.dataset.set_epoch(epoch)
+        n = self.n_train_batches
+        loss_sum = torch.zeros((), device=acc.device)
+        show = self.progress and acc.is_main_process
+        bar = tqdm(total=n, desc=f"train {epoch}/{self.max_epochs}", disable=not show, leave=False, dynamic_ncols=True)
+        started = time.time()
+        group_start = 0
+        for i, batch in enumerate(self.train_loader):
+            if i >= n:
+                break
+            if i % self.accumulate == 0:
+                group_start = i
+            group_len = min(self.accumulate, n - group_start)
+            sync = (i - group_start + 1) == group_len
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+            inputs = self.preprocess(batch, train=True, epoch=epoch, step=i)
+            ctx = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else nullcontext()
+            with ctx, acc.autocast():
+                outputs = self.model(inputs)
+                loss, _ = self.loss_fn(outputs, batch["label"])
+                acc.backward(loss / group_len)
+            loss_sum += loss.detach()
+            if sync:
+                if self.clip:
+                    acc.clip_grad_norm_(self.model.parameters(), self.clip)
+                self.optimizer.step()
+                if self.scheduler is not None and self.scheduler.interval == "step":
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state.global_step += 1
+            bar.update(1)
+            if bar.n % 10 == 0 or bar.n == n:
+                bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.4f}")
+        bar.close()
+        mean_loss = acc.reduce(loss_sum, "mean").item() / n
+        return {"train/loss": mean_loss, "train/seconds": time.time() - started}
+
+    @torch.no_grad()
+    def evaluate(self, loader=None, limit: int | None = None) -> dict[str, Any]:
+        """Confusion matrix and mean loss over a loader, summed across ranks."""
+        acc = self.accelerator
+        loader = loader or self.val_loader
+        model = acc.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        cm = ConfusionMatrix(len(self.class_names), self.ignore_index, acc.device)
+        loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
+        batches = torch.zeros((), device=acc.device, dtype=torch.float64)
+        limit = limit if limit is not None else self.limit_val
+        for i, batch in enumerate(tqdm(loader, desc="validate", leave=False, dynamic_ncols=True,
+                                       disable=not (self.progress and acc.is_main_process))):
+            if limit is not None and i >= limit:
+                break
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+            inputs = self.preprocess(batch, train=False)
+            with acc.autocast():
+                outputs = model(inputs)
+                loss, _ = self.loss_fn({"out": outputs["out"]}, batch["label"])
+            cm.update(outputs["out"].float(), batch["label"])
+            loss_sum += loss.double()
+            batches += 1
+        model.train(was_training)
+        matrix = acc.reduce(cm.matrix, "sum") if acc.num_processes > 1 else cm.matrix
+        totals = acc.reduce(torch.stack([loss_sum, batches]), "sum") if acc.num_processes > 1 else \
+            torch.stack([loss_sum, batches])
+        cm.matrix = matrix
+        result = cm.compute(self.class_names)
+        result["loss"] = float(totals[0] / totals[1].clamp(min=1))
+        return result
+
+    def validate_and_record(self, epoch: int, train_stats: Mapping[str, float]) -> dict[str, float]:
+        acc = self.accelerator
+        started = time.time()
+        result = self.evaluate()
+        flat = flatten_metrics(result)
+        flat["val/seconds"] = time.time() - started
+        record: dict[str, Any] = {"epoch": epoch, "step": self.state.global_step, **train_stats, **flat}
+        for g in self.optimizer.param_groups:
+            record[f"lr/{g.get('name', 'group')}"] = g["lr"]
+        if self.monitor not in record:
+            raise ConfigError(f"callbacks.monitor={self.monitor} is not a metric validation logs; choose one of "
+                              f"{', '.join(k for k in record if k.startswith('val/'))}.")
+        value = record[self.monitor]
+        if improved(value, self.state.best_score, self.mode):
+            self.state.best_score, self.state.best_epoch = float(value), epoch
+        self.state.last_metrics = {k: result[k] for k in ("miou", "pixel_accuracy", "mean_f1", "per_class_iou",
+                                                          "per_class_f1", "loss", "confusion_matrix")}
+        if self.scheduler is not None and self.scheduler.interval == "validation":
+            self.scheduler.step(value)
+        record["best"] = self.state.best_score
+        record["best_epoch"] = self.state.best_epoch
+        if acc.is_main_process:
+            self.metrics_log.log(record)
+            for lg in self.loggers:
+                lg.log(record, step=self.state.global_step)
+            keys = ["train/loss", "val/loss", "val/miou", "val/pixel_accuracy"]
+            if self.monitor not in keys:
+                keys.append(self.monitor)
+            line = format_metrics(epoch, self.max_epochs, record, keys)
+            tqdm.write(f"{line} | best {self.state.best_score:.4f} @ {self.state.best_epoch} | "
+                       f"{train_stats.get('train/seconds', 0) + flat['val/seconds']:.1f}s")
+        for cb in self.callbacks:
+            cb.on_validation_end(self, record)
+        return record
+
+    def request_stop(self, reason: str) -> None:
+        self.state.stopped_reason = reason
+        if self.accelerator.is_main_process:
+            tqdm.write(reason)
+
+    # -- state ----------------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        acc = self.accelerator
+        state: dict[str, Any] = {
+            "model": acc.unwrap_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None,
+            "rng": rng_state(),
+            "trainer": asdict(self.state),
+            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+            "loggers": {type(lg).__name__: getattr(lg, "run_id", None) for lg in self.loggers},
+            "meta": self.meta,
+            "data": self.extra_state.get("data"),
+            "config": self.extra_state.get("config"),
+        }
+        for name, value in self.extra_state.items():
+            state.setdefault(name, value)
+        return state
+
+    def save_checkpoint(self, filename: str) -> None:
+        acc = self.accelerator
+        state = self.checkpoint_state() if acc.is_main_process else None
+        if acc.is_main_process:
+            write_checkpoint(self.run_dir / "checkpoints" / filename, state)
+        acc.wait_for_everyone()
+
+    def load_state(self, path: Path) -> None:
+        acc = self.accelerator
+        state = load_checkpoint(path)
+        check_compatible(state, self.meta, str(path))
+        model = acc.unwrap_model(self.model)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            from segplat.errors import CheckpointError
+
+            raise CheckpointError(f"checkpoint {path} does not fit this model ({str(err).splitlines()[0]}); use the "
+                                  "config it was trained with or start a new run.") from err
+        for cb in self.callbacks:  # e.g. a fine-tuning switch that must re-add its param group first
+            restore = getattr(cb, "before_optimizer_restore", None)
+            if restore is not None:
+                restore(self, state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") is not None and getattr(acc, "scaler", None) is not None:
+            acc.scaler.load_state_dict(state["scaler"])
+        for key, value in state["trainer"].items():
+            setattr(self.state, key, value)
+        self.state.stopped_reason = None
+        cb_states = state.get("callbacks", {})
+        for cb in self.callbacks:
+            if cb.name in cb_states:
+                cb.load_state_dict(cb_states[cb.name])
+        set_rng_state(state["rng"])
+        if acc.is_main_process:
+            self.metrics_log.truncate_after(self.state.epoch)
+            log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.global_step)
+
+    def write_summary(self, status: str) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        last = self.state.last_metrics or {}
+        summary = {
+            "status": status,
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "best_score": self.state.best_score,
+            "best_epoch": self.state.best_epoch,
+            "epochs_completed": self.state.epoch,
+            "global_step": self.state.global_step,
+            "stopped_reason": self.state.stopped_reason,
+            "miou": last.get("miou"),
+            "pixel_accuracy": last.get("pixel_accuracy"),
+            "mean_f1": last.get("mean_f1"),
+            "per_class_iou": last.get("per_class_iou"),
+            "per_class_f1": last.get("per_class_f1"),
+            "val_loss": last.get("loss"),
+            "confusion_matrix": last.get("confusion_matrix"),
+            "classes": self.class_names,
+            "checkpoints": {p.name: str(p) for p in sorted((self.run_dir / "checkpoints").glob("*.ckpt"))},
+            "run_dir": str(self.run_dir),
+        }
+        atomic_write_json(self.run_dir / "summary.json", summary)

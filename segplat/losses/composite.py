@@ -1,0 +1,58 @@
+"""SegLoss: sum of weighted terms on the main logits, plus the same on each auxiliary head."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from segplat.errors import ConfigError
+
+
+class SegLoss(nn.Module):
+    """`terms`: name -> loss term module; `weights`: name -> weight (default 1);
+    `aux_weights`: output key -> weight ("out" is the main head; absent aux outputs are skipped,
+    aux outputs with no weight are an error so a typo cannot silently drop a head)."""
+
+    def __init__(self, terms: Mapping[str, nn.Module], weights: Mapping[str, float] | None = None,
+                 aux_weights: Mapping[str, float] | None = None, ignore_index: int = 255) -> None:
+        super().__init__()
+        if not terms:
+            raise ConfigError("loss.terms is empty; name at least one loss term.")
+        self.terms = nn.ModuleDict(dict(terms))
+        self.weights = {k: float((weights or {}).get(k, 1.0)) for k in self.terms}
+        unknown = [k for k in (weights or {}) if k not in self.terms]
+        if unknown:
+            raise ConfigError(f"loss.weights names {unknown}, which are not in loss.terms ({list(self.terms)}).")
+        self.aux_weights = {"out": 1.0, **{k: float(v) for k, v in (aux_weights or {}).items()}}
+        self.set_ignore_index(ignore_index)
+
+    def set_ignore_index(self, ignore_index: int) -> None:
+        self.ignore_index = int(ignore_index)
+        for term in self.terms.values():
+            term.ignore_index = self.ignore_index
+
+    def forward(self, outputs: Mapping[str, torch.Tensor] | torch.Tensor,
+                target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if isinstance(outputs, torch.Tensor):
+            outputs = {"out": outputs}
+        parts: dict[str, torch.Tensor] = {}
+        total = None
+        for key, logits in outputs.items():
+            if key not in self.aux_weights:
+                raise ConfigError(f"the model returns an output {key!r} with no loss weight; add it to "
+                                  f"loss.aux_weights (have {list(self.aux_weights)}).")
+            w_out = self.aux_weights[key]
+            if w_out == 0:
+                continue
+            if logits.shape[-2:] != target.shape[-2:]:
+                logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+            for name, term in self.terms.items():
+                value = term(logits, target)
+                parts[name if key == "out" else f"{key}/{name}"] = value.detach()
+                contrib = w_out * self.weights[name] * value
+                total = contrib if total is None else total + contrib
+        assert total is not None
+        return total, parts
