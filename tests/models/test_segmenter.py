@@ -1,0 +1,65 @@
+"""The generic Segmenter (timm encoder + U-Net decoder) at every fusion level."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from segplat.errors import ConfigError
+from segplat.models import Segmenter
+from segplat.models.decoders import UNetDecoder
+from segplat.models.encoders import TimmEncoder
+from tests.models.base_tester import ModelTester
+
+
+def build_segmenter(modalities, num_classes, fusion=None):
+    return Segmenter(modalities, num_classes, functools.partial(TimmEncoder, name="resnet10t"),
+                     functools.partial(UNetDecoder, channels=(32, 16, 16, 16)), fusion)
+
+
+class TestSegmenter(ModelTester):
+    fusions = ({"level": "early"}, {"level": "mid", "stages": [1, 3]}, {"level": "late"})
+    param_range = (4_000_000, 6_000_000)  # resnet10t (~4.9M) + a small decoder, early fusion
+
+    def build(self, modalities, num_classes, fusion=None):
+        return build_segmenter(modalities, num_classes, fusion)
+
+
+class TestSegmenterLowResStream(ModelTester):
+    """A second stream at 1/4 of the primary resolution (a coarse grid under an image)."""
+
+    modalities = {"image": 4, "grid": 6}
+    sizes = {"image": (64, 64), "grid": (16, 16)}
+    fusions = ({"level": "mid"}, {"level": "early"}, {"level": "late"})
+    other_channels = (2,)
+    require_groups = ("encoder", "fusion", "decoder")
+
+    def build(self, modalities, num_classes, fusion=None):
+        return build_segmenter(modalities, num_classes, fusion or {"level": "mid"})
+
+
+def test_mid_fusion_uses_both_streams():
+    torch.manual_seed(0)
+    model = build_segmenter({"rgb": 3, "nir": 1}, 4, {"level": "mid"}).eval()
+    x = {"rgb": torch.randn(1, 3, 32, 32), "nir": torch.randn(1, 1, 32, 32)}
+    with torch.no_grad():
+        a = model(x)["out"]
+        b = model({**x, "nir": torch.randn(1, 1, 32, 32)})["out"]
+    assert not torch.allclose(a, b), "changing the NIR stream must change the output under mid fusion"
+
+
+@pytest.mark.parametrize("fusion, words", [
+    ({"level": "mid", "type": "attention"}, "fusion.type=attention"),
+    ({"level": "sideways"}, "fusion.level=sideways"),
+])
+def test_invalid_fusion_is_refused_naming_valid_ones(fusion, words):
+    with pytest.raises(ConfigError, match=words) as err:
+        build_segmenter({"rgb": 3, "nir": 1}, 4, fusion)
+    assert "valid" in str(err.value)
+
+
+def test_mid_fusion_needs_two_modalities():
+    with pytest.raises(ConfigError, match="at least two modalities"):
+        build_segmenter({"rgb": 3}, 4, {"level": "mid"})
