@@ -17,11 +17,26 @@ from torch import nn
 
 from segplat.errors import ConfigError
 
-NO_DECAY_KEYWORDS = ("pos_embed", "pos_emb", "cls_token", "relative_position", "gamma", "scale", "temperature")
+# Parameter-name tokens (the parts between dots) that never get weight decay: position
+# embeddings, class/mask tokens, relative-position tables, layer-scale and temperature parameters.
+NO_DECAY_TOKENS = frozenset({"cls_token", "dist_token", "mask_token", "reg_token", "gamma", "gamma_1", "gamma_2",
+                             "scale", "logit_scale", "layer_scale", "temperature", "absolute_pos_embed"})
+NO_DECAY_PREFIXES = ("pos_embed", "pos_emb", "relative_position", "rel_pos")
 
 
-def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    return param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_KEYWORDS)
+def no_weight_decay(name: str, param: nn.Parameter, extra: frozenset[str] = frozenset()) -> bool:
+    """Why: decaying norms, biases, embeddings and scales towards 0 hurts (the SegFormer / timm
+    rule). Every 0-D/1-D parameter (norm weights, biases, LayerScale gammas) is exempt, as are
+    parameters whose name has a token above (matched on whole tokens, so e.g. a `scales.0.conv`
+    module is still decayed) and names the model lists in `no_weight_decay()` (timm's hook)."""
+    if param.ndim <= 1 or name.endswith(".bias") or name in extra:
+        return True
+    return any(t in NO_DECAY_TOKENS or t.startswith(NO_DECAY_PREFIXES) for t in name.split("."))
+
+
+def _model_no_decay_names(model: nn.Module) -> frozenset[str]:
+    hook = getattr(model, "no_weight_decay", None)
+    return frozenset(hook()) if callable(hook) else frozenset()
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, group_lrs: dict[str, float | None],
@@ -29,13 +44,18 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, group_lrs: di
     groups_of = model.grouped_parameters() if hasattr(model, "grouped_parameters") else {
         "decoder": list(model.named_parameters())}
     frozen = set(frozen)
+    unknown = frozen - set(groups_of)
+    if unknown:
+        raise ConfigError(f"frozen groups {sorted(unknown)} are not parameter groups of the model "
+                          f"({', '.join(groups_of)}).")
+    extra = _model_no_decay_names(model)
     out = []
     for group, named in groups_of.items():
         if group in frozen:
             continue
         g_lr = group_lrs.get(group) or lr
-        decay = [p for n, p in named if p.requires_grad and not no_weight_decay(n, p)]
-        no_decay = [p for n, p in named if p.requires_grad and no_weight_decay(n, p)]
+        decay = [p for n, p in named if p.requires_grad and not no_weight_decay(n, p, extra)]
+        no_decay = [p for n, p in named if p.requires_grad and no_weight_decay(n, p, extra)]
         if decay:
             out.append({"params": decay, "lr": g_lr, "weight_decay": weight_decay, "name": f"{group}"})
         if no_decay:
@@ -52,8 +72,13 @@ def build_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3, wei
                        ("optimizer.fusion_lr", fusion_lr), ("optimizer.decoder_lr", decoder_lr)):
         if value is not None and not value > 0:
             raise ConfigError(f"{key}={value} must be a positive number.")
+    if weight_decay < 0:
+        raise ConfigError(f"optimizer.weight_decay={weight_decay} must be >= 0.")
     groups = param_groups(model, lr, weight_decay,
                           {"encoder": encoder_lr, "fusion": fusion_lr, "decoder": decoder_lr}, frozen)
+    if not groups:
+        raise ConfigError("the optimiser has no trainable parameter (every group is frozen); unfreeze a group or "
+                          "check the fine-tuning callback.")
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     if name == "sgd":
@@ -61,9 +86,32 @@ def build_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3, wei
     raise ConfigError(f"optimizer.name={name!r} is not known; use adamw or sgd.")
 
 
-class Schedule:
-    """A per-optimiser-step multiplier on each group's base learning rate (warmup + decay)."""
+def remove_params(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> int:
+    """Drop `params` from a fresh optimiser's groups in place (empty groups go too); returns how many
+    went. In place, so wrappers (Accelerate's AcceleratedOptimizer) and schedules keep pointing at
+    the same object. Why fresh only: Adam moments of a removed parameter would be lost silently."""
+    ids = {id(p) for p in params}
+    if any(id(p) in ids for p in optimizer.state):
+        raise RuntimeError("remove_params needs an optimiser with no state for the removed parameters.")
+    removed, kept_groups = 0, []
+    for group in optimizer.param_groups:
+        kept = [p for p in group["params"] if id(p) not in ids]
+        removed += len(group["params"]) - len(kept)
+        if kept:
+            group["params"] = kept
+            kept_groups.append(group)
+    optimizer.param_groups[:] = kept_groups
+    return removed
 
+
+class Schedule:
+    """A per-optimiser-step multiplier on each group's base learning rate (`initial_lr`).
+
+    factor(s) = warmup_ratio + (1 - warmup_ratio) * s / warmup          for s < warmup (linear warmup)
+              = min_ratio + (1 - min_ratio) * decay(t), t = (s - warmup) / (total - warmup)
+    with decay = (1 - t)^power (poly), (1 + cos(pi t)) / 2 (cosine) or 1 (constant). The learning
+    rate used by optimiser step s + 1 is base * factor(s). The trainer steps it once per optimiser
+    step, so gradient accumulation and the number of processes do not change the curve."""
     interval = "step"
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
@@ -71,6 +119,12 @@ class Schedule:
                  warmup_ratio: float = 1e-6) -> None:
         if kind not in ("poly", "cosine", "constant"):
             raise ConfigError(f"scheduler.kind={kind!r} is not known; use poly, cosine, constant or plateau.")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ConfigError(f"scheduler.min_lr_ratio={min_lr_ratio} must be in [0, 1].")
+        if power <= 0:
+            raise ConfigError(f"scheduler.power={power} must be positive.")
+        if not 0.0 <= warmup_ratio <= 1.0:
+            raise ConfigError(f"scheduler.warmup_ratio={warmup_ratio} must be in [0, 1].")
         self.optimizer = optimizer
         self.total = max(1, int(total_steps))
         self.warmup = max(0, int(warmup_steps))
@@ -102,6 +156,7 @@ class Schedule:
         self._apply()
 
     def add_group(self, group: dict[str, Any]) -> None:
+        """A group that joins later (e.g. an unfrozen encoder) follows the same curve from now on."""
         group.setdefault("initial_lr", group["lr"])
         group["lr"] = group["initial_lr"] * self.factor(self.step_count)
 
@@ -109,6 +164,12 @@ class Schedule:
         return {"step_count": self.step_count, "initial_lrs": [g["initial_lr"] for g in self.optimizer.param_groups]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["initial_lrs"]) != len(self.optimizer.param_groups):
+            from segplat.errors import CheckpointError
+
+            raise CheckpointError(f"the checkpoint's schedule has {len(state['initial_lrs'])} parameter groups but "
+                                  f"this optimiser has {len(self.optimizer.param_groups)}; resume with the config "
+                                  "(optimizer, callbacks) the run was started with.")
         self.step_count = int(state["step_count"])
         for g, lr in zip(self.optimizer.param_groups, state["initial_lrs"]):
             g["initial_lr"] = lr
@@ -121,17 +182,31 @@ class PlateauSchedule:
     interval = "validation"
 
     def __init__(self, optimizer: torch.optim.Optimizer, mode: str = "max", factor: float = 0.5,
-                 patience: int = 2, min_lr: float = 0.0, **_: Any) -> None:
+                 patience: int = 2, min_lr: float = 0.0, threshold: float = 1e-4, cooldown: int = 0) -> None:
+        if mode not in ("max", "min"):
+            raise ConfigError(f"scheduler.mode={mode!r} must be max or min (follow callbacks.mode).")
+        if not 0.0 < factor < 1.0:
+            raise ConfigError(f"scheduler.factor={factor} must be in (0, 1).")
+        self.optimizer = optimizer
+        self.min_lr = float(min_lr)
         self.inner = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=factor,
-                                                                patience=patience, min_lr=min_lr)
+                                                                patience=patience, min_lr=min_lr,
+                                                                threshold=threshold, cooldown=cooldown)
 
     def step(self, metric: float | None = None) -> None:
-        if metric is not None:
+        if metric is not None and not math.isnan(metric):
+            self._sync_min_lrs()
             self.inner.step(metric)
 
+    def _sync_min_lrs(self) -> None:
+        n = len(self.optimizer.param_groups)
+        if len(self.inner.min_lrs) != n:  # a group joined or left (fine-tuning)
+            self.inner.min_lrs = (list(self.inner.min_lrs) + [self.min_lr] * n)[:n]
+
     def add_group(self, group: dict[str, Any]) -> None:
-        self.inner.min_lrs.append(self.inner.min_lrs[-1] if self.inner.min_lrs else 0.0)
-        self.inner.default_min_lr = None
+        """The new group starts at its own lr and is reduced with the others from now on."""
+        group.setdefault("initial_lr", group["lr"])
+        self._sync_min_lrs()
 
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
@@ -142,9 +217,15 @@ class PlateauSchedule:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, kind: str = "poly",
                     warmup_steps: int = 0, warmup_epochs: float = 0.0, steps_per_epoch: int = 1,
-                    power: float = 0.9, min_lr_ratio: float = 0.0, mode: str = "max", factor: float = 0.5,
-                    patience: int = 2) -> Schedule | PlateauSchedule:
+                    power: float = 0.9, min_lr_ratio: float = 0.0, warmup_ratio: float = 1e-6,
+                    mode: str = "max", factor: float = 0.5, patience: int = 2, min_lr: float = 0.0,
+                    threshold: float = 1e-4, cooldown: int = 0) -> Schedule | PlateauSchedule:
+    """`warmup_steps` (optimiser steps) wins over `warmup_epochs` (converted with steps_per_epoch,
+    i.e. after gradient accumulation)."""
     if kind == "plateau":
-        return PlateauSchedule(optimizer, mode=mode, factor=factor, patience=patience)
+        return PlateauSchedule(optimizer, mode=mode, factor=factor, patience=patience, min_lr=min_lr,
+                               threshold=threshold, cooldown=cooldown)
+    if warmup_steps < 0 or warmup_epochs < 0:
+        raise ConfigError(f"scheduler.warmup_steps={warmup_steps} / warmup_epochs={warmup_epochs} must be >= 0.")
     warmup = warmup_steps or round(warmup_epochs * steps_per_epoch)
-    return Schedule(optimizer, total_steps, warmup, kind, power, min_lr_ratio)
+    return Schedule(optimizer, total_steps, warmup, kind, power, min_lr_ratio, warmup_ratio)

@@ -16,14 +16,15 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
+from segplat.data.augment_copy_paste import StoreDonor
 from segplat.data.dataset import PatchDataset, collate
 from segplat.data.layouts.base import Layout, ModalitySpec
 from segplat.data.preprocess import PhotometricAugment, Preprocessor
 from segplat.data.store import PatchStore, is_complete, prepare_store
-from segplat.data.transforms import GeometricAugment
+from segplat.data.transforms import build_augment
 from segplat.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,9 @@ class DataModule:
 
     def setup(self, accelerator=None) -> DataInfo:
         """Prepare (main process first), open the store and check sizes against the data."""
+        if accelerator is not None:  # a global batch that does not split over the processes stops before any read
+            self.per_process_batch(accelerator.num_processes)
+            self.per_process_batch(accelerator.num_processes, self.val_batch_size, "dataset.val_batch_size")
         self.check_root()
         layout = self.build_layout()
         path = self.resolve_store_path(layout)
@@ -209,23 +213,30 @@ class DataModule:
         return self.info
 
     # -- loaders --------------------------------------------------------------------------------
-    def per_process_batch(self, world: int, batch_size: int | None = None) -> int:
+    def per_process_batch(self, world: int, batch_size: int | None = None, key: str = "dataset.batch_size") -> int:
         batch = batch_size or self.batch_size
         if batch % world:
-            raise ConfigError(f"dataset.batch_size={batch} is the global batch and must divide evenly over "
+            raise ConfigError(f"{key}={batch} is the global batch and must divide evenly over "
                               f"{world} processes; use a multiple of {world}.")
         return batch // world
 
     def dataset(self, split: str, train: bool) -> PatchDataset:
         assert self.info is not None, "call setup() first"
-        augment = GeometricAugment(**self.augment_cfg) if (train and self.augment_cfg) else None
+        augment = None
+        if train and self.augment_cfg:
+            cfg = {k: (OmegaConf.to_container(v) if isinstance(v, DictConfig | ListConfig) else v)
+                   for k, v in self.augment_cfg.items()}
+            donor = StoreDonor(self.store_path, split, list(self.info.modalities), self.patch_size) \
+                if cfg.get("copy_paste") else None
+            augment = build_augment(cfg, self.info.specs, self.info.ignore_index, donor)
         return PatchDataset(self.store_path, split, self.patch_size, list(self.info.modalities), train=train,
                             patches_per_tile=self.patches_per_tile, class_balanced=self.class_balanced,
                             augment=augment, seed=self.seed)
 
     def loader(self, split: str, train: bool, rank: int = 0, world: int = 1) -> DataLoader:
         ds = self.dataset(split, train)
-        per_proc = self.per_process_batch(world, self.batch_size if train else self.val_batch_size)
+        per_proc = self.per_process_batch(world, self.batch_size if train else self.val_batch_size,
+                                          "dataset.batch_size" if train else "dataset.val_batch_size")
         sampler = ShardSampler(len(ds), rank, world, shuffle=train, seed=self.seed, pad=train)
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0:

@@ -70,6 +70,9 @@ class PatchDataset(Dataset):
             if abs(p - round(p)) > 1e-6:
                 raise ConfigError(f"dataset.patch_size={self.patch_size} does not map to whole pixels of {m} "
                                   f"(scale {self.specs[m].scale}); use a multiple of {round(1 / self.specs[m].scale)}.")
+        # crop offsets snap to whole pixels of every coarser modality (8 for a 1/8 grid); otherwise a
+        # 64x64 grid cut at round(y / 8) would sit up to 4 label pixels off the label crop
+        self.align = max([round(1 / self.specs[m].scale) for m in self.modalities if self.specs[m].scale < 1] or [1])
         self.ignore_index = store.ignore_index
         self.num_classes = len(store.classes)
         meta = store.tiles_meta(split)
@@ -120,6 +123,7 @@ class PatchDataset(Dataset):
         tile, offset = self.index[i]
         rng = np.random.default_rng([self.seed, self.epoch, i])
         y, x = offset if offset is not None else self._choose_offset(group, tile, rng)
+        y, x = y - y % self.align, x - x % self.align  # keep coarser grids aligned with the label
         p = self.patch_size
         sample: dict[str, Any] = {}
         for m in self.modalities:

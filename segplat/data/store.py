@@ -146,10 +146,15 @@ class StoreWriter:
         for split, refs in splits.items():
             if refs:
                 self._write_split(root, split, refs)
-        stats = self._compute_stats(root, "train" if "train" in splits else next(iter(splits)))
+        written = [s for s in splits if s in root]
+        if not written:
+            raise DataError(f"every sample of dataset {self.layout.name} under {self.layout.root} was skipped: "
+                            + "; ".join(self.skipped[:3]))
+        stats = self._compute_stats(root, "train" if "train" in written else written[0])
         meta = dict(root.attrs["segplat"])
         meta["stats"] = stats
         meta["skipped"] = self.skipped
+        meta["notes"] = [str(n) for n in getattr(self.layout, "notes", [])]
         root.attrs["segplat"] = meta
         atomic_write_json(self.partial / COMPLETE_MARKER, {
             "fingerprint": self.fingerprint, "format": STORE_FORMAT_VERSION,
@@ -193,7 +198,7 @@ class StoreWriter:
     def _plan(self, refs: list[SampleRef], shapes: list[tuple[int, int]]) -> list[TilePlan]:
         plans, start = [], 0
         for ref, (h, w) in zip(refs, shapes):
-            windows = tile_windows(h, w, self.tile_size)
+            windows = tile_windows(h, w, self.tile_size) if h > 0 and w > 0 else []  # [] = skipped at scan
             plans.append(TilePlan(ref, start, windows))
             start += len(windows)
         return plans
@@ -203,11 +208,19 @@ class StoreWriter:
         shapes_path = f"{split}_shapes"
         shapes = root.attrs.get(shapes_path)
         if shapes is None:
-            shapes = [list(self._sample_shape(ref)) for ref in
-                      tqdm(refs, desc=f"scan {split}", disable=not self.progress, leave=False)]
+            shapes = []
+            for ref in tqdm(refs, desc=f"scan {split}", disable=not self.progress, leave=False):
+                try:
+                    shapes.append(list(self._sample_shape(ref)))
+                except DataError as err:  # an unreadable file skips its sample, not the whole prepare
+                    self.skipped.append(str(err))
+                    log.warning("skipped: %s", err)
+                    shapes.append([0, 0])
             root.attrs[shapes_path] = shapes
         plans = self._plan(refs, [tuple(s) for s in shapes])
         n_tiles = plans[-1].start + len(plans[-1].windows)
+        if n_tiles == 0:
+            return
         t = self.tile_size
         codecs = compressor_codecs(self.compressor)
         if split not in root:
@@ -234,6 +247,10 @@ class StoreWriter:
         todo = [i for i in range(len(plans)) if not done[i]]
         for i in tqdm(todo, desc=f"prepare {split}", disable=not self.progress, unit="sample"):
             plan = plans[i]
+            if not plan.windows:
+                done[i] = True
+                group["done"][i] = True
+                continue
             try:
                 sample = self.layout.read(plan.ref)
                 self._validate(sample, tuple(shapes[i]))
@@ -331,7 +348,11 @@ class StoreWriter:
             count = np.zeros(c, np.int64)
             reservoirs: list[list[np.ndarray]] = [[] for _ in range(c)]
             kept = np.zeros(c, np.int64)
+            mt = round(valid_all.shape[-1] * spec.scale)
             for i in tqdm(range(n), desc=f"stats {name}", disable=not self.progress, leave=False):
+                valid = _resize_nearest_mask(np.asarray(valid_all[i]), (mt, mt))
+                if not valid.any():  # padding-only or skipped tiles carry no statistics
+                    continue
                 tile = np.asarray(arr[i])
                 if spec.temporal:
                     tile = tile.transpose(1, 0, 2, 3).reshape(c, -1, *tile.shape[-2:])  # (C, T, h, w)
@@ -342,6 +363,7 @@ class StoreWriter:
                 ok = np.isfinite(vals)
                 if spec.nodata is not None and not (isinstance(spec.nodata, float) and math.isnan(spec.nodata)):
                     ok &= vals != spec.nodata
+                ok &= np.broadcast_to(valid, tile.shape).reshape(c, -1)  # padding is not data, whatever its value
                 for b in range(c):
                     v = vals[b][ok[b]]
                     if v.size == 0:

@@ -29,6 +29,7 @@ class Callback:
     """Hooks the trainer calls; override what you need. `state_dict` goes into checkpoints."""
 
     name = "callback"
+    order = 0  # the trainer calls callbacks in ascending order (stable)
 
     def on_fit_start(self, trainer: Trainer) -> None: ...
     def on_train_epoch_start(self, trainer: Trainer) -> None: ...
@@ -47,6 +48,7 @@ class ModelCheckpoint(Callback):
     monitored metric improves (the trainer tracks the best score)."""
 
     name = "checkpoint"
+    order = 100  # after every other callback, so the saved callback state includes this validation
 
     def __init__(self, save_last: bool = True, save_best: bool = True) -> None:
         self.save_last = save_last

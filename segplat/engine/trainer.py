@@ -70,7 +70,8 @@ class Trainer:
     def __init__(self, max_epochs: int = 10, mixed_precision: str = "auto", accumulate_grad_batches: int = 1,
                  gradient_clip_val: float | None = 1.0, val_every_n_epochs: int = 1, resume: str | None = None,
                  progress: bool = True, limit_train_batches: int | None = None,
-                 limit_val_batches: int | None = None, sync_batchnorm: bool = False, cpu: bool = False) -> None:
+                 limit_val_batches: int | None = None, sync_batchnorm: bool = False, cpu: bool = False,
+                 backend: str = "auto", rendezvous_timeout: float = 120.0, dist_timeout: float = 1800.0) -> None:
         for key, value in (("trainer.max_epochs", max_epochs), ("trainer.accumulate_grad_batches",
                            accumulate_grad_batches), ("trainer.val_every_n_epochs", val_every_n_epochs)):
             if not isinstance(value, int) or value <= 0:
@@ -91,6 +92,9 @@ class Trainer:
         self.limit_train = limit_train_batches
         self.limit_val = limit_val_batches
         self.sync_batchnorm = sync_batchnorm
+        self.backend = backend  # process group under a launcher: auto | nccl | gloo (see segplat.utils.dist)
+        self.rendezvous_timeout = rendezvous_timeout
+        self.dist_timeout = dist_timeout
         self.cpu = cpu
         self.state = TrainState()
         self.callbacks: list[Callback] = []
@@ -105,7 +109,13 @@ class Trainer:
             from accelerate import Accelerator
             from accelerate.utils import DistributedDataParallelKwargs
 
-            self._accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=self.cpu,
+            from segplat.utils.dist import init_distributed
+
+            # join the group ourselves (backend fallback, rendezvous timeout naming the address); Accelerate
+            # reuses it. Several processes without CUDA must tell Accelerate cpu=True, or each would train alone.
+            backend = init_distributed(self.backend, self.cpu, self.rendezvous_timeout, self.dist_timeout)
+            cpu = self.cpu or (backend is not None and not torch.cuda.is_available())
+            self._accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=cpu,
                                             step_scheduler_with_optimizer=False,
                                             kwargs_handlers=[DistributedDataParallelKwargs(
                                                 find_unused_parameters=False)])
@@ -129,7 +139,8 @@ class Trainer:
             raise ConfigError(f"callbacks.mode={mode!r} must be max or min.")
         acc = self.accelerator
         self.run_dir = Path(run_dir)
-        self.callbacks = list(callbacks)
+        # stable sort on `order`: ModelCheckpoint runs last, so checkpoints hold every callback's updated state
+        self.callbacks = sorted(callbacks, key=lambda cb: getattr(cb, "order", 0))
         self.monitor, self.mode = monitor, mode
         self.loggers = list(loggers)
         self.meta = dict(meta or {})
@@ -141,7 +152,11 @@ class Trainer:
         resume_from = self.resume_checkpoint_path(self.run_dir)
 
         if self.sync_batchnorm and acc.num_processes > 1:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if acc.device.type == "cpu":  # torch's SyncBatchNorm runs on accelerators only
+                log.warning("trainer.sync_batchnorm=true needs GPUs; on CPU each process keeps its own BatchNorm "
+                            "statistics.")
+            else:
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.raw_model = model
         self.optimizer_factory = optimizer_factory
         optimizer = optimizer_factory(model)
@@ -212,7 +227,8 @@ class Trainer:
             group_len = min(self.accumulate, n - group_start)
             sync = (i - group_start + 1) == group_len
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
-            inputs = self.preprocess(batch, train=True, epoch=epoch, step=i)
+            # a distinct augmentation stream per rank (equal to step=i on one process)
+            inputs = self.preprocess(batch, train=True, epoch=epoch, step=i * acc.num_processes + acc.process_index)
             ctx = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else nullcontext()
             with ctx, acc.autocast():
                 outputs = self.model(inputs)
@@ -256,8 +272,9 @@ class Trainer:
                 outputs = model(inputs)
                 loss, _ = self.loss_fn({"out": outputs["out"]}, batch["label"])
             cm.update(outputs["out"].float(), batch["label"])
-            loss_sum += loss.double()
-            batches += 1
+            n = batch["label"].shape[0]  # weight by samples: a short last batch on one rank counts for what it holds
+            loss_sum += loss.double() * n
+            batches += n
         model.train(was_training)
         matrix = acc.reduce(cm.matrix, "sum") if acc.num_processes > 1 else cm.matrix
         totals = acc.reduce(torch.stack([loss_sum, batches]), "sum") if acc.num_processes > 1 else \

@@ -13,8 +13,9 @@ from segplat.errors import ConfigError
 
 class SegLoss(nn.Module):
     """`terms`: name -> loss term module; `weights`: name -> weight (default 1);
-    `aux_weights`: output key -> weight ("out" is the main head; absent aux outputs are skipped,
-    aux outputs with no weight are an error so a typo cannot silently drop a head)."""
+    `aux_weights`: output key -> weight ("out" is the main head, weight 1 unless given; "final" is
+    accepted as another name for it; absent aux outputs are skipped, aux outputs with no weight
+    are an error so a typo cannot silently drop a head)."""
 
     def __init__(self, terms: Mapping[str, nn.Module], weights: Mapping[str, float] | None = None,
                  aux_weights: Mapping[str, float] | None = None, ignore_index: int = 255) -> None:
@@ -26,7 +27,10 @@ class SegLoss(nn.Module):
         unknown = [k for k in (weights or {}) if k not in self.terms]
         if unknown:
             raise ConfigError(f"loss.weights names {unknown}, which are not in loss.terms ({list(self.terms)}).")
-        self.aux_weights = {"out": 1.0, **{k: float(v) for k, v in (aux_weights or {}).items()}}
+        aux = {("out" if k == "final" else str(k)): float(v) for k, v in (aux_weights or {}).items()}
+        if "final" in (aux_weights or {}) and "out" in (aux_weights or {}):
+            raise ConfigError("loss.aux_weights names both final and out, which are the same head; keep one.")
+        self.aux_weights = {"out": 1.0, **aux}
         self.set_ignore_index(ignore_index)
 
     def set_ignore_index(self, ignore_index: int) -> None:

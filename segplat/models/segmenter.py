@@ -21,9 +21,10 @@ from torch.nn import functional as F
 
 from segplat.errors import ConfigError
 from segplat.models.base import SegmentationModel
+from segplat.models.fusion.attention import AttentionFusion
 from segplat.models.fusion.concat import ConcatFusion
 
-FUSION_MODULES: dict[str, type[nn.Module]] = {"concat": ConcatFusion}
+FUSION_MODULES: dict[str, type[nn.Module]] = {"concat": ConcatFusion, "attention": AttentionFusion}
 
 
 class SegmentationHead(nn.Sequential):
@@ -33,7 +34,7 @@ class SegmentationHead(nn.Sequential):
 
 class Segmenter(SegmentationModel):
     supported_fusion: ClassVar[Mapping[str, tuple[str, ...]]] = {
-        "early": ("concat",), "mid": ("concat",), "late": ("concat",)}
+        "early": ("concat",), "mid": ("concat", "attention"), "late": ("concat",)}
 
     def __init__(self, modalities: Mapping[str, int], num_classes: int, encoder: Callable[..., nn.Module],
                  decoder: Callable[..., nn.Module], fusion: Any = None, head_dropout: float = 0.0) -> None:

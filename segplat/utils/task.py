@@ -27,6 +27,16 @@ def run_dir_of(cfg: DictConfig) -> Path:
         return Path(cfg.paths.output_dir)
 
 
+def user_error_in(err: BaseException | None) -> SegplatError | None:
+    """The SegplatError behind `err`, following the cause chain (Hydra wraps errors raised in constructors)."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, SegplatError):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
 def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Turn user errors into one sentence and exit status 2; print `run_dir: PATH` last."""
 
@@ -36,8 +46,11 @@ def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
             logging.getLogger().setLevel(logging.WARNING)
         try:
             result = fn(cfg)
-        except SegplatError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+        except Exception as err:  # noqa: BLE001 - user errors may arrive wrapped by hydra.instantiate
+            user_error = user_error_in(err)
+            if user_error is None:
+                raise
+            print(f"error: {user_error}", file=sys.stderr, flush=True)
             sys.exit(2)
         if is_main_process():
             print(f"run_dir: {run_dir_of(cfg)}", flush=True)

@@ -51,7 +51,7 @@ def test_mid_fusion_uses_both_streams():
 
 
 @pytest.mark.parametrize("fusion, words", [
-    ({"level": "mid", "type": "attention"}, "fusion.type=attention"),
+    ({"level": "late", "type": "attention"}, "fusion.type=attention"),
     ({"level": "sideways"}, "fusion.level=sideways"),
 ])
 def test_invalid_fusion_is_refused_naming_valid_ones(fusion, words):

@@ -1,0 +1,295 @@
+"""airquality: 4-band satellite chips plus 48-channel air-quality grids (AI Hub dataSetSn=71805).
+
+On-disk facts (../shared/DATASETS.md): per split four folders, images `ts_sn/` (train) or
+`vs_sn/` (val) as 512x512 4-band (R, G, B, NIR) 16-bit TIFs named like `SN10_CHN_00001_230409.tif`;
+masks with the same name in `tl_sn/` / `vl_sn/`; companions found by stem: `GEMS_<stem>.tif` in
+`t_gems/` / `v_gems/` and `AIR_Pollution_{CO,NO2,SO2}_<stem>.tif` in `t_ap/` / `v_ap/`, 12 channels
+each, used at 64x64 (48 channels together).
+
+Why two modalities: the air-quality grid is 8x coarser than the image. Upsampling it to 512x512
+in the store would cost 64x the bytes and pretend to a resolution it does not have, so the store
+keeps it at its own grid (`scale` = 64/512) and the model fuses the two (the Segmenter upsamples).
+
+Public loaders disagree on the companions' band counts and the mask coding, so both are
+configuration: `bands_per_file` (checked on every file; a mismatch names the file and the key)
+and `mask_values` (mask value -> class index; other values raise or become the ignore index).
+Companions that are not `air_size` pixels square are resampled to it, and the count is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
+
+from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef
+from segplat.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+FOLDERS = {
+    "train": {"image": "ts_sn", "mask": "tl_sn", "air": "t_ap", "gems": "t_gems"},
+    "val": {"image": "vs_sn", "mask": "vl_sn", "air": "v_ap", "gems": "v_gems"},
+}
+POLLUTANTS = ("CO", "NO2", "SO2")
+IMAGE_BANDS = ("red", "green", "blue", "nir")
+NAME_RE = re.compile(r"^[A-Z0-9]+_[A-Z]+_\d+_\d{6}$")  # sensor_country_id_YYMMDD, e.g. SN10_CHN_00001_230409
+TIF_SUFFIXES = (".tif", ".tiff", ".TIF", ".TIFF")
+
+
+def companion_names(stem: str) -> dict[str, str]:
+    """The four companion files of an image stem, in channel order (GEMS first, then CO, NO2, SO2)."""
+    return {"GEMS": f"GEMS_{stem}.tif", **{p: f"AIR_Pollution_{p}_{stem}.tif" for p in POLLUTANTS}}
+
+
+class AirQualityLayout(Layout):
+    """Reader of the airquality seed layout; modalities `image` (4 bands, label grid) and `air` (48 bands, 1/8)."""
+
+    name = "airquality"
+    classes = ("background", "industrial_urban")
+    palette = ((0, 0, 0), (255, 64, 64))
+    ignore_index = 255
+    splits = ("train", "val")
+
+    def __init__(self, root: str | None = None, mask_values: Mapping[Any, int] | None = None,
+                 unknown_mask_values: str = "error", image_size: int = 512, air_size: int = 64,
+                 bands_per_file: int = 12, image_nodata: float | None = 0, air_nodata: float | None = None,
+                 strict_names: bool = False) -> None:
+        super().__init__(root)
+        table = mask_values if mask_values is not None else {90: 0, 10: 1}
+        try:
+            self.mask_values = {int(k): int(v) for k, v in dict(table).items()}
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"dataset.layout.mask_values={dict(table)} must map integer mask values to class "
+                              f"indices, e.g. {{90: 0, 10: 1}}.") from err
+        bad = {k: v for k, v in self.mask_values.items()
+               if not (0 <= v < len(self.classes) or v == self.ignore_index) or not 0 <= k <= 255}
+        if bad:
+            raise ConfigError(f"dataset.layout.mask_values has entries {bad} outside mask values 0..255 or classes "
+                              f"0..{len(self.classes) - 1} (or {self.ignore_index} to ignore); fix the table.")
+        if unknown_mask_values not in ("error", "ignore"):
+            raise ConfigError(f"dataset.layout.unknown_mask_values={unknown_mask_values!r} must be error or ignore.")
+        self.unknown_mask_values = unknown_mask_values
+        self.image_size, self.air_size = int(image_size), int(air_size)
+        if self.image_size <= 0 or self.air_size <= 0 or self.image_size % self.air_size:
+            raise ConfigError(f"dataset.layout.image_size={self.image_size} must be a positive multiple of "
+                              f"dataset.layout.air_size={self.air_size} (the grids must nest exactly).")
+        self.bands_per_file = int(bands_per_file)
+        self.image_nodata = image_nodata
+        self.air_nodata = air_nodata
+        self.strict_names = strict_names
+        self.resampled = 0  # companions read at another size than air_size (logged)
+        self._lut = self._mask_lut()
+
+    @property
+    def notes(self) -> list[str]:
+        """What prepare should record beside the skips (StoreWriter copies these into the store attrs)."""
+        if not self.resampled:
+            return []
+        return [f"{self.resampled} companion TIF(s) were not {self.air_size}x{self.air_size} and were resampled to it"]
+
+    # -- constants ------------------------------------------------------------------------------
+    @property
+    def modalities(self) -> dict[str, ModalitySpec]:
+        air_bands = tuple(f"{src}_{b + 1:02d}" for src in ("GEMS", *POLLUTANTS) for b in range(self.bands_per_file))
+        return {
+            "image": ModalitySpec(bands=IMAGE_BANDS, nodata=self.image_nodata, dtype="uint16", optical=True),
+            "air": ModalitySpec(bands=air_bands, nodata=float("nan"), dtype="float32", optical=False,
+                                scale=self.air_size / self.image_size),
+        }
+
+    def fingerprint_params(self) -> dict[str, Any]:
+        return {**super().fingerprint_params(), "mask_values": sorted(self.mask_values.items()),
+                "unknown": self.unknown_mask_values, "image_size": self.image_size, "air_size": self.air_size,
+                "bands_per_file": self.bands_per_file, "image_nodata": self.image_nodata,
+                "air_nodata": self.air_nodata, "version": 1}
+
+    def _mask_lut(self) -> np.ndarray:
+        """256-entry table mask value -> class; unmapped values get a sentinel (error) or the ignore index."""
+        fill = 256 if self.unknown_mask_values == "error" else self.ignore_index
+        lut = np.full(257, fill, dtype=np.int32)
+        for value, cls in self.mask_values.items():
+            lut[value] = cls
+        return lut
+
+    # -- scan -----------------------------------------------------------------------------------
+    def scan(self) -> dict[str, list[SampleRef]]:
+        if self.root is None:
+            raise ConfigError("dataset.root is not set; point it at the folder holding ts_sn/ tl_sn/ t_ap/ t_gems/.")
+        root = Path(self.root)
+        out: dict[str, list[SampleRef]] = {}
+        for split, folders in FOLDERS.items():
+            present = {k: (root / v).is_dir() for k, v in folders.items()}
+            if not any(present.values()):
+                continue
+            missing = [folders[k] for k, ok in present.items() if not ok]
+            if missing:
+                raise DataError(f"{root}: the {split} split has {', '.join(folders[k] for k in present if present[k])}"
+                                f" but lacks {', '.join(missing)}; restore the missing folders.")
+            refs = []
+            for img in sorted(p for p in (root / folders["image"]).iterdir() if p.suffix in TIF_SUFFIXES):
+                stem = img.stem
+                if self.strict_names and not NAME_RE.match(stem):
+                    raise DataError(f"{img}: the name does not follow SENSOR_COUNTRY_ID_YYMMDD.tif (e.g. "
+                                    "SN10_CHN_00001_230409.tif); rename it or set dataset.layout.strict_names=false.")
+                files = {"image": str(img), "mask": str(self._find(root / folders["mask"], stem))}
+                for src, fname in companion_names(stem).items():
+                    folder = folders["gems"] if src == "GEMS" else folders["air"]
+                    files[src] = str(root / folder / fname)
+                refs.append(SampleRef(f"{split}/{stem}", files))
+            out[split] = refs
+        if not out:
+            raise DataError(f"{root} holds none of ts_sn/ tl_sn/ t_ap/ t_gems/ (train) or vs_sn/ vl_sn/ v_ap/ v_gems/"
+                            " (val); point dataset.root at the airquality folder.")
+        return out
+
+    @staticmethod
+    def _find(folder: Path, stem: str) -> Path:
+        for suffix in TIF_SUFFIXES:
+            p = folder / f"{stem}{suffix}"
+            if p.is_file():
+                return p
+        return folder / f"{stem}.tif"
+
+    # -- read -----------------------------------------------------------------------------------
+    def label_shape(self, ref: SampleRef) -> tuple[int, int]:
+        return self.image_size, self.image_size
+
+    def read(self, ref: SampleRef) -> Sample:
+        files = ref.files
+        for key, path in files.items():
+            if not Path(path).is_file():
+                raise DataError(f"{path}: the {key} file of sample {ref.id} is missing; restore it or remove the "
+                                "sample's other files.")
+        image, crs, transform = self._read_image(files["image"])
+        label = self._read_mask(files["mask"], image.shape[-2:])
+        air = np.concatenate([self._read_air(files[src]) for src in ("GEMS", *POLLUTANTS)], axis=0)
+        return Sample(arrays={"image": image, "air": air}, label=label, source=files["image"], crs=crs,
+                      transform=transform)
+
+    def _open(self, path: str):
+        try:
+            return rasterio.open(path)
+        except RasterioError as err:
+            raise DataError(f"{path}: cannot be read as a GeoTIFF ({err}); re-download the file.") from err
+
+    def _read_image(self, path: str) -> tuple[np.ndarray, str | None, tuple[float, ...] | None]:
+        with self._open(path) as src:
+            if src.count != len(IMAGE_BANDS):
+                raise DataError(f"{path}: the image has {src.count} bands but airquality images have 4 "
+                                "(R, G, B, NIR); check the file.")
+            if (src.height, src.width) != (self.image_size, self.image_size):
+                raise DataError(f"{path}: the image is {src.height}x{src.width} but dataset.layout.image_size="
+                                f"{self.image_size}; set image_size to the chips' size.")
+            try:
+                arr = src.read()
+            except RasterioError as err:
+                raise DataError(f"{path}: the pixels cannot be decoded ({err}); re-download the file.") from err
+            crs = src.crs.to_string() if src.crs else None
+            transform = tuple(src.transform)[:6]
+        if arr.dtype != np.uint16:
+            if not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() > 65535:
+                raise DataError(f"{path}: the image is {arr.dtype} with values outside 0..65535; airquality images "
+                                "are 16-bit unsigned.")
+            arr = arr.astype(np.uint16)
+        return arr, crs, transform
+
+    def _read_mask(self, path: str, shape: tuple[int, int]) -> np.ndarray:
+        with self._open(path) as src:
+            raw = src.read(1)
+        if raw.shape != tuple(shape):
+            raise DataError(f"{path}: the mask is {raw.shape[0]}x{raw.shape[1]} but its image is "
+                            f"{shape[0]}x{shape[1]}; the mask does not belong to the image.")
+        if raw.min() < 0 or raw.max() > 255:
+            raise DataError(f"{path}: mask values {int(raw.min())}..{int(raw.max())} are outside 0..255; "
+                            "check the file.")
+        label = self._lut[raw.astype(np.int32)]
+        if (label == 256).any():
+            values = sorted(int(v) for v in np.unique(raw[label == 256]))[:8]
+            raise DataError(f"{path}: mask values {values} are not in dataset.layout.mask_values "
+                            f"{self.mask_values}; add them to the table or set "
+                            "dataset.layout.unknown_mask_values=ignore.")
+        return label.astype(np.uint8)
+
+    def _read_air(self, path: str) -> np.ndarray:
+        with self._open(path) as src:
+            if src.count != self.bands_per_file:
+                raise DataError(f"{path}: has {src.count} bands but dataset.layout.bands_per_file="
+                                f"{self.bands_per_file} (public loaders disagree on this count); set bands_per_file "
+                                f"to {src.count} if every companion file has {src.count} bands.")
+            size = (src.height, src.width)
+            nodata = self.air_nodata if self.air_nodata is not None else src.nodata
+            try:
+                if size == (self.air_size, self.air_size):
+                    arr = src.read(out_dtype="float32")
+                else:
+                    down = size[0] > self.air_size
+                    arr = src.read(out_shape=(src.count, self.air_size, self.air_size), out_dtype="float32",
+                                   resampling=Resampling.average if down else Resampling.bilinear)
+                    self.resampled += 1
+                    if self.resampled == 1 or self.resampled % 100 == 0:
+                        log.warning("airquality: %s is %dx%d, resampled to %dx%d (%d file(s) so far)", path,
+                                    size[0], size[1], self.air_size, self.air_size, self.resampled)
+            except RasterioError as err:
+                raise DataError(f"{path}: the pixels cannot be decoded ({err}); re-download the file.") from err
+        if nodata is not None and not np.isnan(nodata):
+            arr[arr == np.float32(nodata)] = np.nan
+        return arr
+
+
+def write_fake(out: str | Path, num_train: int = 3, num_val: int = 2, image_size: int = 512, air_size: int = 64,
+               bands_per_file: int = 12, seed: int = 0) -> Path:
+    """A tiny airquality tree in the real formats: tiled GeoTIFFs with a projected CRS, uint16 images,
+    uint8 masks coded 10 / 90, float32 companions. Urban pixels are brighter and raise NO2, so a model
+    has something to learn from both streams."""
+    from rasterio.transform import from_origin
+
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", num_train), ("val", num_val)):
+        folders = FOLDERS[split]
+        for folder in folders.values():
+            (out / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            stem = f"SN10_CHN_{i + 1 + (0 if split == 'train' else 500):05d}_230409"
+            yy, xx = np.mgrid[0:image_size, 0:image_size]
+            cy, cx = rng.uniform(0.2, 0.8, 2) * image_size
+            urban = ((yy - cy) ** 2 + (xx - cx) ** 2) < (rng.uniform(0.15, 0.3) * image_size) ** 2
+            mask = np.where(urban, 10, 90).astype(np.uint8)
+            image = rng.integers(300, 1500, (4, image_size, image_size)).astype(np.uint16)
+            image[:3, urban] += 1500
+            image[:, :2, :2] = 0  # a little no-data corner
+            x0, y0 = 500_000.0 + 10 * image_size * i, 4_000_000.0
+            transform = from_origin(x0, y0, 10.0, 10.0)
+            common = {"driver": "GTiff", "crs": "EPSG:32650", "tiled": True, "blockxsize": 256 if image_size >= 256
+                      else 16, "blockysize": 256 if image_size >= 256 else 16}
+            with rasterio.open(out / folders["image"] / f"{stem}.tif", "w", height=image_size, width=image_size,
+                               count=4, dtype="uint16", transform=transform, nodata=0, **common) as dst:
+                dst.write(image)
+            with rasterio.open(out / folders["mask"] / f"{stem}.tif", "w", height=image_size, width=image_size,
+                               count=1, dtype="uint8", transform=transform, **common) as dst:
+                dst.write(mask[None])
+            f = image_size // air_size
+            urban_coarse = urban.reshape(air_size, f, air_size, f).mean(axis=(1, 3))
+            air_transform = from_origin(x0, y0, 10.0 * f, 10.0 * f)
+            small = {**common, "blockxsize": 16, "blockysize": 16}
+            for src, fname in companion_names(stem).items():
+                grid = rng.normal(1.0, 0.1, (bands_per_file, air_size, air_size)).astype(np.float32)
+                if src == "NO2":
+                    grid += 2.0 * urban_coarse[None].astype(np.float32)
+                folder = folders["gems"] if src == "GEMS" else folders["air"]
+                with rasterio.open(out / folder / fname, "w", height=air_size, width=air_size,
+                                   count=bands_per_file, dtype="float32", transform=air_transform, nodata=-9999.0,
+                                   **small) as dst:
+                    dst.write(grid)
+    return out
+
+
+__all__ = ["AirQualityLayout", "write_fake"]

@@ -1,0 +1,173 @@
+"""Kaggle "Clouds Segmentation 2025": RGB + NIR PNGs with BGR colour labels (../shared/DATASETS.md).
+
+Tree: `train/{rgb,ngr,label}/STEM.png`, `test/{rgb,ngr}/STEM.png`. NIR is the *red* channel of the
+NGR image. Labels are colours (BGR on disk): black background, red thick cloud, green thin cloud,
+yellow cloud shadow. PNG is lossless, so labels are normally exact; an off-palette colour within
+`colour_tolerance` of one class colour (per channel) is mapped to it and counted in the prepare
+notes, anything else is refused naming the file and the colour.
+
+Splits: `val` is carved out of `train` by a seeded hash of the file stem (stable when files are
+added), `test` is the unlabelled Kaggle test set (label all ignore; valid where there is data).
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef
+from segplat.data.layouts.geotiff import decode_colour_label, hash_split
+from segplat.errors import DataError
+
+CLASSES = ("background", "thick_cloud", "thin_cloud", "cloud_shadow")
+PALETTE = ((0, 0, 0), (255, 0, 0), (0, 255, 0), (255, 255, 0))  # RGB; on disk (BGR): [0,0,0] [0,0,255] [0,255,0] [0,255,255]
+IMAGE_SUFFIXES = (".png", ".PNG")
+
+
+def png_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) from the PNG header (24 bytes), so scanning ~800 images costs nothing."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(24)
+    except OSError as err:
+        raise DataError(f"{path}: cannot be opened ({err.strerror}); check the file's permissions.") from err
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        raise DataError(f"{path}: is not a PNG file (bad header); re-download or remove it.")
+    width, height = struct.unpack(">II", head[16:24])
+    return int(height), int(width)
+
+
+def imread(path: str | Path, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
+    """cv2.imread that raises a one-sentence DataError instead of returning None."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: the file is missing; every sample needs its rgb, ngr (and label) image.")
+    img = cv2.imread(str(path), flags)
+    if img is None:
+        raise DataError(f"{path}: cannot be decoded as an image (truncated or corrupt); re-download or remove it.")
+    return img
+
+
+class CloudsLayout(Layout):
+    name = "clouds"
+    classes = CLASSES
+    palette = PALETTE
+    ignore_index = 255
+    splits = ("train", "val", "test")
+
+    def __init__(self, root: str | None = None, val_fraction: float = 0.15, seed: int = 0, include_test: bool = True,
+                 colour_tolerance: int = 8) -> None:
+        super().__init__(root)
+        self.val_fraction = float(val_fraction)
+        self.seed = int(seed)
+        self.include_test = bool(include_test)
+        self.colour_tolerance = int(colour_tolerance)
+        self.notes: list[str] = []
+
+    @property
+    def modalities(self) -> dict[str, ModalitySpec]:
+        return {
+            "rgb": ModalitySpec(bands=("red", "green", "blue"), nodata=None, dtype="uint8", optical=True),
+            "nir": ModalitySpec(bands=("nir",), nodata=None, dtype="uint8", optical=True),
+        }
+
+    def fingerprint_params(self) -> dict:
+        return {"name": self.name, "root": str(self.root), "val_fraction": self.val_fraction, "seed": self.seed,
+                "include_test": self.include_test, "colour_tolerance": self.colour_tolerance, "version": 1}
+
+    def scan(self) -> dict[str, list[SampleRef]]:
+        root = Path(self.root or ".")
+        train_rgb = root / "train" / "rgb"
+        if not train_rgb.is_dir():
+            raise DataError(f"{train_rgb} is missing; dataset.root must hold train/{{rgb,ngr,label}}/ and "
+                            "test/{rgb,ngr}/ as in the Kaggle download.")
+        stems = sorted(p.stem for p in train_rgb.iterdir() if p.suffix in IMAGE_SUFFIXES)
+        if not stems:
+            raise DataError(f"{train_rgb} holds no .png images; point dataset.root at the Kaggle clouds folder.")
+        orphans = _orphans(root / "train", stems, ("ngr", "label"))
+        if orphans:
+            self.notes.append(f"{len(orphans)} ngr/label files have no rgb image and were left out "
+                              f"(e.g. {orphans[0]})")
+        assign = hash_split(stems, self.val_fraction, self.seed)
+        out: dict[str, list[SampleRef]] = {"train": [], "val": []}
+        for stem in stems:
+            out[assign[stem]].append(self._ref(root / "train", stem, labelled=True))
+        if self.include_test and (root / "test" / "rgb").is_dir():
+            test = sorted(p.stem for p in (root / "test" / "rgb").iterdir() if p.suffix in IMAGE_SUFFIXES)
+            out["test"] = [self._ref(root / "test", s, labelled=False) for s in test]
+        return out
+
+    @staticmethod
+    def _ref(folder: Path, stem: str, labelled: bool) -> SampleRef:
+        files = {"rgb": str(folder / "rgb" / f"{stem}.png"), "ngr": str(folder / "ngr" / f"{stem}.png")}
+        if labelled:
+            files["label"] = str(folder / "label" / f"{stem}.png")
+        return SampleRef(f"{folder.name}/{stem}", files)
+
+    def label_shape(self, ref: SampleRef) -> tuple[int, int]:
+        return png_size(ref.files["rgb"])
+
+    def read(self, ref: SampleRef) -> Sample:
+        rgb_path, ngr_path = ref.files["rgb"], ref.files["ngr"]
+        bgr = imread(rgb_path, cv2.IMREAD_COLOR)
+        ngr = imread(ngr_path, cv2.IMREAD_COLOR)
+        if ngr.shape[:2] != bgr.shape[:2]:
+            raise DataError(f"{ngr_path}: is {ngr.shape[1]}x{ngr.shape[0]} but {rgb_path} is "
+                            f"{bgr.shape[1]}x{bgr.shape[0]}; the modalities' sizes disagree.")
+        rgb = np.ascontiguousarray(bgr[:, :, ::-1].transpose(2, 0, 1))
+        nir = np.ascontiguousarray(ngr[:, :, 2][None])  # NGR's red channel is NIR
+        if "label" in ref.files:
+            lab_path = ref.files["label"]
+            lab_bgr = imread(lab_path, cv2.IMREAD_COLOR)
+            if lab_bgr.shape[:2] != bgr.shape[:2]:
+                raise DataError(f"{lab_path}: is {lab_bgr.shape[1]}x{lab_bgr.shape[0]} but {rgb_path} is "
+                                f"{bgr.shape[1]}x{bgr.shape[0]}; the label and image sizes disagree.")
+            label, remapped = decode_colour_label(lab_bgr[:, :, ::-1], self.palette, lab_path,
+                                                  ignore_index=self.ignore_index, tolerance=self.colour_tolerance)
+            if remapped:
+                self.notes.append(f"{lab_path}: {remapped} off-palette label pixels mapped to the nearest class")
+        else:
+            label = np.full(bgr.shape[:2], self.ignore_index, np.uint8)
+        return Sample(arrays={"rgb": rgb, "nir": nir}, label=label, source=rgb_path)
+
+
+def _orphans(folder: Path, stems: list[str], subdirs: tuple[str, ...]) -> list[str]:
+    known = set(stems)
+    out = []
+    for sub in subdirs:
+        d = folder / sub
+        if d.is_dir():
+            out += [str(p) for p in sorted(d.iterdir()) if p.suffix in IMAGE_SUFFIXES and p.stem not in known]
+    return out
+
+
+# -- fake data --------------------------------------------------------------------------------------------
+def write_fake(out_dir: str | Path, seed: int = 0, num_train: int = 8, num_test: int = 2) -> Path:
+    """A tiny Kaggle-clouds tree: non-square PNG triplets (e.g. 88x72) drawn from the synthetic cloud scenes,
+    so thin cloud is visible only in NIR and the label is learnable; BGR colour labels as on Kaggle."""
+    from segplat.data.synthetic import make_scene
+
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    bgr_colours = np.array([[0, 0, 0], [0, 0, 255], [0, 255, 0], [0, 255, 255]], np.uint8)
+    for split, n in (("train", num_train), ("test", num_test)):
+        for i in range(n):
+            h, w = int(rng.integers(66, 100)), int(rng.integers(70, 110))
+            rgb, nir, label = make_scene(seed, (0 if split == "train" else 10_000) + i, max(h, w))
+            rgb, nir, label = rgb[:, :h, :w], nir[:, :h, :w], label[:h, :w]
+            stem = f"{split}_{i:04d}"
+            for sub in ("rgb", "ngr", "label"):
+                (out / split / sub).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(out / split / "rgb" / f"{stem}.png"), rgb.transpose(1, 2, 0)[:, :, ::-1])
+            green, red = rgb[1], rgb[0]
+            ngr_bgr = np.stack([red, green, nir[0]], axis=-1)  # NGR in RGB order, so BGR on disk = (R, G, NIR)
+            cv2.imwrite(str(out / split / "ngr" / f"{stem}.png"), ngr_bgr)
+            if split == "train":
+                cv2.imwrite(str(out / split / "label" / f"{stem}.png"), bgr_colours[label])
+        if split == "test":
+            (out / "test" / "label").rmdir()
+    (out / "sample_submission.csv").write_text("Image_Label,EncodedPixels\n" + "".join(
+        f"test_{i:04d}.png,1 1\n" for i in range(num_test)))
+    return out

@@ -1,0 +1,307 @@
+"""s1s2_series: Sentinel-1 + Sentinel-2 time series per patch, in the PASTIS-R layout.
+
+On disk (../shared/DATASETS.md): `DATA_S2/S2_{ID}.npy` (T x 10 x H x W int16, bands B2 B3 B4 B5
+B6 B7 B8 B8A B11 B12), `DATA_S1A/S1A_{ID}.npy` (and `DATA_S1D/`, T x 3 x H x W: VV, VH, VV/VH),
+`ANNOTATIONS/TARGET_{ID}.npy` (class in channel 0: 0 background, 1-18 crops, 19 void) and
+`metadata.geojson` with `ID_PATCH`, `Fold` (1-5) and per-sensor date dicts `dates-S2`,
+`dates-S1A`, `dates-S1D` (`{"0": 20180924, ...}`).
+
+Converted once into the store as two temporal modalities `s2` and `s1`, each (T, C, H, W) padded
+to `max_time` with `<m>_dates` holding day offsets from `reference_date` (-1 on padding). Why the
+conversion drops dates: a date whose every pixel is no-data carries nothing but still costs the
+temporal encoder a step and skews its attention, so it is removed before padding. T differs per
+sensor and sample; `max_time` (null = the largest count in metadata.geojson) fixes the stored
+length, and longer series are subsampled evenly (logged) rather than refused.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef
+from segplat.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+S2_BANDS = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")
+S1_BANDS = ("VV", "VH", "VV_VH_ratio")
+CLASSES = ("background", "meadow", "soft_winter_wheat", "corn", "winter_barley", "winter_rapeseed",
+           "spring_barley", "sunflower", "grapevine", "beet", "winter_triticale", "winter_durum_wheat",
+           "fruits_vegetables_flowers", "potatoes", "leguminous_fodder", "soybeans", "orchard", "mixed_cereal",
+           "sorghum")
+VOID_CLASS = 19
+PALETTE = ((0, 0, 0), (174, 199, 232), (255, 127, 14), (255, 187, 120), (44, 160, 44), (152, 223, 138),
+           (214, 39, 40), (255, 152, 150), (148, 103, 189), (197, 176, 213), (140, 86, 75), (196, 156, 148),
+           (227, 119, 194), (247, 182, 210), (127, 127, 127), (199, 199, 199), (188, 189, 34), (219, 219, 141),
+           (23, 190, 207))
+
+
+def _parse_date(value: Any, where: str) -> dt.date:
+    try:
+        s = str(int(value))
+        return dt.date(int(s[:4]), int(s[4:6]), int(s[6:8]))
+    except (TypeError, ValueError) as err:
+        raise DataError(f"{where}: date {value!r} is not YYYYMMDD; fix metadata.geojson.") from err
+
+
+def _is_nodata(frame: np.ndarray, nodata: float | None) -> np.ndarray:
+    """Per-pixel no-data of a (C, H, W) or (T, C, H, W) stack (NaN always counts for floats)."""
+    bad = np.isnan(frame) if np.issubdtype(frame.dtype, np.floating) else np.zeros(frame.shape, bool)
+    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+        bad |= frame == nodata
+    return bad
+
+
+class S1S2SeriesLayout(Layout):
+    """PASTIS-R-style reader; modalities `s2` and `s1`, both temporal."""
+
+    name = "s1s2_series"
+    classes = CLASSES
+    palette = PALETTE
+    ignore_index = 255
+    splits = ("train", "val", "test")
+
+    def __init__(self, root: str | None = None, folds: Mapping[str, Sequence[int]] | None = None,
+                 s1_orbit: str = "S1A", sensors: Sequence[str] = ("s2", "s1"),
+                 max_time: Mapping[str, int | None] | None = None, reference_date: str = "2018-09-01",
+                 nodata: Mapping[str, float | None] | None = None, drop_nodata_dates: bool = True) -> None:
+        super().__init__(root)
+        folds = folds if folds is not None else {"train": [1, 2, 3], "val": [4], "test": [5]}
+        self.folds = {str(k): [int(f) for f in v] for k, v in dict(folds).items()}
+        seen: dict[int, str] = {}
+        for split, fs in self.folds.items():
+            for f in fs:
+                if f in seen:
+                    raise ConfigError(f"dataset.layout.folds puts fold {f} in both {seen[f]} and {split}; "
+                                      "give each fold one split.")
+                seen[f] = split
+        if s1_orbit not in ("S1A", "S1D"):
+            raise ConfigError(f"dataset.layout.s1_orbit={s1_orbit!r} must be S1A (ascending) or S1D (descending).")
+        self.s1_orbit = s1_orbit
+        self.sensors = [str(s) for s in sensors]
+        bad = [s for s in self.sensors if s not in ("s2", "s1")]
+        if bad or not self.sensors:
+            raise ConfigError(f"dataset.layout.sensors={list(sensors)} must list s2 and/or s1.")
+        mt = dict(max_time or {})
+        self._max_time_cfg = {s: (int(mt[s]) if mt.get(s) is not None else None) for s in ("s2", "s1")}
+        try:
+            self.reference = dt.date.fromisoformat(str(reference_date))
+        except ValueError as err:
+            raise ConfigError(f"dataset.layout.reference_date={reference_date!r} is not YYYY-MM-DD.") from err
+        nd = {"s2": 0, "s1": float("nan"), **dict(nodata or {})}
+        self.nodata: dict[str, float | None] = {k: (None if v is None else float(v)) for k, v in nd.items()}
+        self.drop_nodata_dates = bool(drop_nodata_dates)
+        self._meta: dict[str, dict[str, Any]] | None = None
+        self.dropped_dates = 0
+        self.subsampled = 0
+
+    @property
+    def notes(self) -> list[str]:
+        """Counts prepare records in the store attrs: dates dropped as all no-data, series subsampled."""
+        out = []
+        if self.dropped_dates:
+            out.append(f"{self.dropped_dates} all-no-data date(s) dropped")
+        if self.subsampled:
+            out.append(f"{self.subsampled} series longer than max_time subsampled evenly")
+        return out
+
+    # -- metadata -------------------------------------------------------------------------------
+    def _folder(self, sensor: str) -> tuple[str, str]:
+        return ("DATA_S2", "S2") if sensor == "s2" else (f"DATA_{self.s1_orbit}", self.s1_orbit)
+
+    def metadata(self) -> dict[str, dict[str, Any]]:
+        """ID_PATCH -> feature properties, read once from metadata.geojson."""
+        if self._meta is not None:
+            return self._meta
+        if self.root is None:
+            raise ConfigError("dataset.root is not set; point it at the folder holding DATA_S2/ DATA_S1A/ "
+                              "ANNOTATIONS/ metadata.geojson.")
+        path = Path(self.root) / "metadata.geojson"
+        if not path.is_file():
+            raise DataError(f"{path} is missing; s1s2_series needs the PASTIS-R metadata.geojson (ID_PATCH, Fold, "
+                            "dates-S2, dates-S1A).")
+        try:
+            doc = json.loads(path.read_text())
+            feats = doc["features"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise DataError(f"{path}: not a GeoJSON FeatureCollection ({err}); re-download it.") from err
+        meta = {}
+        for k, feat in enumerate(feats):
+            props = feat.get("properties") or {}
+            if "ID_PATCH" not in props or "Fold" not in props:
+                raise DataError(f"{path}: feature {k} lacks ID_PATCH or Fold; the file is not PASTIS-R metadata.")
+            meta[str(props["ID_PATCH"])] = props
+        self._meta = meta
+        return meta
+
+    def _dates(self, props: Mapping[str, Any], sensor: str, where: str) -> list[dt.date]:
+        key = "dates-S2" if sensor == "s2" else f"dates-{self.s1_orbit}"
+        raw = props.get(key)
+        if isinstance(raw, str):
+            raw = json.loads(raw)
+        if not isinstance(raw, Mapping):
+            raise DataError(f"{where}: patch {props.get('ID_PATCH')} has no {key} date dict in metadata.geojson.")
+        return [_parse_date(raw[k], where) for k in sorted(raw, key=lambda x: int(x))]
+
+    def max_time(self, sensor: str) -> int:
+        cfg = self._max_time_cfg.get(sensor)
+        if cfg is not None:
+            return cfg
+        where = str(Path(self.root or ".") / "metadata.geojson")
+        counts = [len(self._dates(p, sensor, where)) for p in self.metadata().values()]
+        return max(counts) if counts else 1
+
+    # -- constants ------------------------------------------------------------------------------
+    @property
+    def modalities(self) -> dict[str, ModalitySpec]:
+        specs = {
+            "s2": ModalitySpec(bands=S2_BANDS, nodata=self.nodata["s2"], dtype="int16", optical=True,
+                               temporal=True, max_time=self.max_time("s2")),
+            "s1": ModalitySpec(bands=S1_BANDS, nodata=self.nodata["s1"], dtype="float32", optical=False,
+                               temporal=True, max_time=self.max_time("s1")),
+        }
+        return {s: specs[s] for s in self.sensors}
+
+    def fingerprint_params(self) -> dict[str, Any]:
+        return {**super().fingerprint_params(), "folds": self.folds, "s1_orbit": self.s1_orbit,
+                "sensors": self.sensors, "max_time": {s: self.max_time(s) for s in self.sensors},
+                "reference": self.reference.isoformat(), "nodata": {k: str(v) for k, v in self.nodata.items()},
+                "drop": self.drop_nodata_dates, "version": 1}
+
+    # -- scan / read ----------------------------------------------------------------------------
+    def scan(self) -> dict[str, list[SampleRef]]:
+        root = Path(self.root) if self.root else None
+        meta = self.metadata()
+        assert root is not None
+        for sensor in self.sensors:
+            folder = root / self._folder(sensor)[0]
+            if not folder.is_dir():
+                raise DataError(f"{folder} is missing; restore it or drop {sensor} from dataset.layout.sensors.")
+        if not (root / "ANNOTATIONS").is_dir():
+            raise DataError(f"{root / 'ANNOTATIONS'} is missing; s1s2_series needs TARGET_{{ID}}.npy labels.")
+        fold_to_split = {f: s for s, fs in self.folds.items() for f in fs}
+        out: dict[str, list[SampleRef]] = {s: [] for s in self.folds}
+        for pid in sorted(meta, key=lambda x: (len(x), x)):
+            split = fold_to_split.get(int(meta[pid]["Fold"]))
+            if split is None:
+                continue
+            files = {"label": str(root / "ANNOTATIONS" / f"TARGET_{pid}.npy")}
+            for sensor in self.sensors:
+                folder, prefix = self._folder(sensor)
+                files[sensor] = str(root / folder / f"{prefix}_{pid}.npy")
+            out[split].append(SampleRef(pid, files))
+        return out
+
+    def _load(self, path: str, ref: SampleRef, what: str) -> np.ndarray:
+        if not Path(path).is_file():
+            raise DataError(f"{path}: the {what} of patch {ref.id} is missing; restore it or remove the patch from "
+                            "metadata.geojson.")
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: cannot be read as a .npy array ({err}); re-download the file.") from err
+
+    def label_shape(self, ref: SampleRef) -> tuple[int, int]:
+        arr = np.load(ref.files["label"], mmap_mode="r") if Path(ref.files["label"]).is_file() else None
+        if arr is None:
+            raise DataError(f"{ref.files['label']}: the label of patch {ref.id} is missing; restore it.")
+        return tuple(arr.shape[-2:])  # type: ignore[return-value]
+
+    def read(self, ref: SampleRef) -> Sample:
+        target = self._load(ref.files["label"], ref, "label")
+        if target.ndim == 3:
+            target = target[0]
+        if target.ndim != 2:
+            raise DataError(f"{ref.files['label']}: label has shape {target.shape}; expected (3, H, W) or (H, W).")
+        if target.min() < 0 or target.max() > VOID_CLASS:
+            raise DataError(f"{ref.files['label']}: class values {int(target.min())}..{int(target.max())} are outside "
+                            f"0..{VOID_CLASS}; the file is not a PASTIS-R target.")
+        label = target.astype(np.uint8)
+        label[label == VOID_CLASS] = self.ignore_index
+        props = self.metadata()[ref.id]
+        arrays, dates = {}, {}
+        specs = self.modalities
+        for sensor in self.sensors:
+            spec = specs[sensor]
+            path = ref.files[sensor]
+            stack = self._load(path, ref, f"{sensor} series")
+            if stack.ndim != 4 or stack.shape[1] != len(spec.bands):
+                raise DataError(f"{path}: shape {stack.shape} is not (T, {len(spec.bands)}, H, W) "
+                                f"({', '.join(spec.bands)}).")
+            if stack.shape[-2:] != label.shape:
+                raise DataError(f"{path}: frames are {stack.shape[-2]}x{stack.shape[-1]} but the label is "
+                                f"{label.shape[0]}x{label.shape[1]}; the modalities' sizes disagree.")
+            if not np.can_cast(stack.dtype, spec.dtype, casting="same_kind"):
+                raise DataError(f"{path}: dtype {stack.dtype} cannot hold {sensor} as {spec.dtype}; check the file.")
+            when = self._dates(props, sensor, path)
+            if len(when) != stack.shape[0]:
+                raise DataError(f"{path}: {stack.shape[0]} frames but metadata.geojson lists {len(when)} dates for "
+                                f"patch {ref.id}; the file and the metadata disagree.")
+            offsets = np.array([(d - self.reference).days for d in when], dtype=np.int64)
+            order = np.argsort(offsets, kind="stable")
+            stack, offsets = stack[order], offsets[order]
+            if self.drop_nodata_dates:
+                keep = ~_is_nodata(stack, spec.nodata).reshape(stack.shape[0], -1).all(axis=1)
+                self.dropped_dates += int((~keep).sum())
+                stack, offsets = stack[keep], offsets[keep]
+            if (offsets < 0).any():
+                raise DataError(f"{path}: dates before dataset.layout.reference_date={self.reference} would be "
+                                "negative offsets (-1 marks padding); set an earlier reference_date.")
+            if stack.shape[0] > spec.max_time:
+                pick = np.unique(np.linspace(0, stack.shape[0] - 1, spec.max_time).round().astype(int))
+                self.subsampled += 1
+                log.warning("%s: %d dates > max_time %d for %s, kept %d evenly spaced", path, stack.shape[0],
+                            spec.max_time, sensor, len(pick))
+                stack, offsets = stack[pick], offsets[pick]
+            arrays[sensor] = np.ascontiguousarray(stack.astype(spec.dtype, copy=False))
+            dates[sensor] = offsets.astype(np.int32)
+        return Sample(arrays=arrays, label=label, source=ref.files["label"], dates=dates)
+
+
+def write_fake(out: str | Path, num_patches: int = 10, size: int = 32, s2_times: tuple[int, int] = (5, 8),
+               s1_times: tuple[int, int] = (6, 9), seed: int = 0) -> Path:
+    """A tiny PASTIS-R tree: int16 S2 and float32 S1A/S1D .npy stacks, TARGET .npy with void pixels,
+    metadata.geojson with folds 1-5 and date dicts; one S2 date per patch is all no-data (a cloud-
+    masked acquisition), so date dropping is exercised. Crops differ in their NDVI-like time profile."""
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    for folder in ("DATA_S2", "DATA_S1A", "DATA_S1D", "ANNOTATIONS"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    feats = []
+    base = dt.date(2018, 9, 15)
+    for i in range(num_patches):
+        pid = 10000 + i
+        label = np.zeros((size, size), np.uint8)
+        for _ in range(3):
+            y, x = rng.integers(0, size - 8, 2)
+            label[y:y + 8, x:x + 8] = rng.integers(1, 19)
+        label[:2, :] = VOID_CLASS
+        target = np.stack([label, label, np.zeros_like(label)]).astype(np.uint8)
+        np.save(out / "ANNOTATIONS" / f"TARGET_{pid}.npy", target)
+        props: dict[str, Any] = {"ID_PATCH": pid, "Fold": i % 5 + 1, "N_Parcel": 3, "TILE": "T31TFM"}
+        for sensor, (lo, hi), bands in (("S2", s2_times, 10), ("S1A", s1_times, 3), ("S1D", s1_times, 3)):
+            t = int(rng.integers(lo, hi + 1))
+            days = np.sort(rng.choice(np.arange(0, 360, 5), t, replace=False))
+            phase = label.astype(np.float32)[None] / 19.0
+            prof = np.sin(days[:, None, None] / 60.0 + 6 * phase)  # (T, H, W)
+            if sensor == "S2":
+                arr = (1500 + 800 * prof[:, None] + rng.normal(0, 50, (t, bands, size, size))).astype(np.int16)
+                arr[arr == 0] = 1
+                arr[1] = 0  # all no-data date
+            else:
+                arr = (-12 + 3 * prof[:, None] + rng.normal(0, 0.5, (t, bands, size, size))).astype(np.float32)
+            np.save(out / f"DATA_{sensor}" / f"{sensor}_{pid}.npy", arr)
+            props[f"dates-{sensor}"] = {str(k): int((base + dt.timedelta(days=int(d))).strftime("%Y%m%d"))
+                                        for k, d in enumerate(days)}
+        feats.append({"type": "Feature", "properties": props,
+                      "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]]}})
+    (out / "metadata.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return out

@@ -1,0 +1,218 @@
+"""Sen1Floods11 v1.1, hand-labelled chips: Sentinel-1 + Sentinel-2 with water labels (../shared/DATASETS.md).
+
+Tree under `v1.1/` (dataset.root may be the folder holding `v1.1`, `v1.1` itself, or `HandLabeled`):
+`data/flood_events/HandLabeled/{S1Hand,S2Hand,LabelHand}/EVENT_CHIP_{S1Hand,S2Hand,LabelHand}.tif`
+(repackagings: `S1GRDHand`, `S2L1CHand`) and `splits/flood_handlabeled/flood_{train,valid,test,bolivia}_data.csv`
+(no header; S1 file, label file) or `.txt` files with one chip id per line.
+
+- s1: float32 VV, VH in dB, nodata NaN.
+- s2: 13 L1C bands B1..B12 with B8A, reflectance x10000, int16 (uint16 read too, clipped to int16), nodata 0.
+  `output_bands` picks bands by name, so a backbone gets exactly the channels it was trained on.
+- label: int16, -1 no data -> ignore index, 0 dry, 1 water.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rasterio.transform import from_origin
+
+from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef
+from segplat.data.layouts.geotiff import georef, raster_header, read_raster, write_geotiff
+from segplat.errors import ConfigError, DataError
+
+S2_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")
+S1_BANDS = ("VV", "VH")
+SPLIT_FILES = {"train": "flood_train_data", "val": "flood_valid_data", "test": "flood_test_data",
+               "bolivia": "flood_bolivia_data"}
+FOLDERS = {"s1": ("S1Hand", "S1GRDHand"), "s2": ("S2Hand", "S2L1CHand"), "label": ("LabelHand",)}
+
+
+class Sen1Floods11Layout(Layout):
+    name = "sen1floods11"
+    classes = ("dry", "water")
+    palette = ((0, 0, 0), (0, 90, 255))
+    ignore_index = 255
+    splits = ("train", "val", "test", "bolivia")
+
+    def __init__(self, root: str | None = None, sensors: tuple[str, ...] | list[str] = ("s1", "s2"),
+                 output_bands: list[str] | None = None, splits: list[str] | None = None) -> None:
+        super().__init__(root)
+        self.sensors = tuple(sensors)
+        bad = [s for s in self.sensors if s not in ("s1", "s2")]
+        if bad or not self.sensors:
+            raise ConfigError(f"dataset.layout.sensors={list(self.sensors)} must name s1 and/or s2.")
+        self.output_bands = tuple(output_bands or S2_BANDS)
+        unknown = [b for b in self.output_bands if b not in S2_BANDS]
+        if unknown:
+            raise ConfigError(f"dataset.layout.output_bands names {unknown}, which Sentinel-2 L1C does not have; "
+                              f"choose from {', '.join(S2_BANDS)}.")
+        self.band_index = [S2_BANDS.index(b) + 1 for b in self.output_bands]  # rasterio bands are 1-based
+        self.use_splits = tuple(splits or self.splits)
+        unknown = [s for s in self.use_splits if s not in SPLIT_FILES]
+        if unknown:
+            raise ConfigError(f"dataset.layout.splits names {unknown}; choose from {', '.join(SPLIT_FILES)}.")
+        self.notes: list[str] = []
+
+    @property
+    def modalities(self) -> dict[str, ModalitySpec]:
+        specs = {"s1": ModalitySpec(bands=S1_BANDS, nodata=float("nan"), dtype="float32", optical=False),
+                 "s2": ModalitySpec(bands=self.output_bands, nodata=0, dtype="int16", optical=True)}
+        return {s: specs[s] for s in self.sensors}
+
+    def fingerprint_params(self) -> dict[str, Any]:
+        return {"name": self.name, "root": str(self.root), "sensors": list(self.sensors),
+                "output_bands": list(self.output_bands), "splits": list(self.use_splits), "version": 1}
+
+    # -- scan -------------------------------------------------------------------------------------
+    def _hand_dir(self, root: Path) -> Path:
+        for cand in (root / "v1.1" / "data" / "flood_events" / "HandLabeled", root / "data" / "flood_events" /
+                     "HandLabeled", root / "flood_events" / "HandLabeled", root / "HandLabeled", root):
+            if any((cand / f).is_dir() for f in FOLDERS["label"]):
+                return cand
+        raise DataError(f"no HandLabeled/LabelHand folder under {root}; dataset.root must hold "
+                        "v1.1/data/flood_events/HandLabeled/{S1Hand,S2Hand,LabelHand}/.")
+
+    def _split_dir(self, root: Path, hand: Path) -> Path:
+        cands = [root / "v1.1" / "splits" / "flood_handlabeled", root / "splits" / "flood_handlabeled",
+                 root / "splits", root, hand.parent.parent.parent / "splits" / "flood_handlabeled"]
+        for cand in cands:
+            if any((cand / f"{f}.{ext}").is_file() for f in SPLIT_FILES.values() for ext in ("csv", "txt")):
+                return cand
+        raise DataError(f"no split files (flood_train_data.csv ...) under {root}; dataset.root must hold "
+                        "v1.1/splits/flood_handlabeled/.")
+
+    def scan(self) -> dict[str, list[SampleRef]]:
+        root = Path(self.root or ".")
+        hand = self._hand_dir(root)
+        split_dir = self._split_dir(root, hand)
+        folders = {}
+        for key, names in FOLDERS.items():
+            folders[key] = next((hand / n for n in names if (hand / n).is_dir()), hand / names[0])
+        out: dict[str, list[SampleRef]] = {}
+        for split in self.use_splits:
+            ids = self._read_split(split_dir, split)
+            if ids is None:
+                self.notes.append(f"split {split}: no {SPLIT_FILES[split]}.csv/.txt under {split_dir}; left out")
+                continue
+            out[split] = [SampleRef(chip, {k: str(self._find(folders[k], chip, k)) for k in ("label", *self.sensors)})
+                          for chip in ids]
+        return out
+
+    @staticmethod
+    def _chip_id(name: str) -> str:
+        stem = Path(name.strip()).name.split(".")[0]
+        for suffix in ("S1Hand", "S1GRDHand", "S2Hand", "S2L1CHand", "LabelHand", "JRCWaterHand", "S1OtsuLabelHand"):
+            if stem.endswith("_" + suffix):
+                return stem[: -len(suffix) - 1]
+        return stem
+
+    def _read_split(self, split_dir: Path, split: str) -> list[str] | None:
+        base = split_dir / SPLIT_FILES[split]
+        if base.with_suffix(".csv").is_file():
+            with open(base.with_suffix(".csv"), newline="") as fh:
+                rows = [r for r in csv.reader(fh) if r and r[0].strip()]
+            return [self._chip_id(r[0]) for r in rows]
+        if base.with_suffix(".txt").is_file():
+            return [self._chip_id(line) for line in base.with_suffix(".txt").read_text().splitlines() if line.strip()]
+        return None
+
+    @staticmethod
+    def _find(folder: Path, chip: str, key: str) -> Path:
+        exact = folder / f"{chip}_{folder.name}.tif"
+        if exact.is_file():
+            return exact
+        found = sorted(folder.glob(f"{chip}_*.tif"))
+        return found[0] if found else exact  # a missing file is reported by read(), which skips the chip
+
+    # -- read -------------------------------------------------------------------------------------
+    def label_shape(self, ref: SampleRef) -> tuple[int, int]:
+        h = raster_header(ref.files["label"])
+        return int(h["height"]), int(h["width"])
+
+    def read(self, ref: SampleRef) -> Sample:
+        lab_path = ref.files["label"]
+        raw, header = read_raster(lab_path)
+        if raw.shape[0] != 1:
+            raise DataError(f"{lab_path}: a label has 1 band but this file has {raw.shape[0]}; is it a LabelHand file?")
+        band = raw[0].astype(np.int32)
+        bad = ~np.isin(band, (-1, 0, 1))
+        if bad.any():
+            values = sorted({int(v) for v in np.unique(band[bad])})[:8]
+            raise DataError(f"{lab_path}: label values {values} are not -1 (no data), 0 (dry) or 1 (water); "
+                            "is this a LabelHand file?")
+        label = np.where(band == -1, self.ignore_index, band).astype(np.uint8)
+        arrays: dict[str, np.ndarray] = {}
+        if "s1" in self.sensors:
+            s1, _ = read_raster(ref.files["s1"])
+            if s1.shape[0] != len(S1_BANDS):
+                raise DataError(f"{ref.files['s1']}: S1 has {s1.shape[0]} bands but Sen1Floods11 S1 chips have 2 "
+                                "(VV, VH); check the file.")
+            arrays["s1"] = s1.astype(np.float32, copy=False)
+        if "s2" in self.sensors:
+            path = ref.files["s2"]
+            h = raster_header(path)
+            if h["count"] != len(S2_BANDS):
+                raise DataError(f"{path}: S2 has {h['count']} bands but Sen1Floods11 S2 chips have 13 "
+                                f"({' '.join(S2_BANDS)}); check the file.")
+            s2, _ = read_raster(path, self.band_index)
+            if s2.dtype != np.int16:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    s2 = np.clip(np.nan_to_num(s2.astype(np.float64)), -32768, 32767).astype(np.int16)
+            arrays["s2"] = s2
+        crs, transform = georef(header)
+        return Sample(arrays=arrays, label=label, source=lab_path, crs=crs, transform=transform)
+
+
+# -- fake data --------------------------------------------------------------------------------------------
+def write_fake(out_dir: str | Path, seed: int = 0, per_split: dict[str, int] | None = None,
+               s2_dtype: str = "int16") -> Path:
+    """A tiny v1.1 tree: 13-band int16 S2, float32 dB S1 with NaN nodata, int16 labels with -1, split CSVs.
+
+    Water is dark in S1 (about -20 dB) and in S2 NIR/SWIR, so a model can learn it; one chip per
+    split has a no-data strip (S1 NaN, S2 0, label -1), as real chips at swath edges do.
+    """
+    from segplat.data.layouts.geotiff import fake_scene
+
+    out = Path(out_dir)
+    hand = out / "v1.1" / "data" / "flood_events" / "HandLabeled"
+    split_dir = out / "v1.1" / "splits" / "flood_handlabeled"
+    split_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    counts = per_split or {"train": 4, "val": 2, "test": 2, "bolivia": 1}
+    events = ["Ghana", "India", "Mekong", "Paraguay", "Spain", "USA"]
+    k = 0
+    for split, n in counts.items():
+        rows = []
+        for _ in range(n):
+            event = "Bolivia" if split == "bolivia" else events[k % len(events)]
+            chip = f"{event}_{100000 + 7919 * k}"
+            h, w = int(rng.integers(60, 90)), int(rng.integers(70, 100))
+            water = fake_scene(rng, h, w, 2)
+            label = water.astype(np.int16)
+            nodata = np.zeros((h, w), bool)
+            if rng.random() < 0.5 or k == 0:
+                nodata[:, : int(rng.integers(4, 12))] = True
+            label[nodata] = -1
+            vv = np.where(water == 1, -20.0, -8.0) + rng.normal(0, 1.0, (h, w))
+            vh = vv - 7.0 + rng.normal(0, 0.8, (h, w))
+            s1 = np.stack([vv, vh]).astype(np.float32)
+            s1[:, nodata] = np.nan
+            land = np.array([1500, 1300, 1200, 1100, 1500, 2300, 2600, 2800, 2900, 900, 30, 2100, 1500], np.float32)
+            wet = np.array([1400, 1100, 900, 700, 600, 500, 450, 400, 380, 150, 10, 200, 120], np.float32)
+            s2 = np.where(water[None] == 1, wet[:, None, None], land[:, None, None]) + rng.normal(0, 40, (13, h, w))
+            s2 = np.clip(s2, 1, 20000).astype(s2_dtype)
+            s2[:, nodata] = 0
+            transform = from_origin(-63.0 + 0.01 * k, -14.0 + 0.01 * k, 8.983e-5, 8.983e-5)
+            write_geotiff(hand / "S1Hand" / f"{chip}_S1Hand.tif", s1, "EPSG:4326", transform, nodata=float("nan"))
+            write_geotiff(hand / "S2Hand" / f"{chip}_S2Hand.tif", s2, "EPSG:4326", transform, nodata=0)
+            write_geotiff(hand / "LabelHand" / f"{chip}_LabelHand.tif", label[None], "EPSG:4326", transform)
+            rows.append(f"{chip}_S1Hand.tif,{chip}_LabelHand.tif\n")
+            k += 1
+        (split_dir / f"{SPLIT_FILES[split]}.csv").write_text("".join(rows))
+    return out

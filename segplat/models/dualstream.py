@@ -1,0 +1,175 @@
+"""DualStream: a MiT-B1 vision stream + a ConvNeXt stream for a low-resolution, many-channel modality.
+
+Built for an optical image over an air-quality grid (e.g. a 512x512x4 image with a 64x64x48 grid), but it
+takes any two modalities: the first is the vision stream (the output has its size), the second the
+auxiliary stream (its channel count comes from the dataset's second modality).
+
+- Vision stream: MiT-B1 (`segplat.models.encoders.mit`), or any pyramid encoder via `vision_encoder`.
+  With MiT the streams are fused *inside* the encoder: each stage's fused map feeds the next stage (as in
+  CMX); other encoders are fused level by level after they run.
+- Air stream (`ConvNeXtStream`): keeps the grid's native resolution (1x1 stem, stage strides 1/1/2/2);
+  see `segplat.models.encoders.convnext_stream` for how the resolution gap is handled.
+- Fusion: FiLM + dynamic gating at stages 1-2 (`FiLMGateFusion`: the air map is resampled to the vision
+  stage's size), cross-attention at stages 3-4 (`CrossAttentionFusion`: visual queries over air tokens at
+  their own resolution, shared ground-coordinate embeddings). Both start as the identity (gamma = 1,
+  beta = 0; zero output projection), so at initialisation the model *is* the vision-only model and the
+  air stream is blended in as training finds it useful (`forward_vision_only` gives that path).
+- Decoder (`ASPPGatedDecoder`): ASPP on the stride-32 map, attention-gated skips, ConvNeXt refinement
+  at each upsampling stage. In training mode auxiliary heads return "f2" (decoder map at stride 8) and
+  "f3" (stride 16), the names the loss's `aux_weights` use (final 1.0, f2 0.3, f3 0.15).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from segplat.errors import ConfigError
+from segplat.models.base import SegmentationModel, fusion_dict
+from segplat.models.decoders.aspp_gated import ASPPGatedDecoder
+from segplat.models.encoders.convnext_stream import ConvNeXtStream
+from segplat.models.fusion.cross_attention import CrossAttentionFusion
+from segplat.models.fusion.film_gate import FiLMGateFusion
+from segplat.models.segmenter import SegmentationHead
+
+DEFAULT_FUSION = {"level": "mid", "type": "film_cross_attention", "stages": None}
+
+
+def _plain(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A DictConfig/dict of constructor options as plain Python (lists for sequences)."""
+    if cfg is None:
+        return {}
+    if not hasattr(cfg, "items"):
+        raise ConfigError(f"expected a mapping of options, got {cfg!r}.")
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+def _default_vision_encoder(in_chans: int, pretrained: str | None = None) -> nn.Module:
+    from segplat.models.encoders.mit import mit_b1
+
+    return mit_b1(in_chans=in_chans, pretrained=pretrained)
+
+
+class DualStream(SegmentationModel):
+    supported_fusion: ClassVar[Mapping[str, tuple[str, ...]]] = {"mid": ("film_cross_attention",)}
+
+    def __init__(self, modalities: Mapping[str, int], num_classes: int, fusion: Any = None,
+                 vision_encoder: Callable[..., nn.Module] | None = None, vision_pretrained: str | None = None,
+                 air: Mapping[str, Any] | None = None, film_stages: Sequence[int] = (0, 1),
+                 heads: int | None = None, decoder: Mapping[str, Any] | None = None,
+                 aux_levels: Sequence[int] = (2, 3), head_dropout: float = 0.1, interleave: bool = True) -> None:
+        super().__init__(modalities, num_classes)
+        f = self.check_fusion(DEFAULT_FUSION if fusion is None else fusion, len(self.modalities))
+        self.vision_name, self.air_name = list(self.modalities)
+        factory = vision_encoder or _default_vision_encoder
+        vis_kwargs: dict[str, Any] = {"in_chans": self.modalities[self.vision_name]}
+        if vision_pretrained:
+            vis_kwargs["pretrained"] = vision_pretrained
+        vis = factory(**vis_kwargs)
+        vis_channels, vis_reductions = list(vis.out_channels), list(vis.reductions)
+        n = len(vis_channels)
+        air_kwargs = {"dims": (64, 128, 192, 256)[:n] + (256,) * max(0, n - 4), "depths": (2,) * n,
+                      "strides": (1, 1) + (2,) * max(0, n - 2)}
+        air_kwargs.update(_plain(air))
+        try:
+            air_stream = ConvNeXtStream(self.modalities[self.air_name], **air_kwargs)
+        except TypeError as err:
+            raise ConfigError(f"model.air has an unknown option ({err}); valid: dims, depths, strides, "
+                              "drop_path_rate, layer_scale_init.") from err
+        if len(air_stream.out_channels) != n:
+            raise ConfigError(f"model.air.dims has {len(air_stream.out_channels)} stages but the vision encoder "
+                              f"has {n}; give the air stream one stage per vision stage.")
+        self.encoders = nn.ModuleDict({"vision": vis, "air": air_stream})
+        stages = f["stages"] if f["stages"] is not None else list(range(n))
+        bad = [s for s in stages if not 0 <= int(s) < n]
+        if bad:
+            raise ConfigError(f"fusion.stages={list(stages)} names stages outside 0..{n - 1} of the vision encoder.")
+        film = {int(s) for s in film_stages}
+        self.fused_stages = sorted(int(s) for s in stages)
+        self.fusion = nn.ModuleDict({
+            str(s): (FiLMGateFusion(vis_channels[s], air_stream.out_channels[s]) if s in film else
+                     CrossAttentionFusion(vis_channels[s], air_stream.out_channels[s], heads=heads))
+            for s in self.fused_stages})
+        self.interleave = bool(interleave) and isinstance(getattr(vis, "stages", None), nn.ModuleList) \
+            and len(vis.stages) == n and _runs_stages_in_sequence(vis)
+        try:
+            self.decoder = ASPPGatedDecoder(vis_channels, vis_reductions, **_plain(decoder))
+        except TypeError as err:
+            raise ConfigError(f"model.decoder has an unknown option ({err}); valid: channels, aspp_channels, "
+                              "rates, aspp_dropout, depth, drop_path_rate.") from err
+        self.head = SegmentationHead(self.decoder.out_channels, num_classes, head_dropout)
+        levels = [int(a) for a in aux_levels]
+        bad = [a for a in levels if not 2 <= a <= n]
+        if bad:
+            raise ConfigError(f"model.aux_levels={levels} must lie in 2..{n} (level 1 is the main head).")
+        self.aux_levels = levels
+        self.aux_heads = nn.ModuleDict({
+            f"f{a}": SegmentationHead(self.decoder.stage_channels[-a], num_classes, head_dropout) for a in levels})
+
+    @classmethod
+    def check_fusion(cls, fusion: Any, num_modalities: int | None = None) -> dict[str, Any]:
+        f = super().check_fusion(DEFAULT_FUSION if fusion is None else fusion_dict(fusion), num_modalities)
+        if num_modalities is not None and num_modalities != 2:
+            raise ConfigError(f"model=dualstream fuses exactly two modalities (image, then the low-resolution "
+                              f"grid) but dataset.modalities lists {num_modalities}; list two.")
+        return f
+
+    # ------------------------------------------------------------------ forward
+
+    def encode(self, image: torch.Tensor, air: torch.Tensor | None) -> list[torch.Tensor]:
+        """The (fused) vision pyramid; `air=None` skips the air stream and every fusion module."""
+        air_feats = self.encoders["air"](air) if air is not None else None
+        vis = self.encoders["vision"]
+
+        def fuse(s: int, x: torch.Tensor) -> torch.Tensor:
+            if air_feats is None or s not in self.fused_stages:
+                return x
+            return self.fusion[str(s)](x, air_feats[s])
+
+        if self.interleave:
+            feats, x = [], image
+            for s, stage in enumerate(vis.stages):
+                x = fuse(s, stage(x))
+                feats.append(x)
+            return feats
+        return [fuse(s, x) for s, x in enumerate(vis(image))]
+
+    def decode(self, feats: Sequence[torch.Tensor], size: torch.Size) -> dict[str, torch.Tensor]:
+        outs = self.decoder.forward_all(feats)
+        logits = self.head(outs[-1])
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        result = {"out": logits}
+        if self.training:
+            for a in self.aux_levels:
+                result[f"f{a}"] = self.aux_heads[f"f{a}"](outs[-a])
+        return result
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.check_inputs(inputs)
+        image = inputs[self.vision_name]
+        return self.decode(self.encode(image, inputs[self.air_name]), image.shape[-2:])
+
+    def forward_vision_only(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The vision stream alone (no air stream, no fusion): the model's function at initialisation."""
+        return self.decode(self.encode(image, None), image.shape[-2:])
+
+
+def _runs_stages_in_sequence(encoder: nn.Module) -> bool:
+    """True for encoders whose forward is `for stage in stages: x = stage(x); collect x` (MiT)."""
+    try:
+        from segplat.models.encoders.mit import MixVisionTransformer
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(encoder, MixVisionTransformer)

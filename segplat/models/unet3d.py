@@ -1,0 +1,254 @@
+"""Temporal-attention 3-D U-Net for Sentinel-1/2 image time series (`model=unet3d`).
+
+Inputs: `inputs[m]` is (B, T, C, H, W) for each temporal modality (a (B, C, H, W) modality is read
+as a one-date series), with its pad mask `inputs[f"{m}_time_mask"]` (B, T), True = a real date;
+optional `inputs[f"{m}_dates"]` (B, T) day offsets are used as attention positions when present
+(else the date index). T may differ between modalities. Any other key is ignored.
+
+Architecture (per stream):
+- encoder level i: [spatial 2x max-pool] -> `SpatioTemporalBlock` (two t x 3 x 3 convolutions with
+  per-date GroupNorm and a residual) -> at `attn_levels` a `TemporalAttention` block (per-pixel
+  multi-head self-attention over the dates, padded keys masked out, + MLP). Time is never
+  downsampled: a series is a handful to a few dozen dates, and pooling them would mix real and
+  padded ones.
+- skips: each level's (B, C, T, H, W) map is collapsed to (B, C, H, W) by masked attention pooling
+  (`pool: attention`, L-TAE-style grouped scores, softmax over the real dates) or a masked mean
+  (`pool: mean`); the deepest level (the bottleneck) is collapsed the same way.
+- decoder: 2-D U-Net blocks (upsample, concatenate the collapsed skip, two 3x3 conv-BN-ReLU),
+  because every skip is already a single map once its dates are pooled; a 1x1 head.
+
+Padding never matters: the real dates are first moved to the front (`compact_time`), padded dates
+are zeroed before every convolution and get zero weight in every attention and every pooling, and
+no normalisation statistic spans dates. Appending padded dates with any values leaves the output
+unchanged (tests/models/test_unet3d.py checks it for every fusion level).
+
+Fusion (`fusion.level` x `fusion.type`), for several streams such as S2 + S1:
+- early/concat: one encoder on the bands of all streams concatenated date by date. Streams have
+  their own dates and lengths, so each stream's real dates are first resampled onto `early_steps`
+  evenly spaced slots spanning its own observed period (linear interpolation between neighbouring
+  real dates; padding is never read). Streams with paired dates and n == early_steps are thus
+  concatenated unchanged (a single stream is used as it is). This assumes each stream covers the same season, as S1/S2 stacks do.
+- mid/concat: one encoder per stream; at each level the streams' collapsed maps are concatenated
+  and projected (1x1 conv + BN + ReLU) into the decoder skip.
+- mid/attention: as mid/concat, and at each of `attn_levels` every date of a stream attends to the
+  real dates of the other streams at the same pixel (temporal cross-attention, zero-initialised so
+  training starts from independent streams); the exchanged maps feed each stream's next level.
+- late/concat and late/attention: a full encoder + decoder per stream; the final maps are fused by
+  concat + projection or by a per-pixel softmax over the streams (modality attention).
+Streams whose spatial size differs from the primary's are resized to it at the input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from segplat.errors import ConfigError
+from segplat.models.base import SegmentationModel
+from segplat.models.encoders.temporal import (
+    SpatioTemporalBlock,
+    TemporalAttention,
+    TemporalCrossAttention,
+    TemporalPool,
+    compact_time,
+    resample_time,
+    safe_mask,
+)
+from segplat.models.fusion.concat import ConcatFusion
+
+Stream = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (B, C, T, H, W), mask (B, T), positions (B, T)
+
+
+class TemporalEncoder(nn.Module):
+    """One stream's 3-D encoder; `stage(i, ...)` runs one level so mid fusion can interleave streams."""
+
+    def __init__(self, in_chans: int, widths: Sequence[int], attn_levels: Sequence[int], heads: int = 4,
+                 time_kernel: int = 3, pool: str = "attention") -> None:
+        super().__init__()
+        self.widths = list(widths)
+        chans = [in_chans, *self.widths[:-1]]
+        self.blocks = nn.ModuleList(SpatioTemporalBlock(c, w, time_kernel) for c, w in zip(chans, self.widths))
+        self.attn = nn.ModuleDict({str(i): TemporalAttention(self.widths[i], heads) for i in attn_levels})
+        self.pools = nn.ModuleList(TemporalPool(w, pool) for w in self.widths)
+
+    def stage(self, i: int, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if i > 0:
+            x = F.max_pool3d(x, kernel_size=(1, 2, 2), stride=(1, 2, 2), ceil_mode=True)
+        x = self.blocks[i](x, mask)
+        if str(i) in self.attn:
+            x = self.attn[str(i)](x, mask, positions)
+        return x
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
+        """Collapsed skips, finest first: [(B, w_i, H_i, W_i) for each level]."""
+        skips = []
+        for i in range(len(self.blocks)):
+            x = self.stage(i, x, mask, positions)
+            skips.append(self.pools[i](x, mask))
+        return skips
+
+
+class ConvBlock2d(nn.Sequential):
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UNetDecoder2d(nn.Module):
+    """From collapsed skips [finest, ..., bottleneck] to a (B, widths[0], H, W) map."""
+
+    def __init__(self, widths: Sequence[int]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(ConvBlock2d(widths[i + 1] + widths[i], widths[i]) for i in range(len(widths) - 1))
+        self.out_channels = widths[0]
+
+    def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = skips[-1]
+        for i in reversed(range(len(skips) - 1)):
+            x = F.interpolate(x, size=skips[i].shape[-2:], mode="bilinear", align_corners=False)
+            x = self.blocks[i](torch.cat([x, skips[i]], dim=1))
+        return x
+
+
+class ModalityAttention(nn.Module):
+    """Per-pixel softmax over the streams' maps (late/attention): each stream scores itself, weights sum to 1."""
+
+    def __init__(self, channels: int, streams: int) -> None:
+        super().__init__()
+        self.score = nn.ModuleList(nn.Conv2d(channels, 1, 3, padding=1) for _ in range(streams))
+        self.out = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                                 nn.ReLU(inplace=True))
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        weights = torch.softmax(torch.cat([s(f) for s, f in zip(self.score, feats)], dim=1), dim=1)
+        return self.out(sum(weights[:, i:i + 1] * f for i, f in enumerate(feats)))
+
+
+class UNet3D(SegmentationModel):
+    supported_fusion: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "early": ("concat",), "mid": ("concat", "attention"), "late": ("concat", "attention")}
+
+    def __init__(self, modalities: Mapping[str, int], num_classes: int, fusion: Any = None,
+                 widths: Sequence[int] = (32, 64, 128, 256), attn_levels: Sequence[int] | None = None,
+                 heads: int = 4, time_kernel: int = 3, pool: str = "attention", early_steps: int = 8,
+                 head_dropout: float = 0.0) -> None:
+        super().__init__(modalities, num_classes)
+        f = self.check_fusion(fusion, len(self.modalities))
+        self.level, self.kind = f["level"], f["type"]
+        self.widths = [int(w) for w in widths]
+        n_levels = len(self.widths)
+        if n_levels < 2:
+            raise ConfigError(f"model.widths={list(widths)} needs at least two levels (one skip and a bottleneck).")
+        levels = list(range(1, n_levels)) if attn_levels is None else [int(i) for i in attn_levels]
+        bad = [i for i in levels if not 0 <= i < n_levels]
+        if bad:
+            raise ConfigError(f"model.attn_levels={levels} names levels outside 0..{n_levels - 1}; "
+                              "list levels of model.widths.")
+        if pool not in ("attention", "mean"):
+            raise ConfigError(f"model.pool={pool} is not a temporal pooling; use attention or mean.")
+        if time_kernel < 1 or time_kernel % 2 == 0:
+            raise ConfigError(f"model.time_kernel={time_kernel} must be odd (1, 3, 5, ...) to keep dates aligned.")
+        if early_steps < 1:
+            raise ConfigError(f"model.early_steps={early_steps} must be a positive number of date slots.")
+        self.attn_levels = levels
+        self.early_steps = int(early_steps)
+        names = list(self.modalities)
+        enc = dict(widths=self.widths, attn_levels=levels, heads=heads, time_kernel=time_kernel, pool=pool)
+        w0 = self.widths[0]
+        if self.level == "early":
+            self.encoders = nn.ModuleDict({"stack": TemporalEncoder(sum(self.modalities.values()), **enc)})
+        else:
+            self.encoders = nn.ModuleDict({m: TemporalEncoder(c, **enc) for m, c in self.modalities.items()})
+        if self.level == "mid":
+            fusion_mods: dict[str, nn.Module] = {str(i): ConcatFusion([w] * len(names), w)
+                                                 for i, w in enumerate(self.widths)}
+            if self.kind == "attention":
+                for i in levels:
+                    for m in names:
+                        fusion_mods[f"x{i}_{m}"] = TemporalCrossAttention(self.widths[i], self.widths[i], heads)
+            self.fusion = nn.ModuleDict(fusion_mods)
+        if self.level == "late":
+            self.decoders = nn.ModuleDict({m: UNetDecoder2d(self.widths) for m in names})
+            final = ConcatFusion([w0] * len(names), w0) if self.kind == "concat" else ModalityAttention(w0, len(names))
+            self.fusion = nn.ModuleDict({"final": final})
+        else:
+            self.decoder = UNetDecoder2d(self.widths)
+        self.head = nn.Sequential(nn.Dropout2d(head_dropout) if head_dropout else nn.Identity(),
+                                  nn.Conv2d(w0, num_classes, 1))
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def _stream(self, inputs: Mapping[str, torch.Tensor], m: str, size: torch.Size) -> Stream:
+        t = inputs[m]
+        if t.dim() == 4:
+            t = t[:, None]
+        if t.dim() != 5:
+            raise ConfigError(f"unet3d expects {m} as (B, T, C, H, W) or (B, C, H, W) but got shape "
+                              f"{tuple(t.shape)}; check the dataset's {m} layout.")
+        if t.shape[2] != self.modalities[m]:
+            raise ConfigError(f"{m} has {t.shape[2]} bands but the model was built for {self.modalities[m]}; "
+                              "check dataset.modalities against the checkpoint's.")
+        x = t.transpose(1, 2)  # (B, C, T, H, W)
+        mask = inputs.get(f"{m}_time_mask")
+        if mask is None:
+            mask = torch.ones(x.shape[0], x.shape[2], dtype=torch.bool, device=x.device)
+        mask = mask.to(device=x.device, dtype=torch.bool)
+        if tuple(mask.shape) != (x.shape[0], x.shape[2]):
+            raise ConfigError(f"{m}_time_mask has shape {tuple(mask.shape)} but {m} has (B, T) = "
+                              f"{(x.shape[0], x.shape[2])}; the mask must mark each date of the series.")
+        x, mask, positions = compact_time(x, safe_mask(mask), inputs.get(f"{m}_dates"))
+        if x.shape[-2:] != size:
+            x = F.interpolate(x, size=(x.shape[2], *size), mode="trilinear", align_corners=False)
+        return x, mask, positions
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.check_inputs(inputs)
+        names = list(self.modalities)
+        first = inputs[names[0]]
+        size = first.shape[-2:]
+        streams = {m: self._stream(inputs, m, size) for m in names}
+        if self.level == "early" and len(names) == 1:
+            feats = self.decoder(self.encoders["stack"](*streams[names[0]]))
+        elif self.level == "early":
+            x = torch.cat([resample_time(s[0], s[1], self.early_steps) for s in streams.values()], dim=1)
+            mask = torch.ones(x.shape[0], self.early_steps, dtype=torch.bool, device=x.device)
+            positions = torch.arange(self.early_steps, device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
+            feats = self.decoder(self.encoders["stack"](x, mask, positions))
+        elif self.level == "mid":
+            feats = self.decoder(self._mid(streams))
+        else:
+            finals = [self.decoders[m](self.encoders[m](*streams[m])) for m in names]
+            feats = self.fusion["final"](finals)
+        logits = self.head(feats)
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return {"out": logits}
+
+    def _mid(self, streams: dict[str, Stream]) -> list[torch.Tensor]:
+        names = list(streams)
+        xs = {m: s[0] for m, s in streams.items()}
+        masks = {m: s[1] for m, s in streams.items()}
+        pos = {m: s[2] for m, s in streams.items()}
+        skips = []
+        for i in range(len(self.widths)):
+            xs = {m: self.encoders[m].stage(i, xs[m], masks[m], pos[m]) for m in names}
+            if self.kind == "attention" and i in self.attn_levels:
+                exchanged = {}
+                for m in names:
+                    others = [o for o in names if o != m]
+                    exchanged[m] = self.fusion[f"x{i}_{m}"](
+                        xs[m], masks[m], torch.cat([xs[o] for o in others], dim=2),
+                        torch.cat([masks[o] for o in others], dim=1), pos[m],
+                        torch.cat([pos[o] for o in others], dim=1))
+                xs = exchanged
+            pooled = [self.encoders[m].pools[i](xs[m], masks[m]) for m in names]
+            skips.append(self.fusion[str(i)](pooled))
+        return skips

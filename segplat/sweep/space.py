@@ -1,0 +1,257 @@
+"""Search spaces: Hydra sweep expressions -> Optuna distributions, with conditional parameters.
+
+A sweep file's `hydra.sweeper.params` maps a config key to either
+- a Hydra sweep expression: `choice(a, b)`, `range(start, stop[, step])` (stop excluded, as in
+  Python and Hydra), `interval(low, high)` (floats), `tag(log, interval(...))` (log scale),
+  `tag(int, interval(...))` (integers), `tag(log, range(...))`; or a plain value (fixed);
+- or a mapping `{when: {KEY: VALUE | [VALUES]}, values: EXPRESSION}`: the parameter is searched
+  only when every KEY (a searched parameter, a fixed override or a base config value) equals
+  VALUE (or one of VALUES); otherwise it is not sampled and the config keeps its own value.
+
+Choices that are not scalars (lists, dicts) are stored in Optuna as their override text
+(`[2,3]`), so the study stays readable by the `optuna` command line and dashboard.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from segplat.errors import ConfigError
+
+SCALARS = (str, int, float, bool, type(None))
+
+
+def format_value(value: Any) -> str:
+    """The Hydra override text of a value (quoted when the grammar would read it otherwise)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value) if not (isinstance(value, float) and math.isnan(value)) else "nan"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{format_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    text = str(value)
+    try:  # a bare word that parses back as the same string needs no quotes
+        parsed = OverridesParser.create().parse_overrides([f"k={text}"])[0]
+        if not parsed.is_sweep_override() and parsed.value() == text:
+            return text
+    except Exception:
+        pass
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@dataclass
+class Param:
+    """One searched (or fixed) key of the config."""
+
+    key: str
+    distribution: optuna.distributions.BaseDistribution | None = None
+    fixed: Any = None  # the value when `distribution` is None
+    when: dict[str, list[Any]] = field(default_factory=dict)
+    # category stored in optuna -> override text, for non-scalar choices
+    texts: dict[Any, str] = field(default_factory=dict)
+
+    def override_text(self, value: Any) -> str:
+        if value in self.texts:
+            return self.texts[value]
+        return format_value(value)
+
+    def to_storage(self, value: Any) -> Any:
+        """A user's value (e.g. a baseline's list) as the category stored in Optuna."""
+        if isinstance(value, list | tuple | Mapping):
+            return format_value(value)
+        return value
+
+    def python_value(self, value: Any) -> Any:
+        """The value for a YAML file (lists back as lists)."""
+        if value in self.texts:
+            return OverridesParser.create().parse_overrides([f"k={self.texts[value]}"])[0].value()
+        return value
+
+
+def _distribution(key: str, sweep: Any) -> tuple[optuna.distributions.BaseDistribution, dict[Any, str]]:
+    tags = set(getattr(sweep, "tags", set()) or set())
+    unknown = tags - {"log", "int"}
+    if unknown:
+        raise ConfigError(f"hydra.sweeper.params.{key} has tag(s) {sorted(unknown)}; only log and int are known.")
+    if isinstance(sweep, ChoiceSweep):
+        if tags:
+            raise ConfigError(f"hydra.sweeper.params.{key}: tags do not apply to choice(...); remove them.")
+        choices, texts = [], {}
+        for item in sweep.list:
+            if isinstance(item, SCALARS):
+                choices.append(item)
+            else:
+                text = format_value(item)
+                texts[text] = text
+                choices.append(text)
+        if len(set(map(repr, choices))) != len(choices):
+            raise ConfigError(f"hydra.sweeper.params.{key} lists a choice twice; list each once.")
+        return optuna.distributions.CategoricalDistribution(choices), texts
+    if isinstance(sweep, RangeSweep):
+        start, stop, step = sweep.start, sweep.stop, sweep.step if sweep.step is not None else 1
+        if step <= 0 or stop <= start:
+            raise ConfigError(f"hydra.sweeper.params.{key}=range({start}, {stop}, {step}) is empty; use start < stop "
+                              "and a positive step.")
+        n = math.ceil((stop - start) / step - 1e-9)
+        last = start + (n - 1) * step
+        if all(isinstance(v, int) for v in (start, stop, step)):
+            if "log" in tags and step != 1:
+                raise ConfigError(f"hydra.sweeper.params.{key}: a log range needs step 1 in Optuna; drop the step.")
+            return optuna.distributions.IntDistribution(int(start), int(last), log="log" in tags,
+                                                        step=int(step)), {}
+        if "log" in tags:
+            raise ConfigError(f"hydra.sweeper.params.{key}: a float range cannot be log scaled; use "
+                              "tag(log, interval(a, b)).")
+        return optuna.distributions.FloatDistribution(float(start), float(last), step=float(step)), {}
+    if isinstance(sweep, IntervalSweep):
+        low, high = sweep.start, sweep.end
+        if not low < high:
+            raise ConfigError(f"hydra.sweeper.params.{key}=interval({low}, {high}) needs low < high.")
+        if "log" in tags and low <= 0:
+            raise ConfigError(f"hydra.sweeper.params.{key}: a log interval needs low > 0, not {low}.")
+        if "int" in tags:
+            return optuna.distributions.IntDistribution(int(low), int(high), log="log" in tags), {}
+        return optuna.distributions.FloatDistribution(float(low), float(high), log="log" in tags), {}
+    raise ConfigError(f"hydra.sweeper.params.{key}={sweep} is not supported; use choice, range, interval or tag.")
+
+
+def parse_expression(key: str, expression: Any) -> Param:
+    """One `key: expression` (a string from YAML or the command line, or a plain YAML value)."""
+    if not isinstance(expression, str):
+        value = OmegaConf.to_container(expression) if isinstance(expression, DictConfig | ListConfig) else expression
+        return Param(key, fixed=value)
+    try:
+        override: Override = OverridesParser.create().parse_overrides([f"{key}={expression}"])[0]
+    except Exception as err:
+        raise ConfigError(f"hydra.sweeper.params.{key}={expression!r} is not a valid sweep expression "
+                          f"({str(err).splitlines()[0]}); see the syntax at the top of sweeps/*.yaml.") from err
+    if not override.is_sweep_override():
+        return Param(key, fixed=override.value())
+    dist, texts = _distribution(key, override.value())
+    return Param(key, distribution=dist, texts=texts)
+
+
+def parse_params(params: Mapping[str, Any]) -> list[Param]:
+    """Parse `hydra.sweeper.params`; conditional parameters are ordered after what they depend on."""
+    parsed: dict[str, Param] = {}
+    for key, spec in params.items():
+        key = str(key)
+        if isinstance(spec, Mapping | DictConfig):
+            spec = dict(spec)
+            extra = set(spec) - {"when", "values"}
+            if extra or "values" not in spec:
+                raise ConfigError(f"hydra.sweeper.params.{key} must be an expression or {{when: {{KEY: VALUE}}, "
+                                  f"values: EXPRESSION}}; found keys {sorted(spec)}.")
+            param = parse_expression(key, spec["values"])
+            when = spec.get("when") or {}
+            if not isinstance(when, Mapping | DictConfig) or not when:
+                raise ConfigError(f"hydra.sweeper.params.{key}.when must map config keys to values, e.g. "
+                                  "{fusion.level: mid}.")
+            for ref, allowed in dict(when).items():
+                if isinstance(allowed, ListConfig):
+                    allowed = OmegaConf.to_container(allowed)
+                param.when[str(ref)] = list(allowed) if isinstance(allowed, list | tuple) else [allowed]
+            parsed[key] = param
+        else:
+            parsed[key] = parse_expression(key, spec)
+    # order: a parameter comes after the searched parameters its condition names
+    ordered: list[Param] = []
+    visiting: set[str] = set()
+
+    def visit(p: Param) -> None:
+        if p in ordered:
+            return
+        if p.key in visiting:
+            raise ConfigError(f"hydra.sweeper.params.{p.key}.when forms a cycle of conditions; break it.")
+        visiting.add(p.key)
+        for ref in p.when:
+            if ref == p.key:
+                raise ConfigError(f"hydra.sweeper.params.{p.key}.when names the parameter itself; name another key.")
+            if ref in parsed:
+                visit(parsed[ref])
+        visiting.discard(p.key)
+        ordered.append(p)
+
+    for p in parsed.values():
+        visit(p)
+    return ordered
+
+
+def _matches(actual: Any, allowed: Sequence[Any], param: Param | None) -> bool:
+    if param is not None:
+        actual = param.python_value(actual)
+    return any(actual == a or format_value(actual) == format_value(a) for a in allowed)
+
+
+def is_active(param: Param, chosen: Mapping[str, Any], params: Mapping[str, Param], config: DictConfig | None) -> bool:
+    """True when every condition of `param` holds for the values chosen so far (or the config's)."""
+    for ref, allowed in param.when.items():
+        if ref in params:
+            if ref not in chosen:  # the parent itself is inactive
+                return False
+            if not _matches(chosen[ref], allowed, params[ref]):
+                return False
+            continue
+        if config is None:
+            return False
+        actual = OmegaConf.select(config, ref, default="__missing__")
+        if actual == "__missing__":
+            raise ConfigError(f"hydra.sweeper.params.{param.key}.when names {ref}, which is neither a searched "
+                              "parameter nor a config key; fix the key.")
+        if isinstance(actual, DictConfig | ListConfig):
+            actual = OmegaConf.to_container(actual, resolve=True)
+        if not _matches(actual, allowed, None):
+            return False
+    return True
+
+
+def suggest(trial: optuna.trial.Trial, params: Sequence[Param], config: DictConfig | None) -> dict[str, Any]:
+    """Sample the active parameters of one trial; returns key -> stored value (searched ones only)."""
+    by_key = {p.key: p for p in params}
+    chosen: dict[str, Any] = {}
+    for p in params:
+        if p.distribution is None:
+            chosen[p.key] = p.fixed
+            continue
+        if not is_active(p, chosen, by_key, config):
+            continue
+        d = p.distribution
+        if isinstance(d, optuna.distributions.CategoricalDistribution):
+            chosen[p.key] = trial.suggest_categorical(p.key, d.choices)
+        elif isinstance(d, optuna.distributions.IntDistribution):
+            chosen[p.key] = trial.suggest_int(p.key, d.low, d.high, step=d.step, log=d.log)
+        else:
+            chosen[p.key] = trial.suggest_float(p.key, d.low, d.high, step=d.step, log=d.log)
+    return chosen
+
+
+def grid_space(params: Sequence[Param]) -> dict[str, list[Any]]:
+    """The grid of a grid sampler: choices and ranges only (an interval has no grid)."""
+    grid: dict[str, list[Any]] = {}
+    for p in params:
+        d = p.distribution
+        if d is None:
+            continue
+        if isinstance(d, optuna.distributions.CategoricalDistribution):
+            grid[p.key] = list(d.choices)
+        elif d.step is not None and not d.log:
+            n = round((d.high - d.low) / d.step) + 1
+            grid[p.key] = [d.low + i * d.step for i in range(n)]
+            if isinstance(d, optuna.distributions.IntDistribution):
+                grid[p.key] = [int(v) for v in grid[p.key]]
+        else:
+            raise ConfigError(f"hydra.sweeper.params.{p.key} is a continuous interval, which the grid sampler "
+                              "cannot enumerate; use choice(...) or range(...), or another sampler.")
+    return grid

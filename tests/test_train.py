@@ -1,0 +1,163 @@
+"""The train task end to end: the CLI contract, the run folder, exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from segplat.engine.checkpoint import load_checkpoint
+from segplat.errors import CheckpointError, ConfigError
+from segplat.train import train
+from tests.conftest import REPO, TINY, compose_train
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "segplat.train", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_cli_run_writes_the_run_folder(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli([*TINY, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"run_dir: {run_dir}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("monitor", "best_score", "best_epoch", "miou", "per_class_iou", "pixel_accuracy"):
+        assert key in summary, key
+    assert set(summary["per_class_iou"]) == {"clear", "thick_cloud", "thin_cloud", "cloud_shadow"}
+    assert summary["monitor"] == "val/miou" and summary["epochs_completed"] == 2
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert summary["best_score"] == max(r["val/miou"] for r in records)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert (run_dir / "config.yaml").is_file()
+    # one console line of metrics per validation
+    assert sum(line.startswith("epoch ") for line in proc.stdout.splitlines() + proc.stderr.splitlines()) == 2
+    state = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert state["trainer"]["epoch"] == 2 and state["data"]["classes"][2] == "thin_cloud"
+
+
+def test_train_returns_the_monitored_score(tmp_path: Path) -> None:
+    cfg = compose_train([*TINY, "trainer.max_epochs=1", "callbacks.monitor=val/loss", "callbacks.mode=min"],
+                        output_dir=tmp_path)
+    score = train(cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["monitor"] == "val/loss"
+    assert score == pytest.approx(summary["best_score"]) and score == pytest.approx(summary["val_loss"])
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path: Path) -> None:
+    """Uninterrupted 4 epochs == killed after epoch 2 (SIGKILL) + resumed to epoch 4, to 1e-6."""
+    common = [*TINY, "trainer.max_epochs=4", "callbacks.early_stopping=null"]
+    straight = tmp_path / "straight"
+    proc = run_cli([*common, f"hydra.run.dir={straight}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "segplat.train", *common, f"hydra.run.dir={killed}"], cwd=tmp_path,
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if metrics.exists() and any(r["epoch"] == 2 for r in read_jsonl(metrics)):
+            break
+        if p.poll() is not None:
+            break
+        time.sleep(0.02)
+    assert p.poll() is None, "the run ended before it could be killed"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    ckpt = load_checkpoint(killed / "checkpoints" / "last.ckpt")
+    assert 1 <= ckpt["trainer"]["epoch"] <= 3
+
+    proc = run_cli([*common, f"hydra.run.dir={killed}", "trainer.resume=auto"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.loads((straight / "summary.json").read_text())
+    b = json.loads((killed / "summary.json").read_text())
+    assert b["epochs_completed"] == 4
+    assert abs(a["miou"] - b["miou"]) < 1e-6 and abs(a["val_loss"] - b["val_loss"]) < 1e-6
+    for k in a["per_class_iou"]:
+        assert abs(a["per_class_iou"][k] - b["per_class_iou"][k]) < 1e-6
+    assert [r["epoch"] for r in read_jsonl(killed / "metrics.jsonl")] == [1, 2, 3, 4]
+    wa = load_checkpoint(straight / "checkpoints" / "last.ckpt")["model"]
+    wb = load_checkpoint(killed / "checkpoints" / "last.ckpt")["model"]
+    assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6) for k in wa)
+
+
+def test_missing_dataset_root_stops_at_once_with_a_hint(tmp_path: Path) -> None:
+    started = time.time()
+    proc = run_cli(["model=cmx", "dataset=clouds", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    msg = proc.stderr.strip().splitlines()[-1]
+    assert msg.startswith("error: dataset.root is not set") and "segplat.data.fake clouds" in msg
+    assert "Traceback" not in proc.stderr
+    assert time.time() - started < 60
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.max_epochs=0", "trainer.max_epochs"),
+    ("dataset.batch_size=-2", "dataset.batch_size"),
+    ("optimizer.lr=0", "optimizer.lr"),
+    ("optimizer.encoder_lr=-1e-4", "optimizer.encoder_lr"),
+    ("dataset.patch_size=128", "dataset.patch_size"),
+    ("fusion.level=sideways", "fusion.level"),
+    ("callbacks.monitor=val/nonsense", "callbacks.monitor"),
+])
+def test_bad_config_values_stop_with_one_sentence(override: str, key: str, tmp_path: Path) -> None:
+    cfg = compose_train([*TINY, "trainer.max_epochs=1", override], output_dir=tmp_path)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        train(cfg)
+    assert str(err.value).count("\n") == 0
+    assert not (tmp_path / "checkpoints").exists(), "nothing may be trained before the check"
+
+
+def test_unknown_option_lists_the_valid_ones(tmp_path: Path) -> None:
+    proc = run_cli(["model=nosuchmodel", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "nosuchmodel" in proc.stderr and "unet" in proc.stderr  # Hydra lists the available options
+
+
+def test_resume_path_without_checkpoint_is_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    cfg = compose_train([*TINY, f"trainer.resume={empty}"], output_dir=tmp_path / "new")
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        train(cfg)
+
+
+def test_checkpoint_from_a_different_model_is_refused(tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    train(compose_train([*TINY, "trainer.max_epochs=1"], output_dir=first))
+    cfg = compose_train([*[o for o in TINY if not o.startswith("model.encoder.name")], "model.encoder.name=resnet18",
+                         "trainer.max_epochs=2", f"trainer.resume={first}"], output_dir=tmp_path / "second")
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        train(cfg)
+    cfg = compose_train([*TINY, "trainer.max_epochs=2", "fusion=mid", f"trainer.resume={first}"],
+                        output_dir=tmp_path / "third")
+    with pytest.raises(CheckpointError, match="fusion"):
+        train(cfg)
+
+
+def test_gradient_accumulation_matches_a_larger_batch(tmp_path: Path) -> None:
+    """batch 4 x 2 accumulated == batch 8 in one step (BatchNorm off by eval-free model: compare loss path only)."""
+    a = compose_train([*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "dataset.batch_size=4",
+                       "trainer.accumulate_grad_batches=2"], output_dir=tmp_path / "a")
+    train(a)
+    state = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    assert state["trainer"]["global_step"] == 1, "two micro-batches make one optimiser step"
