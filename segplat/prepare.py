@@ -46,13 +46,14 @@ def verify_store(store: PatchStore) -> list[str]:
 
 def summarise(store: PatchStore) -> dict[str, Any]:
     splits = {}
-    for split in store.splits:
+    order = {"train": 0, "val": 1, "test": 2}
+    for split in sorted(store.splits, key=lambda s: (order.get(s, 3), s)):
         meta = store.tiles_meta(split)
         written = [m for m in meta if m is not None]
         splits[split] = {"samples": len({m["source"] for m in written}), "tiles": len(written)}
-    return {"splits": splits, "skipped": list(store.meta.get("skipped", [])), "notes": list(store.meta.get("notes", [])),
-            "fingerprint": store.meta.get("fingerprint"), "tile_size": store.tile_size,
-            "compressor": store.meta.get("compressor")}
+    return {"splits": splits, "skipped": list(store.meta.get("skipped", [])),
+            "notes": list(store.meta.get("notes", [])), "fingerprint": store.meta.get("fingerprint"),
+            "tile_size": store.tile_size, "compressor": store.meta.get("compressor")}
 
 
 def prepare(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:

@@ -146,7 +146,7 @@ class StoreWriter:
         for split, refs in splits.items():
             if refs:
                 self._write_split(root, split, refs)
-        written = [s for s in splits if s in root]
+        written = [s for s in splits if s in root and any(m is not None for m in root[s].attrs["tiles"])]
         if not written:
             raise DataError(f"every sample of dataset {self.layout.name} under {self.layout.root} was skipped: "
                             + "; ".join(self.skipped[:3]))
@@ -244,12 +244,22 @@ class StoreWriter:
         group = root[split]
         done = group["done"][:]
         tiles_meta = list(group.attrs["tiles"])
-        todo = [i for i in range(len(plans)) if not done[i]]
-        for i in tqdm(todo, desc=f"prepare {split}", disable=not self.progress, unit="sample"):
+        # a sample counts as written only when its tiles are in the tile table: the table and the done flags are
+        # flushed together (table first), and anything a crash left unrecorded is written again; skipped
+        # samples are re-checked too, which rebuilds the skipped list of a resumed run
+        todo = [i for i in range(len(plans)) if not done[i] or any(
+            tiles_meta[plans[i].start + k] is None for k in range(len(plans[i].windows)))]
+
+        def flush() -> None:
+            group.attrs["tiles"] = tiles_meta
+            group["done"][:] = done
+
+        for n, i in enumerate(tqdm(todo, desc=f"prepare {split}", disable=not self.progress, unit="sample")):
             plan = plans[i]
+            if n and n % 16 == 0:
+                flush()
             if not plan.windows:
                 done[i] = True
-                group["done"][i] = True
                 continue
             try:
                 sample = self.layout.read(plan.ref)
@@ -258,16 +268,12 @@ class StoreWriter:
                 self.skipped.append(str(err))
                 log.warning("skipped: %s", err)
                 done[i] = True
-                group["done"][i] = True
                 continue
             for k, window in enumerate(plan.windows):
                 idx = plan.start + k
                 tiles_meta[idx] = self._write_tile(group, idx, sample, window)
-            group["done"][i] = True
             done[i] = True
-            if i % 64 == 0:
-                group.attrs["tiles"] = tiles_meta
-        group.attrs["tiles"] = tiles_meta
+        flush()
 
     def _sample_shape(self, ref: SampleRef) -> tuple[int, int]:
         shape_fn = getattr(self.layout, "label_shape", None)

@@ -397,6 +397,8 @@ class Trainer:
             "epochs_completed": self.state.epoch,
             "global_step": self.state.global_step,
             "stopped_reason": self.state.stopped_reason,
+            # a second sweep objective (model size), besides the monitored score
+            "num_parameters": sum(p.numel() for p in self.raw_model.parameters()),
             "miou": last.get("miou"),
             "pixel_accuracy": last.get("pixel_accuracy"),
             "mean_f1": last.get("mean_f1"),

@@ -27,7 +27,8 @@ Fusion (`fusion.level` x `fusion.type`), for several streams such as S2 + S1:
   their own dates and lengths, so each stream's real dates are first resampled onto `early_steps`
   evenly spaced slots spanning its own observed period (linear interpolation between neighbouring
   real dates; padding is never read). Streams with paired dates and n == early_steps are thus
-  concatenated unchanged (a single stream is used as it is). This assumes each stream covers the same season, as S1/S2 stacks do.
+  concatenated unchanged; a single stream is used as it is, and single images stay one slot.
+  This assumes each stream covers the same season, as S1/S2 stacks do.
 - mid/concat: one encoder per stream; at each level the streams' collapsed maps are concatenated
   and projected (1x1 conv + BN + ReLU) into the decoder skip.
 - mid/attention: as mid/concat, and at each of `attn_levels` every date of a stream attends to the
@@ -137,7 +138,7 @@ class UNet3D(SegmentationModel):
         "early": ("concat",), "mid": ("concat", "attention"), "late": ("concat", "attention")}
 
     def __init__(self, modalities: Mapping[str, int], num_classes: int, fusion: Any = None,
-                 widths: Sequence[int] = (32, 64, 128, 256), attn_levels: Sequence[int] | None = None,
+                 widths: Sequence[int] = (16, 32, 64, 128), attn_levels: Sequence[int] | None = None,
                  heads: int = 4, time_kernel: int = 3, pool: str = "attention", early_steps: int = 8,
                  head_dropout: float = 0.0) -> None:
         super().__init__(modalities, num_classes)
@@ -218,9 +219,11 @@ class UNet3D(SegmentationModel):
         if self.level == "early" and len(names) == 1:
             feats = self.decoder(self.encoders["stack"](*streams[names[0]]))
         elif self.level == "early":
-            x = torch.cat([resample_time(s[0], s[1], self.early_steps) for s in streams.values()], dim=1)
-            mask = torch.ones(x.shape[0], self.early_steps, dtype=torch.bool, device=x.device)
-            positions = torch.arange(self.early_steps, device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
+            # single images (T == 1 everywhere) stay one slot; series go onto `early_steps` slots
+            steps = 1 if all(s[0].shape[2] == 1 for s in streams.values()) else self.early_steps
+            x = torch.cat([resample_time(s[0], s[1], steps) for s in streams.values()], dim=1)
+            mask = torch.ones(x.shape[0], steps, dtype=torch.bool, device=x.device)
+            positions = torch.arange(steps, device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
             feats = self.decoder(self.encoders["stack"](x, mask, positions))
         elif self.level == "mid":
             feats = self.decoder(self._mid(streams))

@@ -68,9 +68,16 @@ class OptunaPruningCallback(Callback):
     def _decide(self, value: float | None, step: int) -> bool:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return False
+        import optuna
+
         trial = self._optuna_trial()
-        trial.report(float(value), step)
-        return bool(trial.should_prune())
+        try:
+            trial.report(float(value), step)
+            return bool(trial.should_prune())
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # another worker failed this trial (its heartbeat lapsed); train on, the sweeper keeps the result
+            log.warning("Optuna trial %s is already finished in the study; not reporting", self.trial_number)
+            return False
 
     def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         acc = trainer.accelerator

@@ -50,8 +50,14 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     if heartbeat_interval:
         kwargs["heartbeat_interval"] = int(heartbeat_interval)
         kwargs["grace_period"] = int(grace_period) if grace_period else None
-        if retry_failed:
-            kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=int(retry_failed))
+        if retry_failed:  # Optuna 5 renamed the callback and its argument; Optuna 4 has only the old names
+            params = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
+            if "heartbeat_stale_trial_callback" in params and hasattr(optuna.storages,
+                                                                      "RetryHeartbeatStaleTrialCallback"):
+                kwargs["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=int(retry_failed))
+            else:
+                kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=int(retry_failed))
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
     except ImportError as err:
@@ -135,22 +141,25 @@ def build_pruner(spec: Mapping[str, Any] | None) -> optuna.pruners.BasePruner:
         raise ConfigError(f"hydra.sweeper.pruner ({name}) rejects its options: {err}; fix them.") from err
 
 
+def heartbeat_enabled(storage: Any) -> bool:
+    getter = getattr(storage, "get_heartbeat_interval", None)
+    return getter is not None and getter() is not None
+
+
 def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
-    """Numbers of failed trials that RetryFailedTrialCallback has re-enqueued."""
+    """Numbers of failed trials that the retry callback has re-enqueued (they give their budget slot on)."""
     out = set()
     for t in trials:
+        history = t.system_attrs.get("retry_history") or []
         origin = t.system_attrs.get("failed_trial")
-        if origin is not None:
-            out.add(int(origin))
+        out.update(int(n) for n in [*history, *([origin] if origin is not None else [])])
     return out
 
 
 def uses_budget(t: optuna.trial.FrozenTrial, retried: set[int]) -> bool:
     if t.state == TrialState.WAITING:
         return False
-    if t.state == TrialState.FAIL and (t.number in retried or t.user_attrs.get(INTERRUPTED_ATTR)):
-        return False
-    return True
+    return not (t.state == TrialState.FAIL and (t.number in retried or bool(t.user_attrs.get(INTERRUPTED_ATTR))))
 
 
 def budget_used(study: optuna.Study, up_to_number: int | None = None) -> int:
@@ -164,12 +173,17 @@ def ask_within_budget(study: optuna.Study, n_trials: int) -> optuna.trial.Trial 
     if budget_used(study) >= n_trials:
         return None
     trial = study.ask()
+    return trial if admit(study, trial, n_trials) else None
+
+
+def admit(study: optuna.Study, trial: optuna.trial.Trial, n_trials: int) -> bool:
+    """The check after `ask`: False (and the trial given back as WAITING) when it is past the budget."""
     if budget_used(study, up_to_number=trial.number) <= n_trials:
-        return trial
+        return True
     # another worker took the last slot between our check and our ask: give the trial back
     study._storage.set_trial_state_values(trial._trial_id, state=TrialState.WAITING)
     log.info("trial %d given back: the budget of %d trials was reached by another worker", trial.number, n_trials)
-    return None
+    return False
 
 
 def counts(study: optuna.Study) -> dict[str, int]:

@@ -13,6 +13,7 @@ rendezvous into one sentence naming the address, after a short, configurable tim
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import warnings
 from datetime import datetime, timedelta
@@ -40,8 +41,32 @@ def is_main_process() -> bool:
     return global_rank() == 0
 
 
+def adopt_slurm_env() -> None:
+    """`srun python -m segplat.train` and hydra-submitit-launcher start one task per GPU with SLURM_*
+    variables only; export the env:// ones (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) so that one
+    code path serves every launcher. Only for a job step of several tasks, and never over variables a
+    launcher already set (srun + torchrun)."""
+    env = os.environ
+    if "RANK" in env or int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) <= 1:
+        return
+    if not env.get("MASTER_ADDR"):
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout.split()
+        except (OSError, subprocess.SubprocessError) as err:
+            raise ConfigError(f"cannot expand SLURM_STEP_NODELIST={nodes} with scontrol to find the rank-0 node; "
+                              "export MASTER_ADDR in the sbatch script.") from err
+        env["MASTER_ADDR"] = out[0]
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000))
+    env["RANK"] = env.get("SLURM_PROCID", "0")
+    env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+
+
 def is_distributed_launch() -> bool:
-    """True under torchrun / accelerate launch with more than one process (env:// variables set)."""
+    """True under torchrun / accelerate launch / a multi-task srun step (env:// variables set)."""
+    adopt_slurm_env()
     return world_size() > 1
 
 

@@ -46,7 +46,7 @@ def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
             logging.getLogger().setLevel(logging.WARNING)
         try:
             result = fn(cfg)
-        except Exception as err:  # noqa: BLE001 - user errors may arrive wrapped by hydra.instantiate
+        except Exception as err:
             user_error = user_error_in(err)
             if user_error is None:
                 raise

@@ -43,7 +43,7 @@ def test_nccl_without_gpus_falls_back_to_gloo(monkeypatch: pytest.MonkeyPatch) -
     assert any("trainer.backend=nccl needs CUDA devices" in str(w.message) for w in caught)
     assert dist.resolve_backend("auto") == "gloo"
     assert dist.resolve_backend("gloo", cpu=True) == "gloo"
-    with pytest.raises(ConfigError, match="trainer.backend='mpi'"):
+    with pytest.raises(ConfigError, match=r"trainer\.backend='mpi'"):
         dist.resolve_backend("mpi")
 
 

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.distributed.launch_utils import (BASE, env_for, free_port, metrics, plain_cmd, run, summary,
-                                            torchrun_cmd)
+from tests.distributed.launch_utils import BASE, env_for, free_port, metrics, plain_cmd, run, summary, torchrun_cmd
 
 pytestmark = pytest.mark.distributed
 

@@ -10,7 +10,7 @@ sharding, the gradient averaging, the accumulation or the metric reduction.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from segplat.models.base import SegmentationModel
 
 
 class GroupNormNet(SegmentationModel):
-    supported_fusion = {"early": ("concat",)}
+    supported_fusion: ClassVar[Mapping[str, tuple[str, ...]]] = {"early": ("concat",)}
 
     def __init__(self, modalities: Mapping[str, int], num_classes: int, width: int = 8, **_: Any) -> None:
         super().__init__(modalities, num_classes)

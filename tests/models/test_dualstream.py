@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import pytest
 import torch
@@ -24,10 +25,10 @@ SMALL_AIR = {"dims": [16, 24, 32, 48], "depths": [1, 1, 1, 1]}
 class TestDualStream(ModelTester):
     """The preset's architecture (MiT-B1 vision stream) on a 64x64x4 image over an 8x8x48 grid."""
 
-    modalities = {"image": 4, "air": 48}
-    sizes = {"image": (64, 64), "air": (8, 8)}
+    modalities: ClassVar[dict[str, int]] = {"image": 4, "air": 48}
+    sizes: ClassVar[dict[str, tuple[int, int]]] = {"image": (64, 64), "air": (8, 8)}
     aux_keys = ("f2", "f3")
-    other_channels = (1, 5)
+    other_channels = (1,)
     require_groups = ("encoder", "fusion", "decoder")
     # MiT-B1 is 13.1M (SegFormer paper); with the default air stream, fusion and decoder ~22.3M
     param_range = (20_000_000, 25_000_000)
@@ -154,11 +155,11 @@ def test_cross_attention_identity_and_position_aware():
 def test_invalid_configurations_are_refused():
     with pytest.raises(ConfigError, match="exactly two modalities"):
         DualStream({"a": 3, "b": 2, "c": 1}, 3)
-    with pytest.raises(ConfigError, match="fusion.type=concat.*valid types: film_cross_attention"):
+    with pytest.raises(ConfigError, match=r"fusion\.type=concat.*valid types: film_cross_attention"):
         DualStream({"a": 3, "b": 2}, 3, {"level": "mid", "type": "concat"})
-    with pytest.raises(ConfigError, match="fusion.stages"):
+    with pytest.raises(ConfigError, match=r"fusion\.stages"):
         small_model(fusion={"level": "mid", "type": "film_cross_attention", "stages": [4]})
-    with pytest.raises(ConfigError, match="model.air"):
+    with pytest.raises(ConfigError, match=r"model\.air"):
         small_model(air={"widths": [1]})
 
 

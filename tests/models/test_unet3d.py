@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def series(modalities: Mapping[str, int], batch: int = 2, size: int = 16, seed: 
 
 
 class TestUNet3D(ModelTester):
-    modalities = {"s2": 4, "s1": 2}
+    modalities: ClassVar[Mapping[str, int]] = {"s2": 4, "s1": 2}
     size = 16
     fusions = FUSIONS
     other_channels = (1, 3)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +249,7 @@ def write_fake(out: str | Path, num_train: int = 3, num_val: int = 2, image_size
     """A tiny airquality tree in the real formats: tiled GeoTIFFs with a projected CRS, uint16 images,
     uint8 masks coded 10 / 90, float32 companions. Urban pixels are brighter and raise NO2, so a model
     has something to learn from both streams."""
-    from rasterio.transform import from_origin
+    from affine import Affine
 
     out = Path(out)
     rng = np.random.default_rng(seed)
@@ -267,7 +267,7 @@ def write_fake(out: str | Path, num_train: int = 3, num_val: int = 2, image_size
             image[:3, urban] += 1500
             image[:, :2, :2] = 0  # a little no-data corner
             x0, y0 = 500_000.0 + 10 * image_size * i, 4_000_000.0
-            transform = from_origin(x0, y0, 10.0, 10.0)
+            transform = Affine(10.0, 0.0, x0, 0.0, -10.0, y0)
             common = {"driver": "GTiff", "crs": "EPSG:32650", "tiled": True, "blockxsize": 256 if image_size >= 256
                       else 16, "blockysize": 256 if image_size >= 256 else 16}
             with rasterio.open(out / folders["image"] / f"{stem}.tif", "w", height=image_size, width=image_size,
@@ -278,7 +278,7 @@ def write_fake(out: str | Path, num_train: int = 3, num_val: int = 2, image_size
                 dst.write(mask[None])
             f = image_size // air_size
             urban_coarse = urban.reshape(air_size, f, air_size, f).mean(axis=(1, 3))
-            air_transform = from_origin(x0, y0, 10.0 * f, 10.0 * f)
+            air_transform = Affine(10.0 * f, 0.0, x0, 0.0, -10.0 * f, y0)
             small = {**common, "blockxsize": 16, "blockysize": 16}
             for src, fname in companion_names(stem).items():
                 grid = rng.normal(1.0, 0.1, (bands_per_file, air_size, air_size)).astype(np.float32)

@@ -23,7 +23,8 @@ from segplat.data.layouts.geotiff import decode_colour_label, hash_split
 from segplat.errors import DataError
 
 CLASSES = ("background", "thick_cloud", "thin_cloud", "cloud_shadow")
-PALETTE = ((0, 0, 0), (255, 0, 0), (0, 255, 0), (255, 255, 0))  # RGB; on disk (BGR): [0,0,0] [0,0,255] [0,255,0] [0,255,255]
+# RGB; on disk (BGR): [0,0,0] [0,0,255] [0,255,0] [0,255,255]
+PALETTE = ((0, 0, 0), (255, 0, 0), (0, 255, 0), (255, 255, 0))
 IMAGE_SUFFIXES = (".png", ".PNG")
 
 
@@ -158,7 +159,7 @@ def write_fake(out_dir: str | Path, seed: int = 0, num_train: int = 8, num_test:
             rgb, nir, label = make_scene(seed, (0 if split == "train" else 10_000) + i, max(h, w))
             rgb, nir, label = rgb[:, :h, :w], nir[:, :h, :w], label[:h, :w]
             stem = f"{split}_{i:04d}"
-            for sub in ("rgb", "ngr", "label"):
+            for sub in ("rgb", "ngr", "label") if split == "train" else ("rgb", "ngr"):
                 (out / split / sub).mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(out / split / "rgb" / f"{stem}.png"), rgb.transpose(1, 2, 0)[:, :, ::-1])
             green, red = rgb[1], rgb[0]
@@ -166,8 +167,6 @@ def write_fake(out_dir: str | Path, seed: int = 0, num_train: int = 8, num_test:
             cv2.imwrite(str(out / split / "ngr" / f"{stem}.png"), ngr_bgr)
             if split == "train":
                 cv2.imwrite(str(out / split / "label" / f"{stem}.png"), bgr_colours[label])
-        if split == "test":
-            (out / "test" / "label").rmdir()
     (out / "sample_submission.csv").write_text("Image_Label,EncodedPixels\n" + "".join(
         f"test_{i:04d}.png,1 1\n" for i in range(num_test)))
     return out

@@ -53,6 +53,8 @@ def plain(obj: Any) -> Any:
 
 def raster_header(path: str | Path) -> dict[str, Any]:
     """Size, band count, dtype, nodata, CRS and transform without reading pixels."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: the file is missing; restore it or remove the sample from the split.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -198,21 +200,21 @@ class GeoTiffLayout(Layout):
         reference: str = "label",
     ) -> None:
         super().__init__(root)
-        self.modality_cfg = plain(modalities) or {}
+        self.modality_cfg = {k: _with_glob(v) for k, v in (plain(modalities) or {}).items()}
         if not self.modality_cfg:
             raise ConfigError("dataset.layout.modalities is empty; list at least one modality with a glob and bands.")
         for name, m in self.modality_cfg.items():
             if not m.get("glob") or not m.get("bands"):
                 raise ConfigError(f"dataset.layout.modalities.{name} needs `glob` (relative to dataset.root) and "
                                   "`bands` (a list of band names).")
-        self.label_cfg = plain(label) or {}
+        self.label_cfg = _with_glob(plain(label) or {})
         self.classes = tuple(plain(classes) or ())
         if not self.classes:
             raise ConfigError("dataset.layout.classes is empty; list the class names in label-index order.")
         self.palette = tuple(tuple(int(v) for v in c) for c in (plain(palette) or _default_palette(len(self.classes))))
         if len(self.palette) != len(self.classes):
-            raise ConfigError(f"dataset.layout.palette has {len(self.palette)} colours for {len(self.classes)} classes; "
-                              "give one RGB triple per class or leave it null.")
+            raise ConfigError(f"dataset.layout.palette has {len(self.palette)} colours for {len(self.classes)} "
+                              "classes; give one RGB triple per class or leave it null.")
         self.ignore_index = int(ignore_index)
         self.value_map = {int(k): (self.ignore_index if str(v) == "ignore" else int(v))
                           for k, v in (plain(value_map) or {}).items()}
@@ -319,7 +321,8 @@ class GeoTiffLayout(Layout):
             for split, fname in self.split_files.items():
                 path = Path(fname) if Path(fname).is_absolute() else root / fname
                 if not path.is_file():
-                    raise DataError(f"split file {path} for split {split!r} is missing; fix dataset.layout.split_files.")
+                    raise DataError(f"split file {path} for split {split!r} is missing; fix "
+                                    "dataset.layout.split_files.")
                 for line in path.read_text().splitlines():
                     sid = line.strip().split(",")[0]
                     if sid and not sid.startswith("#"):
@@ -352,7 +355,8 @@ class GeoTiffLayout(Layout):
     def read(self, ref: SampleRef) -> Sample:
         for key, path in ref.files.items():
             if not path:
-                raise DataError(f"sample {ref.id}: the {key} file is missing (glob "
+                present = next(p for p in ref.files.values() if p)
+                raise DataError(f"{present}: sample {ref.id} has no {key} file (glob "
                                 f"{self.modality_cfg.get(key, self.label_cfg).get('glob')!r}); add it or remove the "
                                 "sample's other files.")
         ref_key = self.reference if self.reference != "label" or "label" in ref.files else next(iter(self.modality_cfg))
@@ -430,9 +434,9 @@ class GeoTiffLayout(Layout):
             return data
         if not (same_crs and same_res) and not self.resample:
             raise DataError(
-                f"{path} ({header['crs'] or 'no CRS'}, {_res_str(header['res'])}) and {ref_path} ({ref['crs'] or 'no CRS'}, "
-                f"{_res_str(ref['res'])}) differ in CRS or resolution; set dataset.layout.resample=true to warp them "
-                "onto the reference grid, or reproject the files.")
+                f"{path} ({header['crs'] or 'no CRS'}, {_res_str(header['res'])}) and {ref_path} "
+                f"({ref['crs'] or 'no CRS'}, {_res_str(ref['res'])}) differ in CRS or resolution; set "
+                "dataset.layout.resample=true to warp them onto the reference grid, or reproject the files.")
         if not self.resample:
             return data  # same CRS and pixel size, other extent: the store reports the size mismatch
         if not header["crs"] or not ref["crs"]:
@@ -447,6 +451,14 @@ class GeoTiffLayout(Layout):
             info = np.iinfo(out_dtype)
             dst = np.clip(np.rint(np.nan_to_num(dst, nan=fill if fill is not None else 0)), info.min, info.max)
         return dst.astype(out_dtype)
+
+
+def _with_glob(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Accept `folder` + `pattern` (default *.tif) as another way to write `glob`."""
+    cfg = dict(cfg)
+    if not cfg.get("glob") and cfg.get("folder"):
+        cfg["glob"] = f"{str(cfg['folder']).rstrip('/')}/{cfg.get('pattern') or '*.tif'}"
+    return cfg
 
 
 def _res_str(res: Sequence[float]) -> str:
@@ -535,8 +547,8 @@ def write_fake(out_dir: str | Path, seed: int = 0, per_split: int = 3, sar_resol
 
 
 def _regrid(data: np.ndarray, transform: Affine, resolution: float, crs: str) -> tuple[np.ndarray, Affine]:
-    from rasterio.warp import calculate_default_transform
     from rasterio.transform import array_bounds
+    from rasterio.warp import calculate_default_transform
 
     h, w = data.shape[-2:]
     bounds = array_bounds(h, w, transform)

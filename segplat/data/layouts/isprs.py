@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
@@ -40,8 +40,8 @@ class _ISPRSLayout(Layout):
     palette = PALETTE
     ignore_index = 255
     splits = ("train", "test")
-    SPLITS: dict[str, dict[str, tuple[str, ...]]] = {}
-    IMAGE_BANDS: dict[str, tuple[str, ...]] = {}
+    SPLITS: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {}
+    IMAGE_BANDS: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, root: str | None = None, image: str = "irrg", elevation: str = "dsm", eroded: bool = False,
                  split: str = "standard", colour_tolerance: int = 8) -> None:
@@ -141,8 +141,9 @@ class _ISPRSLayout(Layout):
             raise DataError(f"{lab_path}: is {lab.shape[-1]}x{lab.shape[-2]} but {img_path} is {w}x{h}; the label "
                             "and image sizes disagree.")
         ignore = ((0, 0, 0),) if self.eroded else ()
-        label, remapped = decode_colour_label(np.moveaxis(lab[:3], 0, -1), self.palette, lab_path, ignore_colours=ignore,
-                                              ignore_index=self.ignore_index, tolerance=self.colour_tolerance)
+        label, remapped = decode_colour_label(np.moveaxis(lab[:3], 0, -1), self.palette, lab_path,
+                                              ignore_colours=ignore, ignore_index=self.ignore_index,
+                                              tolerance=self.colour_tolerance)
         if remapped:
             self.notes.append(f"{lab_path}: {remapped} off-palette label pixels mapped to the nearest class colour")
             log.info("%s: %d off-palette label pixels mapped to the nearest class colour", lab_path, remapped)
@@ -166,11 +167,11 @@ _MS2MNET_TEST = ("5", "15", "21", "30")
 
 class VaihingenLayout(_ISPRSLayout):
     name = "vaihingen"
-    IMAGE_BANDS = {"irrg": ("nir", "red", "green")}
+    IMAGE_BANDS: ClassVar[dict[str, tuple[str, ...]]] = {"irrg": ("nir", "red", "green")}
     TRAIN = _VAIHINGEN_TRAIN
     TEST = ("2", "4", "6", "8", "10", "12", "14", "16", "20", "22", "24", "27", "29", "31", "33", "35", "38")
     MS2MNET_TEST = _MS2MNET_TEST
-    SPLITS = {
+    SPLITS: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {
         "standard": {"train": TRAIN, "test": TEST},
         # Audebert et al.'s split, used by MS2MNet/CMFNet-style fusion papers: 12 train areas, 4 test areas
         "ms2mnet": {"train": tuple(t for t in _VAIHINGEN_TRAIN if t not in _MS2MNET_TEST), "test": MS2MNET_TEST},
@@ -196,14 +197,15 @@ class VaihingenLayout(_ISPRSLayout):
 
 class PotsdamLayout(_ISPRSLayout):
     name = "potsdam"
-    IMAGE_BANDS = {"rgb": ("red", "green", "blue"), "irrg": ("nir", "red", "green"),
-                   "rgbir": ("red", "green", "blue", "nir")}
-    IMAGE_FOLDERS = {"rgb": ("2_Ortho_RGB", "RGB"), "irrg": ("3_Ortho_IRRG", "IRRG"), "rgbir": ("4_Ortho_RGBIR", "RGBIR")}
+    IMAGE_BANDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "rgb": ("red", "green", "blue"), "irrg": ("nir", "red", "green"), "rgbir": ("red", "green", "blue", "nir")}
+    IMAGE_FOLDERS: ClassVar[dict[str, tuple[str, str]]] = {
+        "rgb": ("2_Ortho_RGB", "RGB"), "irrg": ("3_Ortho_IRRG", "IRRG"), "rgbir": ("4_Ortho_RGBIR", "RGBIR")}
     TRAIN = ("2_10", "2_11", "2_12", "3_10", "3_11", "3_12", "4_10", "4_11", "4_12", "5_10", "5_11", "5_12", "6_10",
              "6_11", "6_12", "6_7", "6_8", "6_9", "7_10", "7_11", "7_12", "7_7", "7_8", "7_9")
     TEST = ("5_15", "6_15", "6_13", "3_13", "4_14", "6_14", "5_14", "2_13", "4_15", "2_14", "5_13", "4_13", "3_14",
             "7_13")
-    SPLITS = {"standard": {"train": TRAIN, "test": TEST}}
+    SPLITS: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {"standard": {"train": TRAIN, "test": TEST}}
 
     def __init__(self, root: str | None = None, image: str = "rgb", **kwargs: Any) -> None:
         super().__init__(root, image=image, **kwargs)

@@ -32,7 +32,7 @@ class DeepLabV3PlusDecoder(nn.Module):
                  low_level_channels: int = 48, low_level_stride: int = 4, aspp_dropout: float = 0.5,
                  separable: bool = False) -> None:
         super().__init__()
-        width = int(channels) if isinstance(channels, int) else int(list(channels)[0])
+        width = int(channels) if isinstance(channels, int) else int(next(iter(channels)))
         if width < 1:
             raise ConfigError(f"model.decoder.channels={channels} must be a positive width.")
         reductions = [int(r) for r in reductions]

@@ -70,7 +70,7 @@ def resample_time(x: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tens
     linearly interpolated between the two neighbouring dates; padding is never read. With n == steps
     this is the identity, so streams with paired dates are concatenated date by date.
     """
-    b, c, t, h, w = x.shape
+    _, c, t, h, w = x.shape
     n = mask.sum(dim=1).clamp(min=1).to(x.dtype)  # (B,)
     k = torch.arange(steps, device=x.device, dtype=x.dtype)
     pos = k[None] * (n[:, None] - 1) / max(steps - 1, 1)  # (B, steps)
@@ -242,7 +242,7 @@ class TemporalPool(nn.Module):
         self.score = nn.Conv3d(channels, self.groups, 1) if mode == "attention" else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, c, t, h, w = x.shape
+        c = x.shape[1]
         m = mask[:, None, :, None, None]
         if self.score is None:
             weights = m.to(x.dtype) / m.sum(dim=2, keepdim=True).clamp(min=1).to(x.dtype)

@@ -35,8 +35,8 @@ class AttentionFusion(nn.Module):
             raise ConfigError("fusion.type=attention needs at least two streams; use fusion=early for one modality.")
         n = len(in_channels)
         self.proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
-            for c in in_channels)
+            nn.Sequential(nn.Conv2d(c, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
+                          nn.ReLU(inplace=True)) for c in in_channels)
         both = n * out_channels
         mid = max(8, both // reduction)
         self.channel = nn.Sequential(nn.Linear(both, mid), nn.ReLU(inplace=True), nn.Linear(mid, both))

@@ -1,0 +1,265 @@
+"""Patches per second per core: random crops from the zarr store vs rasterio windowed reads of tiled GeoTIFFs.
+
+    python benchmarks/data_throughput.py [--scenes 6] [--scene-size 1024] [--tile 512] [--patch 256] \
+        [--batch 8] [--batches 30] [--out /tmp/segplat_bench]
+
+Both paths run the full CPU pipeline of a training step's data side in one process with one
+thread (torch, zarr, blosc and GDAL limited to 1): choose the same random crop (same generator
+per sample), read the 4-band uint16 image and the uint8 label, apply the same GeometricAugment
+(flips + rot90), collate into a batch. The GeoTIFFs hold exactly the scenes the store was prepared
+from (tiled 256x256, deflate as the datasets ship, and uncompressed), and the crop of sample i is
+the same scene window on both sides. Files are read warm from the page cache on both sides (the
+first pass is discarded), so the figures compare decode + copy cost, not disk speed.
+
+It also prepares the store with each compressor (none / zstd / lz4) and reports write time,
+size on disk and read throughput, which is how the default compressor was chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GDAL_NUM_THREADS", "BLOSC_NTHREADS"):
+    os.environ[var] = "1"
+# GDAL keeps decoded blocks in memory (default 5% of RAM): these few scenes would be served already
+# decoded after the warm-up, which a real dataset (far larger than the cache) never is. 1 MB keeps the
+# GeoTIFF path decoding like the store does; `--gdal-cache-mb` shows the cached case.
+_cache = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--gdal-cache-mb=")), "1")
+os.environ["GDAL_CACHEMAX"] = _cache
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import rasterio  # noqa: E402
+import torch  # noqa: E402
+import zarr  # noqa: E402
+from affine import Affine  # noqa: E402
+from rasterio.windows import Window  # noqa: E402
+
+from segplat.data.dataset import PatchDataset, collate  # noqa: E402
+from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef  # noqa: E402
+from segplat.data.store import prepare_store  # noqa: E402
+from segplat.data.transforms import GeometricAugment  # noqa: E402
+
+torch.set_num_threads(1)
+cv2.setNumThreads(1)
+zarr.config.set({"threading.max_workers": 1, "async.concurrency": 1})
+try:
+    import numcodecs
+
+    numcodecs.blosc.set_nthreads(1)
+except Exception:  # pragma: no cover - numcodecs without blosc
+    pass
+
+
+def make_scene(seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A scene that compresses like real imagery: smooth structure plus sensor noise, 12-bit range."""
+    rng = np.random.default_rng(seed)
+    field = cv2.GaussianBlur(rng.standard_normal((size, size)).astype(np.float32), (0, 0), size / 40)
+    field = (field - field.mean()) / (field.std() + 1e-6)
+    bands = []
+    for b in range(4):
+        tex = cv2.GaussianBlur(rng.standard_normal((size, size)).astype(np.float32), (0, 0), 2)
+        bands.append(1500 + 400 * field * (1 + 0.2 * b) + 120 * tex + rng.normal(0, 25, (size, size)))
+    image = np.clip(np.stack(bands), 0, 4095).astype(np.uint16)
+    label = np.digitize(field, [-0.5, 0.3, 1.0]).astype(np.uint8)
+    return image, label
+
+
+class BenchLayout(Layout):
+    """The generated scenes as a layout, so the store is written by the real prepare code."""
+
+    name = "bench"
+    classes = ("a", "b", "c", "d")
+    palette = ((0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255))
+
+    def __init__(self, root: str, scenes: int, size: int) -> None:
+        super().__init__(root)
+        self.n, self.size = scenes, size
+
+    @property
+    def modalities(self) -> dict[str, ModalitySpec]:
+        return {"image": ModalitySpec(("r", "g", "b", "nir"), nodata=None, dtype="uint16")}
+
+    def fingerprint_params(self) -> dict:
+        return {"n": self.n, "size": self.size}
+
+    def scan(self) -> dict[str, list[SampleRef]]:
+        return {"train": [SampleRef(str(i)) for i in range(self.n)]}
+
+    def label_shape(self, ref: SampleRef) -> tuple[int, int]:
+        return self.size, self.size
+
+    def read(self, ref: SampleRef) -> Sample:
+        image, label = make_scene(int(ref.id), self.size)
+        return Sample({"image": image}, label, source=f"scene{ref.id}")
+
+
+def write_geotiffs(out: Path, scenes: int, size: int, compress: str | None) -> list[tuple[Path, Path]]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    prof = {"driver": "GTiff", "height": size, "width": size, "crs": "EPSG:32633", "tiled": True,
+            "blockxsize": 256, "blockysize": 256, "transform": Affine(10, 0, 500000, 0, -10, 4e6)}
+    if compress:
+        prof.update(compress=compress, predictor=2)
+    for i in range(scenes):
+        image, label = make_scene(i, size)
+        ip, lp = out / f"scene{i}_image.tif", out / f"scene{i}_label.tif"
+        with rasterio.open(ip, "w", count=4, dtype="uint16", **prof) as dst:
+            dst.write(image)
+        with rasterio.open(lp, "w", count=1, dtype="uint8", **prof) as dst:
+            dst.write(label[None])
+        files.append((ip, lp))
+    return files
+
+
+class GeoTiffPatches(torch.utils.data.Dataset):
+    """The same crops as PatchDataset(train=True), read from the source scenes with windowed reads."""
+
+    def __init__(self, store_ds: PatchDataset, files: list[tuple[Path, Path]], tile_windows: list[list[int]],
+                 augment: GeometricAugment) -> None:
+        self.ref, self.files, self.windows, self.augment = store_ds, files, tile_windows, augment
+        self.handles: dict[int, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self.ref)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        tile, _ = self.ref.index[i]
+        rng = np.random.default_rng([self.ref.seed, self.ref.epoch, i])
+        span = self.ref.tile_size - self.ref.patch_size
+        y, x = int(rng.integers(0, span + 1)), int(rng.integers(0, span + 1))  # as PatchDataset._choose_offset
+        meta = self.windows[tile]
+        scene = int(meta["source"].removeprefix("scene"))
+        wy, wx = meta["window"][0], meta["window"][1]
+        if scene not in self.handles:
+            self.handles[scene] = tuple(rasterio.open(p) for p in self.files[scene])
+        img_src, lab_src = self.handles[scene]
+        p = self.ref.patch_size
+        win = Window(wx + x, wy + y, p, p)
+        sample = {"image": img_src.read(window=win), "label": lab_src.read(1, window=win)}
+        sample = self.augment(sample, rng)
+        sample["label"] = sample["label"].astype(np.int64)
+        return sample
+
+
+class RawChunkPatches(torch.utils.data.Dataset):
+    """Prototype of a faster store read path (not what PatchDataset does today): for an uncompressed
+    store, a chunk file *is* the tile's bytes in C order (zarr v3 `bytes` codec, little endian), so a
+    crop is a strided view of a memory map: no decode, only the crop's pages are touched."""
+
+    def __init__(self, store_ds: PatchDataset, augment: GeometricAugment) -> None:
+        self.ref, self.augment = store_ds, augment
+        root = Path(store_ds.store_path) / store_ds.split
+        self.maps = {}
+        t = store_ds.tile_size
+        for name, shape, dtype in (("image", (4, t, t), "<u2"), ("label", (t, t), "u1")):
+            n = len(store_ds.tiles)
+            self.maps[name] = [np.memmap(root / name / "c" / str(i) / "/".join(["0"] * len(shape)), dtype=dtype,
+                                         mode="r", shape=shape) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.ref)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        tile, _ = self.ref.index[i]
+        rng = np.random.default_rng([self.ref.seed, self.ref.epoch, i])
+        span = self.ref.tile_size - self.ref.patch_size
+        y, x = int(rng.integers(0, span + 1)), int(rng.integers(0, span + 1))
+        p = self.ref.patch_size
+        sample = {"image": np.array(self.maps["image"][tile][:, y:y + p, x:x + p]),
+                  "label": np.array(self.maps["label"][tile][y:y + p, x:x + p])}
+        sample = self.augment(sample, rng)
+        sample["label"] = sample["label"].astype(np.int64)
+        return sample
+
+
+def run(ds, batch: int, batches: int) -> tuple[float, float]:
+    """(patches per CPU-second, patches per wall-second) over `batches` batches after a warm-up pass.
+
+    CPU seconds of the whole process (every thread, zarr's event loop included) are the per-core
+    figure; wall time is also reported but is only meaningful on an otherwise idle machine."""
+    idx = list(np.random.default_rng(0).permutation(len(ds)))
+    idx = (idx * (batch * batches // len(idx) + 1))[: batch * batches]
+    for k in range(0, len(idx), batch):  # warm-up: page cache, file handles, zarr metadata
+        collate([ds[j] for j in idx[k:k + batch]])
+    c, t = time.process_time(), time.perf_counter()
+    for k in range(0, len(idx), batch):
+        collate([ds[j] for j in idx[k:k + batch]])
+    return len(idx) / (time.process_time() - c), len(idx) / (time.perf_counter() - t)
+
+
+def best(ds, batch: int, batches: int, repeats: int) -> tuple[float, float]:
+    runs = [run(ds, batch, batches) for _ in range(repeats)]
+    return max(r[0] for r in runs), max(r[1] for r in runs)
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenes", type=int, default=6)
+    ap.add_argument("--scene-size", type=int, default=1024)
+    ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--patch", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batches", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=3, help="best of N timed passes per configuration")
+    ap.add_argument("--out", default="/tmp/segplat_bench")
+    ap.add_argument("--gdal-cache-mb", default="1", help="GDAL_CACHEMAX in MB (pass as --gdal-cache-mb=N)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    augment = GeometricAugment()
+    print(f"# {platform.processor() or platform.machine()}, python {sys.version.split()[0]}, zarr {zarr.__version__}, "
+          f"rasterio {rasterio.__version__}; {args.scenes} scenes {args.scene_size}^2 x 4 bands uint16 + label, "
+          f"store tiles {args.tile}, patch {args.patch}, batch {args.batch}, {args.batches} batches, 1 thread, "
+          f"GDAL_CACHEMAX={os.environ['GDAL_CACHEMAX']} MB")
+    rows = []
+    store_ds = {}
+    for comp in ("none", "zstd", "lz4"):
+        layout = BenchLayout(str(out), args.scenes, args.scene_size)
+        path = out / f"store_{comp}.zarr"
+        t = time.perf_counter()
+        prepare_store(layout, path, args.tile, comp, progress=False)
+        write_s = time.perf_counter() - t
+        ds = PatchDataset(str(path), "train", args.patch, train=True, patches_per_tile=4, augment=augment)
+        store_ds[comp] = ds
+        rows.append((f"zarr store, {comp} (PatchDataset)", *best(ds, args.batch, args.batches, args.repeats),
+                     dir_size(path), write_s))
+    ref = store_ds["none"]
+    from segplat.data.store import PatchStore
+
+    metas = PatchStore(ref.store_path).tiles_meta("train")
+    for comp in ("deflate", None):
+        t = time.perf_counter()
+        files = write_geotiffs(out / f"tif_{comp or 'none'}", args.scenes, args.scene_size, comp)
+        write_s = time.perf_counter() - t
+        ds = GeoTiffPatches(ref, files, metas, augment)
+        rows.append((f"GeoTIFF 256-tiled, {comp or 'none'} (rasterio windows)",
+                     *best(ds, args.batch, args.batches, args.repeats), dir_size(out / f"tif_{comp or 'none'}"),
+                     write_s))
+    raw = RawChunkPatches(ref, augment)
+    rows.append(("zarr store, none (raw-chunk memmap prototype)", *best(raw, args.batch, args.batches, args.repeats),
+                 dir_size(out / "store_none.zarr"), float("nan")))
+    print("\n| path | patches / CPU-s (per core) | patches / wall-s | size MiB | write s (incl. generating scenes) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, cpu, wall, size, ws in rows:
+        print(f"| {name} | {cpu:.0f} | {wall:.0f} | {size / 2**20:.1f} | {ws:.2f} |")
+    best_tif = max(r[1] for r in rows if r[0].startswith("GeoTIFF"))
+    print()
+    for name, cpu, *_ in rows:
+        if name.startswith("zarr"):
+            print(f"- {name}: {cpu / best_tif:.2f}x the faster GeoTIFF path (per core)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""`python -m segplat.data.inspect dataset=NAME [dataset.root=DIR] [out=DIR] [split=train] [num=8]`.
+
+Looks at a prepared store the way the model will see it, before any training: per-band
+histograms over valid pixels (catches wrong scaling, nodata leaking in, swapped bands), class
+frequencies (imbalance, a wrong mask table), a PNG grid of patches per modality with the label
+overlaid in the dataset's palette (misregistration, wrong band order), and for temporal streams
+the per-band mean over valid pixels along the dates (empty or padded dates, date offsets).
+
+Everything else on the command line is a Hydra override of the train config (`dataset=...`,
+`dataset.root=...`, `dataset.tile_size=...`); the store is prepared first if it is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segplat.errors import ConfigError, SegplatError
+
+OWN_KEYS = ("out", "split", "num", "seed")
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def parse_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Split `key=value` arguments into this tool's own keys and Hydra overrides."""
+    own, overrides = {}, []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in OWN_KEYS:
+            own[key] = value
+        else:
+            overrides.append(arg)
+    return own, overrides
+
+
+def _valid_values(arr: np.ndarray, nodata: float | None) -> np.ndarray:
+    a = arr.astype(np.float64)
+    ok = np.isfinite(a)
+    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+        ok &= a != nodata
+    return a[ok]
+
+
+def _display(arr: np.ndarray, stats: dict[str, list[float]], nodata: float | None) -> np.ndarray:
+    """(C, h, w) -> (h, w, 3) or (h, w) in [0, 1], stretched per band by the store's p2/p98."""
+    bands = [0, 1, 2] if arr.shape[0] >= 3 else [0]
+    out = []
+    for b in bands:
+        lo, hi = stats["p2"][b], stats["p98"][b]
+        x = arr[b].astype(np.float64)
+        bad = ~np.isfinite(x)
+        if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+            bad |= x == nodata
+        y = np.clip((x - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+        y[bad] = 0
+        out.append(y)
+    return np.stack(out, -1) if len(out) == 3 else out[0]
+
+
+def _overlay(label: np.ndarray, palette: np.ndarray, ignore: int) -> np.ndarray:
+    rgba = np.zeros((*label.shape, 4))
+    ok = label != ignore
+    rgba[ok, :3] = palette[np.clip(label[ok], 0, len(palette) - 1)] / 255.0
+    rgba[ok, 3] = 0.4
+    return rgba
+
+
+def inspect_store(store_path: str | Path, out: str | Path, split: str = "train", num: int = 8,
+                  seed: int = 0) -> dict[str, Any]:
+    """Write the plots and `summary.json` for one split of a store into `out`; returns the summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from segplat.data.store import PatchStore
+
+    store = PatchStore(store_path)
+    group = store.split(split)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs, stats = store.modalities, store.stats
+    tiles = [i for i, m in enumerate(store.tiles_meta(split)) if m is not None]
+    if not tiles:
+        raise ConfigError(f"split={split} of {store.path} holds no tiles; choose one of {store.splits}.")
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(tiles, size=min(num, len(tiles)), replace=False).tolist())
+    classes, ignore = store.classes, store.ignore_index
+    palette = np.array(store.palette, dtype=np.float64)
+    files: list[str] = []
+
+    # class frequencies over the whole split (labels are small: one uint8 per pixel)
+    counts = np.zeros(256, np.int64)
+    for i in tiles:
+        counts += np.bincount(np.asarray(group["label"][i]).ravel(), minlength=256)
+    freq = {c: int(counts[k]) for k, c in enumerate(classes)}
+    freq["<ignore>"] = int(counts[ignore])
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(classes) + 2), 3.5))
+    total = max(1, sum(v for k, v in freq.items() if k != "<ignore>"))
+    ax.bar(range(len(classes)), [freq[c] / total for c in classes], color=palette[:len(classes)] / 255.0,
+           edgecolor="black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("pixel fraction (valid)")
+    ax.set_title(f"{store.meta['dataset']} {split}: class frequencies")
+    fig.tight_layout()
+    fig.savefig(out / "class_frequencies.png", dpi=80)
+    plt.close(fig)
+    files.append("class_frequencies.png")
+
+    summary: dict[str, Any] = {"store": str(store.path), "split": split, "tiles": len(tiles), "patches": pick,
+                               "class_pixels": freq, "modalities": {}}
+    for name, spec in specs.items():
+        nb = len(spec.bands)
+        # histograms over the valid pixels of the picked tiles
+        cols = min(nb, 4)
+        rows = math.ceil(nb / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.2 * rows), squeeze=False)
+        band_summary = {}
+        data = [np.asarray(group[name][i]) for i in pick]
+        for b, band in enumerate(spec.bands):
+            vals = np.concatenate([_valid_values(d[..., b, :, :], spec.nodata) for d in data])
+            ax = axes[b // cols][b % cols]
+            if vals.size:
+                ax.hist(vals, bins=64, color="steelblue")
+                band_summary[band] = {"min": float(vals.min()), "max": float(vals.max()), "mean": float(vals.mean()),
+                                      "valid": int(vals.size)}
+            else:
+                band_summary[band] = {"valid": 0}
+            ax.set_title(band, fontsize=8)
+            ax.tick_params(labelsize=6)
+        for k in range(nb, rows * cols):
+            axes[k // cols][k % cols].axis("off")
+        fig.suptitle(f"{name}: per-band histograms (valid pixels, {len(pick)} tiles)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / f"histograms_{name}.png", dpi=70)
+        plt.close(fig)
+        files.append(f"histograms_{name}.png")
+
+        # patch grid with the label overlaid
+        n = len(pick)
+        fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
+        for j, (i, d) in enumerate(zip(pick, data)):
+            frame = d
+            if spec.temporal:
+                dates = np.asarray(group[f"{name}_dates"][i])
+                real = np.nonzero(dates >= 0)[0]
+                t = int(real[len(real) // 2]) if len(real) else 0
+                frame = d[t]
+            label = np.asarray(group["label"][i])
+            img = _display(frame, stats[name], spec.nodata)
+            extent = (0, label.shape[1], label.shape[0], 0)  # coarse grids are shown on the label's extent
+            axes[0][j].imshow(img, cmap=None if img.ndim == 3 else "gray", extent=extent, interpolation="nearest")
+            axes[1][j].imshow(img, cmap=None if img.ndim == 3 else "gray", extent=extent, interpolation="nearest")
+            axes[1][j].imshow(_overlay(label, palette, ignore), extent=extent, interpolation="nearest")
+            axes[0][j].set_title(f"tile {i}", fontsize=7)
+            for a in (axes[0][j], axes[1][j]):
+                a.axis("off")
+        fig.suptitle(f"{name} ({', '.join(spec.bands[:3])}) and label", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / f"patches_{name}.png", dpi=70)
+        plt.close(fig)
+        files.append(f"patches_{name}.png")
+
+        mod_summary: dict[str, Any] = {"bands": band_summary, "shape": list(group[name].shape)}
+        if spec.temporal:
+            fig, axes = plt.subplots(1, min(nb, 4), figsize=(3.2 * min(nb, 4), 2.6), squeeze=False)
+            lengths = []
+            for i, d in zip(pick, data):
+                dates = np.asarray(group[f"{name}_dates"][i])
+                real = dates >= 0
+                lengths.append(int(real.sum()))
+                for b in range(min(nb, 4)):
+                    means = [(_valid_values(d[t, b], spec.nodata).mean() if _valid_values(d[t, b], spec.nodata).size
+                              else np.nan) for t in np.nonzero(real)[0]]
+                    axes[0][b].plot(dates[real], means, marker=".", lw=0.8)
+            for b in range(min(nb, 4)):
+                axes[0][b].set_title(spec.bands[b], fontsize=8)
+                axes[0][b].set_xlabel("day offset", fontsize=7)
+                axes[0][b].tick_params(labelsize=6)
+            fig.suptitle(f"{name}: band mean over valid pixels per date ({len(pick)} tiles)", fontsize=9)
+            fig.tight_layout()
+            fig.savefig(out / f"series_{name}.png", dpi=70)
+            plt.close(fig)
+            files.append(f"series_{name}.png")
+            mod_summary["dates_per_tile"] = lengths
+        summary["modalities"][name] = mod_summary
+    summary["files"] = files
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from segplat.config import register_resolvers
+
+    own, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        register_resolvers()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+        dm = instantiate(cfg.dataset)
+        dm.setup()
+        out = Path(own.get("out") or Path("inspect") / str(cfg.dataset.name))
+        summary = inspect_store(dm.store_path, out, own.get("split", dm.train_split), int(own.get("num", 8)),
+                                int(own.get("seed", 0)))
+    except SegplatError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {', '.join(summary['files'])} and summary.json to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

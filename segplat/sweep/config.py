@@ -1,0 +1,49 @@
+"""The sweeper's structured config (`hydra/sweeper: segplat_optuna`); every field is documented here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SegplatOptunaSweeperConf:
+    _target_: str = "segplat.sweep.sweeper.OptunaSweeper"
+    # the study's name in the storage; the sweep folder is usually named after it
+    study_name: str = "segplat"
+    # an SQLAlchemy URL (postgresql://user@host/db, sqlite:////abs/path.db); null = <sweep dir>/study.db
+    storage: str | None = None
+    # the total trial budget of the study, shared by every worker and every resume
+    n_trials: int = 20
+    # at most this many trials by this process (null = until the budget is spent)
+    worker_trials: int | None = None
+    # auto = from callbacks.mode; or maximize / minimize (single objective)
+    direction: str = "auto"
+    # multi-objective: [{key: best_score, direction: auto}, {key: num_parameters, direction: minimize}];
+    # keys are fields of the trial's summary.json; null = [{key: best_score, direction: auto}]
+    objectives: Any = None
+    # {name: tpe|random|gp|cmaes|grid|nsga2|qmc, seed: INT, <sampler constructor options>}
+    sampler: Any = field(default_factory=lambda: {"name": "tpe", "seed": None})
+    # {name: median|percentile|hyperband|successive_halving|threshold|wilcoxon|none, <pruner options>}
+    pruner: Any = field(default_factory=lambda: {"name": "median", "n_startup_trials": 5, "n_warmup_steps": 0})
+    # key -> sweep expression or {when: {KEY: VALUE}, values: EXPRESSION}; see sweeps/fusion_patch_lr.yaml
+    params: Any = field(default_factory=dict)
+    # trials enqueued first, once, when the study is created: a list of {key: value} maps
+    baselines: Any = field(default_factory=list)
+    # how a trial starts: null = [python]; e.g. [torchrun, --nproc-per-node, "2"]
+    launcher_cmd: Any = None
+    # the module each trial runs
+    task_module: str = "segplat.train"
+    # stop when failed / finished trials exceeds this (0 = stop at the first failure)
+    max_failure_rate: float = 0.5
+    # seconds before a trial is killed and recorded FAILED (null = no limit)
+    trial_timeout: float | None = None
+    # a worker's heartbeat (s); a RUNNING trial without one for grace_period (default 2x) is FAILED
+    heartbeat_interval: int | None = 60
+    grace_period: int | None = None
+    # re-run a trial whose worker died this many times (RetryFailedTrialCallback); 0 = just FAIL it
+    retry_failed: int = 0
+    # extra environment variables for the trials (e.g. CUDA_VISIBLE_DEVICES)
+    env: Any = field(default_factory=dict)
+    # how many stderr lines of a failed trial go into its user_attrs
+    stderr_lines: int = 30

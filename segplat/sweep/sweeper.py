@@ -1,0 +1,371 @@
+"""The Optuna sweeper: ask a trial, run it as its own process, tell the result; many workers, one study.
+
+Registered with Hydra as `hydra/sweeper: segplat_optuna` (hydra_plugins/segplat_sweeper), selected by
+the sweep files (`python -m segplat.train --multirun +sweep=fusion_patch_lr`). Unlike
+hydra-optuna-sweeper it does not hand batches to Hydra's launcher: each trial is a subprocess
+(see runner.py for why), so the trial can prune itself (segplat/sweep/pruning.py), one slow trial
+never holds a batch, and the study (not this process) holds the state: running the same command
+again, or on another machine against the same storage, continues the same study and budget.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from optuna.trial import TrialState
+
+from segplat.errors import ConfigError, SegplatError
+from segplat.sweep import space as sp
+from segplat.sweep.outputs import write_outputs
+from segplat.sweep.pruning import PRUNER_ENV, STORAGE_ENV
+from segplat.sweep.runner import run_trial
+from segplat.sweep.study import (
+    INTERRUPTED_ATTR,
+    ask_within_budget,
+    budget_used,
+    build_pruner,
+    build_sampler,
+    counts,
+    failure_rate,
+    heartbeat_enabled,
+    make_storage,
+    redact,
+)
+
+log = logging.getLogger("segplat.sweep")
+OK_STATUSES = ("completed", "stopped_early", "stopped")
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """SIGTERM turned into an exception, so the running trial is stopped and recorded."""
+
+
+def _container(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
+
+
+class OptunaSweeper:
+    """The implementation behind the Hydra plugin class (which only forwards to it)."""
+
+    def __init__(self, study_name: str = "segplat", storage: str | None = None, n_trials: int = 20,
+                 worker_trials: int | None = None, direction: str = "auto", objectives: Any = None,
+                 sampler: Any = None, pruner: Any = None, params: Any = None, baselines: Any = None,
+                 launcher_cmd: Any = None, task_module: str = "segplat.train", max_failure_rate: float = 0.5,
+                 trial_timeout: float | None = None, heartbeat_interval: int | None = 60,
+                 grace_period: int | None = None, retry_failed: int = 0, env: Any = None,
+                 stderr_lines: int = 30) -> None:
+        self.study_name = str(study_name)
+        self.storage_url = storage
+        if not isinstance(n_trials, int) or n_trials <= 0:
+            raise ConfigError(f"hydra.sweeper.n_trials={n_trials} must be a positive integer.")
+        if worker_trials is not None and (not isinstance(worker_trials, int) or worker_trials <= 0):
+            raise ConfigError(f"hydra.sweeper.worker_trials={worker_trials} must be a positive integer or null.")
+        if not 0.0 <= float(max_failure_rate) <= 1.0:
+            raise ConfigError(f"hydra.sweeper.max_failure_rate={max_failure_rate} must lie in [0, 1].")
+        self.n_trials = n_trials
+        self.worker_trials = worker_trials
+        self.direction = direction
+        self.objectives_spec = _container(objectives)
+        self.sampler_spec = dict(_container(sampler) or {"name": "tpe"})
+        self.pruner_spec = dict(_container(pruner) or {"name": "none"})
+        self.params_spec = dict(params or {})
+        self.baselines = list(_container(baselines) or [])
+        self.launcher_cmd = [str(x) for x in (_container(launcher_cmd) or [])] or None
+        self.task_module = task_module
+        self.max_failure_rate = float(max_failure_rate)
+        self.trial_timeout = trial_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        self.retry_failed = int(retry_failed or 0)
+        self.env = {str(k): str(v) for k, v in (_container(env) or {}).items()}
+        self.stderr_lines = int(stderr_lines)
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.hydra_context = hydra_context
+        self.config = config
+
+    # -- pieces -------------------------------------------------------------------------------
+    def objectives(self) -> list[tuple[str, str]]:
+        """(summary.json key, maximize|minimize) per objective."""
+        mode = OmegaConf.select(self.config, "callbacks.mode", default="max") if self.config else "max"
+        monitor_dir = "maximize" if mode == "max" else "minimize"
+        spec = self.objectives_spec or [{"key": "best_score", "direction": self.direction}]
+        out = []
+        for i, item in enumerate(spec):
+            if isinstance(item, str):
+                item = {"key": item, "direction": "auto"}
+            key, direction = str(item.get("key", "best_score")), str(item.get("direction", "auto")).lower()
+            if direction == "auto":
+                if key != "best_score":
+                    raise ConfigError(f"hydra.sweeper.objectives[{i}].direction must be maximize or minimize for "
+                                      f"{key} (auto only applies to best_score, from callbacks.mode).")
+                direction = monitor_dir
+            if direction not in ("maximize", "minimize"):
+                raise ConfigError(f"hydra.sweeper.objectives[{i}].direction={direction} must be maximize, minimize "
+                                  "or auto.")
+            out.append((key, direction))
+        return out
+
+    def split_arguments(self, arguments: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+        """Command-line overrides: fixed ones go to every trial, sweep expressions join the space."""
+        fixed, swept = [], {}
+        parser = OverridesParser.create()
+        for arg in arguments:
+            override = parser.parse_overrides([arg])[0]
+            if override.is_sweep_override():
+                if override.is_delete() or override.is_add():
+                    raise ConfigError(f"the sweep override {arg!r} cannot add or delete a key; write it as "
+                                      "key=choice(...) on an existing key.")
+                swept[override.key_or_group] = arg.split("=", 1)[1]
+            else:
+                fixed.append(arg)
+        # the trials must find the same configs: forward search-path overrides (not in the task overrides)
+        hydra_overrides = OmegaConf.select(self.config, "hydra.overrides.hydra", default=None) or []
+        fixed += [str(a) for a in hydra_overrides if str(a).split("=", 1)[0].lstrip("+") == "hydra.searchpath"]
+        return fixed, swept
+
+    def config_groups(self, keys: Sequence[str]) -> set[str]:
+        loader = getattr(self.hydra_context, "config_loader", None)
+        groups = set()
+        for key in keys:
+            try:
+                if loader is not None and "." not in key and loader.get_group_options(key):
+                    groups.add(key)
+            except Exception:
+                continue
+        return groups
+
+    def sweep_dir(self) -> Path:
+        assert self.config is not None
+        return Path(str(self.config.hydra.sweep.dir)).resolve()
+
+    def open_study(self, url: str, directions: list[str], params: list[sp.Param]) -> tuple[optuna.Study, bool]:
+        """Create the study (this worker then enqueues the baselines) or join the existing one."""
+        storage = make_storage(url, self.heartbeat_interval, self.grace_period, self.retry_failed)
+        pruner = build_pruner(self.pruner_spec)
+        try:
+            study = optuna.create_study(study_name=self.study_name, storage=storage, directions=directions,
+                                        pruner=pruner, load_if_exists=False)
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=pruner)
+            created = False
+            have = [d.name.lower() for d in study.directions]
+            if have != directions:
+                raise ConfigError(f"study {self.study_name!r} in {redact(url)} optimises {have}, not {directions}; "
+                                  "use another hydra.sweeper.study_name or the original objectives.") from None
+        if created:
+            study.set_user_attr("segplat_objectives", [k for k, _ in self.objectives()])
+            study.set_user_attr("segplat_params", {str(k): str(_container(v)) for k, v in self.params_spec.items()})
+            self.enqueue_baselines(study, params)
+        return study, created
+
+    def enqueue_baselines(self, study: optuna.Study, params: list[sp.Param]) -> None:
+        by_key = {p.key: p for p in params if p.distribution is not None}
+        for i, baseline in enumerate(self.baselines):
+            if not isinstance(baseline, Mapping):
+                raise ConfigError(f"hydra.sweeper.baselines[{i}] must be a map of searched keys to values.")
+            unknown = sorted(set(baseline) - set(by_key))
+            if unknown:
+                raise ConfigError(f"hydra.sweeper.baselines[{i}] sets {', '.join(unknown)}, which are not searched "
+                                  "parameters; search them in hydra.sweeper.params or drop them.")
+            fixed = {}
+            for k, v in baseline.items():
+                value, dist = by_key[k].to_storage(v), by_key[k].distribution
+                if isinstance(dist, optuna.distributions.CategoricalDistribution) and value not in dist.choices:
+                    log.warning("hydra.sweeper.baselines[%d].%s=%s is not among the choices %s; it is sampled "
+                                "instead", i, k, v, list(dist.choices))
+                    continue
+                fixed[k] = value
+            study.enqueue_trial(fixed, user_attrs={"baseline": i}, skip_if_exists=True)
+
+    def trial_overrides(self, fixed: list[str], chosen: Mapping[str, Any], params: list[sp.Param],
+                        trial: optuna.trial.Trial, pruning: bool) -> list[str]:
+        by_key = {p.key: p for p in params}
+        overrides = list(fixed)
+        for key, value in chosen.items():
+            overrides.append(f"{key}={by_key[key].override_text(value)}")
+        if pruning:
+            target = "+callbacks.optuna_pruning"
+            overrides += [f"{target}._target_=segplat.sweep.pruning.OptunaPruningCallback",
+                          f"{target}.study_name={sp.format_value(self.study_name)}",
+                          f"{target}.trial_id={trial._trial_id}", f"{target}.trial_number={trial.number}"]
+        has_group = any(a.split("=", 1)[0].lstrip("+~") == "logger.wandb.group" for a in fixed)
+        if not has_group and OmegaConf.select(self.config, "logger.wandb", default=None) is not None:
+            overrides.append(f"logger.wandb.group={sp.format_value(self.study_name)}")
+        return overrides
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def sweep(self, arguments: list[str]) -> list[dict[str, Any]]:
+        try:
+            return self._sweep(arguments)
+        except SegplatError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted: the study keeps every finished trial; run the same command again to continue.",
+                  file=sys.stderr, flush=True)
+            sys.exit(130)
+
+    def _sweep(self, arguments: list[str]) -> list[dict[str, Any]]:
+        assert self.config is not None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        fixed, cli_params = self.split_arguments(arguments)
+        params = sp.parse_params({**self.params_spec, **cli_params})
+        searched = [p for p in params if p.distribution is not None]
+        if not searched:
+            raise ConfigError("hydra.sweeper.params searches nothing; add a choice/range/interval, e.g. "
+                              "+sweep=fusion_patch_lr.")
+        sweep_dir = self.sweep_dir()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        url = self.storage_url or f"sqlite:///{sweep_dir / 'study.db'}"
+        objectives = self.objectives()
+        directions = [d for _, d in objectives]
+        study, created = self.open_study(url, directions, params)
+        seed = self.sampler_spec.get("seed")
+        if seed is not None and not created:  # a joining or resuming worker must not replay the first one's draws
+            seed = (int(seed) + 7919 * budget_used(study) + os.getpid()) % 2**31
+        grid = sp.grid_space(searched) if str(self.sampler_spec.get("name", "tpe")).lower() == "grid" else None
+        study.sampler = build_sampler(self.sampler_spec, seed, grid)
+        multi = len(objectives) > 1
+        pruning = not multi and str(self.pruner_spec.get("name", "none")).lower() != "none"
+        if multi and str(self.pruner_spec.get("name", "none")).lower() != "none":
+            log.warning("pruning is off: Optuna cannot prune multi-objective studies (hydra.sweeper.pruner ignored)")
+        env = {**self.env, STORAGE_ENV: url, PRUNER_ENV: json.dumps(self.pruner_spec)}
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        groups = self.config_groups([p.key for p in params])
+        log.info("study %r in %s: %s; %d of %d trials used; sweep dir %s", self.study_name, redact(url),
+                 "created" if created else "resumed", budget_used(study), self.n_trials, sweep_dir)
+
+        results: list[dict[str, Any]] = []
+        old_term = signal.getsignal(signal.SIGTERM)
+
+        def on_term(signum, frame):
+            raise SweepInterrupted()
+
+        signal.signal(signal.SIGTERM, on_term)
+        try:
+            while self.worker_trials is None or len(results) < self.worker_trials:
+                if heartbeat_enabled(study._storage):
+                    optuna.storages.fail_stale_trials(study)
+                if grid is not None and study.sampler.is_exhausted(study):
+                    log.info("the grid is exhausted")
+                    break
+                trial = ask_within_budget(study, self.n_trials)
+                if trial is None:
+                    break
+                results.append(self.run_one(study, trial, fixed, params, sweep_dir, env, pruning, worker, objectives))
+                self.check_failure_rate(study, sweep_dir)
+        finally:
+            signal.signal(signal.SIGTERM, old_term)
+            self.finish(study, sweep_dir, params, groups, url, objectives)
+        return results
+
+    def run_one(self, study: optuna.Study, trial: optuna.trial.Trial, fixed: list[str], params: list[sp.Param],
+                sweep_dir: Path, env: dict[str, str], pruning: bool, worker: str,
+                objectives: list[tuple[str, str]]) -> dict[str, Any]:
+        storage = study._storage
+        heartbeat = (lambda: storage.record_heartbeat(trial._trial_id)) if heartbeat_enabled(storage) else None
+        if heartbeat:
+            heartbeat()
+        chosen = sp.suggest(trial, params, self.config)
+        searched = {k: v for k, v in chosen.items() if k in trial.params}
+        overrides = self.trial_overrides(fixed, searched, params, trial, pruning)
+        run_dir = sweep_dir / f"trial_{trial.number:04d}"
+        trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("overrides", [o for o in overrides if "optuna_pruning" not in o])
+        log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in searched.items()))
+        try:
+            res = run_trial(overrides, run_dir, env, self.launcher_cmd, self.task_module, self.trial_timeout,
+                            heartbeat, heartbeat_every=max(1.0, float(self.heartbeat_interval or 30) / 2),
+                            stderr_lines=self.stderr_lines)
+        except KeyboardInterrupt:
+            trial.set_user_attr(INTERRUPTED_ATTR, True)
+            trial.set_user_attr("error", "the sweeper was interrupted while this trial ran")
+            study.tell(trial, state=TrialState.FAIL)
+            log.warning("trial %d interrupted; it does not count toward the budget and the next run replaces it",
+                        trial.number)
+            raise
+        if study._storage.get_trial(trial._trial_id).state.is_finished():
+            log.warning("trial %d was finished by another worker while it ran (its heartbeat lapsed: raise "
+                        "hydra.sweeper.heartbeat_interval); its run folder %s is kept, the study is not changed",
+                        trial.number, run_dir)
+            return {"number": trial.number, "params": searched, "run_dir": str(run_dir), "state": "LOST"}
+        trial.set_user_attr("returncode", res.returncode)
+        trial.set_user_attr("seconds", round(res.seconds, 2))
+        summary = res.summary or {}
+        status = summary.get("status")
+        if status is not None:
+            trial.set_user_attr("status", status)
+        record = {"number": trial.number, "params": searched, "run_dir": str(run_dir), "status": status}
+        if res.timed_out:
+            return self._fail(study, trial, record, f"timed out after {self.trial_timeout} s\n{res.stderr_tail}")
+        if status == "pruned":
+            study.tell(trial, state=TrialState.PRUNED)
+            log.info("trial %d pruned after %s epoch(s)", trial.number, summary.get("epochs_completed"))
+            return {**record, "state": "PRUNED"}
+        if status not in OK_STATUSES:
+            why = f"exit code {res.returncode}, no summary.json" if not summary else f"status {status}"
+            return self._fail(study, trial, record, f"{why}\n{res.stderr_tail}".strip())
+        values = []
+        for key, _ in objectives:
+            value = summary.get(key)
+            if not isinstance(value, int | float) or value != value:
+                return self._fail(study, trial, record, f"summary.json has no numeric {key} (got {value!r}); "
+                                  f"did validation run?\n{res.stderr_tail}".strip())
+            values.append(float(value))
+        study.tell(trial, values if len(values) > 1 else values[0])
+        log.info("trial %d finished: %s", trial.number, ", ".join(f"{k}={v:.5g}" for (k, _), v in
+                                                                  zip(objectives, values)))
+        return {**record, "state": "COMPLETE", "values": values}
+
+    def _fail(self, study: optuna.Study, trial: optuna.trial.Trial, record: dict[str, Any],
+              error: str) -> dict[str, Any]:
+        trial.set_user_attr("error", error[-4000:])
+        study.tell(trial, state=TrialState.FAIL)
+        last = error.strip().splitlines()[-1] if error.strip() else "no output"
+        log.warning("trial %d FAILED (%s); log: %s/stderr.log", trial.number, last, record["run_dir"])
+        return {**record, "state": "FAIL", "error": error}
+
+    def check_failure_rate(self, study: optuna.Study, sweep_dir: Path) -> None:
+        rate, finished = failure_rate(study)
+        if finished and rate > self.max_failure_rate:
+            failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
+            last = failed[-1].user_attrs.get("run_dir", sweep_dir) if failed else sweep_dir
+            raise SweepFailed(f"{rate:.0%} of {finished} finished trials failed, more than "
+                              f"hydra.sweeper.max_failure_rate={self.max_failure_rate}; read {last}/stderr.log, fix "
+                              "the cause and run the same command again to continue the study.")
+
+    def finish(self, study: optuna.Study, sweep_dir: Path, params: list[sp.Param], groups: set[str], url: str,
+               objectives: list[tuple[str, str]]) -> None:
+        try:
+            summary = write_outputs(study, sweep_dir, params, groups, redact(url), [k for k, _ in objectives])
+        except Exception as err:  # outputs must never hide the sweep's own outcome
+            log.warning("could not write the sweep outputs: %s", err)
+            return
+        log.info("study %r: %s; outputs in %s", self.study_name, counts(study), sweep_dir)
+        for best in summary.get("best_trials", []):
+            log.info("best trial %d: %s -> %s", best["number"], best["values"], best["params"])
+        log.info("inspect: optuna trials --storage %s --study-name %s", redact(url), self.study_name)
+
+
+class SweepFailed(SegplatError):
+    """Too many trials failed: the sweep stops (the study keeps everything for a rerun)."""

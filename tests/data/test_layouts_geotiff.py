@@ -1,0 +1,165 @@
+"""geotiff: the user's own projected GeoTIFFs with nodata borders -> store (pixels, masks, georeferencing,
+stats) -> one epoch; grids that differ (refused, or warped with resample=true); class tables and split files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.windows import Window
+
+from segplat.data.layouts.geotiff import GeoTiffLayout, write_fake, write_geotiff
+from segplat.data.store import PatchStore, prepare_store
+from segplat.errors import ConfigError, DataError
+from tests.data.conftest import assert_padding_invalid, assert_stats, prepared, scene_from_tiles, train_one_epoch
+
+MODS = {"optical": {"glob": "*/optical/*.tif", "bands": ["red", "green", "blue", "nir"], "nodata": "file"},
+        "sar": {"glob": "*/sar/*.tif", "bands": ["vv", "vh"], "nodata": "file", "optical": False}}
+LABEL = {"glob": "*/label/*.tif"}
+CLASSES = ["background", "water", "building"]
+
+
+def layout(root: Path, **kw) -> GeoTiffLayout:
+    args = {"modalities": MODS, "label": LABEL, "classes": CLASSES, "splits": {"train": "train/*", "val": "val/*"}}
+    return GeoTiffLayout(str(root), **{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def gt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fake(tmp_path_factory.mktemp("geotiff"), seed=7)
+
+
+def test_pixels_masks_and_georeferencing_survive(gt_root: Path) -> None:
+    _, store = prepared("geotiff", gt_root)
+    mods = store.modalities
+    assert mods["optical"].dtype == "uint16" and mods["optical"].nodata == 0
+    assert mods["sar"].dtype == "float32" and np.isnan(mods["sar"].nodata) and not mods["sar"].optical
+    assert store.classes == CLASSES and store.palette[1] == [0, 90, 255]
+    opt_vals, sar_vals = [], []
+    sources = sorted({m["source"] for m in store.tiles_meta("train") if m})
+    assert len(sources) == 3 and all("/train/label/" in s for s in sources)
+    for src in sources:
+        with rasterio.open(src) as r:
+            label, transform, crs = r.read(1), r.transform, r.crs
+        opt = rasterio.open(src.replace("/label/", "/optical/")).read()
+        sar = rasterio.open(src.replace("/label/", "/sar/")).read()
+        np.testing.assert_array_equal(scene_from_tiles(store, "train", src, "optical"), opt)
+        np.testing.assert_array_equal(scene_from_tiles(store, "train", src, "sar"), sar)
+        np.testing.assert_array_equal(scene_from_tiles(store, "train", src, "label"), label)
+        valid = scene_from_tiles(store, "train", src, "valid")
+        footprint = (opt != 0).any(0)
+        assert not footprint.all()  # the fake has a nodata border ...
+        np.testing.assert_array_equal(valid, footprint)  # ... and it is masked, not data
+        assert (label[~footprint] == 255).all()
+        # each tile's georeference: the stored scene transform + window give the tile's own grid, and a
+        # windowed read there returns exactly the stored tile
+        group = store.split("train")
+        for i, m in enumerate(store.tiles_meta("train")):
+            if not m or m["source"] != src:
+                continue
+            assert m["crs"] == crs.to_string() == "EPSG:32633"
+            y, x, h, w = m["window"]
+            tile_transform = rasterio.Affine(*m["transform"]) * rasterio.Affine.translation(x, y)
+            assert tile_transform.c == pytest.approx(transform.c + 10.0 * x)
+            assert tile_transform.f == pytest.approx(transform.f - 10.0 * y)
+            with rasterio.open(src.replace("/label/", "/optical/")) as r:
+                win = rasterio.windows.from_bounds(*rasterio.transform.array_bounds(h, w, tile_transform),
+                                                   transform=r.transform)
+                np.testing.assert_array_equal(np.asarray(group["optical"][i])[:, :h, :w],
+                                              r.read(window=Window(round(win.col_off), round(win.row_off), w, h)))
+        opt_vals.append(opt[:, footprint])
+        sar_vals.append(sar[:, footprint])
+    assert_stats(store, "optical", np.concatenate(opt_vals, axis=1))
+    assert_stats(store, "sar", np.concatenate(sar_vals, axis=1))
+    assert_padding_invalid(store, "val")
+
+
+def test_one_training_epoch(gt_root: Path, tmp_path: Path) -> None:
+    train_one_epoch("geotiff", gt_root, tmp_path, "dataset.tile_size=64")
+
+
+@pytest.mark.parametrize("kw,what", [({"sar_resolution": 20.0}, "20x20"), ({"sar_crs": "EPSG:32632"}, "EPSG:32632")])
+def test_other_grid_is_refused_unless_resampled(tmp_path: Path, kw: dict, what: str) -> None:
+    root = write_fake(tmp_path / "raw", seed=8, per_split=1, **kw)
+    with pytest.raises(DataError, match="differ in CRS or resolution") as err:
+        prepare_store(layout(root), tmp_path / "a.zarr", 64, progress=False)
+    assert what in str(err.value) and "/sar/scene_00.tif" in str(err.value) and "/label/scene_00.tif" in str(err.value)
+    assert "resample=true" in str(err.value)
+    store = PatchStore(prepare_store(layout(root, resample=True), tmp_path / "b.zarr", 64, progress=False))
+    same = write_fake(tmp_path / "same", seed=8, per_split=1)  # the same scenes on the label grid
+    src = next(m["source"] for m in store.tiles_meta("train") if m)
+    warped = scene_from_tiles(store, "train", src, "sar")
+    truth = rasterio.open(same / "train" / "sar" / "scene_00.tif").read()
+    assert warped.shape == truth.shape
+    both = np.isfinite(warped).all(0) & np.isfinite(truth).all(0)
+    assert both.mean() > 0.7
+    # bilinear resampling of a coarser grid: close to the truth on average, far from constant
+    assert np.abs(warped[:, both] - truth[:, both]).mean() < 3.0
+    assert np.corrcoef(warped[0, both], truth[0, both])[0, 1] > 0.8
+
+
+def test_value_map_split_files_and_bad_input(gt_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "raw"
+    shutil.copytree(gt_root, root)
+    (root / "splits").mkdir()
+    (root / "splits" / "train.txt").write_text("scene_00\nscene_01\nscene_02\nscene_05\n")
+    (root / "splits" / "val.txt").write_text("scene_03\nscene_04\n")
+    # raw values 10 / 20 / 30 -> classes, 0 ignored
+    for p in sorted(root.glob("*/label/*.tif")):
+        with rasterio.open(p) as r:
+            lab, profile = r.read(1), r.profile
+        raw = np.select([lab == 0, lab == 1, lab == 2], [10, 20, 30], 0).astype(np.uint8)
+        profile.update(nodata=None)
+        with rasterio.open(p, "w", **profile) as dst:
+            dst.write(raw[None])
+    lay = layout(root, splits=None, split_files={"train": "splits/train.txt", "val": "splits/val.txt"},
+                 value_map={10: 0, 20: 1, 30: 2, 0: "ignore"},
+                 label={"folder": "*/label", "pattern": "scene_*.tif"})  # folder + pattern instead of a glob
+    refs = lay.scan()
+    assert [r.id for r in refs["train"]] == ["scene_00", "scene_01", "scene_02", "scene_05"]
+    sample = lay.read(refs["train"][0])
+    truth = rasterio.open(gt_root / "train" / "label" / "scene_00.tif").read(1)
+    np.testing.assert_array_equal(sample.label, truth)
+    # bad input: a missing modality, a wrong band count, an unmapped label value, a corrupt file
+    (root / "train" / "sar" / "scene_01.tif").unlink()
+    with rasterio.open(root / "train" / "optical" / "scene_02.tif") as r:
+        data, profile = r.read(), r.profile
+    profile.update(count=3)
+    with rasterio.open(root / "train" / "optical" / "scene_02.tif", "w", **profile) as dst:
+        dst.write(data[:3])
+    with rasterio.open(root / "val" / "label" / "scene_03.tif", "r+") as dst:
+        lab = dst.read()
+        lab[0, 5, 5] = 77
+        dst.write(lab)
+    (root / "val" / "optical" / "scene_04.tif").write_bytes(b"\x00" * 64)
+    store = PatchStore(prepare_store(lay, tmp_path / "s.zarr", 64, progress=False))
+    joined = "\n".join(store.meta["skipped"])
+    assert len(store.meta["skipped"]) == 4, joined
+    assert "scene_01.tif: sample scene_01 has no sar file" in joined
+    assert "optical/scene_02.tif: optical has 3 bands" in joined
+    assert "label/scene_03.tif: label values [77] are not in dataset.layout.value_map" in joined
+    assert "optical/scene_04.tif: cannot be" in joined
+    assert {m["source"] for m in store.tiles_meta("train") if m} == {str(root / "train/label/scene_00.tif"),
+                                                                     str(root / "val/label/scene_05.tif")}
+
+
+def test_label_classes_out_of_range_and_config_errors(tmp_path: Path) -> None:
+    root = tmp_path / "raw"
+    t = rasterio.transform.from_origin(500_000, 5_000_000, 10, 10)
+    write_geotiff(root / "train" / "optical" / "a.tif", np.ones((4, 20, 30), np.uint16), "EPSG:32633", t, nodata=0)
+    write_geotiff(root / "train" / "sar" / "a.tif", np.ones((2, 20, 30), np.float32), "EPSG:32633", t)
+    write_geotiff(root / "train" / "label" / "a.tif", np.full((1, 20, 30), 5, np.uint8), "EPSG:32633", t)
+    lay = layout(root)
+    with pytest.raises(DataError, match=r"a.tif: label values \[5\] are outside the 3 classes"):
+        lay.read(lay.scan()["train"][0])
+    with pytest.raises(ConfigError, match="classes"):
+        layout(root, classes=[])
+    with pytest.raises(ConfigError, match="palette"):
+        layout(root, palette=[[0, 0, 0]])
+    with pytest.raises(ConfigError, match="stem_regex"):
+        layout(root, stem_regex="(")
+    with pytest.raises(DataError, match="no files match optical glob"):
+        layout(tmp_path / "empty").scan()

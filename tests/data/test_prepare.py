@@ -1,0 +1,107 @@
+"""`python -m segplat.prepare`: prepares with a summary, verifies on re-run, resumes after a crash,
+never lets a half-written store read as complete; `python -m segplat.data.fake` writes every layout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from segplat.data.fake import WRITERS, writer
+from segplat.data.fake import main as fake_main
+from segplat.data.layouts.base import SampleRef
+from segplat.data.layouts.clouds import CloudsLayout, write_fake
+from segplat.data.store import PatchStore, is_complete, prepare_store
+from segplat.errors import ConfigError, DataError
+from tests.conftest import REPO
+
+
+def run_prepare(args: list[str], cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SEGPLAT_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "segplat.prepare", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_prepares_then_verifies(tmp_path: Path) -> None:
+    root = tmp_path / "clouds"
+    assert fake_main(["clouds", str(root)]) == 0
+    (root / "train" / "ngr" / "train_0000.png").unlink()
+    args = ["dataset=clouds", f"dataset.root={root}", "dataset.tile_size=64", "trainer.progress=false"]
+    first = run_prepare(args, tmp_path / "cache")
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = first.stdout.strip().splitlines()
+    assert lines[-1].startswith("store: ")
+    path = Path(lines[-1].removeprefix("store: "))
+    assert is_complete(path) and path.parent == tmp_path / "cache" / "stores"
+    out = first.stdout
+    store = PatchStore(path)
+    for split in ("train", "val", "test"):
+        n = sum(m is not None for m in store.tiles_meta(split))  # written tiles (a skipped sample leaves holes)
+        assert any(line.split()[:1] == [split] and line.split()[-1] == str(n) for line in lines), out
+    assert "skipped: 1" in out and "ngr/train_0000.png: the file is missing" in out
+    assert "verified" not in out
+    again = run_prepare(args, tmp_path / "cache")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "is complete and matches the config" in again.stdout and "verified" in again.stdout
+    assert again.stdout.strip().splitlines()[-1] == f"store: {path}"
+    missing = run_prepare(["dataset=clouds", f"dataset.root={tmp_path / 'nope'}"], tmp_path / "cache")
+    assert missing.returncode == 2 and "is not a folder" in missing.stderr
+
+
+class _Crashing(CloudsLayout):
+    """Dies on the n-th read, as a killed prepare would; counts reads."""
+
+    def __init__(self, root: str, crash_at: int | None) -> None:
+        super().__init__(root, val_fraction=0.0)
+        self.crash_at, self.reads = crash_at, 0
+
+    def read(self, ref: SampleRef):
+        self.reads += 1
+        if self.crash_at is not None and self.reads == self.crash_at:
+            raise KeyboardInterrupt
+        return super().read(ref)
+
+
+def test_resume_after_a_crash_reads_only_the_rest(tmp_path: Path) -> None:
+    root = write_fake(tmp_path / "clouds", num_train=6, num_test=0)
+    path = tmp_path / "s.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        prepare_store(_Crashing(str(root), crash_at=4), path, 64, progress=False)
+    assert not is_complete(path) and not path.exists()
+    with pytest.raises(DataError, match="not a complete segplat store"):
+        PatchStore(path)
+    second = _Crashing(str(root), crash_at=None)
+    prepare_store(second, path, 64, progress=False)
+    assert second.reads == 6  # nothing was flushed before the crash (flushes come every 16 samples) ...
+    store = PatchStore(path)
+    assert len({m["source"] for m in store.tiles_meta("train") if m}) == 6  # ... and nothing is lost
+    # a crash after a flush: the flushed samples are not read again
+    big = write_fake(tmp_path / "big", num_train=20, num_test=0)
+    path2 = tmp_path / "s2.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        prepare_store(_Crashing(str(big), crash_at=19), path2, 64, progress=False)
+    third = _Crashing(str(big), crash_at=None)
+    prepare_store(third, path2, 64, progress=False)
+    assert third.reads == 4
+    assert len({m["source"] for m in PatchStore(path2).tiles_meta("train") if m}) == 20
+
+
+def test_fake_registry(tmp_path: Path) -> None:
+    assert set(WRITERS) >= {"clouds", "sen1floods11", "vaihingen", "potsdam", "geotiff"}
+    for name in ("clouds", "sen1floods11", "vaihingen", "potsdam", "geotiff"):
+        assert callable(writer(name))
+    with pytest.raises(ConfigError, match="no fake-data writer"):
+        writer("nope")
+    assert fake_main(["nope", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("name", ["clouds", "sen1floods11", "vaihingen", "potsdam", "geotiff"])
+def test_configs_declare_root_and_ignore_index(name: str) -> None:
+    from tests.conftest import compose_train
+
+    cfg = compose_train([f"dataset={name}"])
+    assert cfg.dataset.requires_root is True and cfg.dataset.ignore_index == 255 and len(cfg.dataset.root_hint) > 20
+    assert cfg.dataset.name == name

@@ -1,0 +1,115 @@
+"""s1s2_series: fake PASTIS-R tree -> layout -> temporal store -> PatchDataset batches -> one training epoch."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segplat.data.dataset import PatchDataset, collate
+from segplat.data.layouts.s1s2_series import VOID_CLASS, S1S2SeriesLayout, write_fake
+from segplat.data.store import PatchStore, prepare_store
+from segplat.errors import ConfigError, DataError
+from tests.conftest import REPO, compose_train
+
+
+@pytest.fixture(scope="module")
+def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fake(tmp_path_factory.mktemp("pastis"), num_patches=10, size=32)
+
+
+def test_folds_map_to_splits(fake_root: Path) -> None:
+    splits = S1S2SeriesLayout(str(fake_root)).scan()
+    meta = {f["properties"]["ID_PATCH"]: f["properties"]["Fold"]
+            for f in json.loads((fake_root / "metadata.geojson").read_text())["features"]}
+    assert {s: sorted(meta[int(r.id)] for r in refs) for s, refs in splits.items()} == {
+        "train": [1, 1, 2, 2, 3, 3], "val": [4, 4], "test": [5, 5]}
+    custom = S1S2SeriesLayout(str(fake_root), folds={"train": [1, 2, 3, 4], "val": [5]}).scan()
+    assert [len(custom["train"]), len(custom["val"])] == [8, 2]
+    with pytest.raises(ConfigError, match="fold 4"):
+        S1S2SeriesLayout(str(fake_root), folds={"train": [1, 4], "val": [4]})
+
+
+def test_read_drops_nodata_dates_and_gives_day_offsets(fake_root: Path) -> None:
+    layout = S1S2SeriesLayout(str(fake_root))
+    ref = layout.scan()["train"][0]
+    raw = np.load(ref.files["s2"])
+    props = layout.metadata()[ref.id]
+    sample = layout.read(ref)
+    s2 = sample.arrays["s2"]
+    assert s2.dtype == np.int16 and s2.shape == (raw.shape[0] - 1, 10, 32, 32)  # date 1 is all no-data
+    dates = [props["dates-S2"][k] for k in sorted(props["dates-S2"], key=int)]
+    expected = [(dt.date(d // 10000, d // 100 % 100, d % 100) - dt.date(2018, 9, 1)).days for d in dates]
+    np.testing.assert_array_equal(sample.dates["s2"], np.delete(expected, 1))
+    np.testing.assert_array_equal(s2, np.delete(raw, 1, axis=0))
+    assert sample.arrays["s1"].dtype == np.float32 and sample.arrays["s1"].shape[1] == 3
+    target = np.load(ref.files["label"])[0]
+    assert (sample.label[target == VOID_CLASS] == 255).all()
+    np.testing.assert_array_equal(sample.label[target != VOID_CLASS], target[target != VOID_CLASS])
+    kept = S1S2SeriesLayout(str(fake_root), drop_nodata_dates=False).read(ref)
+    assert kept.arrays["s2"].shape[0] == raw.shape[0]
+
+
+def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
+    root = write_fake(tmp_path / "p", num_patches=5, size=16)
+    layout = S1S2SeriesLayout(str(root))
+    ref = layout.scan()["train"][0]
+    s1 = np.load(ref.files["s1"])
+    np.save(ref.files["s1"], s1[:-1])  # one frame short of its dates
+    with pytest.raises(DataError, match=r"S1A_.*frames but metadata.geojson lists"):
+        layout.read(ref)
+    np.save(ref.files["s1"], s1[:, :2])
+    with pytest.raises(DataError, match=r"is not \(T, 3, H, W\)"):
+        layout.read(ref)
+    with pytest.raises(DataError, match="dates before"):
+        S1S2SeriesLayout(str(root), reference_date="2019-06-01").read(layout.scan()["train"][1])
+    (root / "metadata.geojson").unlink()
+    with pytest.raises(DataError, match=r"metadata\.geojson is missing"):
+        S1S2SeriesLayout(str(root)).scan()
+
+
+def test_store_and_batches_pad_time_with_a_mask(tmp_path: Path, fake_root: Path) -> None:
+    layout = S1S2SeriesLayout(str(fake_root), max_time={"s2": 6, "s1": None})
+    path = prepare_store(layout, tmp_path / "s.zarr", tile_size=32, progress=False)
+    store = PatchStore(path)
+    specs = store.modalities
+    assert specs["s2"].temporal and specs["s2"].max_time == 6 and specs["s1"].max_time == 9
+    assert store.split("train")["s2"].shape == (6, 6, 10, 32, 32)
+    assert any("dropped" in n for n in store.meta["notes"])
+    ds = PatchDataset(str(path), "train", 16, train=True)
+    batch = collate([ds[i] for i in range(4)])
+    assert batch["s2"].shape == (4, 6, 10, 16, 16) and batch["s1"].shape == (4, 9, 3, 16, 16)
+    mask, dates = batch["s2_time_mask"], batch["s2_dates"]
+    assert mask.dtype.is_floating_point is False and (mask == (dates >= 0)).all()
+    # padded dates hold the no-data fill and sort after the real ones
+    for b in range(4):
+        n = int(mask[b].sum())
+        assert (dates[b, :n] >= 0).all() and (dates[b, n:] == -1).all()
+        assert (batch["s2"][b, n:] == 0).all()
+        assert (np.diff(dates[b, :n].numpy()) > 0).all()
+    # a series longer than max_time is subsampled evenly, keeping its first and last date
+    lay4 = S1S2SeriesLayout(str(fake_root), max_time={"s2": 3, "s1": None})
+    sample = lay4.read(lay4.scan()["train"][0])
+    full = S1S2SeriesLayout(str(fake_root)).read(lay4.scan()["train"][0])
+    assert sample.arrays["s2"].shape[0] == 3 and lay4.subsampled == 1
+    assert sample.dates["s2"][0] == full.dates["s2"][0] and sample.dates["s2"][-1] == full.dates["s2"][-1]
+
+
+def test_one_training_epoch(tmp_path: Path, fake_root: Path) -> None:
+    pytest.importorskip("segplat.models.unet3d")
+    if not (REPO / "conf" / "model" / "unet3d.yaml").is_file():
+        pytest.skip("conf/model/unet3d.yaml is not there yet")
+    from segplat.train import train
+
+    cfg = compose_train([
+        "dataset=s1s2_series", f"dataset.root={fake_root}", "dataset.tile_size=32", "dataset.patch_size=16",
+        "dataset.batch_size=4", "dataset.val_batch_size=4", "dataset.num_workers=0", "model=unet3d", "fusion=mid",
+        "model.widths=[8,16]", "model.heads=2", "model.pool=mean", "trainer.limit_val_batches=2",
+        "logger=none", "trainer=cpu", "trainer.progress=false", "trainer.max_epochs=1",
+    ], output_dir=tmp_path / "run")
+    score = train(cfg)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["epochs_completed"] == 1 and np.isfinite(score)

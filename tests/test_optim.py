@@ -1,0 +1,167 @@
+"""Optimiser groups, weight-decay rule and learning-rate schedules (closed form, and over a real
+short run with warmup and gradient accumulation)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from segplat.errors import ConfigError
+from segplat.models.base import SegmentationModel
+from segplat.optim import Schedule, build_optimizer, build_scheduler, no_weight_decay, remove_params
+from tests.conftest import TINY, compose_train
+
+
+class Tiny(SegmentationModel):
+    def __init__(self) -> None:
+        super().__init__({"rgb": 3}, 2)
+        self.encoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.encoder.pos_embed = nn.Parameter(torch.zeros(1, 4, 2, 2))
+        self.fusion = nn.Conv2d(4, 4, 1)
+        self.decoder = nn.Sequential(nn.Conv2d(4, 2, 1), nn.LayerNorm(2))
+        self.scales = nn.ModuleList([nn.Conv2d(2, 2, 1)])  # "scales" is not a scale parameter: decayed
+
+
+def groups_by_name(opt: torch.optim.Optimizer) -> dict[str, dict]:
+    return {g["name"]: g for g in opt.param_groups}
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_groups_learning_rates_and_weight_decay(name):
+    model = Tiny()
+    opt = build_optimizer(model, name=name, lr=3e-4, weight_decay=0.05, encoder_lr=3e-5, fusion_lr=1e-4)
+    assert isinstance(opt, torch.optim.AdamW if name == "adamw" else torch.optim.SGD)
+    g = groups_by_name(opt)
+    assert set(g) == {"encoder", "encoder_no_decay", "fusion", "fusion_no_decay", "decoder", "decoder_no_decay"}
+    assert g["encoder"]["lr"] == g["encoder_no_decay"]["lr"] == 3e-5
+    assert g["fusion"]["lr"] == 1e-4 and g["decoder"]["lr"] == 3e-4
+    ids = {k: {id(p) for p in v["params"]} for k, v in g.items()}
+    assert ids["encoder"] == {id(model.encoder[0].weight)}
+    assert ids["encoder_no_decay"] == {id(model.encoder[0].bias), id(model.encoder[1].weight),
+                                       id(model.encoder[1].bias), id(model.encoder.pos_embed)}
+    assert ids["decoder"] == {id(model.decoder[0].weight), id(model.scales[0].weight)}
+    assert all(v["weight_decay"] == 0.0 for k, v in g.items() if k.endswith("no_decay"))
+    assert all(v["weight_decay"] == 0.05 for k, v in g.items() if not k.endswith("no_decay"))
+    assert sum(len(v["params"]) for v in g.values()) == len(list(model.parameters()))
+
+
+def test_no_weight_decay_rule():
+    w2 = nn.Parameter(torch.zeros(3, 3))
+    assert no_weight_decay("blocks.0.norm1.weight", nn.Parameter(torch.zeros(3)))
+    assert no_weight_decay("blocks.0.attn.relative_position_bias_table", w2)
+    assert no_weight_decay("cls_token", nn.Parameter(torch.zeros(1, 1, 3)))
+    assert no_weight_decay("blocks.0.ls1.gamma", w2) and no_weight_decay("head.logit_scale", w2)
+    assert not no_weight_decay("decoder.scales.0.weight", w2)
+    assert not no_weight_decay("decoder.upscale.weight", w2)
+
+
+def test_frozen_groups_and_errors():
+    model = Tiny()
+    opt = build_optimizer(model, frozen=["encoder"])
+    assert not any(n.startswith("encoder") for n in groups_by_name(opt))
+    with pytest.raises(ConfigError, match="frozen groups"):
+        build_optimizer(model, frozen=["backbone"])
+    with pytest.raises(ConfigError, match=r"optimizer\.encoder_lr"):
+        build_optimizer(model, encoder_lr=-1.0)
+    with pytest.raises(ConfigError, match=r"optimizer\.name"):
+        build_optimizer(model, name="lion")
+    with pytest.raises(ConfigError, match="no trainable parameter"):
+        build_optimizer(model, frozen=["encoder", "fusion", "decoder"])
+
+
+def test_remove_params_in_place():
+    model = Tiny()
+    opt = build_optimizer(model)
+    before = id(opt.param_groups)
+    assert remove_params(opt, model.encoder.parameters()) == 4 + 1
+    assert id(opt.param_groups) == before and not any(n.startswith("encoder") for n in groups_by_name(opt))
+
+
+def closed_form(step: int, total: int, warmup: int, kind: str, power: float = 0.9, min_ratio: float = 0.0,
+                warmup_ratio: float = 1e-6) -> float:
+    if step < warmup:
+        return warmup_ratio + (1 - warmup_ratio) * step / warmup
+    t = min(1.0, (step - warmup) / (total - warmup))
+    decay = (1 - t) ** power if kind == "poly" else 0.5 * (1 + math.cos(math.pi * t))
+    return min_ratio + (1 - min_ratio) * decay
+
+
+@pytest.mark.parametrize("kind", ["poly", "cosine"])
+def test_schedule_closed_form_and_late_group(kind):
+    model = Tiny()
+    opt = build_optimizer(model, lr=1e-3, encoder_lr=1e-4, frozen=["encoder"])
+    sched = build_scheduler(opt, total_steps=20, kind=kind, warmup_epochs=1.5, steps_per_epoch=4,
+                            min_lr_ratio=0.1)
+    assert sched.interval == "step" and sched.warmup == 6
+    for s in range(20):
+        for g in opt.param_groups:
+            if g["name"] != "encoder":
+                assert g["lr"] == pytest.approx(1e-3 * closed_form(s, 20, 6, kind, min_ratio=0.1), rel=1e-9)
+        if s == 10:  # a group joining late follows the same curve
+            opt.add_param_group({"params": list(model.encoder.parameters()), "lr": 1e-4, "name": "encoder"})
+            sched.add_group(opt.param_groups[-1])
+        if s >= 10:
+            assert opt.param_groups[-1]["lr"] == pytest.approx(1e-4 * closed_form(s, 20, 6, kind, min_ratio=0.1))
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    with pytest.raises(Exception, match="parameter groups"):  # a resume whose optimiser lacks the late group
+        Schedule(build_optimizer(model, lr=1e-3, frozen=["encoder"]), 20).load_state_dict(state)
+
+
+def test_plateau_reduces_on_the_monitored_metric_with_a_late_group():
+    model = Tiny()
+    opt = build_optimizer(model, lr=1e-3, frozen=["encoder"])
+    sched = build_scheduler(opt, total_steps=10, kind="plateau", mode="min", factor=0.5, patience=1)
+    assert sched.interval == "validation"
+    for v in (1.0, 0.5, 0.6, 0.7):  # improves, then two bad validations > patience 1
+        sched.step(v)
+    assert all(g["lr"] == pytest.approx(5e-4) for g in opt.param_groups)
+    opt.add_param_group({"params": list(model.encoder.parameters()), "lr": 1e-4, "name": "encoder"})
+    sched.add_group(opt.param_groups[-1])
+    for v in (0.8, 0.9):
+        sched.step(v)
+    assert opt.param_groups[-1]["lr"] == pytest.approx(5e-5) and opt.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+    with pytest.raises(ConfigError, match=r"scheduler\.mode"):
+        build_scheduler(opt, 10, kind="plateau", mode="up")
+
+
+# ---- a real short run: warmup + poly, gradient accumulation, encoder / head learning rates -------
+def test_learning_rates_per_optimiser_step_in_a_real_run(tmp_path, monkeypatch):
+    from segplat.train import train
+
+    seen: list[tuple[int, dict[str, float]]] = []
+    original = Schedule.step
+
+    def recording_step(self, metric=None):  # called right after each optimiser step: the lrs it used
+        seen.append((self.step_count, {g["name"]: g["lr"] for g in self.optimizer.param_groups}))
+        original(self, metric)
+
+    monkeypatch.setattr(Schedule, "step", recording_step)
+    run_dir = tmp_path / "run"
+    cfg = compose_train([*TINY, "trainer=cpu", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
+                                "trainer.limit_val_batches=1", "trainer.accumulate_grad_batches=2",
+                                "optimizer.lr=1e-3", "optimizer.encoder_lr=1e-4", "scheduler=warmup_poly",
+                                "scheduler.warmup_epochs=0", "scheduler.warmup_steps=2", "scheduler.power=1.0"],
+                        output_dir=run_dir)
+    train(cfg)
+    # 3 micro-batches per epoch, groups of 2 -> 2 optimiser steps per epoch (the short last group counts)
+    total = 4
+    assert [s for s, _ in seen] == list(range(total))
+    base = {"encoder": 1e-4, "encoder_no_decay": 1e-4, "decoder": 1e-3, "decoder_no_decay": 1e-3,
+            "fusion": 1e-3, "fusion_no_decay": 1e-3}
+    for step, lrs in seen:
+        assert {"encoder", "decoder"} <= set(lrs)
+        for name, lr in lrs.items():
+            assert lr == pytest.approx(base[name] * closed_form(step, total, 2, "poly", power=1.0), rel=1e-9), \
+                (step, name)
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    for r in records:
+        for name in ("encoder", "decoder"):
+            expected = base[name] * closed_form(r["step"], total, 2, "poly", power=1.0)
+            assert r[f"lr/{name}"] == pytest.approx(expected, abs=1e-12)
