@@ -61,8 +61,9 @@ def train(cfg: DictConfig) -> float:
 
         resume_ids = load_checkpoint(resume_from).get("loggers", {}) or {}
     loggers = build_loggers(cfg, run_dir, resume_ids) if acc.is_main_process else []
+    fusion = cfg.model.get("fusion", cfg.fusion)  # presets such as cmx fix their own fusion
     meta = {"model_target": f"{model_cls.__module__}.{model_cls.__qualname__}", "classes": list(info.classes),
-            "modalities": dict(info.modalities), "fusion": OmegaConf.to_container(cfg.fusion, resolve=True)}
+            "modalities": dict(info.modalities), "fusion": OmegaConf.to_container(fusion, resolve=True)}
     data_state = {"classes": list(info.classes), "palette": info.palette, "ignore_index": info.ignore_index,
                   "modalities": {m: s.to_attrs() for m, s in info.specs.items()}, "stats": info.stats,
                   "patch_size": datamodule.patch_size, "dataset": datamodule.name}

@@ -21,6 +21,20 @@ from segplat.data.store import PatchStore
 from segplat.errors import ConfigError
 
 
+class _ArrayHandles(dict):
+    """name -> zarr array, opened on first use and kept: opening parses the array's metadata, which costs
+    more than reading a small crop, so it must not happen per sample."""
+
+    def __init__(self, group) -> None:
+        super().__init__()
+        self.group = group
+
+    def __missing__(self, key: str):
+        array = self.group[key]
+        self[key] = array
+        return array
+
+
 def grid_offsets(size: int, patch: int) -> list[int]:
     """Patch start offsets covering [0, size): regular steps, the last one aligned to the end."""
     if patch >= size:
@@ -97,9 +111,10 @@ class PatchDataset(Dataset):
         state["_pid"] = None
         return state
 
-    def _open(self):
+    def _open(self) -> _ArrayHandles:
+        """Array handles of this split, opened once per process (re-opened after a fork or spawn)."""
         if self._group is None or self._pid != os.getpid():
-            self._group = PatchStore(self.store_path).split(self.split)
+            self._group = _ArrayHandles(PatchStore(self.store_path).split(self.split))
             self._pid = os.getpid()
         return self._group
 

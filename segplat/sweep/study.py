@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import random
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,11 +60,21 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
                     max_retry=int(retry_failed))
             else:
                 kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=int(retry_failed))
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-    except ImportError as err:
-        raise ConfigError(f"hydra.sweeper.storage={redact(url)} needs a database driver that is not installed "
-                          f"({err}); install it (e.g. pip install psycopg2-binary).") from err
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        except ImportError as err:
+            raise ConfigError(f"hydra.sweeper.storage={redact(url)} needs a database driver that is not installed "
+                              f"({err}); install it (e.g. pip install psycopg2-binary).") from err
+        except (IntegrityError, OperationalError):
+            # workers starting together on a new database race to create its tables and version
+            # stamp; the loser retries and then finds them in place
+            if attempt == 5:
+                raise
+            time.sleep(0.2 + random.random() * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 SAMPLERS = {

@@ -239,3 +239,23 @@ def test_train_mode_drop_path_and_backward() -> None:
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(x)[-1], model(x)[-1])
+
+
+def test_plugs_into_the_generic_segmenter_and_reloads_from_a_segformer_state(tmp_path: Path) -> None:
+    """`out_channels`/`reductions`/`in_chans` are all the Segmenter needs (mid fusion: one MiT per modality)."""
+    import functools
+
+    from segplat.models import Segmenter
+    from segplat.models.decoders.segformer_head import SegFormerHead
+    from segplat.models.segformer import SegFormer
+
+    model = Segmenter({"rgb": 3, "nir": 1}, 4, functools.partial(build_mit, name="mit_b0"),
+                      functools.partial(SegFormerHead, embed_dim=32), {"level": "mid"}).eval()
+    with torch.no_grad():
+        assert model({"rgb": torch.randn(1, 3, 64, 64), "nir": torch.randn(1, 1, 64, 64)})["out"].shape == \
+            (1, 4, 64, 64)
+    seg = SegFormer({"rgb": 3}, 4, backbone="mit_b0")
+    torch.save({"model": seg.state_dict()}, tmp_path / "segplat.ckpt")  # a run's checkpoint layout
+    enc = mit_b0(pretrained=tmp_path / "segplat.ckpt")
+    assert enc.load_report["missing"] == [] and enc.load_report["unexpected"] == []
+    torch.testing.assert_close(enc.stages[2].blocks[1].attn.kv.weight, seg.encoder.stages[2].blocks[1].attn.kv.weight)

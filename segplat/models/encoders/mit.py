@@ -265,8 +265,8 @@ _LAYOUTS: list[tuple[re.Pattern[str], str, int]] = [
     (re.compile(r"^norm(\d+)\.(.+)$"), "norm", 1),
 ]
 _PREFIXES = ("module.", "backbone.", "segformer.", "model.")
-# heads of the checkpoints' own tasks: expected in the file, not part of an encoder
-_HEAD_PREFIXES = ("decode_head.", "auxiliary_head.", "head.", "classifier.")
+# heads of the checkpoints' own tasks (and a segplat SegFormer's decoder): expected in the file, not the encoder's
+_HEAD_PREFIXES = ("decode_head.", "auxiliary_head.", "head.", "classifier.", "decoder.")
 
 
 def _split_param(rest: str) -> tuple[str, str]:
