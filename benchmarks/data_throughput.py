@@ -11,8 +11,11 @@ from (tiled 256x256, deflate as the datasets ship, and uncompressed), and the cr
 the same scene window on both sides. Files are read warm from the page cache on both sides (the
 first pass is discarded), so the figures compare decode + copy cost, not disk speed.
 
-It also prepares the store with each compressor (none / zstd / lz4) and reports write time,
-size on disk and read throughput, which is how the default compressor was chosen.
+It also prepares the store with each compressor (none / lz4 / zstd) and reports write time,
+size on disk and read throughput, which is how the default compressor was chosen. An uncompressed
+store is read by PatchDataset through memory maps of its chunk files (segplat/data/chunk_reader.py);
+it is also measured with no open-map cache (every read opens its chunk file, as with far more tiles
+than the cache holds) and through zarr's own read path, for comparison.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import zarr  # noqa: E402
 from affine import Affine  # noqa: E402
 from rasterio.windows import Window  # noqa: E402
 
+from segplat.data.chunk_reader import ChunkCropReader  # noqa: E402
 from segplat.data.dataset import PatchDataset, collate  # noqa: E402
 from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef  # noqa: E402
 from segplat.data.store import prepare_store  # noqa: E402
@@ -143,60 +147,38 @@ class GeoTiffPatches(torch.utils.data.Dataset):
         p = self.ref.patch_size
         win = Window(wx + x, wy + y, p, p)
         sample = {"image": img_src.read(window=win), "label": lab_src.read(1, window=win)}
-        sample = self.augment(sample, rng)
+        if self.augment is not None:
+            sample = self.augment(sample, rng)
         sample["label"] = sample["label"].astype(np.int64)
         return sample
 
 
-class RawChunkPatches(torch.utils.data.Dataset):
-    """Prototype of a faster store read path (not what PatchDataset does today): for an uncompressed
-    store, a chunk file *is* the tile's bytes in C order (zarr v3 `bytes` codec, little endian), so a
-    crop is a strided view of a memory map: no decode, only the crop's pages are touched."""
-
-    def __init__(self, store_ds: PatchDataset, augment: GeometricAugment) -> None:
-        self.ref, self.augment = store_ds, augment
-        root = Path(store_ds.store_path) / store_ds.split
-        self.maps = {}
-        t = store_ds.tile_size
-        for name, shape, dtype in (("image", (4, t, t), "<u2"), ("label", (t, t), "u1")):
-            n = len(store_ds.tiles)
-            self.maps[name] = [np.memmap(root / name / "c" / str(i) / "/".join(["0"] * len(shape)), dtype=dtype,
-                                         mode="r", shape=shape) for i in range(n)]
-
-    def __len__(self) -> int:
-        return len(self.ref)
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        tile, _ = self.ref.index[i]
-        rng = np.random.default_rng([self.ref.seed, self.ref.epoch, i])
-        span = self.ref.tile_size - self.ref.patch_size
-        y, x = int(rng.integers(0, span + 1)), int(rng.integers(0, span + 1))
-        p = self.ref.patch_size
-        sample = {"image": np.array(self.maps["image"][tile][:, y:y + p, x:x + p]),
-                  "label": np.array(self.maps["label"][tile][y:y + p, x:x + p])}
-        sample = self.augment(sample, rng)
-        sample["label"] = sample["label"].astype(np.int64)
-        return sample
-
-
-def run(ds, batch: int, batches: int) -> tuple[float, float]:
+def run(ds, batch: int, batches: int, full: bool = True) -> tuple[float, float]:
     """(patches per CPU-second, patches per wall-second) over `batches` batches after a warm-up pass.
 
     CPU seconds of the whole process (every thread, zarr's event loop included) are the per-core
-    figure; wall time is also reported but is only meaningful on an otherwise idle machine."""
+    figure; wall time is also reported but is only meaningful on an otherwise idle machine.
+    `full=False` times the read alone: crop choice + read + int64 label, no augmentation, no collate."""
     idx = list(np.random.default_rng(0).permutation(len(ds)))
     idx = (idx * (batch * batches // len(idx) + 1))[: batch * batches]
+    step = collate if full else list
     for k in range(0, len(idx), batch):  # warm-up: page cache, file handles, zarr metadata
-        collate([ds[j] for j in idx[k:k + batch]])
+        step([ds[j] for j in idx[k:k + batch]])
     c, t = time.process_time(), time.perf_counter()
     for k in range(0, len(idx), batch):
-        collate([ds[j] for j in idx[k:k + batch]])
+        step([ds[j] for j in idx[k:k + batch]])
     return len(idx) / (time.process_time() - c), len(idx) / (time.perf_counter() - t)
 
 
-def best(ds, batch: int, batches: int, repeats: int) -> tuple[float, float]:
+def best(ds, batch: int, batches: int, repeats: int) -> tuple[float, float, float]:
+    """Best of `repeats` for the full pipeline (CPU, wall), then the read alone (CPU)."""
     runs = [run(ds, batch, batches) for _ in range(repeats)]
-    return max(r[0] for r in runs), max(r[1] for r in runs)
+    augment, ds.augment = ds.augment, None
+    try:
+        read_only = max(run(ds, batch, batches, full=False)[0] for _ in range(repeats))
+    finally:
+        ds.augment = augment
+    return max(r[0] for r in runs), max(r[1] for r in runs), read_only
 
 
 def dir_size(path: Path) -> int:
@@ -222,43 +204,66 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, python {sys.version.split()[0]}, zarr {zarr.__version__}, "
           f"rasterio {rasterio.__version__}; {args.scenes} scenes {args.scene_size}^2 x 4 bands uint16 + label, "
           f"store tiles {args.tile}, patch {args.patch}, batch {args.batch}, {args.batches} batches, 1 thread, "
-          f"GDAL_CACHEMAX={os.environ['GDAL_CACHEMAX']} MB")
+          f"GDAL_CACHEMAX={os.environ['GDAL_CACHEMAX']} MB; {os.cpu_count()} CPUs, "
+          f"load average at start {os.getloadavg()[0]:.1f}")
     rows = []
     store_ds = {}
-    for comp in ("none", "zstd", "lz4"):
+    for comp in ("none", "lz4", "zstd"):
         layout = BenchLayout(str(out), args.scenes, args.scene_size)
         path = out / f"store_{comp}.zarr"
-        t = time.perf_counter()
+        t = time.process_time()
         prepare_store(layout, path, args.tile, comp, progress=False)
-        write_s = time.perf_counter() - t
+        write_s = time.process_time() - t
         ds = PatchDataset(str(path), "train", args.patch, train=True, patches_per_tile=4, augment=augment)
         store_ds[comp] = ds
-        rows.append((f"zarr store, {comp} (PatchDataset)", *best(ds, args.batch, args.batches, args.repeats),
+        how = "chunk memmap" if isinstance(ds._open()["image"], ChunkCropReader) else "zarr read"
+        rows.append((f"zarr store, {comp} (PatchDataset, {how})", *best(ds, args.batch, args.batches, args.repeats),
                      dir_size(path), write_s))
+        if comp == "none":
+            # the same store with every map closed after its read (what a dataset of far more tiles than the
+            # per-array cache holds costs), and through zarr's own read path (array handles cached)
+            cold = PatchDataset(str(path), "train", args.patch, train=True, patches_per_tile=4, augment=augment)
+            for reader in (cold._open()["image"], cold._open()["label"]):
+                reader.max_open = 0
+            rows.append(("zarr store, none (PatchDataset, chunk memmap, no open-map cache)",
+                         *best(cold, args.batch, args.batches, args.repeats), dir_size(path), write_s))
+            plain = PatchDataset(str(path), "train", args.patch, train=True, patches_per_tile=4, augment=augment,
+                                 chunk_memmap=False)
+            rows.append(("zarr store, none (PatchDataset, zarr read)", *best(plain, args.batch, args.batches,
+                                                                           args.repeats), dir_size(path), write_s))
     ref = store_ds["none"]
     from segplat.data.store import PatchStore
 
     metas = PatchStore(ref.store_path).tiles_meta("train")
     for comp in ("deflate", None):
-        t = time.perf_counter()
+        t = time.process_time()
         files = write_geotiffs(out / f"tif_{comp or 'none'}", args.scenes, args.scene_size, comp)
-        write_s = time.perf_counter() - t
+        write_s = time.process_time() - t
         ds = GeoTiffPatches(ref, files, metas, augment)
         rows.append((f"GeoTIFF 256-tiled, {comp or 'none'} (rasterio windows)",
                      *best(ds, args.batch, args.batches, args.repeats), dir_size(out / f"tif_{comp or 'none'}"),
                      write_s))
-    raw = RawChunkPatches(ref, augment)
-    rows.append(("zarr store, none (raw-chunk memmap prototype)", *best(raw, args.batch, args.batches, args.repeats),
-                 dir_size(out / "store_none.zarr"), float("nan")))
-    print("\n| path | patches / CPU-s (per core) | patches / wall-s | size MiB | write s (incl. generating scenes) |")
-    print("|---|---:|---:|---:|---:|")
-    for name, cpu, wall, size, ws in rows:
-        print(f"| {name} | {cpu:.0f} | {wall:.0f} | {size / 2**20:.1f} | {ws:.2f} |")
+    t = time.process_time()
+    for i in range(args.scenes):
+        make_scene(i, args.scene_size)
+    gen_s = time.process_time() - t
+    print("\n| path | patches / CPU-s (per core) | patches / wall-s | read only: patches / CPU-s | size MiB "
+          "| write CPU-s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, cpu, wall, read_only, size, ws in rows:
+        print(f"| {name} | {cpu:.0f} | {wall:.0f} | {read_only:.0f} | {size / 2**20:.1f} | {ws:.2f} |")
+    print(f"\nwrite CPU-s include generating the scenes ({gen_s:.2f} CPU-s of them); the store's also include "
+          "per-band statistics.")
+    print(f"\nload average at end {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[1]:.1f} (5 min)")
     best_tif = max(r[1] for r in rows if r[0].startswith("GeoTIFF"))
     print()
-    for name, cpu, *_ in rows:
+    best_read = max(r[3] for r in rows if r[0].startswith("GeoTIFF"))
+    deflate = next(r for r in rows if "deflate" in r[0])
+    for name, cpu, _, read_only, *_ in rows:
         if name.startswith("zarr"):
-            print(f"- {name}: {cpu / best_tif:.2f}x the faster GeoTIFF path (per core)")
+            print(f"- {name}: {cpu / best_tif:.2f}x the faster GeoTIFF path per core, {cpu / deflate[1]:.2f}x "
+                  f"deflate GeoTIFF (full pipeline); read alone {read_only / best_read:.2f}x / "
+                  f"{read_only / deflate[3]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -49,18 +49,27 @@ def step_fn(model: torch.nn.Module, x: torch.Tensor, reference: bool, train: boo
     return run
 
 
-def time_pair(ours: Callable[[], None], ref: Callable[[], None], iters: int, warmup: int) -> tuple[float, float]:
+def time_pair(ours: Callable[[], None], ref: Callable[[], None], iters: int,
+              warmup: int) -> tuple[float, float, float, float]:
+    """Medians of (wall ours, wall reference, CPU ours, CPU reference) in seconds.
+
+    CPU time (this process, all threads) is the steadier figure on a shared machine: time spent
+    waiting for a core while other processes run does not count.
+    """
     for _ in range(warmup):
         ours()
         ref()
-    t_ours, t_ref = [], []
+    wall: dict[int, list[float]] = {0: [], 1: []}
+    cpu: dict[int, list[float]] = {0: [], 1: []}
     for i in range(iters):
-        order = [(ours, t_ours), (ref, t_ref)] if i % 2 == 0 else [(ref, t_ref), (ours, t_ours)]
-        for fn, acc in order:
-            start = time.perf_counter()
+        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+            fn = ours if side == 0 else ref
+            w, c = time.perf_counter(), time.process_time()
             fn()
-            acc.append(time.perf_counter() - start)
-    return statistics.median(t_ours), statistics.median(t_ref)
+            cpu[side].append(time.process_time() - c)
+            wall[side].append(time.perf_counter() - w)
+    return (statistics.median(wall[0]), statistics.median(wall[1]), statistics.median(cpu[0]),
+            statistics.median(cpu[1]))
 
 
 def main() -> None:
@@ -96,11 +105,13 @@ def main() -> None:
             train = mode.startswith("forward+")
             ours.train(train)
             ref.train(train)
-            t_ours, t_ref = time_pair(step_fn(ours, x, False, train), step_fn(ref, x, True, train), args.iters,
-                                      args.warmup)
-            rows.append((name, mode, t_ours * 1e3, t_ref * 1e3, t_ref / t_ours, err))
-            print(f"{name:7s} {mode:18s} ours {t_ours * 1e3:8.1f} ms  transformers {t_ref * 1e3:8.1f} ms  "
-                  f"speed-up {t_ref / t_ours:5.2f}x", flush=True)
+            t_ours, t_ref, c_ours, c_ref = time_pair(step_fn(ours, x, False, train), step_fn(ref, x, True, train),
+                                                     args.iters, args.warmup)
+            rows.append((name, mode, t_ours * 1e3, t_ref * 1e3, t_ref / t_ours, c_ours * 1e3, c_ref * 1e3,
+                         c_ref / c_ours, err))
+            print(f"{name:7s} {mode:18s} wall: ours {t_ours * 1e3:8.1f} ms, transformers {t_ref * 1e3:8.1f} ms "
+                  f"({t_ref / t_ours:4.2f}x) | CPU: ours {c_ours * 1e3:8.1f} ms, transformers {c_ref * 1e3:8.1f} ms "
+                  f"({c_ref / c_ours:4.2f}x)", flush=True)
     import transformers
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -111,9 +122,11 @@ def main() -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}, input {args.batch}x3x{args.size}x"
         f"{args.size}, median of {args.iters} runs after {args.warmup} warm-up, load average at the end {load:.1f}",
         "",
-        "| variant | pass | ours (ms) | transformers (ms) | transformers / ours | max feature diff |",
-        "|---|---|---:|---:|---:|---:|",
-        *[f"| {n} | {m} | {a:.1f} | {b:.1f} | {r:.2f} | {e:.1e} |" for n, m, a, b, r, e in rows],
+        "| variant | pass | wall ours (ms) | wall transformers (ms) | transformers / ours | CPU ours (ms) "
+        "| CPU transformers (ms) | transformers / ours | max feature diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        *[f"| {n} | {m} | {a:.1f} | {b:.1f} | {r:.2f} | {ca:.1f} | {cb:.1f} | {cr:.2f} | {e:.1e} |"
+          for n, m, a, b, r, ca, cb, cr, e in rows],
         "",
     ]
     print("\n".join(lines))

@@ -16,7 +16,7 @@ import torch
 from segplat.engine.checkpoint import load_checkpoint
 from segplat.errors import CheckpointError, ConfigError
 from segplat.train import train
-from tests.conftest import REPO, TINY, compose_train
+from tests.conftest import TINY, compose_train
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, **kw) -> subprocess.CompletedProcess:

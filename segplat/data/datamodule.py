@@ -88,7 +88,7 @@ class DataModule:
         store_dir: str = "~/.cache/segplat/stores",
         store_path: str | None = None,
         tile_size: int = 256,
-        compressor: str | None = "zstd",
+        compressor: str | None = "none",
         modalities: Sequence[str] | None = None,
         patch_size: int = 256,
         batch_size: int = 8,

@@ -4,7 +4,8 @@ Training draws random crops (optionally class-balanced), validation walks a grid
 tile. Randomness comes from a generator seeded by (seed, epoch, index): a sample's crop and
 augmentation do not depend on which rank or worker loads it, which makes runs reproducible
 across worker counts and exactly resumable, and gives every rank and worker distinct streams.
-The zarr store is opened lazily in each worker process (safe under fork, spawn, forkserver).
+The zarr store is opened lazily in each worker process (safe under fork, spawn, forkserver); crops of
+an uncompressed store are sliced from memory maps of its chunk files, not decoded by zarr (chunk_reader.py).
 """
 
 from __future__ import annotations
@@ -17,22 +18,27 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from segplat.data.chunk_reader import crop_reader
 from segplat.data.store import PatchStore
 from segplat.errors import ConfigError
 
 
 class _ArrayHandles(dict):
-    """name -> zarr array, opened on first use and kept: opening parses the array's metadata, which costs
-    more than reading a small crop, so it must not happen per sample."""
+    """name -> array reader, opened on first use and kept: opening parses the array's metadata, which costs
+    more than reading a small crop, so it must not happen per sample. With `memmap`, arrays of raw
+    (uncompressed) one-tile chunks are read through memory maps of the chunk files, small compressed ones
+    (dates) from memory (chunk_reader.py); anything else stays a zarr array. All are indexed the same way."""
 
-    def __init__(self, group) -> None:
+    def __init__(self, group, memmap: bool = True) -> None:
         super().__init__()
         self.group = group
+        self.memmap = memmap
 
     def __missing__(self, key: str):
         array = self.group[key]
-        self[key] = array
-        return array
+        reader = crop_reader(array) if self.memmap else array
+        self[key] = reader
+        return reader
 
 
 def grid_offsets(size: int, patch: int) -> list[int]:
@@ -57,8 +63,10 @@ class PatchDataset(Dataset):
         class_balanced: float = 0.0,
         augment: Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]] | None = None,
         seed: int = 0,
+        chunk_memmap: bool = True,
     ) -> None:
         self.store_path = str(store_path)
+        self.chunk_memmap = bool(chunk_memmap)  # False forces zarr's own read path (benchmarks, debugging)
         self.split = split
         self.patch_size = int(patch_size)
         self.train = train
@@ -114,7 +122,8 @@ class PatchDataset(Dataset):
     def _open(self) -> _ArrayHandles:
         """Array handles of this split, opened once per process (re-opened after a fork or spawn)."""
         if self._group is None or self._pid != os.getpid():
-            self._group = _ArrayHandles(PatchStore(self.store_path).split(self.split))
+            self._group = _ArrayHandles(PatchStore(self.store_path).split(self.split),
+                                        memmap=self.chunk_memmap)
             self._pid = os.getpid()
         return self._group
 

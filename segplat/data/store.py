@@ -118,7 +118,7 @@ class StoreWriter:
         layout: Layout,
         path: str | Path,
         tile_size: int,
-        compressor: str | None = "zstd",
+        compressor: str | None = "none",
         fingerprint_extra: Mapping[str, Any] | None = None,
         progress: bool = True,
     ) -> None:
@@ -230,7 +230,7 @@ class StoreWriter:
                 if spec.temporal:
                     shape = (n_tiles, spec.max_time, len(spec.bands), mt, mt)
                     group.create_array(f"{name}_dates", shape=(n_tiles, spec.max_time), chunks=(1, spec.max_time),
-                                       dtype="int32", fill_value=-1)
+                                       dtype="int32", fill_value=-1, compressors=codecs)
                 else:
                     shape = (n_tiles, len(spec.bands), mt, mt)
                 group.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype=spec.dtype,
@@ -470,7 +470,7 @@ class PatchStore:
         return list(self.split(split).attrs["tiles"])
 
 
-def prepare_store(layout: Layout, path: str | Path, tile_size: int, compressor: str | None = "zstd",
+def prepare_store(layout: Layout, path: str | Path, tile_size: int, compressor: str | None = "none",
                   progress: bool = True, fingerprint_extra: Mapping[str, Any] | None = None) -> Path:
     """Write (or resume, or verify) the store for `layout` at `path`; returns the path."""
     return StoreWriter(layout, path, tile_size, compressor, fingerprint_extra, progress).run()

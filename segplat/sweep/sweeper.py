@@ -238,12 +238,14 @@ class OptunaSweeper:
         url = self.storage_url or f"sqlite:///{sweep_dir / 'study.db'}"
         objectives = self.objectives()
         directions = [d for _, d in objectives]
-        study, created = self.open_study(url, directions, params)
-        seed = self.sampler_spec.get("seed")
-        if seed is not None and not created:  # a joining or resuming worker must not replay the first one's draws
-            seed = (int(seed) + 7919 * budget_used(study) + os.getpid()) % 2**31
         grid = sp.grid_space(searched) if str(self.sampler_spec.get("name", "tpe")).lower() == "grid" else None
-        study.sampler = build_sampler(self.sampler_spec, seed, grid)
+        seed = self.sampler_spec.get("seed")
+        sampler = build_sampler(self.sampler_spec, seed, grid)  # a bad sampler stops before the study exists
+        study, created = self.open_study(url, directions, params)
+        if seed is not None and not created:  # a joining or resuming worker must not replay the first one's draws
+            sampler = build_sampler(self.sampler_spec, (int(seed) + 7919 * budget_used(study) + os.getpid()) % 2**31,
+                                    grid)
+        study.sampler = sampler
         multi = len(objectives) > 1
         pruning = not multi and str(self.pruner_spec.get("name", "none")).lower() != "none"
         if multi and str(self.pruner_spec.get("name", "none")).lower() != "none":

@@ -101,7 +101,9 @@ def test_bad_inputs_are_named(trained_run: Path, tmp_path: Path):
 
     from segplat.predict import iter_scenes
 
-    a = write_scene(tmp_path / "a" if (tmp_path / "a").mkdir() is None else tmp_path)
+    a_dir = tmp_path / "a"
+    a_dir.mkdir()
+    a = write_scene(a_dir)
     b_dir = tmp_path / "b"
     b_dir.mkdir()
     b = write_scene(b_dir, crs="EPSG:32633")
@@ -115,5 +117,5 @@ def test_bad_inputs_are_named(trained_run: Path, tmp_path: Path):
     with pytest.raises(DataError, match="extent"):
         list(iter_scenes(cfg, loaded))
     cfg = OmegaConf.create({"input": {"rgb": str(a["rgb"])}, "split": "test"})
-    with pytest.raises(ConfigError, match="input.nir"):
+    with pytest.raises(ConfigError, match=r"input\.nir"):
         list(iter_scenes(cfg, loaded))

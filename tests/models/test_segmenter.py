@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import pytest
 import torch
@@ -30,8 +31,8 @@ class TestSegmenter(ModelTester):
 class TestSegmenterLowResStream(ModelTester):
     """A second stream at 1/4 of the primary resolution (a coarse grid under an image)."""
 
-    modalities = {"image": 4, "grid": 6}
-    sizes = {"image": (64, 64), "grid": (16, 16)}
+    modalities: ClassVar[dict[str, int]] = {"image": 4, "grid": 6}
+    sizes: ClassVar[dict[str, tuple[int, int]]] = {"image": (64, 64), "grid": (16, 16)}
     fusions = ({"level": "mid"}, {"level": "early"}, {"level": "late"})
     other_channels = (2,)
     require_groups = ("encoder", "fusion", "decoder")

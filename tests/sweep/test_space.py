@@ -140,3 +140,14 @@ def test_trial_of_a_dead_worker_is_failed_or_retried(tmp_path: Path, retry: int)
         assert again.number == 1 and again.suggest_float("x", 0, 1) == trials[0].params["x"]
     else:
         assert len(trials) == 1 and budget_used(alive) == 1
+
+
+@pytest.mark.parametrize(("name", "module", "cls"), [("gp", "scipy", "GPSampler"), ("cmaes", "cmaes", "CmaEsSampler")])
+def test_optional_samplers_build_or_say_what_to_install(name: str, module: str, cls: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        with pytest.raises(ConfigError, match=f"pip install {module}"):
+            build_sampler({"name": name}, 0)
+    else:
+        assert type(build_sampler({"name": name}, 0)).__name__ == cls
