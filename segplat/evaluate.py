@@ -43,7 +43,8 @@ def evaluate(cfg: DictConfig) -> float:
         raise ConfigError(f"protocol={cfg.protocol} is not known; use standard or isprs.")
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_for_inference(cfg.ckpt, device=device)
-    ds_cfg = OmegaConf.merge(loaded.config.dataset, cfg.dataset)
+    overrides = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if v is not None}
+    ds_cfg = OmegaConf.merge(loaded.config.dataset, overrides)
     exclude = list(cfg.exclude_classes)
     if cfg.protocol == "isprs":
         if OmegaConf.select(ds_cfg, "layout.eroded") is None:
@@ -59,11 +60,12 @@ def evaluate(cfg: DictConfig) -> float:
     info = datamodule.setup()
     if list(info.classes) != loaded.classes:
         raise ConfigError(f"the dataset's classes {info.classes} differ from the checkpoint's {loaded.classes}.")
-    loader = datamodule.loader(cfg.split, train=False)
+    split = cfg.split or datamodule.val_split
+    loader = datamodule.loader(split, train=False)
     cm = ConfusionMatrix(len(loaded.classes), info.ignore_index, device)
     model = loaded.model
     with torch.no_grad():
-        for batch in tqdm(loader, desc=f"evaluate {cfg.split}", disable=not cfg.progress):
+        for batch in tqdm(loader, desc=f"evaluate {split}", disable=not cfg.progress):
             inputs = loaded.preprocessor(batch, train=False)
             extra = {k: v for k, v in batch.items() if k.endswith("_time_mask")}
             inputs = {k: v.to(device) for k, v in {**inputs, **extra}.items()}
@@ -71,7 +73,7 @@ def evaluate(cfg: DictConfig) -> float:
                 logits = model(inputs)["out"].float()
             cm.update(logits, batch["label"].to(device))
     metrics = metrics_from_confusion(cm.matrix, loaded.classes)
-    result: dict[str, Any] = {"checkpoint": str(loaded.checkpoint), "split": cfg.split, "protocol": cfg.protocol,
+    result: dict[str, Any] = {"checkpoint": str(loaded.checkpoint), "split": split, "protocol": cfg.protocol,
                               **{k: v for k, v in metrics.items() if k != "confusion_matrix"}}
     if exclude:
         result["excluding"] = {"classes_left_out": exclude, **means_without(metrics, exclude)}
@@ -89,7 +91,7 @@ def evaluate(cfg: DictConfig) -> float:
 
     atomic_write(out / "confusion_matrix.csv", write_csv)
     plot_confusion(matrix, loaded.classes, out / "confusion_matrix.png",
-                   f"{ds_cfg.name} {cfg.split}: mIoU {metrics['miou']:.3f}")
+                   f"{ds_cfg.name} {split}: mIoU {metrics['miou']:.3f}")
     headline = result["excluding"]["miou"] if exclude else metrics["miou"]
     print(f"mIoU {metrics['miou']:.4f} | pixel accuracy {metrics['pixel_accuracy']:.4f} | mean F1 "
           f"{metrics['mean_f1']:.4f}" + (f" | without {', '.join(exclude)}: mIoU {headline:.4f}" if exclude else ""))

@@ -32,7 +32,8 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.mark.slow
 def test_cli_run_writes_the_run_folder(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = run_cli([*TINY, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    proc = run_cli([*TINY, "trainer.max_epochs=2", "callbacks.visuals.every_n_epochs=1", f"hydra.run.dir={run_dir}"],
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == f"run_dir: {run_dir}"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -45,6 +46,9 @@ def test_cli_run_writes_the_run_folder(tmp_path: Path) -> None:
     assert summary["best_score"] == max(r["val/miou"] for r in records)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "best.ckpt").is_file()
     assert (run_dir / "config.yaml").is_file()
+    # plots: prediction panels per validation, curves and the confusion matrix at the end
+    assert sorted(p.name for p in (run_dir / "visuals").glob("*.png")) == ["epoch_001.png", "epoch_002.png"]
+    assert (run_dir / "curves.png").stat().st_size > 1000 and (run_dir / "confusion_matrix.png").is_file()
     # one console line of metrics per validation
     assert sum(line.startswith("epoch ") for line in proc.stdout.splitlines() + proc.stderr.splitlines()) == 2
     state = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
