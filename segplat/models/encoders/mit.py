@@ -195,7 +195,7 @@ class MixVisionTransformer(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.out_channels: list[int] = list(embed_dims)
         self.reductions: list[int] = [4 * 2 ** i for i in range(len(embed_dims))]
-        self.apply(_init_weights)
+        self.apply(init_mit_weights)
         self.load_report: dict[str, list[str]] | None = None
         if pretrained:
             self.load_pretrained(pretrained)
@@ -214,7 +214,7 @@ class MixVisionTransformer(nn.Module):
         return report
 
 
-def _init_weights(m: nn.Module) -> None:
+def init_mit_weights(m: nn.Module) -> None:
     """The NVlabs initialisation: truncated normal linears, fan-out normal convs, unit LayerNorms."""
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)

@@ -15,26 +15,13 @@ Transformers", T-ITS 2023), written after the paper and the official RGBX_Semant
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from segplat.models.encoders.mit import init_mit_weights
 
-def init_cmx_weights(m: nn.Module) -> None:
-    """The official CMX initialisation (as for MiT): truncated-normal linears, fan-out normal convs."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+# CMX initialises its fusion modules as MiT does (the official code shares the function)
+init_cmx_weights = init_mit_weights
 
 
 class ChannelWeights(nn.Module):
