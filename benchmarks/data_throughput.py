@@ -149,7 +149,7 @@ class GeoTiffPatches(torch.utils.data.Dataset):
         sample = {"image": img_src.read(window=win), "label": lab_src.read(1, window=win)}
         if self.augment is not None:
             sample = self.augment(sample, rng)
-        sample["label"] = sample["label"].astype(np.int64)
+        sample["label"] = np.ascontiguousarray(sample["label"], dtype=np.uint8)  # as PatchDataset
         return sample
 
 
@@ -158,7 +158,7 @@ def run(ds, batch: int, batches: int, full: bool = True) -> tuple[float, float]:
 
     CPU seconds of the whole process (every thread, zarr's event loop included) are the per-core
     figure; wall time is also reported but is only meaningful on an otherwise idle machine.
-    `full=False` times the read alone: crop choice + read + int64 label, no augmentation, no collate."""
+    `full=False` times the read alone: crop choice + read + label, no augmentation, no collate."""
     idx = list(np.random.default_rng(0).permutation(len(ds)))
     idx = (idx * (batch * batches // len(idx) + 1))[: batch * batches]
     step = collate if full else list

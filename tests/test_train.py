@@ -165,3 +165,14 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path: Path) -> None:
     train(a)
     state = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.ckpt")
     assert state["trainer"]["global_step"] == 1, "two micro-batches make one optimiser step"
+
+
+def test_wandb_runs_offline_and_resume_keeps_its_run(tmp_path: Path) -> None:
+    """The default logger writes an offline wandb run in the run folder; a resume continues that run."""
+    run = tmp_path / "run"
+    wandb_on = [o for o in TINY if o != "logger=none"] + ["logger=default"]
+    train(compose_train([*wandb_on, "trainer.max_epochs=1"], output_dir=run))
+    first = load_checkpoint(run / "checkpoints" / "last.ckpt")["loggers"]["WandbLogger"]
+    assert first and list((run / "wandb").glob(f"offline-run-*-{first}"))
+    train(compose_train([*wandb_on, "trainer.max_epochs=2", "trainer.resume=auto"], output_dir=run))
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["loggers"]["WandbLogger"] == first

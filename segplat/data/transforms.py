@@ -118,7 +118,8 @@ class GeometricAugment:
                     s = arr.shape[-1] / size
                     arr = warp(arr, affine, s, nearest=self.interpolation == "nearest",
                                border=self.nodata.get(key), mask_nodata=True)
-            out[key] = np.ascontiguousarray(arr)
+            # flips and rotations stay views: collate's stack makes the one copy every patch needs anyway
+            out[key] = arr
         return out
 
 

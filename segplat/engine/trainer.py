@@ -232,7 +232,7 @@ class Trainer:
             ctx = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else nullcontext()
             with ctx, acc.autocast():
                 outputs = self.model(inputs)
-                loss, _ = self.loss_fn(outputs, batch["label"])
+                loss, _ = self.loss_fn(outputs, batch["label"].long())
                 acc.backward(loss / group_len)
             loss_sum += loss.detach()
             if sync:
@@ -270,7 +270,7 @@ class Trainer:
             inputs = self.preprocess(batch, train=False)
             with acc.autocast():
                 outputs = model(inputs)
-                loss, _ = self.loss_fn({"out": outputs["out"]}, batch["label"])
+                loss, _ = self.loss_fn({"out": outputs["out"]}, batch["label"].long())
             cm.update(outputs["out"].float(), batch["label"])
             n = batch["label"].shape[0]  # weight by samples: a short last batch on one rank counts for what it holds
             loss_sum += loss.double() * n

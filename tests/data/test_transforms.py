@@ -146,4 +146,4 @@ def test_datamodule_builds_copy_paste_from_config(tmp_path: Path) -> None:
     assert isinstance(ds.augment, Compose) and isinstance(ds.augment.transforms[0], CopyPaste)
     a, b = ds[0], ds[0]
     np.testing.assert_array_equal(a["label"], b["label"])  # the per-sample generator decides everything
-    assert a["rgb"].shape == (3, 32, 32) and a["label"].dtype == np.int64
+    assert a["rgb"].shape == (3, 32, 32) and a["label"].dtype == np.uint8
