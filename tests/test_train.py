@@ -158,8 +158,9 @@ def test_checkpoint_from_a_different_model_is_refused(tmp_path: Path) -> None:
         train(cfg)
 
 
-def test_gradient_accumulation_matches_a_larger_batch(tmp_path: Path) -> None:
-    """batch 4 x 2 accumulated == batch 8 in one step (BatchNorm off by eval-free model: compare loss path only)."""
+def test_gradient_accumulation_makes_one_optimiser_step_per_group(tmp_path: Path) -> None:
+    """Two micro-batches accumulate into one optimiser step (the weights' equality with a larger batch is
+    tests/distributed/test_ddp.py's)."""
     a = compose_train([*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "dataset.batch_size=4",
                        "trainer.accumulate_grad_batches=2"], output_dir=tmp_path / "a")
     train(a)
