@@ -13,11 +13,10 @@ from segplat.errors import ConfigError
 
 
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("segplat.div"):
-        OmegaConf.register_new_resolver("segplat.div", lambda a, b: int(a) // int(b))
+    """segplat.run_name (one name on every rank) and segplat.rank_zero; also done on `import segplat`."""
     from segplat.utils.dist import register_resolvers as register_dist_resolvers
 
-    register_dist_resolvers()  # segplat.run_name (one name on every rank), segplat.rank_zero
+    register_dist_resolvers()
 
 
 def check_config(cfg: DictConfig) -> None:
