@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef
+from segplat.data.layouts.clouds import MODALITIES as CLOUDS_MODALITIES
 
 CLASSES = ("clear", "thick_cloud", "thin_cloud", "cloud_shadow")
 PALETTE = ((0, 0, 0), (255, 0, 0), (0, 255, 0), (255, 255, 0))  # RGB, as the clouds dataset
@@ -101,10 +102,7 @@ class SyntheticClouds(Layout):
 
     @property
     def modalities(self) -> dict[str, ModalitySpec]:
-        return {
-            "rgb": ModalitySpec(bands=("red", "green", "blue"), nodata=None, dtype="uint8", optical=True),
-            "nir": ModalitySpec(bands=("nir",), nodata=None, dtype="uint8", optical=True),
-        }
+        return dict(CLOUDS_MODALITIES)  # the same streams as the Kaggle clouds data
 
     def fingerprint_params(self) -> dict:
         return {"name": self.name, "num": self.num, "scene_size": self.scene_size, "seed": self.seed,

@@ -26,6 +26,11 @@ CLASSES = ("background", "thick_cloud", "thin_cloud", "cloud_shadow")
 # RGB; on disk (BGR): [0,0,0] [0,0,255] [0,255,0] [0,255,255]
 PALETTE = ((0, 0, 0), (255, 0, 0), (0, 255, 0), (255, 255, 0))
 IMAGE_SUFFIXES = (".png", ".PNG")
+# 8-bit RGB and the NIR plane of the NGR image; the synthetic dataset mimics these streams
+MODALITIES = {
+    "rgb": ModalitySpec(bands=("red", "green", "blue"), nodata=None, dtype="uint8", optical=True),
+    "nir": ModalitySpec(bands=("nir",), nodata=None, dtype="uint8", optical=True),
+}
 
 
 def png_size(path: str | Path) -> tuple[int, int]:
@@ -69,10 +74,7 @@ class CloudsLayout(Layout):
 
     @property
     def modalities(self) -> dict[str, ModalitySpec]:
-        return {
-            "rgb": ModalitySpec(bands=("red", "green", "blue"), nodata=None, dtype="uint8", optical=True),
-            "nir": ModalitySpec(bands=("nir",), nodata=None, dtype="uint8", optical=True),
-        }
+        return dict(MODALITIES)
 
     def fingerprint_params(self) -> dict:
         return {"name": self.name, "root": str(self.root), "val_fraction": self.val_fraction, "seed": self.seed,
