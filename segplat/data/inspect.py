@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from segplat.errors import ConfigError, SegplatError
+from segplat.errors import ConfigError
+from segplat.utils.task import user_error_in
 
 OWN_KEYS = ("out", "split", "num", "seed")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -211,8 +212,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(own.get("out") or Path("inspect") / str(cfg.dataset.name))
         summary = inspect_store(dm.store_path, out, own.get("split", dm.train_split), int(own.get("num", 8)),
                                 int(own.get("seed", 0)))
-    except SegplatError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        user_error = user_error_in(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
         return 2
     print(f"wrote {', '.join(summary['files'])} and summary.json to {out}")
     return 0

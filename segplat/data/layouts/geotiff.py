@@ -19,7 +19,8 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,36 +52,36 @@ def plain(obj: Any) -> Any:
     return obj
 
 
-def raster_header(path: str | Path) -> dict[str, Any]:
-    """Size, band count, dtype, nodata, CRS and transform without reading pixels."""
+@contextmanager
+def open_raster(path: str | Path, action: str = "opened") -> Iterator[Any]:
+    """rasterio.open with the failures a user can cause turned into one-sentence DataErrors naming the file."""
     if not Path(path).is_file():
         raise DataError(f"{path}: the file is missing; restore it or remove the sample from the split.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as src:
-                return {"height": src.height, "width": src.width, "count": src.count, "dtype": src.dtypes[0],
-                        "nodata": src.nodata, "crs": src.crs, "transform": src.transform, "res": src.res}
+                yield src
     except (RasterioIOError, OSError) as err:
-        raise DataError(f"{path}: cannot be opened as a raster ({_short(err)}); re-download or remove the file.") \
+        raise DataError(f"{path}: cannot be {action} as a raster ({_short(err)}); re-download or remove the file.") \
             from err
+
+
+def _header(src: Any) -> dict[str, Any]:
+    return {"height": src.height, "width": src.width, "count": src.count, "dtype": src.dtypes[0],
+            "nodata": src.nodata, "crs": src.crs, "transform": src.transform, "res": src.res}
+
+
+def raster_header(path: str | Path) -> dict[str, Any]:
+    """Size, band count, dtype, nodata, CRS and transform without reading pixels."""
+    with open_raster(path) as src:
+        return _header(src)
 
 
 def read_raster(path: str | Path, bands: Sequence[int] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """(C, H, W) pixels in the file's dtype plus its header; one-sentence DataError on any failure."""
-    if not Path(path).is_file():
-        raise DataError(f"{path}: the file is missing; restore it or remove the sample from the split.")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as src:
-                data = src.read(list(bands) if bands is not None else None)
-                header = {"height": src.height, "width": src.width, "count": src.count, "dtype": src.dtypes[0],
-                          "nodata": src.nodata, "crs": src.crs, "transform": src.transform, "res": src.res}
-    except (RasterioIOError, OSError) as err:
-        raise DataError(f"{path}: cannot be read as a raster ({_short(err)}); re-download or remove the file.") \
-            from err
-    return data, header
+    with open_raster(path, "read") as src:
+        return src.read(list(bands) if bands is not None else None), _header(src)
 
 
 def georef(header: Mapping[str, Any]) -> tuple[str | None, tuple[float, ...] | None]:
