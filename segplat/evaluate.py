@@ -44,7 +44,8 @@ def evaluate(cfg: DictConfig) -> float:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_for_inference(cfg.ckpt, device=device)
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if v is not None}
-    ds_cfg = OmegaConf.merge(loaded.config.dataset, overrides)
+    # where stores are written comes from this machine's paths, never from the checkpoint
+    ds_cfg = OmegaConf.merge(loaded.config.dataset, {"store_dir": cfg.paths.store_dir}, overrides)
     exclude = list(cfg.exclude_classes)
     if cfg.protocol == "isprs":
         if OmegaConf.select(ds_cfg, "layout.eroded") is None:

@@ -2,7 +2,9 @@
 sliding-window prediction over scenes of any size with overlap, weighted blending and TTA.
 
 A checkpoint carries its resolved config and the data facts (classes, palette, band names,
-normalisation statistics), so prediction needs neither the run folder nor the training data.
+normalisation statistics), so prediction needs neither the run folder nor the training data. The
+stored config is untrusted: only its checked `model` and `dataset` parts are ever built
+(`segplat.engine.checkpoint.inference_config`).
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from segplat.data.layouts.base import ModalitySpec
 from segplat.data.preprocess import Preprocessor
-from segplat.engine.checkpoint import find_checkpoint, load_checkpoint
+from segplat.engine.checkpoint import check_belongs_to_run, find_checkpoint, inference_config, load_checkpoint
 from segplat.errors import CheckpointError, ConfigError
 
 
@@ -45,14 +47,18 @@ class LoadedModel:
 
 def load_for_inference(location: str | Path, device: str | torch.device = "cpu",
                        prefer: str = "best.ckpt") -> LoadedModel:
-    """Build the model of a run from a run folder or a .ckpt (best checkpoint preferred)."""
+    """Build the model of a run from a run folder or a .ckpt (best checkpoint preferred).
+
+    `config` of the result holds only the checkpoint's checked `model` and `dataset` parts.
+    """
     path = find_checkpoint(location, prefer=prefer)
     state = load_checkpoint(path)
     data = state.get("data")
     if not data or not state.get("config"):
         raise CheckpointError(f"checkpoint {path} carries no config or data facts (written by an older segplat); "
                               "predict from a run trained with this version.")
-    cfg = OmegaConf.create(state["config"])
+    cfg = inference_config(state, path)
+    check_belongs_to_run(location, path, cfg)
     specs = {m: ModalitySpec.from_attrs(a) for m, a in data["modalities"].items()}
     modalities = {m: len(s.bands) for m, s in specs.items()}
     model = instantiate(cfg.model, modalities=modalities, num_classes=len(data["classes"]))

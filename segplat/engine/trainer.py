@@ -128,7 +128,7 @@ class Trainer:
         if self.resume == "auto":
             ckpt = run_dir / "checkpoints" / "last.ckpt"
             return ckpt if ckpt.is_file() else None
-        return find_checkpoint(self.resume)
+        return find_checkpoint(self.resume, key="trainer.resume")
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self, model: nn.Module, datamodule, loss_fn: nn.Module, optimizer_factory: Callable[..., Any],

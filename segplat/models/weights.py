@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,11 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(file))
     try:
         state: Any = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        from segplat.engine.checkpoint import refused_object
+
+        raise CheckpointError(f"pretrained={file} {refused_object(err)}; weights files are never unpickled as code: "
+                              "use a state dict of tensors (.safetensors, .pth, .bin).") from err
     except Exception as err:
         raise CheckpointError(f"{file} could not be read as a weights file ({err}); check the file.") from err
     for key in ("state_dict", "model", "module"):
