@@ -9,7 +9,7 @@ stepped by the trainer once per optimiser step (not per micro-batch, not per pro
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -63,11 +63,16 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, group_lrs: di
     return out
 
 
-def build_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.01,
-                    encoder_lr: float | None = None, fusion_lr: float | None = None,
-                    decoder_lr: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
-                    momentum: float = 0.9, nesterov: bool = False,
+def build_optimizer(model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                    lr: float = 1e-3, weight_decay: float = 0.01, encoder_lr: float | None = None,
+                    fusion_lr: float | None = None, decoder_lr: float | None = None,
                     frozen: Iterable[str] = ()) -> torch.optim.Optimizer:
+    """Any torch optimiser over segplat's parameter groups.
+
+    `optimizer` is the optimiser class with its own arguments bound (Hydra's `_partial_: true` of e.g.
+    `torch.optim.AdamW`); this function adds what is segplat's: the encoder / fusion / decoder groups,
+    their learning rates and the no-decay split. Default: AdamW with torch's defaults.
+    """
     for key, value in (("optimizer.lr", lr), ("optimizer.encoder_lr", encoder_lr),
                        ("optimizer.fusion_lr", fusion_lr), ("optimizer.decoder_lr", decoder_lr)):
         if value is not None and not value > 0:
@@ -79,11 +84,13 @@ def build_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3, wei
     if not groups:
         raise ConfigError("the optimiser has no trainable parameter (every group is frozen); unfreeze a group or "
                           "check the fine-tuning callback.")
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-    raise ConfigError(f"optimizer.name={name!r} is not known; use adamw or sgd.")
+    factory = optimizer or torch.optim.AdamW
+    try:
+        return factory(groups, lr=lr, weight_decay=weight_decay)
+    except TypeError as err:  # an argument the optimiser class does not take
+        name = getattr(getattr(factory, "func", factory), "__name__", str(factory))
+        raise ConfigError(f"optimizer.optimizer ({name}) refused its arguments ({err}); give only arguments "
+                          f"{name} takes under optimizer.optimizer.") from err
 
 
 def remove_params(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> int:

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from torch import nn
 
 from segplat.errors import ConfigError
@@ -33,8 +34,10 @@ def groups_by_name(opt: torch.optim.Optimizer) -> dict[str, dict]:
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
 def test_groups_learning_rates_and_weight_decay(name):
     model = Tiny()
-    opt = build_optimizer(model, name=name, lr=3e-4, weight_decay=0.05, encoder_lr=3e-5, fusion_lr=1e-4)
+    factory = instantiate(compose_train([f"optimizer={name}"]).optimizer)
+    opt = factory(model, lr=3e-4, weight_decay=0.05, encoder_lr=3e-5, fusion_lr=1e-4)
     assert isinstance(opt, torch.optim.AdamW if name == "adamw" else torch.optim.SGD)
+    assert opt.defaults["momentum" if name == "sgd" else "betas"] == (0.9 if name == "sgd" else (0.9, 0.999))
     g = groups_by_name(opt)
     assert set(g) == {"encoder", "encoder_no_decay", "fusion", "fusion_no_decay", "decoder", "decoder_no_decay"}
     assert g["encoder"]["lr"] == g["encoder_no_decay"]["lr"] == 3e-5
@@ -67,8 +70,8 @@ def test_frozen_groups_and_errors():
         build_optimizer(model, frozen=["backbone"])
     with pytest.raises(ConfigError, match=r"optimizer\.encoder_lr"):
         build_optimizer(model, encoder_lr=-1.0)
-    with pytest.raises(ConfigError, match=r"optimizer\.name"):
-        build_optimizer(model, name="lion")
+    with pytest.raises(ConfigError, match=r"optimizer\.optimizer \(SGD\) refused its arguments.*betas"):
+        instantiate(compose_train(["optimizer=sgd", "+optimizer.optimizer.betas=[0.9,0.99]"]).optimizer)(model)
     with pytest.raises(ConfigError, match="no trainable parameter"):
         build_optimizer(model, frozen=["encoder", "fusion", "decoder"])
 

@@ -123,7 +123,7 @@ class EncoderFineTuning(Callback):
             donor = trainer.optimizer_factory(model, frozen=others)
         except TypeError as err:
             raise ConfigError("callbacks.finetune needs an optimizer factory that accepts frozen=[...] "
-                              "(segplat.optim.build_optimizer); use optimizer=adamw or optimizer=sgd.") from err
+                              "(segplat.optim.build_optimizer, as optimizer=adamw and optimizer=sgd use).") from err
         for group in donor.param_groups:
             group = {k: v for k, v in group.items() if k != "initial_lr"}
             group["lr"] = lr
