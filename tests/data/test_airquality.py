@@ -10,7 +10,8 @@ import pytest
 import rasterio
 
 from segplat.data.dataset import PatchDataset
-from segplat.data.layouts.airquality import AirQualityLayout, companion_names, write_fake
+from segplat.data.fake.airquality import write_fake
+from segplat.data.layouts.airquality import AirQualityLayout, companion_names
 from segplat.data.store import PatchStore, prepare_store
 from segplat.errors import ConfigError, DataError
 from tests.conftest import compose_train

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from segplat.data.fake.s1s2_series import write_fake
 from segplat.data.inspect import main, parse_args
-from segplat.data.layouts.s1s2_series import write_fake
 from segplat.data.store import PatchStore
 
 SYNTHETIC = ["dataset=synthetic", "dataset.layout.num_train=6", "dataset.layout.num_val=2",

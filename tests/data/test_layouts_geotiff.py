@@ -11,7 +11,9 @@ import pytest
 import rasterio
 from rasterio.windows import Window
 
-from segplat.data.layouts.geotiff import GeoTiffLayout, write_fake, write_geotiff
+from segplat.data.fake.geotiff import write_fake
+from segplat.data.layouts.geotiff import GeoTiffLayout
+from segplat.data.raster import write_geotiff
 from segplat.data.store import PatchStore, prepare_store
 from segplat.errors import ConfigError, DataError
 from tests.data.conftest import assert_padding_invalid, assert_stats, prepared, scene_from_tiles, train_one_epoch

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import rasterio
 
-from segplat.data.layouts.isprs import PALETTE, PotsdamLayout, VaihingenLayout, write_fake_potsdam, write_fake_vaihingen
+from segplat.data.fake.isprs import write_fake_potsdam, write_fake_vaihingen
+from segplat.data.layouts.isprs import PALETTE, PotsdamLayout, VaihingenLayout
 from segplat.data.store import PatchStore, prepare_store
 from segplat.errors import ConfigError, DataError
 from tests.data.conftest import assert_padding_invalid, assert_stats, prepared, scene_from_tiles, train_one_epoch

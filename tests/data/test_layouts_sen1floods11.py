@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import rasterio
 
-from segplat.data.layouts.sen1floods11 import S2_BANDS, Sen1Floods11Layout, write_fake
+from segplat.data.fake.sen1floods11 import write_fake
+from segplat.data.layouts.sen1floods11 import S2_BANDS, Sen1Floods11Layout
 from segplat.data.store import PatchStore, prepare_store
 from segplat.errors import ConfigError, DataError
 from tests.data.conftest import assert_padding_invalid, assert_stats, prepared, scene_from_tiles, train_one_epoch

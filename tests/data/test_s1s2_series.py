@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from segplat.data.dataset import PatchDataset, collate
-from segplat.data.layouts.s1s2_series import VOID_CLASS, S1S2SeriesLayout, write_fake
+from segplat.data.fake.s1s2_series import write_fake
+from segplat.data.layouts.s1s2_series import VOID_CLASS, S1S2SeriesLayout
 from segplat.data.store import PatchStore, prepare_store
 from segplat.errors import ConfigError, DataError
 from tests.conftest import REPO, compose_train

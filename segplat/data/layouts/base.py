@@ -123,3 +123,19 @@ def check_band_count(array: np.ndarray, expected: Sequence[str], source: str, mo
             f"{source}: {modality} has {channels} bands but the layout expects {len(expected)} "
             f"({', '.join(expected)}); check the file or the dataset's band list."
         )
+
+
+def _stable_fraction(key: str, seed: int) -> float:
+    """A number in [0, 1) from a file stem and a seed: the same split on every machine and Python run."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def hash_split(ids: Sequence[str], val_fraction: float, seed: int) -> dict[str, str]:
+    """id -> "train" / "val", deterministic per id (adding files never moves the others, except that a
+    tiny dataset whose draw left val empty gives val its lowest-drawn id, so validation always has data)."""
+    draws = {i: _stable_fraction(i, seed) for i in ids}
+    out = {i: ("val" if d < val_fraction else "train") for i, d in draws.items()}
+    if val_fraction > 0 and len(ids) >= 2 and "val" not in out.values():
+        out[min(draws, key=draws.__getitem__)] = "val"
+    return out

@@ -6,32 +6,24 @@ file's stem with `stem_regex`; splits come from path globs, per-split id files, 
 hash of the id. Every modality must lie on the reference grid (the label's, by default): a file
 with another CRS or resolution is refused, naming both files, unless `resample: true`, in which
 case it is warped onto the reference grid (bilinear for data, nearest for labels).
-
-This module also holds the raster helpers the other layouts share (reading with one-sentence
-errors, colour-label decoding with a tolerance).
+The raster helpers it uses live in `segplat.data.raster`; its fake data in `segplat.data.fake.geotiff`.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import logging
 import math
 import re
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
-from rasterio.crs import CRS
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
-from rasterio.transform import Affine, from_origin
 from rasterio.warp import Resampling, reproject
 
-from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef
+from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef, hash_split
+from segplat.data.raster import decode_colour_label, georef, norm_nodata, raster_header, read_raster
 from segplat.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -39,7 +31,7 @@ log = logging.getLogger(__name__)
 GRID_TOLERANCE = 1e-6  # relative difference in pixel size still counted as the same resolution
 
 
-# -- shared raster helpers ----------------------------------------------------------------------------
+# -- config helpers ------------------------------------------------------------------------------------
 def plain(obj: Any) -> Any:
     """OmegaConf containers to plain Python (layouts get DictConfig nodes with `_recursive_: false`)."""
     try:
@@ -50,131 +42,6 @@ def plain(obj: Any) -> Any:
     except ImportError:  # pragma: no cover
         pass
     return obj
-
-
-@contextmanager
-def open_raster(path: str | Path, action: str = "opened") -> Iterator[Any]:
-    """rasterio.open with the failures a user can cause turned into one-sentence DataErrors naming the file."""
-    if not Path(path).is_file():
-        raise DataError(f"{path}: the file is missing; restore it or remove the sample from the split.")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as src:
-                yield src
-    except (RasterioIOError, OSError) as err:
-        raise DataError(f"{path}: cannot be {action} as a raster ({_short(err)}); re-download or remove the file.") \
-            from err
-
-
-def _header(src: Any) -> dict[str, Any]:
-    return {"height": src.height, "width": src.width, "count": src.count, "dtype": src.dtypes[0],
-            "nodata": src.nodata, "crs": src.crs, "transform": src.transform, "res": src.res}
-
-
-def raster_header(path: str | Path) -> dict[str, Any]:
-    """Size, band count, dtype, nodata, CRS and transform without reading pixels."""
-    with open_raster(path) as src:
-        return _header(src)
-
-
-def read_raster(path: str | Path, bands: Sequence[int] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """(C, H, W) pixels in the file's dtype plus its header; one-sentence DataError on any failure."""
-    with open_raster(path, "read") as src:
-        return src.read(list(bands) if bands is not None else None), _header(src)
-
-
-def georef(header: Mapping[str, Any]) -> tuple[str | None, tuple[float, ...] | None]:
-    """CRS as a string (EPSG code when there is one) and the 6 affine coefficients, or None when not georeferenced."""
-    crs = header.get("crs")
-    transform = header.get("transform")
-    crs_s = None
-    if crs:
-        epsg = crs.to_epsg()
-        crs_s = f"EPSG:{epsg}" if epsg else crs.to_wkt()
-    if transform is None or (crs is None and transform == Affine.identity()):
-        return crs_s, None
-    return crs_s, tuple(float(v) for v in tuple(transform)[:6])
-
-
-def norm_nodata(value: Any) -> float | int | None:
-    """None, NaN (also the string "nan"), or a number (int when whole, so integer stores compare exactly)."""
-    if value is None:
-        return None
-    v = float(value)
-    if math.isnan(v):
-        return float("nan")
-    return int(v) if v.is_integer() else v
-
-
-def _short(err: Exception) -> str:
-    return str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-
-
-def decode_colour_label(
-    rgb: np.ndarray,
-    palette: Sequence[Sequence[int]],
-    source: str,
-    ignore_colours: Sequence[Sequence[int]] = (),
-    ignore_index: int = 255,
-    tolerance: int = 0,
-) -> tuple[np.ndarray, int]:
-    """Colour-coded label (H, W, 3) RGB -> class indices (H, W) uint8 and the number of off-palette pixels mapped.
-
-    Exact palette colours map directly (a 2^24 lookup table, linear time even on 6000x6000 tiles);
-    an off-palette colour within `tolerance` (max abs difference per channel) of exactly one nearest
-    palette colour is mapped to it and counted; anything else is refused, naming the colour.
-    """
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise DataError(f"{source}: a colour label needs 3 channels but has shape {rgb.shape}; "
-                        "check that this is the colour-coded label file.")
-    rgb = rgb.astype(np.uint8, copy=False)
-    codes = (rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2]
-    lut = np.full(1 << 24, 254, dtype=np.uint8)  # 254 = not yet decided
-    targets: list[tuple[tuple[int, int, int], int]] = [(tuple(c), k) for k, c in enumerate(palette)]
-    targets += [(tuple(c), ignore_index) for c in ignore_colours]
-    for colour, value in targets:
-        lut[(colour[0] << 16) | (colour[1] << 8) | colour[2]] = value
-    label = lut[codes]
-    unknown = label == 254
-    if 254 in [v for _, v in targets]:
-        raise DataError(f"{source}: class index 254 clashes with the decoder's marker; use fewer than 254 classes.")
-    remapped = 0
-    if unknown.any():
-        colours = np.unique(codes[unknown])
-        ref = np.array([c for c, _ in targets], dtype=np.int32)
-        bad = []
-        for code in colours:
-            c = np.array([(code >> 16) & 255, (code >> 8) & 255, code & 255], dtype=np.int32)
-            dist = np.abs(ref - c).max(axis=1)
-            best = int(dist.argmin())
-            if dist[best] <= tolerance and (dist == dist[best]).sum() == 1:
-                lut[code] = targets[best][1]
-            else:
-                bad.append(tuple(int(v) for v in c))
-        if bad:
-            raise DataError(
-                f"{source}: label colours {bad[:5]} (RGB) are not in the palette {[list(c) for c, _ in targets]} "
-                f"(tolerance {tolerance}); fix the label file or the dataset's palette.")
-        label = lut[codes]
-        remapped = int(unknown.sum())
-    return label, remapped
-
-
-def _stable_fraction(key: str, seed: int) -> float:
-    """A number in [0, 1) from a file stem and a seed: the same split on every machine and Python run."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def hash_split(ids: Sequence[str], val_fraction: float, seed: int) -> dict[str, str]:
-    """id -> "train" / "val", deterministic per id (adding files never moves the others, except that a
-    tiny dataset whose draw left val empty gives val its lowest-drawn id, so validation always has data)."""
-    draws = {i: _stable_fraction(i, seed) for i in ids}
-    out = {i: ("val" if d < val_fraction else "train") for i, d in draws.items()}
-    if val_fraction > 0 and len(ids) >= 2 and "val" not in out.values():
-        out[min(draws, key=draws.__getitem__)] = "val"
-    return out
 
 
 # -- the generic layout ---------------------------------------------------------------------------------
@@ -473,92 +340,3 @@ def _default_palette(n: int) -> list[tuple[int, int, int]]:
     while len(base) < n:
         base.append(tuple(int(v) for v in rng.integers(0, 256, 3)))
     return base[:n]
-
-
-# -- fake data --------------------------------------------------------------------------------------------
-FAKE_CRS = "EPSG:32633"
-
-
-def fake_scene(rng: np.random.Generator, height: int, width: int, num_classes: int) -> np.ndarray:
-    """A label map of smooth blobs (classes 0..K-1) that imagery can be drawn from."""
-    import cv2
-
-    noise = rng.standard_normal((height, width)).astype(np.float32)
-    field = cv2.GaussianBlur(noise, (0, 0), sigmaX=max(height, width) / 10, borderType=cv2.BORDER_REFLECT)
-    edges = np.quantile(field, np.linspace(0, 1, num_classes + 1)[1:-1])
-    return np.digitize(field, edges).astype(np.uint8)
-
-
-def write_geotiff(path: Path, data: np.ndarray, crs: str | None, transform: Affine | None,
-                  nodata: float | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    profile = {"driver": "GTiff", "height": data.shape[-2], "width": data.shape[-1], "count": data.shape[0],
-               "dtype": str(data.dtype), "compress": "deflate"}
-    if crs:
-        profile["crs"] = crs
-    if transform is not None:
-        profile["transform"] = transform
-    if nodata is not None:
-        profile["nodata"] = nodata
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(path, "w", **profile) as dst:
-            dst.write(data)
-
-
-def write_fake(out_dir: str | Path, seed: int = 0, per_split: int = 3, sar_resolution: float = 10.0,
-               sar_crs: str = FAKE_CRS) -> Path:
-    """Projected GeoTIFFs as a user might have them: `{train,val}/{optical,sar,label}/scene_XX.tif`.
-
-    optical: uint16 red/green/blue/nir, nodata 0, with a no-data border; sar: float32 vv/vh, nodata NaN;
-    label: uint8 classes 0 background, 1 water, 2 building, 255 outside the footprint. Sizes are
-    non-square and not multiples of common tile sizes. `sar_resolution`/`sar_crs` make the SAR grid
-    differ from the label grid, to exercise the refusal and `resample: true`.
-    """
-    out = Path(out_dir)
-    rng = np.random.default_rng(seed)
-    k = 0
-    for split in ("train", "val"):
-        for _ in range(per_split):
-            h, w = int(rng.integers(70, 100)), int(rng.integers(90, 130))
-            label = fake_scene(rng, h, w, 3)
-            border = int(rng.integers(3, 9))
-            footprint = np.zeros((h, w), bool)
-            footprint[:, border:] = True  # the scene's swath starts a few columns in
-            x0, y0 = 500_000 + 5_000 * k, 5_300_000 - 3_000 * k
-            transform = from_origin(x0, y0, 10.0, 10.0)
-            means = np.array([[900, 1100, 1000, 2600], [300, 400, 500, 150], [1800, 1700, 1600, 1900]], np.float32)
-            opt = means[label].transpose(2, 0, 1) + rng.normal(0, 60, (4, h, w))
-            opt = np.clip(opt, 1, 60000).astype(np.uint16)
-            opt[:, ~footprint] = 0
-            lab = np.where(footprint, label, 255).astype(np.uint8)
-            name = f"scene_{k:02d}.tif"
-            write_geotiff(out / split / "optical" / name, opt, FAKE_CRS, transform, nodata=0)
-            write_geotiff(out / split / "label" / name, lab[None], FAKE_CRS, transform, nodata=255)
-            sar_db = np.array([-9.0, -21.0, -4.0], np.float32)[label] + rng.normal(0, 0.8, (h, w)).astype(np.float32)
-            sar = np.stack([sar_db, sar_db - 6.5]).astype(np.float32)
-            sar[:, ~footprint] = np.nan
-            if sar_resolution != 10.0 or sar_crs != FAKE_CRS:
-                sar, sar_transform = _regrid(sar, transform, sar_resolution, sar_crs)
-            else:
-                sar_transform = transform
-            write_geotiff(out / split / "sar" / name, sar, sar_crs, sar_transform, nodata=float("nan"))
-            k += 1
-    return out
-
-
-def _regrid(data: np.ndarray, transform: Affine, resolution: float, crs: str) -> tuple[np.ndarray, Affine]:
-    from rasterio.transform import array_bounds
-    from rasterio.warp import calculate_default_transform
-
-    h, w = data.shape[-2:]
-    bounds = array_bounds(h, w, transform)
-    dst_t, dw, dh = calculate_default_transform(FAKE_CRS, crs, w, h, *bounds,
-                                                resolution=None if crs != FAKE_CRS else resolution)
-    if crs == FAKE_CRS:
-        dst_t, dw, dh = from_origin(bounds[0], bounds[3], resolution, resolution), \
-            math.ceil((bounds[2] - bounds[0]) / resolution), math.ceil((bounds[3] - bounds[1]) / resolution)
-    dst = np.full((data.shape[0], dh, dw), np.nan, np.float32)
-    reproject(data, dst, src_transform=transform, src_crs=CRS.from_string(FAKE_CRS), src_nodata=np.nan,
-              dst_transform=dst_t, dst_crs=CRS.from_string(crs), dst_nodata=np.nan, resampling=Resampling.bilinear)
-    return dst, dst_t
