@@ -64,19 +64,31 @@ def test_band_count_mismatch_names_file_and_key(tmp_path: Path) -> None:
 
 
 def test_off_size_companion_is_resampled_and_reported(tmp_path: Path) -> None:
+    """A companion over the image's extent at another size is resampled and counted; one whose pixels are the
+    right size for another extent (here a quarter of the image) is refused, or warped with resample=true."""
     root = write_fake(tmp_path / "aq", num_train=2, num_val=0, image_size=128, air_size=16)
     stem = sorted((root / "ts_sn").iterdir())[0].stem
     path = root / "t_ap" / companion_names(stem)["CO"]
     with rasterio.open(path) as src:
         profile = src.profile
-    profile.update(height=32, width=32)
-    grid = np.full((12, 32, 32), 3.0, np.float32)
+    half = profile["transform"] @ rasterio.Affine.scale(0.5)
+    profile.update(height=32, width=32, transform=half)  # the same ground, twice as fine
     with rasterio.open(path, "w", **profile) as dst:
-        dst.write(grid)
+        dst.write(np.full((12, 32, 32), 3.0, np.float32))
     layout = AirQualityLayout(str(root), image_size=128, air_size=16)
     sample = layout.read(layout.scan()["train"][0])
     np.testing.assert_allclose(sample.arrays["air"][12:24], 3.0)
     assert layout.resampled == 1 and "resampled" in layout.notes[0]
+    # 32x32 pixels of the air grid's size: twice the image's extent in each direction, from the same origin
+    profile.update(transform=half @ rasterio.Affine.scale(2.0))
+    values = np.arange(32 * 32, dtype=np.float32).reshape(1, 32, 32).repeat(12, 0)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(values)
+    with pytest.raises(DataError, match=r"not on the same grid \(32x32 px vs 16x16 px over the same origin\)") as err:
+        layout.read(layout.scan()["train"][0])
+    assert str(path) in str(err.value) and "dataset.layout.resample=true" in str(err.value)
+    warped = AirQualityLayout(str(root), image_size=128, air_size=16, resample=True).read(layout.scan()["train"][0])
+    np.testing.assert_array_equal(warped.arrays["air"][12], values[0, :16, :16])  # the part over the image
 
 
 def test_prepare_keeps_both_grids_and_skips_a_sample_missing_a_companion(tmp_path: Path) -> None:

@@ -116,7 +116,7 @@ def test_bad_input(s1f_root: Path, tmp_path: Path) -> None:
     assert f"{train[0]}_S2Hand.tif: the file is missing" in joined
     assert f"{train[1]}_S2Hand.tif: S2 has 12 bands" in joined
     assert f"{train[2]}_LabelHand.tif: label values [3]" in joined
-    assert f"{train[3]}_S1Hand.tif: cannot be read" in joined
+    assert f"{train[3]}_S1Hand.tif: cannot be opened as a raster" in joined
     assert {m["source"] for m in store.tiles_meta("val") if m}  # the rest is written
 
 
