@@ -347,7 +347,8 @@ def decode_colour_label(
 
 
 def write_geotiff(path: Path, data: np.ndarray, crs: str | None, transform: Affine | None,
-                  nodata: float | None = None) -> None:
+                  nodata: float | None = None, descriptions: Sequence[str] | None = None) -> None:
+    """A deflate GeoTIFF of (C, H, W) `data`, optionally with band descriptions (fake data and tests)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     profile = {"driver": "GTiff", "height": data.shape[-2], "width": data.shape[-1], "count": data.shape[0],
                "dtype": str(data.dtype), "compress": "deflate"}
@@ -361,3 +362,5 @@ def write_geotiff(path: Path, data: np.ndarray, crs: str | None, transform: Affi
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with rasterio.open(path, "w", **profile) as dst:
             dst.write(data)
+            for k, text in enumerate(descriptions or ()):
+                dst.set_band_description(k + 1, text)

@@ -42,7 +42,7 @@ def test_pixels_masks_and_georeferencing_survive(gt_root: Path) -> None:
     assert store.classes == CLASSES and store.palette[1] == [0, 90, 255]
     opt_vals, sar_vals = [], []
     sources = sorted({m["source"] for m in store.tiles_meta("train") if m})
-    assert len(sources) == 3 and all("/train/label/" in s for s in sources)
+    assert len(sources) == 8 and all("/train/label/" in s for s in sources)
     for src in sources:
         with rasterio.open(src) as r:
             label, transform, crs = r.read(1), r.transform, r.crs
@@ -106,7 +106,8 @@ def test_other_grid_is_refused_unless_resampled(tmp_path: Path, kw: dict, what: 
     assert np.corrcoef(warped[0, both], truth[0, both])[0, 1] > 0.8
 
 
-def test_value_map_split_files_and_bad_input(gt_root: Path, tmp_path: Path) -> None:
+def test_value_map_split_files_and_bad_input(tmp_path: Path) -> None:
+    gt_root = write_fake(tmp_path / "fake", seed=7, per_split=3)  # train/ scene_00-02, val/ scene_03-05
     root = tmp_path / "raw"
     shutil.copytree(gt_root, root)
     (root / "splits").mkdir()

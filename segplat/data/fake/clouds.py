@@ -10,9 +10,10 @@ import numpy as np
 from segplat.data.synthetic import make_scene
 
 
-def write_fake(out_dir: str | Path, seed: int = 0, num_train: int = 8, num_test: int = 2) -> Path:
-    """A tiny Kaggle-clouds tree: non-square PNG triplets (e.g. 88x72) drawn from the synthetic cloud scenes,
-    so thin cloud is visible only in NIR and the label is learnable; BGR colour labels as on Kaggle."""
+def write_fake(out_dir: str | Path, seed: int = 0, num_train: int = 40, num_test: int = 2) -> Path:
+    """A small Kaggle-clouds tree: non-square PNG triplets (e.g. 88x72) drawn from the synthetic cloud scenes,
+    so thin cloud is visible only in NIR and the label is learnable; BGR colour labels as on Kaggle. With the
+    default 40 training images the layout's 15 % hash split holds out 6 of them for validation."""
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     bgr_colours = np.array([[0, 0, 0], [0, 0, 255], [0, 255, 0], [0, 255, 255]], np.uint8)

@@ -16,9 +16,10 @@ from segplat.data.raster import write_geotiff
 FAKE_CRS = "EPSG:32633"
 
 
-def write_fake(out_dir: str | Path, seed: int = 0, per_split: int = 3, sar_resolution: float = 10.0,
+def write_fake(out_dir: str | Path, seed: int = 0, per_split: int | None = None, sar_resolution: float = 10.0,
                sar_crs: str = FAKE_CRS) -> Path:
-    """Projected GeoTIFFs as a user might have them: `{train,val}/{optical,sar,label}/scene_XX.tif`.
+    """Projected GeoTIFFs as a user might have them: `{train,val}/{optical,sar,label}/scene_XX.tif`, 8 train and
+    3 val scenes (or `per_split` of each).
 
     optical: uint16 red/green/blue/nir, nodata 0, with a no-data border; sar: float32 vv/vh, nodata NaN;
     label: uint8 classes 0 background, 1 water, 2 building, 255 outside the footprint. Sizes are
@@ -28,8 +29,8 @@ def write_fake(out_dir: str | Path, seed: int = 0, per_split: int = 3, sar_resol
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     k = 0
-    for split in ("train", "val"):
-        for _ in range(per_split):
+    for split, n in (("train", per_split or 8), ("val", per_split or 3)):
+        for _ in range(n):
             h, w = int(rng.integers(70, 100)), int(rng.integers(90, 130))
             label = fake_scene(rng, h, w, 3)
             border = int(rng.integers(3, 9))

@@ -40,9 +40,14 @@ def _eroded(label: np.ndarray) -> np.ndarray:
     return colour
 
 
-def write_fake_vaihingen(out_dir: str | Path, seed: int = 0, ids: tuple[str, ...] = ("1", "3", "5", "2", "4"),
+VAIHINGEN_IDS = ("1", "3", "5", "11", "13", "7", "37", "2", "4")  # train ..., val 7 37 (conf), test 2 4
+POTSDAM_IDS = ("2_10", "2_11", "6_7", "7_7", "6_12", "7_12", "3_13", "5_15")  # val 6_12 7_12 (conf), test 3_13 5_15
+
+
+def write_fake_vaihingen(out_dir: str | Path, seed: int = 0, ids: tuple[str, ...] = VAIHINGEN_IDS,
                          labels_at_root: bool = False) -> Path:
-    """top/ (IRRG uint8), dsm/ (float32), ndsm/ (bmp), gts_for_participants/ and gts_eroded_for_participants/."""
+    """top/ (IRRG uint8), dsm/ (float32), ndsm/ (bmp), gts_for_participants/ and gts_eroded_for_participants/;
+    the default areas give the shipped config 5 training, 2 validation and 2 test areas."""
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     for k, tid in enumerate(ids):
@@ -62,10 +67,10 @@ def write_fake_vaihingen(out_dir: str | Path, seed: int = 0, ids: tuple[str, ...
     return out
 
 
-def write_fake_potsdam(out_dir: str | Path, seed: int = 0,
-                       ids: tuple[str, ...] = ("2_10", "2_11", "6_7", "3_13", "5_15")) -> Path:
+def write_fake_potsdam(out_dir: str | Path, seed: int = 0, ids: tuple[str, ...] = POTSDAM_IDS) -> Path:
     """All Potsdam folders (RGB, IRRG, RGBIR, DSM, nDSM, labels, noBoundary labels) with its known defects:
-    3_13's DSM and nDSM one column short, and a few off-palette (252, 255, 0) label pixels."""
+    3_13's DSM and nDSM one column short, and a few off-palette (252, 255, 0) label pixels; the default tiles
+    give the shipped config 4 training, 2 validation and 2 test tiles."""
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     crs = "EPSG:32633"

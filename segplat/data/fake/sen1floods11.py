@@ -24,7 +24,7 @@ def write_fake(out_dir: str | Path, seed: int = 0, per_split: dict[str, int] | N
     split_dir = out / "v1.1" / "splits" / "flood_handlabeled"
     split_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    counts = per_split or {"train": 4, "val": 2, "test": 2, "bolivia": 1}
+    counts = per_split or {"train": 12, "val": 4, "test": 2, "bolivia": 2}
     events = ["Ghana", "India", "Mekong", "Paraguay", "Spain", "USA"]
     k = 0
     for split, n in counts.items():

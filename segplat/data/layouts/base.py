@@ -235,4 +235,12 @@ def build_layout(cfg: Mapping[str, Any], root: str | None) -> Layout:
         raise ConfigError(f"dataset.layout._target_={target} cannot be imported; check the dataset config.") from err
     if isinstance(cls, type) and issubclass(cls, Layout):
         cls.check_config(cfg)
-    return instantiate(cfg, root=root)
+    try:
+        return instantiate(cfg, root=root)
+    except Exception as err:  # Hydra wraps what the constructor raises; the user's error is the one to show
+        from segplat.utils.task import user_error_in
+
+        user_error = user_error_in(err)
+        if user_error is None:
+            raise
+        raise user_error from None
