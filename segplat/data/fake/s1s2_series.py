@@ -20,10 +20,10 @@ SIGNATURE = np.array([[0, 1, 0, -1, 1, 2, 2, 1, -1, 0], [1, 0, 1, 0, -1, 0, 1, 2
                       [0, 0, 2, 1, 0, 1, 2, 0, -1, -1]], np.float32)  # row 0: background
 
 
-def write_fake(out: str | Path, num_patches: int = 20, size: int = 32, s2_times: tuple[int, int] = (5, 8),
+def write_fake(out: str | Path, num_patches: int = 40, size: int = 32, s2_times: tuple[int, int] = (5, 8),
                s1_times: tuple[int, int] = (6, 9), seed: int = 0) -> Path:
     """A tiny PASTIS-R tree: int16 S2 and float32 S1A/S1D .npy stacks, TARGET .npy with void pixels,
-    metadata.geojson with folds 1-5 (20 patches: 12 train, 4 val, 4 test with the default folds) and date
+    metadata.geojson with folds 1-5 (40 patches: 24 train, 8 val, 8 test with the default folds) and date
     dicts; one S2 date per patch is all no-data (a cloud-masked acquisition), so date dropping is exercised.
     Four crops in large parcels differ in their spectral signature and NDVI-like time profile, so a small
     model learns them within a few epochs."""
