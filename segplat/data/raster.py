@@ -206,7 +206,7 @@ def same_extent(grid: Grid, ref: Grid, tolerance_px: float = GRID_TOLERANCE_PX) 
 
 
 def grid_relation(grid: Grid, path: str | Path, ref: Grid, ref_path: str | Path, resample: bool,
-                  resample_key: str = "dataset.layout.resample", plain_ok: bool = False,
+                  resample_key: str | None = "dataset.layout.resample", plain_ok: bool = False,
                   check_size: bool = True) -> str:
     """How `path` pairs with the reference `ref_path`: "same" (the same grid: pair pixel for pixel), "warp" (another
     grid, both georeferenced and `resample` asks to warp), "plain" (`plain_ok` and one of them carries no
@@ -220,8 +220,10 @@ def grid_relation(grid: Grid, path: str | Path, ref: Grid, ref_path: str | Path,
     both_geo = grid.georeferenced and ref.georeferenced
     if resample and both_geo:
         return "warp"
-    if both_geo:
+    if both_geo and resample_key:
         fix = f"set {resample_key}=true to warp the first onto the grid of the second, or fix the file"
+    elif both_geo:
+        fix = "warp the first onto the grid of the second (e.g. gdalwarp with its CRS, -te and -tr), or fix the file"
     else:
         fix = "georeference the file (the CRS and transform of the ground it shows) or fix its size"
     raise DataError(f"{path} and {ref_path} are not on the same grid ({diff}); {fix}.")

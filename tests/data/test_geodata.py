@@ -285,3 +285,26 @@ def test_unreadable_first_file_is_skipped_and_counted(tmp_path: Path) -> None:
     (reason,) = store.meta["skipped"]
     assert reason.startswith(f"{root}/train/optical/a.tif: cannot be")
     assert len({m["source"] for m in store.tiles_meta("train") if m}) == 2
+
+
+def test_prediction_inputs_are_checked_on_the_full_grid(tmp_path: Path) -> None:
+    """`segplat.predict` pairs the modalities of a scene by the same rule (a 0.4 px shift used to pass)."""
+    from types import SimpleNamespace
+
+    from segplat.data.layouts.base import ModalitySpec
+    from segplat.predict import check_scene_alignment, read_geotiff
+
+    t = from_origin(X0, Y0, PX, PX)
+    write_geotiff(tmp_path / "rgb.tif", np.ones((3, H, W), np.uint8), UTM, t)
+    write_geotiff(tmp_path / "nir.tif", np.ones((1, H, W), np.uint8), UTM, from_origin(X0 + 0.4 * PX, Y0, PX, PX))
+    coarse = from_origin(X0, Y0, 2 * PX, 2 * PX)
+    write_geotiff(tmp_path / "air.tif", np.ones((2, H // 2, W // 2), np.float32), UTM, coarse)
+    specs = {"rgb": ModalitySpec(("r", "g", "b")), "nir": ModalitySpec(("n",)),
+             "air": ModalitySpec(("a", "b"), dtype="float32", scale=0.5)}
+    loaded = SimpleNamespace(modalities=["rgb", "nir"], specs=specs)
+    profiles = {m: read_geotiff(tmp_path / f"{m}.tif")[1] for m in ("rgb", "nir")}
+    with pytest.raises(DataError, match=r"nir.tif and .*rgb.tif are not on the same grid \(origin .*: \+0.40 px "
+                                        r"across, \+0.00 px down\); warp the first onto the grid of the second"):
+        check_scene_alignment(profiles, loaded)
+    loaded = SimpleNamespace(modalities=["rgb", "air"], specs=specs)
+    check_scene_alignment({m: read_geotiff(tmp_path / f"{m}.tif")[1] for m in ("rgb", "air")}, loaded)  # nested grid
