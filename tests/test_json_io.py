@@ -75,3 +75,18 @@ def test_json_files_are_written_through_the_strict_helper() -> None:
     modules = sorted(str(p.relative_to(REPO)) for p in (REPO / "segplat").rglob("*.py"))
     offenders = [m for m in modules if m not in allowed and re.search(r"json\.dumps?\(", (REPO / m).read_text())]
     assert offenders == [], f"{offenders} write JSON without segplat.utils.io.dumps_json"
+
+
+def test_every_json_file_of_a_store_with_nan_nodata_is_strict(tmp_path: Path) -> None:
+    from segplat.data.fake.sen1floods11 import write_fake
+    from segplat.data.layouts.sen1floods11 import Sen1Floods11Layout
+    from segplat.data.store import PatchStore, prepare_store
+
+    root = write_fake(tmp_path / "raw", seed=1, per_split={"train": 2, "val": 1})
+    path = prepare_store(Sen1Floods11Layout(str(root), splits=["train", "val"]), tmp_path / "s.zarr", 64,
+                         progress=False)
+    files = sorted(path.rglob("*.json"))
+    assert len(files) > 5
+    for f in files:
+        strict_loads(f.read_text())
+    assert math.isnan(PatchStore(path).modalities["s1"].nodata)  # the S1 nodata (NaN) survives as "nan"

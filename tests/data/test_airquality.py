@@ -133,3 +133,20 @@ def test_one_training_epoch(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["epochs_completed"] == 1 and np.isfinite(score)
     assert set(summary["per_class_iou"]) == {"background", "industrial_urban"}
+
+
+def test_a_shifted_mask_is_refused_or_warped(tmp_path: Path) -> None:
+    root = write_fake(tmp_path / "aq", num_train=1, num_val=0, image_size=128, air_size=16)
+    layout = AirQualityLayout(str(root), image_size=128, air_size=16)
+    ref = layout.scan()["train"][0]
+    with rasterio.open(ref.files["mask"]) as src:
+        profile, mask = src.profile, src.read()
+    profile.update(transform=profile["transform"] @ rasterio.Affine.translation(0, 8))  # 8 rows south
+    with rasterio.open(ref.files["mask"], "w", **profile) as dst:
+        dst.write(mask)
+    with pytest.raises(DataError, match=r"tl_sn/.*.tif and .*ts_sn/.*.tif are not on the same grid \(origin .*: "
+                                        r"\+0.00 px across, \+8.00 px down\)"):
+        layout.read(ref)
+    label = AirQualityLayout(str(root), image_size=128, air_size=16, resample=True).read(ref).label
+    np.testing.assert_array_equal(label[8:], np.where(mask[0, :-8] == 10, 1, 0))
+    assert (label[:8] == 255).all()  # no mask there: ignored, not background

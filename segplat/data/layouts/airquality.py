@@ -44,6 +44,7 @@ from segplat.data.raster import (
     read_on_grid,
     read_raster,
     same_extent,
+    warp_to_grid,
 )
 from segplat.errors import ConfigError, DataError
 
@@ -224,11 +225,11 @@ class AirQualityLayout(Layout):
 
     def _read_mask(self, path: str, image: Grid, image_path: str) -> np.ndarray:
         raw, header = read_raster(path, [1])
-        relation = grid_relation(Grid.of(header), path, image, image_path, resample=False, plain_ok=True,
-                                 check_size=False)
+        grid = Grid.of(header)
+        relation = grid_relation(grid, path, image, image_path, self.resample, plain_ok=True, check_size=False)
         self.plain_pairs += relation == "plain"
         raw = raw[0]
-        if raw.shape != (image.height, image.width):
+        if relation != "warp" and raw.shape != (image.height, image.width):
             raise DataError(f"{path}: the mask is {raw.shape[0]}x{raw.shape[1]} but its image is "
                             f"{image.height}x{image.width}; the mask does not belong to the image.")
         if raw.min() < 0 or raw.max() > 255:
@@ -240,7 +241,11 @@ class AirQualityLayout(Layout):
             raise DataError(f"{path}: mask values {values} are not in dataset.layout.mask_values "
                             f"{self.mask_values}; add them to the table or set "
                             "dataset.layout.unknown_mask_values=ignore.")
-        return label.astype(np.uint8)
+        label = label.astype(np.uint8)
+        if relation == "warp":  # classes by nearest neighbour; where the mask does not reach: ignored
+            warped, covered = warp_to_grid(label[None], grid, image, self.ignore_index, Resampling.nearest)
+            label = np.where(covered, warped[0], self.ignore_index).astype(np.uint8)
+        return label
 
     def _read_air(self, path: str, image: Grid, image_path: str) -> np.ndarray:
         """One companion's (selected) bands on the air grid: the image grid coarsened by image_size / air_size."""
