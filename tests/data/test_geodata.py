@@ -308,3 +308,14 @@ def test_prediction_inputs_are_checked_on_the_full_grid(tmp_path: Path) -> None:
         check_scene_alignment(profiles, loaded)
     loaded = SimpleNamespace(modalities=["rgb", "air"], specs=specs)
     check_scene_alignment({m: read_geotiff(tmp_path / f"{m}.tif")[1] for m in ("rgb", "air")}, loaded)  # nested grid
+
+
+def test_keys_that_would_not_take_effect_are_refused(tmp_path: Path) -> None:
+    mods = {"o": {"glob": "*.tif", "bands": ["a"]}}
+    with pytest.raises(ConfigError, match=r"label\.colour=true reads bands 1-3"):
+        GeoTiffLayout(str(tmp_path), modalities=mods, label={"colour": True, "band": 2}, classes=["a"])
+    with pytest.raises(ConfigError, match="tolerance and ignore_colours apply to colour labels only"):
+        GeoTiffLayout(str(tmp_path), modalities=mods, label={"tolerance": 8}, classes=["a"])
+    with pytest.raises(ConfigError, match=r"splits and dataset\.layout\.split_files are both set"):
+        GeoTiffLayout(str(tmp_path), modalities=mods, classes=["a"], splits={"train": "*"},
+                      split_files={"train": "t.txt"})

@@ -129,6 +129,12 @@ class GeoTiffLayout(Layout):
         self.label_cfg = LabelConfig(**{**asdict(lab), "glob": _globbed(lab.glob, lab.folder, lab.pattern),
                                         "folder": None, "pattern": None,
                                         "ignore_colours": tuple(tuple(c) for c in lab.ignore_colours or ())})
+        if self.label_cfg.colour and (self.label_cfg.band != 1 or value_map):
+            raise ConfigError("dataset.layout.label.colour=true reads bands 1-3 as RGB and decodes them with the "
+                              "palette, so label.band and value_map do not apply; remove them or set colour=false.")
+        if not self.label_cfg.colour and (self.label_cfg.tolerance or self.label_cfg.ignore_colours):
+            raise ConfigError("dataset.layout.label.tolerance and ignore_colours apply to colour labels only; remove "
+                              "them or set label.colour=true.")
         self.classes = tuple(plain(classes) or ())
         if not self.classes:
             raise ConfigError("dataset.layout.classes is empty; list the class names in label-index order.")
@@ -145,6 +151,9 @@ class GeoTiffLayout(Layout):
             raise ConfigError(f"dataset.layout.stem_regex={stem_regex!r} is not a valid regex ({err}).") from err
         self.split_globs = plain(splits) or {}
         self.split_files = plain(split_files) or {}
+        if self.split_globs and self.split_files:
+            raise ConfigError("dataset.layout.splits and dataset.layout.split_files are both set; keep one of them "
+                              "(the other would be ignored).")
         self.val_fraction = float(val_fraction)
         self.seed = int(seed)
         self.resample = bool(resample)
