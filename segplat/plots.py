@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from segplat.utils.io import atomic_write
+from segplat.utils.io import atomic_write, read_jsonl
 
 
 def _pyplot():
@@ -47,12 +46,7 @@ def plot_curves(metrics_jsonl: Path, path: Path, monitor: str = "val/miou") -> b
     """Loss and monitored-metric curves per epoch from a run's metrics.jsonl; False if nothing to plot."""
     if not metrics_jsonl.exists():
         return False
-    records = []
-    for line in metrics_jsonl.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    records = read_jsonl(metrics_jsonl)  # null (absent class) reads back as NaN
     if not records:
         return False
     plt = _pyplot()

@@ -43,23 +43,23 @@ def read_geotiff(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def check_scene_alignment(profiles: Mapping[str, dict[str, Any]], loaded: LoadedModel) -> None:
-    """Modalities of one scene must share the CRS and the extent; their sizes must follow the model's scales."""
-    names = list(profiles)
-    first = profiles[names[0]]
-    for m in names[1:]:
-        p = profiles[m]
-        if (p["crs"] is None) != (first["crs"] is None) or (p["crs"] is not None and p["crs"] != first["crs"]):
-            raise DataError(f"{p['path']} is in {p['crs']} but {first['path']} is in {first['crs']}; reproject the "
-                            "modalities of a scene to one CRS.")
-        if first["crs"] is not None:
-            tol = abs(first["transform"].a)
-            if any(abs(a - b) > tol for a, b in zip(p["bounds"], first["bounds"])):
-                raise DataError(f"{p['path']} covers {tuple(round(v, 3) for v in p['bounds'])} but {first['path']} "
-                                f"covers {tuple(round(v, 3) for v in first['bounds'])}; crop them to one extent.")
+    """Modalities of one scene must lie on the primary's grid (README "Geodata rules"), coarsened by the model's
+    scale for coarser streams; their sizes must follow the model's scales."""
+    from rasterio.transform import Affine
+
+    from segplat.data.raster import Grid, grid_relation
+
     primary = loaded.modalities[0]
-    for m in names:
+    ref = Grid.of(profiles[primary])
+    for m in profiles:
         spec = loaded.specs[m]
-        want = (round(profiles[primary]["height"] * spec.scale), round(profiles[primary]["width"] * spec.scale))
+        want = (round(ref.height * spec.scale), round(ref.width * spec.scale))
+        if spec.scale == 1:
+            expected = ref
+        else:
+            expected = ref.scaled(1 / spec.scale, *want) if ref.georeferenced else Grid(None, Affine.identity(), *want)
+        grid_relation(Grid.of(profiles[m]), profiles[m]["path"], expected, profiles[primary]["path"], resample=False,
+                      resample_key=None)
         have = (profiles[m]["height"], profiles[m]["width"])
         if have != want:
             raise DataError(f"{profiles[m]['path']} is {have[0]}x{have[1]} pixels but the model expects {want[0]}x"

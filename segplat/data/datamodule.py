@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
 from segplat.data.augment_copy_paste import StoreDonor
 from segplat.data.dataset import PatchDataset, collate
-from segplat.data.layouts.base import Layout, ModalitySpec
+from segplat.data.layouts.base import Layout, ModalitySpec, build_layout
 from segplat.data.preprocess import PhotometricAugment, Preprocessor
 from segplat.data.store import PatchStore, is_complete, prepare_store
 from segplat.data.transforms import build_augment
@@ -157,7 +156,7 @@ class DataModule:
         if not isinstance(cfg, DictConfig):
             cfg = OmegaConf.create(dict(cfg))
         root = str(Path(self.root).expanduser()) if self.root else None
-        return instantiate(cfg, root=root)
+        return build_layout(cfg, root)  # unknown keys stop here, before any file is read
 
     def resolve_store_path(self, layout: Layout) -> Path:
         if self.store_path:

@@ -1,18 +1,20 @@
-"""`python -m segplat.data.inspect dataset=NAME [dataset.root=DIR] [out=DIR] [split=train] [num=8]`.
+"""`python -m segplat.data.inspect dataset=NAME [dataset.root=DIR] [run_name=NAME] [out=DIR] [split=train] [num=8]`.
 
 Looks at a prepared store the way the model will see it, before any training: per-band
-histograms over valid pixels (catches wrong scaling, nodata leaking in, swapped bands), class
+histograms over valid pixels (the store's `valid` mask, so the padding around scenes smaller than a
+tile never counts, and no nodata; catches wrong scaling, nodata leaking in, swapped bands), class
 frequencies (imbalance, a wrong mask table), a PNG grid of patches per modality with the label
 overlaid in the dataset's palette (misregistration, wrong band order), and for temporal streams
 the per-band mean over valid pixels along the dates (empty or padded dates, date offsets).
 
 Everything else on the command line is a Hydra override of the train config (`dataset=...`,
-`dataset.root=...`, `dataset.tile_size=...`); the store is prepared first if it is missing.
+`dataset.root=...`, `dataset.tile_size=...`, `run_name=...`); the store is prepared first if it is
+missing. The plots go to `logs/inspect/<run_name>/` (`paths.log_dir`, like every task; `out=DIR` to
+put them elsewhere).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from segplat.errors import ConfigError
+from segplat.utils.io import atomic_write_json
 from segplat.utils.task import user_error_in
 
 OWN_KEYS = ("out", "split", "num", "seed")
@@ -40,12 +43,22 @@ def parse_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     return own, overrides
 
 
-def _valid_values(arr: np.ndarray, nodata: float | None) -> np.ndarray:
+def _valid_values(arr: np.ndarray, nodata: float | None, valid: np.ndarray | None = None) -> np.ndarray:
+    """The values of `arr` (..., h, w) that are data: inside the store's `valid` mask (h, w), finite, not nodata."""
     a = arr.astype(np.float64)
     ok = np.isfinite(a)
     if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
         ok &= a != nodata
+    if valid is not None:
+        ok &= np.broadcast_to(valid, a.shape)
     return a[ok]
+
+
+def _valid_on(group: Any, index: int, shape: tuple[int, int]) -> np.ndarray:
+    """The tile's valid mask (False on padding and where every modality is nodata) on a modality's grid."""
+    from segplat.data.store import _resize_nearest_mask
+
+    return _resize_nearest_mask(np.asarray(group["valid"][index]), shape)
 
 
 def _display(arr: np.ndarray, stats: dict[str, list[float]], nodata: float | None) -> np.ndarray:
@@ -124,8 +137,11 @@ def inspect_store(store_path: str | Path, out: str | Path, split: str = "train",
         fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.2 * rows), squeeze=False)
         band_summary = {}
         data = [np.asarray(group[name][i]) for i in pick]
+        masks = [_valid_on(group, i, d.shape[-2:]) for i, d in zip(pick, data)]
+        if spec.temporal:  # padded dates are not data either
+            masks = [m[None] & (np.asarray(group[f"{name}_dates"][i]) >= 0)[:, None, None] for i, m in zip(pick, masks)]
         for b, band in enumerate(spec.bands):
-            vals = np.concatenate([_valid_values(d[..., b, :, :], spec.nodata) for d in data])
+            vals = np.concatenate([_valid_values(d[..., b, :, :], spec.nodata, m) for d, m in zip(data, masks)])
             ax = axes[b // cols][b % cols]
             if vals.size:
                 ax.hist(vals, bins=64, color="steelblue")
@@ -172,14 +188,13 @@ def inspect_store(store_path: str | Path, out: str | Path, split: str = "train",
         if spec.temporal:
             fig, axes = plt.subplots(1, min(nb, 4), figsize=(3.2 * min(nb, 4), 2.6), squeeze=False)
             lengths = []
-            for i, d in zip(pick, data):
+            for i, d, m in zip(pick, data, masks):
                 dates = np.asarray(group[f"{name}_dates"][i])
                 real = dates >= 0
                 lengths.append(int(real.sum()))
                 for b in range(min(nb, 4)):
-                    means = [(_valid_values(d[t, b], spec.nodata).mean() if _valid_values(d[t, b], spec.nodata).size
-                              else np.nan) for t in np.nonzero(real)[0]]
-                    axes[0][b].plot(dates[real], means, marker=".", lw=0.8)
+                    values = [_valid_values(d[t, b], spec.nodata, m[t]) for t in np.nonzero(real)[0]]
+                    axes[0][b].plot(dates[real], [v.mean() if v.size else np.nan for v in values], marker=".", lw=0.8)
             for b in range(min(nb, 4)):
                 axes[0][b].set_title(spec.bands[b], fontsize=8)
                 axes[0][b].set_xlabel("day offset", fontsize=7)
@@ -192,7 +207,7 @@ def inspect_store(store_path: str | Path, out: str | Path, split: str = "train",
             mod_summary["dates_per_tile"] = lengths
         summary["modalities"][name] = mod_summary
     summary["files"] = files
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out / "summary.json", summary)
     return summary
 
 
@@ -209,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = compose(config_name="train", overrides=overrides)
         dm = instantiate(cfg.dataset)
         dm.setup()
-        out = Path(own.get("out") or Path("inspect") / str(cfg.dataset.name))
+        out = Path(own.get("out") or Path(cfg.paths.log_dir) / "inspect" / str(cfg.run_name))
         summary = inspect_store(dm.store_path, out, own.get("split", dm.train_split), int(own.get("num", 8)),
                                 int(own.get("seed", 0)))
     except Exception as err:

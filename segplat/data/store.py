@@ -148,9 +148,16 @@ class StoreWriter:
                 self._write_split(root, split, refs)
         written = [s for s in splits if s in root and any(m is not None for m in root[s].attrs["tiles"])]
         if not written:
-            raise DataError(f"every sample of dataset {self.layout.name} under {self.layout.root} was skipped: "
-                            + "; ".join(self.skipped[:3]))
-        stats = self._compute_stats(root, "train" if "train" in written else written[0])
+            shutil.rmtree(self.partial, ignore_errors=True)  # nothing in it is worth resuming
+            first = self.skipped[0].rstrip(".") if self.skipped else "no sample has a tile"
+            raise DataError(f"every one of the {sum(len(r) for r in splits.values())} samples of dataset "
+                            f"{self.layout.name} under {self.layout.root} was skipped (the log names each; the first: "
+                            f"{first}).")
+        try:
+            stats = self._compute_stats(root, "train" if "train" in written else written[0])
+        except DataError:
+            shutil.rmtree(self.partial, ignore_errors=True)  # a dead modality: the store must be rebuilt
+            raise
         meta = dict(root.attrs["segplat"])
         meta["stats"] = stats
         meta["skipped"] = self.skipped
@@ -165,8 +172,9 @@ class StoreWriter:
             self.path.rename(stale)
             shutil.rmtree(stale, ignore_errors=True)
         self.partial.rename(self.path)
-        counts = {s: len(r) for s, r in splits.items()}
-        log.info("prepared %s: samples per split %s, skipped %d", self.path, counts, len(self.skipped))
+        group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+        counts = {s: len({m["source"] for m in group[s].attrs["tiles"] if m is not None}) for s in written}
+        log.info("prepared %s: samples written per split %s, skipped %d", self.path, counts, len(self.skipped))
         return self.path
 
     # -- internals ------------------------------------------------------------------------------
@@ -263,7 +271,7 @@ class StoreWriter:
                 continue
             try:
                 sample = self.layout.read(plan.ref)
-                self._validate(sample, tuple(shapes[i]))
+                self._validate(sample, tuple(shapes[i]), plan.ref)
             except DataError as err:
                 self.skipped.append(str(err))
                 log.warning("skipped: %s", err)
@@ -281,7 +289,7 @@ class StoreWriter:
             return tuple(shape_fn(ref))
         return tuple(self.layout.read(ref).label.shape)
 
-    def _validate(self, sample: Sample, shape: tuple[int, int]) -> None:
+    def _validate(self, sample: Sample, shape: tuple[int, int], ref: SampleRef | None = None) -> None:
         mods = self.layout.modalities
         if tuple(sample.label.shape) != shape:
             raise DataError(f"{sample.source}: label is {sample.label.shape} but was {shape} when the "
@@ -298,9 +306,11 @@ class StoreWriter:
                 raise DataError(f"{sample.source}: {name} has {arr.shape[-3]} bands, expected {len(spec.bands)} "
                                 f"({', '.join(spec.bands)}).")
         check_label_values(sample.label, len(self.layout.classes), self.layout.ignore_index, sample.source)
-        primary = next(iter(mods))
-        if _nodata_mask(sample.arrays[primary], mods[primary].nodata).all():
-            raise DataError(f"{sample.source}: every pixel of {primary} is no-data; the tile carries nothing.")
+        for name, spec in mods.items():  # a modality with no data would train the model on a dead input
+            if _nodata_mask(sample.arrays[name], spec.nodata).all():
+                path = (ref.files.get(name) if ref is not None else None) or sample.source
+                raise DataError(f"{path}: every pixel of {name} is no-data in this sample, so the sample was skipped "
+                                "(replace the file or remove the sample).")
 
     def _write_tile(self, group: zarr.Group, idx: int, sample: Sample,
                     window: tuple[int, int, int, int]) -> dict[str, Any]:
@@ -384,6 +394,12 @@ class StoreWriter:
                         merged = np.concatenate(reservoirs[b])
                         reservoirs[b] = [rng.choice(merged, MAX_STAT_SAMPLES, replace=False)]
                         kept[b] = MAX_STAT_SAMPLES
+            if not count.all():
+                dead = [spec.bands[b] for b in range(c) if count[b] == 0]
+                which = f"band {dead[0]}" + (f" and {len(dead) - 1} more" if len(dead) > 1 else "")
+                raise DataError(f"{name} has no valid pixel in the whole {split} split ({which}: every pixel is "
+                                "no-data), so it can be neither normalised nor learnt from; check its nodata value, "
+                                "its files and their overlap with the label, or leave the modality out.")
             mean = np.divide(total, np.maximum(count, 1))
             var = np.maximum(np.divide(total_sq, np.maximum(count, 1)) - mean**2, 0.0)
             p2, p98 = [], []

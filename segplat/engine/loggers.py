@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from segplat.utils.io import atomic_write_text
+from segplat.utils.io import atomic_write_text, dumps_json
 
 log = logging.getLogger("segplat")
 
@@ -32,7 +32,7 @@ class JsonlLogger:
 
     def log(self, record: Mapping[str, Any]) -> None:
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(dict(record), default=float) + "\n")
+            fh.write(dumps_json(dict(record)) + "\n")  # NaN (an absent class) as null: strict JSON
             fh.flush()
             os.fsync(fh.fileno())
 

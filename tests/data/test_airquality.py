@@ -10,7 +10,8 @@ import pytest
 import rasterio
 
 from segplat.data.dataset import PatchDataset
-from segplat.data.layouts.airquality import AirQualityLayout, companion_names, write_fake
+from segplat.data.fake.airquality import write_fake
+from segplat.data.layouts.airquality import AirQualityLayout, companion_names
 from segplat.data.store import PatchStore, prepare_store
 from segplat.errors import ConfigError, DataError
 from tests.conftest import compose_train
@@ -63,19 +64,31 @@ def test_band_count_mismatch_names_file_and_key(tmp_path: Path) -> None:
 
 
 def test_off_size_companion_is_resampled_and_reported(tmp_path: Path) -> None:
+    """A companion over the image's extent at another size is resampled and counted; one whose pixels are the
+    right size for another extent (here a quarter of the image) is refused, or warped with resample=true."""
     root = write_fake(tmp_path / "aq", num_train=2, num_val=0, image_size=128, air_size=16)
     stem = sorted((root / "ts_sn").iterdir())[0].stem
     path = root / "t_ap" / companion_names(stem)["CO"]
     with rasterio.open(path) as src:
         profile = src.profile
-    profile.update(height=32, width=32)
-    grid = np.full((12, 32, 32), 3.0, np.float32)
+    half = profile["transform"] @ rasterio.Affine.scale(0.5)
+    profile.update(height=32, width=32, transform=half)  # the same ground, twice as fine
     with rasterio.open(path, "w", **profile) as dst:
-        dst.write(grid)
+        dst.write(np.full((12, 32, 32), 3.0, np.float32))
     layout = AirQualityLayout(str(root), image_size=128, air_size=16)
     sample = layout.read(layout.scan()["train"][0])
     np.testing.assert_allclose(sample.arrays["air"][12:24], 3.0)
     assert layout.resampled == 1 and "resampled" in layout.notes[0]
+    # 32x32 pixels of the air grid's size: twice the image's extent in each direction, from the same origin
+    profile.update(transform=half @ rasterio.Affine.scale(2.0))
+    values = np.arange(32 * 32, dtype=np.float32).reshape(1, 32, 32).repeat(12, 0)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(values)
+    with pytest.raises(DataError, match=r"not on the same grid \(32x32 px vs 16x16 px over the same origin\)") as err:
+        layout.read(layout.scan()["train"][0])
+    assert str(path) in str(err.value) and "dataset.layout.resample=true" in str(err.value)
+    warped = AirQualityLayout(str(root), image_size=128, air_size=16, resample=True).read(layout.scan()["train"][0])
+    np.testing.assert_array_equal(warped.arrays["air"][12], values[0, :16, :16])  # the part over the image
 
 
 def test_prepare_keeps_both_grids_and_skips_a_sample_missing_a_companion(tmp_path: Path) -> None:
@@ -120,3 +133,20 @@ def test_one_training_epoch(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["epochs_completed"] == 1 and np.isfinite(score)
     assert set(summary["per_class_iou"]) == {"background", "industrial_urban"}
+
+
+def test_a_shifted_mask_is_refused_or_warped(tmp_path: Path) -> None:
+    root = write_fake(tmp_path / "aq", num_train=1, num_val=0, image_size=128, air_size=16)
+    layout = AirQualityLayout(str(root), image_size=128, air_size=16)
+    ref = layout.scan()["train"][0]
+    with rasterio.open(ref.files["mask"]) as src:
+        profile, mask = src.profile, src.read()
+    profile.update(transform=profile["transform"] @ rasterio.Affine.translation(0, 8))  # 8 rows south
+    with rasterio.open(ref.files["mask"], "w", **profile) as dst:
+        dst.write(mask)
+    with pytest.raises(DataError, match=r"tl_sn/.*.tif and .*ts_sn/.*.tif are not on the same grid \(origin .*: "
+                                        r"\+0.00 px across, \+8.00 px down\)"):
+        layout.read(ref)
+    label = AirQualityLayout(str(root), image_size=128, air_size=16, resample=True).read(ref).label
+    np.testing.assert_array_equal(label[8:], np.where(mask[0, :-8] == 10, 1, 0))
+    assert (label[:8] == 255).all()  # no mask there: ignored, not background

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from segplat.data.fake.clouds import write_fake as write_clouds
+from segplat.data.fake.s1s2_series import write_fake
 from segplat.data.inspect import main, parse_args
-from segplat.data.layouts.s1s2_series import write_fake
 from segplat.data.store import PatchStore
 
 SYNTHETIC = ["dataset=synthetic", "dataset.layout.num_train=6", "dataset.layout.num_val=2",
@@ -51,3 +53,24 @@ def test_inspect_series_plots_dates(tmp_path: Path) -> None:
 def test_inspect_reports_a_missing_root(capsys) -> None:
     assert main(["dataset=s1s2_series", "dataset.root=/nonexistent/pastis"]) == 2
     assert "dataset.root" in capsys.readouterr().err
+
+
+def test_histograms_count_only_the_stores_valid_pixels_and_go_under_logs(tmp_path: Path, monkeypatch) -> None:
+    """Scenes smaller than the tile: the padding around them is neither a histogram value nor `valid`."""
+    root = write_clouds(tmp_path / "clouds", num_train=7, num_test=0)
+    monkeypatch.setenv("SEGPLAT_LOG_DIR", str(tmp_path / "logs"))
+    assert main(["dataset=clouds", f"dataset.root={root}", "dataset.tile_size=128", "dataset.patch_size=128",
+                 "dataset.layout.val_fraction=0", "trainer.progress=false", "run_name=look", "num=7"]) == 0
+    out = tmp_path / "logs" / "inspect" / "look"
+    summary = json.loads((out / "summary.json").read_text())
+    store = PatchStore(summary["store"])
+    windows = [store.tiles_meta("train")[i]["window"] for i in summary["patches"]]
+    inside = sum(h * w for _, _, h, w in windows)
+    assert all(h * w < 128 * 128 for _, _, h, w in windows) and len(windows) == 7
+    assert summary["modalities"]["rgb"]["bands"]["red"]["valid"] == inside  # not 7 x 128^2
+    group = store.split("train")
+    red = np.concatenate([np.asarray(group["rgb"][i])[0, :h, :w].ravel()
+                          for i, (_, _, h, w) in zip(summary["patches"], windows)]).astype(np.float64)
+    assert summary["modalities"]["rgb"]["bands"]["red"]["mean"] == pytest.approx(red.mean())
+    assert summary["modalities"]["nir"]["bands"]["nir"]["valid"] == inside
+    assert (out / "histograms_rgb.png").stat().st_size > 1000

@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from segplat.data.layouts.clouds import CloudsLayout, write_fake
+from segplat.data.fake.clouds import write_fake
+from segplat.data.layouts.clouds import CloudsLayout
 from segplat.data.store import prepare_store
 from segplat.errors import ConfigError, DataError
 from tests.data.conftest import (

@@ -11,7 +11,9 @@ import pytest
 import rasterio
 from rasterio.windows import Window
 
-from segplat.data.layouts.geotiff import GeoTiffLayout, write_fake, write_geotiff
+from segplat.data.fake.geotiff import write_fake
+from segplat.data.layouts.geotiff import GeoTiffLayout
+from segplat.data.raster import write_geotiff
 from segplat.data.store import PatchStore, prepare_store
 from segplat.errors import ConfigError, DataError
 from tests.data.conftest import assert_padding_invalid, assert_stats, prepared, scene_from_tiles, train_one_epoch
@@ -40,7 +42,7 @@ def test_pixels_masks_and_georeferencing_survive(gt_root: Path) -> None:
     assert store.classes == CLASSES and store.palette[1] == [0, 90, 255]
     opt_vals, sar_vals = [], []
     sources = sorted({m["source"] for m in store.tiles_meta("train") if m})
-    assert len(sources) == 3 and all("/train/label/" in s for s in sources)
+    assert len(sources) == 8 and all("/train/label/" in s for s in sources)
     for src in sources:
         with rasterio.open(src) as r:
             label, transform, crs = r.read(1), r.transform, r.crs
@@ -81,13 +83,16 @@ def test_one_training_epoch(gt_root: Path, tmp_path: Path) -> None:
     train_one_epoch("geotiff", gt_root, tmp_path, "dataset.tile_size=64")
 
 
-@pytest.mark.parametrize("kw,what", [({"sar_resolution": 20.0}, "20x20"), ({"sar_crs": "EPSG:32632"}, "EPSG:32632")])
+@pytest.mark.parametrize("kw,what", [({"sar_resolution": 20.0}, "pixel size 20x20 vs 10x10"),
+                                     ({"sar_crs": "EPSG:32632"}, "CRS EPSG:32632 vs EPSG:32633")])
 def test_other_grid_is_refused_unless_resampled(tmp_path: Path, kw: dict, what: str) -> None:
     root = write_fake(tmp_path / "raw", seed=8, per_split=1, **kw)
-    with pytest.raises(DataError, match="differ in CRS or resolution") as err:
+    with pytest.raises(DataError, match="every one of the 2 samples of dataset geotiff") as err:
         prepare_store(layout(root), tmp_path / "a.zarr", 64, progress=False)
-    assert what in str(err.value) and "/sar/scene_00.tif" in str(err.value) and "/label/scene_00.tif" in str(err.value)
-    assert "resample=true" in str(err.value)
+    assert "are not on the same grid" in str(err.value) and what in str(err.value)
+    assert "/sar/scene_00.tif" in str(err.value) and "/label/scene_00.tif" in str(err.value)
+    assert "dataset.layout.resample=true" in str(err.value)
+    assert not (tmp_path / "a.zarr.partial").exists() and not (tmp_path / "a.zarr").exists()
     store = PatchStore(prepare_store(layout(root, resample=True), tmp_path / "b.zarr", 64, progress=False))
     same = write_fake(tmp_path / "same", seed=8, per_split=1)  # the same scenes on the label grid
     src = next(m["source"] for m in store.tiles_meta("train") if m)
@@ -101,7 +106,8 @@ def test_other_grid_is_refused_unless_resampled(tmp_path: Path, kw: dict, what: 
     assert np.corrcoef(warped[0, both], truth[0, both])[0, 1] > 0.8
 
 
-def test_value_map_split_files_and_bad_input(gt_root: Path, tmp_path: Path) -> None:
+def test_value_map_split_files_and_bad_input(tmp_path: Path) -> None:
+    gt_root = write_fake(tmp_path / "fake", seed=7, per_split=3)  # train/ scene_00-02, val/ scene_03-05
     root = tmp_path / "raw"
     shutil.copytree(gt_root, root)
     (root / "splits").mkdir()

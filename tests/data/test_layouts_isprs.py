@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import rasterio
 
-from segplat.data.layouts.isprs import PALETTE, PotsdamLayout, VaihingenLayout, write_fake_potsdam, write_fake_vaihingen
+from segplat.data.fake.isprs import write_fake_potsdam, write_fake_vaihingen
+from segplat.data.layouts.isprs import PALETTE, PotsdamLayout, VaihingenLayout
 from segplat.data.store import PatchStore, prepare_store
 from segplat.errors import ConfigError, DataError
 from tests.data.conftest import assert_padding_invalid, assert_stats, prepared, scene_from_tiles, train_one_epoch
@@ -47,10 +48,10 @@ def test_vaihingen_store(vaihingen_root: Path) -> None:
     mods = store.modalities
     assert mods["image"].bands == ("nir", "red", "green") and mods["dsm"].dtype == "float32"
     assert not mods["dsm"].optical
-    train = {Path(m["source"]).name for m in store.tiles_meta("train") if m}
-    test = {Path(m["source"]).name for m in store.tiles_meta("test") if m}
-    assert train == {f"top_mosaic_09cm_area{i}.tif" for i in (1, 3, 5)}
-    assert test == {f"top_mosaic_09cm_area{i}.tif" for i in (2, 4)}
+    names = {s: {Path(m["source"]).name for m in store.tiles_meta(s) if m} for s in ("train", "val", "test")}
+    assert names["train"] == {f"top_mosaic_09cm_area{i}.tif" for i in (1, 3, 5, 11, 13)}
+    assert names["val"] == {f"top_mosaic_09cm_area{i}.tif" for i in (7, 37)}  # held out of train by the config
+    assert names["test"] == {f"top_mosaic_09cm_area{i}.tif" for i in (2, 4)}
     assert any("not under" in n for n in store.meta["notes"])
     dsm_px = []
     for src in sorted({m["source"] for m in store.tiles_meta("train") if m}):
@@ -153,3 +154,52 @@ def test_bad_input(vaihingen_root: Path, tmp_path: Path) -> None:
         VaihingenLayout(str(root), image="rgbir")
     with pytest.raises(DataError, match="no vaihingen image tiles"):
         VaihingenLayout(str(tmp_path)).scan()
+
+
+def _rewrite(path: Path, transform=None, georeferenced: bool = True) -> None:
+    with rasterio.open(path) as src:
+        profile, data = src.profile, src.read()
+    if transform is not None:
+        profile.update(transform=transform)
+    if not georeferenced:
+        profile.pop("crs", None)
+        profile.pop("transform", None)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+
+
+def test_grids_of_dsm_and_label_are_checked_against_the_image(vaihingen_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "v"
+    shutil.copytree(vaihingen_root, root)
+    dsm = root / "dsm" / "dsm_09cm_matching_area1.tif"
+    with rasterio.open(dsm) as src:
+        t = src.transform
+    _rewrite(dsm, t @ rasterio.Affine.translation(12, 0))  # 12 px east of its image
+    layout = VaihingenLayout(str(root))
+    ref = next(r for r in layout.scan()["train"] if r.id == "1")
+    with pytest.raises(DataError, match=r"dsm_09cm_matching_area1.tif and .*top_mosaic_09cm_area1.tif are not on the "
+                                        r"same grid \(origin .*: \+12.00 px across, \+0.00 px down\); set "
+                                        r"dataset.layout.resample=true"):
+        layout.read(ref)
+    warped = VaihingenLayout(str(root), resample=True).read(ref).arrays["dsm"][0]
+    original = _read(vaihingen_root / "dsm" / "dsm_09cm_matching_area1.tif")[0]
+    np.testing.assert_array_equal(warped[:, 12:], original[:, :-12])  # the DSM's pixels on the image's ground
+    assert np.isnan(warped[:, :12]).all()  # no DSM there: no data, not zero
+    # a label saved without georeferencing is paired with its image by size, and the notes count it
+    _rewrite(root / "gts_for_participants" / "top_mosaic_09cm_area3.tif", georeferenced=False)
+    plain = VaihingenLayout(str(root))
+    plain.read(next(r for r in plain.scan()["train"] if r.id == "3"))
+    assert plain.notes[-1].startswith("1 DSM/label file(s) carry no georeferencing")
+
+
+def test_val_tiles_and_image_bands(potsdam_root: Path) -> None:
+    layout = PotsdamLayout(str(potsdam_root), image="rgbir", image_bands=["nir", 1], val_tiles=["2_11"])
+    refs = layout.scan()
+    assert [r.id for r in refs["val"]] == ["2_11"] and "2_11" not in [r.id for r in refs["train"]]
+    assert layout.modalities["image"].bands == ("nir", "red")
+    ref = refs["val"][0]
+    np.testing.assert_array_equal(layout.read(ref).arrays["image"], _read(ref.files["image"])[[3, 0]])
+    with pytest.raises(ConfigError, match=r"val_tiles names \['3_13'\], which are not training tiles"):
+        PotsdamLayout(str(potsdam_root), val_tiles=["3_13"])
+    with pytest.raises(ConfigError, match=r"image_bands names 'swir'"):
+        PotsdamLayout(str(potsdam_root), image_bands=["swir"])

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import rasterio
 
-from segplat.data.layouts.sen1floods11 import S2_BANDS, Sen1Floods11Layout, write_fake
+from segplat.data.fake.sen1floods11 import write_fake
+from segplat.data.layouts.sen1floods11 import S2_BANDS, Sen1Floods11Layout
 from segplat.data.store import PatchStore, prepare_store
 from segplat.errors import ConfigError, DataError
 from tests.data.conftest import assert_padding_invalid, assert_stats, prepared, scene_from_tiles, train_one_epoch
@@ -115,7 +116,7 @@ def test_bad_input(s1f_root: Path, tmp_path: Path) -> None:
     assert f"{train[0]}_S2Hand.tif: the file is missing" in joined
     assert f"{train[1]}_S2Hand.tif: S2 has 12 bands" in joined
     assert f"{train[2]}_LabelHand.tif: label values [3]" in joined
-    assert f"{train[3]}_S1Hand.tif: cannot be read" in joined
+    assert f"{train[3]}_S1Hand.tif: cannot be opened as a raster" in joined
     assert {m["source"] for m in store.tiles_meta("val") if m}  # the rest is written
 
 
@@ -138,3 +139,36 @@ def test_config_errors(tmp_path: Path) -> None:
         Sen1Floods11Layout(str(tmp_path), sensors=["s3"])
     with pytest.raises(DataError, match="HandLabeled"):
         Sen1Floods11Layout(str(tmp_path)).scan()
+
+
+def test_chip_grids_are_checked_and_bands_found_by_description(tmp_path: Path) -> None:
+    root = write_fake(tmp_path / "raw", seed=4, per_split={"train": 2, "val": 1})
+    hand = root / HAND
+    chip = sorted((hand / "LabelHand").iterdir())[0].name.replace("_LabelHand.tif", "")
+    s1 = hand / "S1Hand" / f"{chip}_S1Hand.tif"
+    with rasterio.open(s1) as src:
+        profile, data = src.profile, src.read()
+    profile.update(transform=profile["transform"] @ rasterio.Affine.translation(0, 3))  # 3 rows south
+    with rasterio.open(s1, "w", **profile) as dst:
+        dst.write(data)
+    layout = Sen1Floods11Layout(str(root), splits=["train"])
+    ref = next(r for r in layout.scan()["train"] if r.id == chip)
+    with pytest.raises(DataError, match=rf"{chip}_S1Hand.tif and .*{chip}_LabelHand.tif are not on the same grid "
+                                        r"\(origin .*: \+0.00 px across, \+3.00 px down\); set "
+                                        r"dataset.layout.resample=true"):
+        layout.read(ref)
+    warped = Sen1Floods11Layout(str(root), splits=["train"], resample=True).read(ref).arrays["s1"]
+    np.testing.assert_array_equal(warped[:, 3:], data[:, :-3])
+    assert np.isnan(warped[:, :3]).all()
+    # an S2 chip whose bands are described in another order: names are found by description
+    s2 = hand / "S2Hand" / f"{chip}_S2Hand.tif"
+    order = list(reversed(S2_BANDS))
+    with rasterio.open(s2) as src:
+        profile, data = src.profile, src.read()
+    with rasterio.open(s2, "w", **profile) as dst:
+        dst.write(data[::-1])
+        for k, name in enumerate(order):
+            dst.set_band_description(k + 1, name)
+    lay = Sen1Floods11Layout(str(root), sensors=["s2"], output_bands=["B8", 4], splits=["train"])
+    assert lay.modalities["s2"].bands == ("B8", "B4")
+    np.testing.assert_array_equal(lay.read(ref).arrays["s2"], data[[S2_BANDS.index("B8"), S2_BANDS.index("B4")]])

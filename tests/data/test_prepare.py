@@ -12,8 +12,9 @@ import pytest
 
 from segplat.data.fake import WRITERS, writer
 from segplat.data.fake import main as fake_main
+from segplat.data.fake.clouds import write_fake
 from segplat.data.layouts.base import SampleRef
-from segplat.data.layouts.clouds import CloudsLayout, write_fake
+from segplat.data.layouts.clouds import CloudsLayout
 from segplat.data.store import PatchStore, is_complete, prepare_store
 from segplat.errors import ConfigError, DataError
 from tests.conftest import REPO

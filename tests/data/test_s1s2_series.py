@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from segplat.data.dataset import PatchDataset, collate
-from segplat.data.layouts.s1s2_series import VOID_CLASS, S1S2SeriesLayout, write_fake
+from segplat.data.fake.s1s2_series import write_fake
+from segplat.data.layouts.s1s2_series import VOID_CLASS, S1S2SeriesLayout
 from segplat.data.store import PatchStore, prepare_store
 from segplat.errors import ConfigError, DataError
 from tests.conftest import REPO, compose_train
@@ -113,3 +114,25 @@ def test_one_training_epoch(tmp_path: Path, fake_root: Path) -> None:
     score = train(cfg)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["epochs_completed"] == 1 and np.isfinite(score)
+
+
+def test_band_selection_and_messages_that_say_the_fix(fake_root: Path, tmp_path: Path) -> None:
+    layout = S1S2SeriesLayout(str(fake_root), bands={"s2": ["B8", "B4"], "s1": [1]})
+    assert layout.modalities["s2"].bands == ("B8", "B4") and layout.modalities["s1"].bands == ("VV",)
+    ref = layout.scan()["train"][0]
+    full = S1S2SeriesLayout(str(fake_root)).read(ref)
+    picked = layout.read(ref)
+    np.testing.assert_array_equal(picked.arrays["s2"], full.arrays["s2"][:, [6, 2]])
+    np.testing.assert_array_equal(picked.arrays["s1"], full.arrays["s1"][:, :1])
+    with pytest.raises(ConfigError, match=r"dataset.layout.bands.s2 names 'B1'"):
+        S1S2SeriesLayout(str(fake_root), bands={"s2": ["B1"]})
+    with pytest.raises(ConfigError, match=r"dataset.layout.nodata.s3 is not a key of the s1s2_series layout"):
+        S1S2SeriesLayout(str(fake_root), nodata={"s3": 0})
+    root = write_fake(tmp_path / "p", num_patches=5, size=16)
+    meta = json.loads((root / "metadata.geojson").read_text())
+    del meta["features"][0]["properties"]["dates-S2"]
+    (root / "metadata.geojson").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r'has no dates-S2 date dict in metadata.geojson; add one \("dates-S2": '
+                                        r'\{"0": 20180924, ...\}, one date per frame\) or leave s2 out of '
+                                        r"dataset.layout.sensors"):
+        S1S2SeriesLayout(str(root)).modalities  # noqa: B018

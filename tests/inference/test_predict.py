@@ -114,7 +114,7 @@ def test_bad_inputs_are_named(trained_run: Path, tmp_path: Path):
     c_dir.mkdir()
     c = write_scene(c_dir, shift=500.0)
     cfg = OmegaConf.create({"input": {"rgb": str(a["rgb"]), "nir": str(c["nir"])}, "split": "test"})
-    with pytest.raises(DataError, match="extent"):
+    with pytest.raises(DataError, match=r"not on the same grid \(origin .*: \+50.00 px across"):
         list(iter_scenes(cfg, loaded))
     cfg = OmegaConf.create({"input": {"rgb": str(a["rgb"])}, "split": "test"})
     with pytest.raises(ConfigError, match=r"input\.nir"):

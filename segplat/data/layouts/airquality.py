@@ -14,22 +14,38 @@ Public loaders disagree on the companions' band counts and the mask coding, so b
 configuration: `bands_per_file` (checked on every file; a mismatch names the file and the key)
 and `mask_values` (mask value -> class index; other values raise or become the ignore index).
 Companions that are not `air_size` pixels square are resampled to it, and the count is logged.
+
+Grids (`segplat.data.raster`): when the files are georeferenced, the mask must lie on the image's grid
+and each companion on the image grid coarsened by image_size / air_size (same CRS and origin); a
+companion over the same extent at another size is resampled (counted), one over other ground is
+refused naming both files, or warped onto the expected grid with `resample: true`. Files without
+georeferencing are paired by size and counted in the prepare notes (the public sources do not say
+whether the companions carry a CRS). `image_bands` / `air_bands` pick bands by name or 1-based index.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
 from rasterio.enums import Resampling
-from rasterio.errors import RasterioError
 
-from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef
+from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef, band_names
+from segplat.data.raster import (
+    Grid,
+    georef,
+    grid_relation,
+    open_raster,
+    raster_header,
+    read_on_grid,
+    read_raster,
+    same_extent,
+    warp_to_grid,
+)
 from segplat.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -61,7 +77,8 @@ class AirQualityLayout(Layout):
     def __init__(self, root: str | None = None, mask_values: Mapping[Any, int] | None = None,
                  unknown_mask_values: str = "error", image_size: int = 512, air_size: int = 64,
                  bands_per_file: int = 12, image_nodata: float | None = 0, air_nodata: float | None = None,
-                 strict_names: bool = False) -> None:
+                 strict_names: bool = False, image_bands: Sequence[str | int] | None = None,
+                 air_bands: Sequence[int] | None = None, resample: bool = False) -> None:
         super().__init__(root)
         table = mask_values if mask_values is not None else {90: 0, 10: 1}
         try:
@@ -82,6 +99,12 @@ class AirQualityLayout(Layout):
             raise ConfigError(f"dataset.layout.image_size={self.image_size} must be a positive multiple of "
                               f"dataset.layout.air_size={self.air_size} (the grids must nest exactly).")
         self.bands_per_file = int(bands_per_file)
+        self.image_bands = band_names(image_bands, IMAGE_BANDS, "dataset.layout.image_bands", "an airquality image")
+        per_file = tuple(str(b + 1) for b in range(self.bands_per_file))
+        self.air_bands = tuple(int(b) for b in band_names(air_bands, per_file, "dataset.layout.air_bands",
+                                                          "a companion file (bands_per_file)"))
+        self.resample = bool(resample)
+        self.plain_pairs = 0  # files without georeferencing, paired by size
         self.image_nodata = image_nodata
         self.air_nodata = air_nodata
         self.strict_names = strict_names
@@ -91,16 +114,21 @@ class AirQualityLayout(Layout):
     @property
     def notes(self) -> list[str]:
         """What prepare should record beside the skips (StoreWriter copies these into the store attrs)."""
-        if not self.resampled:
-            return []
-        return [f"{self.resampled} companion TIF(s) were not {self.air_size}x{self.air_size} and were resampled to it"]
+        out = []
+        if self.resampled:
+            out.append(f"{self.resampled} companion TIF(s) were not {self.air_size}x{self.air_size} and were "
+                       "resampled to it")
+        if self.plain_pairs:
+            out.append(f"{self.plain_pairs} mask/companion file(s) carry no georeferencing (or their image does not) "
+                       "and were paired with their image by size")
+        return out
 
     # -- constants ------------------------------------------------------------------------------
     @property
     def modalities(self) -> dict[str, ModalitySpec]:
-        air_bands = tuple(f"{src}_{b + 1:02d}" for src in ("GEMS", *POLLUTANTS) for b in range(self.bands_per_file))
+        air_bands = tuple(f"{src}_{b:02d}" for src in ("GEMS", *POLLUTANTS) for b in self.air_bands)
         return {
-            "image": ModalitySpec(bands=IMAGE_BANDS, nodata=self.image_nodata, dtype="uint16", optical=True),
+            "image": ModalitySpec(bands=self.image_bands, nodata=self.image_nodata, dtype="uint16", optical=True),
             "air": ModalitySpec(bands=air_bands, nodata=float("nan"), dtype="float32", optical=False,
                                 scale=self.air_size / self.image_size),
         }
@@ -109,7 +137,8 @@ class AirQualityLayout(Layout):
         return {**super().fingerprint_params(), "mask_values": sorted(self.mask_values.items()),
                 "unknown": self.unknown_mask_values, "image_size": self.image_size, "air_size": self.air_size,
                 "bands_per_file": self.bands_per_file, "image_nodata": self.image_nodata,
-                "air_nodata": self.air_nodata, "version": 1}
+                "air_nodata": self.air_nodata, "image_bands": list(self.image_bands), "air_bands": list(self.air_bands),
+                "resample": self.resample, "version": 2}
 
     def _mask_lut(self) -> np.ndarray:
         """256-entry table mask value -> class; unmapped values get a sentinel (error) or the ignore index."""
@@ -168,45 +197,41 @@ class AirQualityLayout(Layout):
             if not Path(path).is_file():
                 raise DataError(f"{path}: the {key} file of sample {ref.id} is missing; restore it or remove the "
                                 "sample's other files.")
-        image, crs, transform = self._read_image(files["image"])
-        label = self._read_mask(files["mask"], image.shape[-2:])
-        air = np.concatenate([self._read_air(files[src]) for src in ("GEMS", *POLLUTANTS)], axis=0)
+        image, header = self._read_image(files["image"])
+        grid = Grid.of(header)
+        label = self._read_mask(files["mask"], grid, files["image"])
+        air = np.concatenate([self._read_air(files[src], grid, files["image"]) for src in ("GEMS", *POLLUTANTS)],
+                             axis=0)
+        crs, transform = georef(header)
         return Sample(arrays={"image": image, "air": air}, label=label, source=files["image"], crs=crs,
                       transform=transform)
 
-    def _open(self, path: str):
-        try:
-            return rasterio.open(path)
-        except RasterioError as err:
-            raise DataError(f"{path}: cannot be read as a GeoTIFF ({err}); re-download the file.") from err
-
-    def _read_image(self, path: str) -> tuple[np.ndarray, str | None, tuple[float, ...] | None]:
-        with self._open(path) as src:
-            if src.count != len(IMAGE_BANDS):
-                raise DataError(f"{path}: the image has {src.count} bands but airquality images have 4 "
-                                "(R, G, B, NIR); check the file.")
-            if (src.height, src.width) != (self.image_size, self.image_size):
-                raise DataError(f"{path}: the image is {src.height}x{src.width} but dataset.layout.image_size="
-                                f"{self.image_size}; set image_size to the chips' size.")
-            try:
-                arr = src.read()
-            except RasterioError as err:
-                raise DataError(f"{path}: the pixels cannot be decoded ({err}); re-download the file.") from err
-            crs = src.crs.to_string() if src.crs else None
-            transform = tuple(src.transform)[:6]
+    def _read_image(self, path: str) -> tuple[np.ndarray, dict[str, Any]]:
+        header = raster_header(path)
+        if header["count"] != len(IMAGE_BANDS) and self.image_bands == IMAGE_BANDS:
+            raise DataError(f"{path}: the image has {header['count']} bands but airquality images have 4 "
+                            "(R, G, B, NIR); check the file or pick bands with dataset.layout.image_bands.")
+        if (header["height"], header["width"]) != (self.image_size, self.image_size):
+            raise DataError(f"{path}: the image is {header['height']}x{header['width']} but dataset.layout.image_size="
+                            f"{self.image_size}; set image_size to the chips' size.")
+        bands = None if self.image_bands == IMAGE_BANDS else self.image_bands
+        arr, header = read_raster(path, bands, "dataset.layout.image_bands", IMAGE_BANDS)
         if arr.dtype != np.uint16:
             if not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() > 65535:
                 raise DataError(f"{path}: the image is {arr.dtype} with values outside 0..65535; airquality images "
                                 "are 16-bit unsigned.")
             arr = arr.astype(np.uint16)
-        return arr, crs, transform
+        return arr, header
 
-    def _read_mask(self, path: str, shape: tuple[int, int]) -> np.ndarray:
-        with self._open(path) as src:
-            raw = src.read(1)
-        if raw.shape != tuple(shape):
+    def _read_mask(self, path: str, image: Grid, image_path: str) -> np.ndarray:
+        raw, header = read_raster(path, [1])
+        grid = Grid.of(header)
+        relation = grid_relation(grid, path, image, image_path, self.resample, plain_ok=True, check_size=False)
+        self.plain_pairs += relation == "plain"
+        raw = raw[0]
+        if relation != "warp" and raw.shape != (image.height, image.width):
             raise DataError(f"{path}: the mask is {raw.shape[0]}x{raw.shape[1]} but its image is "
-                            f"{shape[0]}x{shape[1]}; the mask does not belong to the image.")
+                            f"{image.height}x{image.width}; the mask does not belong to the image.")
         if raw.min() < 0 or raw.max() > 255:
             raise DataError(f"{path}: mask values {int(raw.min())}..{int(raw.max())} are outside 0..255; "
                             "check the file.")
@@ -216,80 +241,50 @@ class AirQualityLayout(Layout):
             raise DataError(f"{path}: mask values {values} are not in dataset.layout.mask_values "
                             f"{self.mask_values}; add them to the table or set "
                             "dataset.layout.unknown_mask_values=ignore.")
-        return label.astype(np.uint8)
+        label = label.astype(np.uint8)
+        if relation == "warp":  # classes by nearest neighbour; where the mask does not reach: ignored
+            warped, covered = warp_to_grid(label[None], grid, image, self.ignore_index, Resampling.nearest)
+            label = np.where(covered, warped[0], self.ignore_index).astype(np.uint8)
+        return label
 
-    def _read_air(self, path: str) -> np.ndarray:
-        with self._open(path) as src:
-            if src.count != self.bands_per_file:
-                raise DataError(f"{path}: has {src.count} bands but dataset.layout.bands_per_file="
-                                f"{self.bands_per_file} (public loaders disagree on this count); set bands_per_file "
-                                f"to {src.count} if every companion file has {src.count} bands.")
-            size = (src.height, src.width)
-            nodata = self.air_nodata if self.air_nodata is not None else src.nodata
-            try:
-                if size == (self.air_size, self.air_size):
-                    arr = src.read(out_dtype="float32")
-                else:
-                    down = size[0] > self.air_size
-                    arr = src.read(out_shape=(src.count, self.air_size, self.air_size), out_dtype="float32",
-                                   resampling=Resampling.average if down else Resampling.bilinear)
-                    self.resampled += 1
-                    if self.resampled == 1 or self.resampled % 100 == 0:
-                        log.warning("airquality: %s is %dx%d, resampled to %dx%d (%d file(s) so far)", path,
-                                    size[0], size[1], self.air_size, self.air_size, self.resampled)
-            except RasterioError as err:
-                raise DataError(f"{path}: the pixels cannot be decoded ({err}); re-download the file.") from err
+    def _read_air(self, path: str, image: Grid, image_path: str) -> np.ndarray:
+        """One companion's (selected) bands on the air grid: the image grid coarsened by image_size / air_size."""
+        header = raster_header(path)
+        if header["count"] != self.bands_per_file:
+            raise DataError(f"{path}: has {header['count']} bands but dataset.layout.bands_per_file="
+                            f"{self.bands_per_file} (public loaders disagree on this count); set bands_per_file "
+                            f"to {header['count']} if every companion file has {header['count']} bands.")
+        nodata = self.air_nodata if self.air_nodata is not None else header["nodata"]
+        grid = Grid.of(header)
+        expected = image.scaled(self.image_size / self.air_size, self.air_size, self.air_size)
+        size = (grid.height, grid.width)
+        if grid.georeferenced and image.georeferenced and size != (self.air_size, self.air_size) \
+                and same_extent(grid, expected):
+            relation = "resize"  # the same ground at another resolution
+        else:
+            relation = grid_relation(grid, path, expected, f"the {self.air_size}x{self.air_size} grid over "
+                                     f"{image_path}", self.resample, plain_ok=True)
+            self.plain_pairs += relation == "plain"
+        if relation == "warp":
+            arr, _, _ = read_on_grid(path, expected, image_path, what="air", nodata=nodata, resample=True,
+                                     bands=list(self.air_bands))
+            arr = arr.astype(np.float32)
+        elif size == (self.air_size, self.air_size):
+            arr = read_raster(path, list(self.air_bands))[0].astype(np.float32)
+        else:
+            arr = self._resized(path, size)
         if nodata is not None and not np.isnan(nodata):
             arr[arr == np.float32(nodata)] = np.nan
         return arr
 
-
-def write_fake(out: str | Path, num_train: int = 3, num_val: int = 2, image_size: int = 512, air_size: int = 64,
-               bands_per_file: int = 12, seed: int = 0) -> Path:
-    """A tiny airquality tree in the real formats: tiled GeoTIFFs with a projected CRS, uint16 images,
-    uint8 masks coded 10 / 90, float32 companions. Urban pixels are brighter and raise NO2, so a model
-    has something to learn from both streams."""
-    from affine import Affine
-
-    out = Path(out)
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", num_train), ("val", num_val)):
-        folders = FOLDERS[split]
-        for folder in folders.values():
-            (out / folder).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            stem = f"SN10_CHN_{i + 1 + (0 if split == 'train' else 500):05d}_230409"
-            yy, xx = np.mgrid[0:image_size, 0:image_size]
-            cy, cx = rng.uniform(0.2, 0.8, 2) * image_size
-            urban = ((yy - cy) ** 2 + (xx - cx) ** 2) < (rng.uniform(0.15, 0.3) * image_size) ** 2
-            mask = np.where(urban, 10, 90).astype(np.uint8)
-            image = rng.integers(300, 1500, (4, image_size, image_size)).astype(np.uint16)
-            image[:3, urban] += 1500
-            image[:, :2, :2] = 0  # a little no-data corner
-            x0, y0 = 500_000.0 + 10 * image_size * i, 4_000_000.0
-            transform = Affine(10.0, 0.0, x0, 0.0, -10.0, y0)
-            common = {"driver": "GTiff", "crs": "EPSG:32650", "tiled": True, "blockxsize": 256 if image_size >= 256
-                      else 16, "blockysize": 256 if image_size >= 256 else 16}
-            with rasterio.open(out / folders["image"] / f"{stem}.tif", "w", height=image_size, width=image_size,
-                               count=4, dtype="uint16", transform=transform, nodata=0, **common) as dst:
-                dst.write(image)
-            with rasterio.open(out / folders["mask"] / f"{stem}.tif", "w", height=image_size, width=image_size,
-                               count=1, dtype="uint8", transform=transform, **common) as dst:
-                dst.write(mask[None])
-            f = image_size // air_size
-            urban_coarse = urban.reshape(air_size, f, air_size, f).mean(axis=(1, 3))
-            air_transform = Affine(10.0 * f, 0.0, x0, 0.0, -10.0 * f, y0)
-            small = {**common, "blockxsize": 16, "blockysize": 16}
-            for src, fname in companion_names(stem).items():
-                grid = rng.normal(1.0, 0.1, (bands_per_file, air_size, air_size)).astype(np.float32)
-                if src == "NO2":
-                    grid += 2.0 * urban_coarse[None].astype(np.float32)
-                folder = folders["gems"] if src == "GEMS" else folders["air"]
-                with rasterio.open(out / folder / fname, "w", height=air_size, width=air_size,
-                                   count=bands_per_file, dtype="float32", transform=air_transform, nodata=-9999.0,
-                                   **small) as dst:
-                    dst.write(grid)
-    return out
-
-
-__all__ = ["AirQualityLayout", "write_fake"]
+    def _resized(self, path: str, size: tuple[int, int]) -> np.ndarray:
+        """A companion over the image's extent at another size, resampled to air_size (averaged when coarser)."""
+        with open_raster(path, "read") as src:
+            arr = src.read(list(self.air_bands), out_shape=(len(self.air_bands), self.air_size, self.air_size),
+                           out_dtype="float32",
+                           resampling=Resampling.average if size[0] > self.air_size else Resampling.bilinear)
+        self.resampled += 1
+        if self.resampled == 1 or self.resampled % 100 == 0:
+            log.warning("airquality: %s is %dx%d, resampled to %dx%d (%d file(s) so far)", path, size[0], size[1],
+                        self.air_size, self.air_size, self.resampled)
+        return arr

@@ -7,13 +7,21 @@ patches or training. `segplat.data.store.prepare_store` turns any layout into a 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
 
 import numpy as np
+
+from segplat.errors import ConfigError
+
+# keys Hydra reads itself; a layout never sees them as arguments
+HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_", "_args_")
+C = TypeVar("C")
 
 
 @dataclass(frozen=True)
@@ -34,14 +42,20 @@ class ModalitySpec:
     max_time: int | None = None
 
     def to_attrs(self) -> dict[str, Any]:
+        """Strict JSON: a NaN nodata is written as the string "nan" (bare NaN is not JSON; null means none)."""
         d = asdict(self)
         d["bands"] = list(self.bands)
+        if isinstance(self.nodata, float) and math.isnan(self.nodata):
+            d["nodata"] = "nan"
         return d
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> ModalitySpec:
+        """Reads what to_attrs writes, and the bare NaN older stores hold."""
         d = dict(attrs)
         d["bands"] = tuple(d["bands"])
+        if isinstance(d.get("nodata"), str):
+            d["nodata"] = float(d["nodata"])
         return cls(**d)
 
 
@@ -67,7 +81,12 @@ class SampleRef:
 
 
 class Layout(ABC):
-    """Base class of dataset readers. Subclasses carry the dataset's constants as class attributes."""
+    """Base class of dataset readers. Subclasses carry the dataset's constants as class attributes.
+
+    A layout's config (`dataset.layout`) is its constructor's keyword arguments; `check_config` refuses
+    any other key before anything is read (see `build_layout`), and layouts with nested sections
+    (per-modality settings) check those in their constructor with `config_section`.
+    """
 
     name: str = "layout"
     classes: tuple[str, ...] = ()
@@ -90,6 +109,27 @@ class Layout(ABC):
     @abstractmethod
     def read(self, ref: SampleRef) -> Sample:
         """Read one sample; raise DataError naming the file on anything wrong."""
+
+    @classmethod
+    def config_keys(cls) -> list[str]:
+        """The keys `dataset.layout` may hold: the constructor's keyword arguments (through `**kwargs` to the
+        base class's), without `root`, which comes from `dataset.root`."""
+        keys: list[str] = []
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            params = inspect.signature(init).parameters.values()
+            keys += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                     and p.name not in ("self", "root") and p.name not in keys]
+            if not any(p.kind == p.VAR_KEYWORD for p in params):
+                break
+        return keys
+
+    @classmethod
+    def check_config(cls, cfg: Mapping[str, Any]) -> None:
+        """Refuse keys of `dataset.layout` that this layout does not take, listing the ones it does."""
+        check_keys((k for k in cfg if k not in HYDRA_KEYS), cls.config_keys(), "dataset.layout", cls.name)
 
     def fingerprint_params(self) -> dict[str, Any]:
         """Everything that changes the prepared store; subclasses add their options."""
@@ -123,3 +163,84 @@ def check_band_count(array: np.ndarray, expected: Sequence[str], source: str, mo
             f"{source}: {modality} has {channels} bands but the layout expects {len(expected)} "
             f"({', '.join(expected)}); check the file or the dataset's band list."
         )
+
+
+def _stable_fraction(key: str, seed: int) -> float:
+    """A number in [0, 1) from a file stem and a seed: the same split on every machine and Python run."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def hash_split(ids: Sequence[str], val_fraction: float, seed: int) -> dict[str, str]:
+    """id -> "train" / "val", deterministic per id (adding files never moves the others, except that a
+    tiny dataset whose draw left val empty gives val its lowest-drawn id, so validation always has data)."""
+    draws = {i: _stable_fraction(i, seed) for i in ids}
+    out = {i: ("val" if d < val_fraction else "train") for i, d in draws.items()}
+    if val_fraction > 0 and len(ids) >= 2 and "val" not in out.values():
+        out[min(draws, key=draws.__getitem__)] = "val"
+    return out
+
+
+# -- config helpers -------------------------------------------------------------------------------------
+def plain(obj: Any) -> Any:
+    """OmegaConf containers to plain Python (layouts get DictConfig nodes with `_recursive_: false`)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(obj, DictConfig | ListConfig):
+        return OmegaConf.to_container(obj, resolve=True)
+    return obj
+
+
+def check_keys(given: Iterable[str], valid: Sequence[str], where: str, what: str) -> None:
+    """One ConfigError naming the first unknown key under `where` and listing the valid ones."""
+    unknown = [str(k) for k in given if k not in valid]
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]} is not a key of the {what} layout; valid keys: {', '.join(valid)} "
+                          "(fix the spelling or remove it).")
+
+
+def config_section(cls: type[C], cfg: Mapping[str, Any] | None, where: str, what: str) -> C:
+    """A dataclass from one nested config section (e.g. one modality), refusing unknown keys."""
+    cfg = dict(plain(cfg) or {})
+    check_keys(cfg, [f.name for f in fields(cls)], where, what)  # type: ignore[arg-type]
+    return cls(**cfg)
+
+
+def band_names(select: Sequence[str | int] | None, documented: Sequence[str], key: str, what: str) -> tuple[str, ...]:
+    """Bands picked by name or 1-based index from a documented band list -> their names (all when None)."""
+    if select is None:
+        return tuple(documented)
+    out = []
+    for item in plain(select):
+        if isinstance(item, int) and not isinstance(item, bool) and 1 <= item <= len(documented):
+            out.append(documented[item - 1])
+        elif isinstance(item, str) and item in documented:
+            out.append(item)
+        else:
+            raise ConfigError(f"{key} names {item!r}, which {what} does not have; choose band names from "
+                              f"{', '.join(documented)} or 1-based indexes 1..{len(documented)}.")
+    if not out:
+        raise ConfigError(f"{key} is empty; list at least one band (or null for all).")
+    return tuple(out)
+
+
+def build_layout(cfg: Mapping[str, Any], root: str | None) -> Layout:
+    """Instantiate `dataset.layout` after checking its keys against the layout's own (before any file is read)."""
+    from hydra.utils import get_class, instantiate
+
+    target = cfg.get("_target_")
+    try:
+        cls = get_class(str(target))
+    except Exception as err:
+        raise ConfigError(f"dataset.layout._target_={target} cannot be imported; check the dataset config.") from err
+    if isinstance(cls, type) and issubclass(cls, Layout):
+        cls.check_config(cfg)
+    try:
+        return instantiate(cfg, root=root)
+    except Exception as err:  # Hydra wraps what the constructor raises; the user's error is the one to show
+        from segplat.utils.task import user_error_in
+
+        user_error = user_error_in(err)
+        if user_error is None:
+            raise
+        raise user_error from None

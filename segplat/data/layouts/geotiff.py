@@ -1,183 +1,88 @@
 """The user's own GeoTIFFs: per-modality file globs, band lists, nodata, a label glob and a class table.
 
 Configured the way TerraTorch's generic multimodal data module is: each modality is a glob (relative
-to `root`) plus its band names; samples are matched across modalities by an id taken from each
-file's stem with `stem_regex`; splits come from path globs, per-split id files, or a seeded
-hash of the id. Every modality must lie on the reference grid (the label's, by default): a file
-with another CRS or resolution is refused, naming both files, unless `resample: true`, in which
-case it is warped onto the reference grid (bilinear for data, nearest for labels).
+to `root`) plus its band names (and optionally which of the file's bands to read, by 1-based index or
+band description, so one multi-band file can feed several modalities); samples are matched across
+modalities by an id taken from each file's stem with `stem_regex`; splits come from path globs,
+per-split id files, or a seeded hash of the id.
 
-This module also holds the raster helpers the other layouts share (reading with one-sentence
-errors, colour-label decoding with a tolerance).
+Every modality and the label must lie on the reference grid (the label's, by default): the same CRS,
+transform (origin and pixel size, to 1/100 of a pixel) and size (`segplat.data.raster.check_grid`).
+Any other grid is refused, naming both files and the difference, unless `resample: true`, in which
+case it is warped onto the reference grid (bilinear for data, nearest for labels); a modality the warp
+leaves entirely no-data (no overlap) skips its sample, with the reason. Every key is checked: a typo
+stops before any file is read. Raster helpers live in `segplat.data.raster`; fake data in
+`segplat.data.fake.geotiff`.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import logging
 import math
 import re
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
-from rasterio.crs import CRS
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
-from rasterio.transform import Affine, from_origin
-from rasterio.warp import Resampling, reproject
+from rasterio.warp import Resampling
 
-from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef
+from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef, config_section, hash_split, plain
+from segplat.data.raster import (
+    Grid,
+    decode_colour_label,
+    georef,
+    grid_relation,
+    norm_nodata,
+    raster_header,
+    read_on_grid,
+    read_raster,
+    warp_to_grid,
+)
 from segplat.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-GRID_TOLERANCE = 1e-6  # relative difference in pixel size still counted as the same resolution
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2", ".png", ".jpg", ".bmp")
 
 
-# -- shared raster helpers ----------------------------------------------------------------------------
-def plain(obj: Any) -> Any:
-    """OmegaConf containers to plain Python (layouts get DictConfig nodes with `_recursive_: false`)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
+@dataclass(frozen=True)
+class ModalityConfig:
+    """`dataset.layout.modalities.NAME`: where one modality's files are and how to read them."""
 
-        if isinstance(obj, DictConfig | ListConfig):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
-
-
-@contextmanager
-def open_raster(path: str | Path, action: str = "opened") -> Iterator[Any]:
-    """rasterio.open with the failures a user can cause turned into one-sentence DataErrors naming the file."""
-    if not Path(path).is_file():
-        raise DataError(f"{path}: the file is missing; restore it or remove the sample from the split.")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as src:
-                yield src
-    except (RasterioIOError, OSError) as err:
-        raise DataError(f"{path}: cannot be {action} as a raster ({_short(err)}); re-download or remove the file.") \
-            from err
+    glob: str | None = None
+    folder: str | None = None  # with `pattern`: another way to write `glob`
+    pattern: str | None = None
+    bands: tuple[str, ...] = ()  # names of the stored bands
+    source_bands: tuple[int | str, ...] | None = None  # which file bands: 1-based indexes or band descriptions
+    nodata: Any = "file"  # a number, .nan, null (none) or "file" (the file's own tag)
+    dtype: str | None = None  # null: the dtype of the first readable file
+    optical: bool = True
 
 
-def _header(src: Any) -> dict[str, Any]:
-    return {"height": src.height, "width": src.width, "count": src.count, "dtype": src.dtypes[0],
-            "nodata": src.nodata, "crs": src.crs, "transform": src.transform, "res": src.res}
+@dataclass(frozen=True)
+class LabelConfig:
+    """`dataset.layout.label`: the label files and how to decode them."""
+
+    glob: str | None = None
+    folder: str | None = None
+    pattern: str | None = None
+    nodata: Any = None  # the label value meaning "no label"; null or "file": the file's nodata tag
+    band: int | str = 1  # class-value labels: which band (1-based index or description)
+    colour: bool = False  # RGB colour-coded labels decoded with the palette
+    tolerance: int = 0
+    ignore_colours: tuple[tuple[int, int, int], ...] = ()
 
 
-def raster_header(path: str | Path) -> dict[str, Any]:
-    """Size, band count, dtype, nodata, CRS and transform without reading pixels."""
-    with open_raster(path) as src:
-        return _header(src)
+def _globbed(glob: str | None, folder: str | None, pattern: str | None) -> str | None:
+    """`folder` + `pattern` (default *.tif) is another way to write `glob`."""
+    if not glob and folder:
+        return f"{str(folder).rstrip('/')}/{pattern or '*.tif'}"
+    return glob
 
 
-def read_raster(path: str | Path, bands: Sequence[int] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """(C, H, W) pixels in the file's dtype plus its header; one-sentence DataError on any failure."""
-    with open_raster(path, "read") as src:
-        return src.read(list(bands) if bands is not None else None), _header(src)
-
-
-def georef(header: Mapping[str, Any]) -> tuple[str | None, tuple[float, ...] | None]:
-    """CRS as a string (EPSG code when there is one) and the 6 affine coefficients, or None when not georeferenced."""
-    crs = header.get("crs")
-    transform = header.get("transform")
-    crs_s = None
-    if crs:
-        epsg = crs.to_epsg()
-        crs_s = f"EPSG:{epsg}" if epsg else crs.to_wkt()
-    if transform is None or (crs is None and transform == Affine.identity()):
-        return crs_s, None
-    return crs_s, tuple(float(v) for v in tuple(transform)[:6])
-
-
-def norm_nodata(value: Any) -> float | int | None:
-    """None, NaN (also the string "nan"), or a number (int when whole, so integer stores compare exactly)."""
-    if value is None:
-        return None
-    v = float(value)
-    if math.isnan(v):
-        return float("nan")
-    return int(v) if v.is_integer() else v
-
-
-def _short(err: Exception) -> str:
-    return str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-
-
-def decode_colour_label(
-    rgb: np.ndarray,
-    palette: Sequence[Sequence[int]],
-    source: str,
-    ignore_colours: Sequence[Sequence[int]] = (),
-    ignore_index: int = 255,
-    tolerance: int = 0,
-) -> tuple[np.ndarray, int]:
-    """Colour-coded label (H, W, 3) RGB -> class indices (H, W) uint8 and the number of off-palette pixels mapped.
-
-    Exact palette colours map directly (a 2^24 lookup table, linear time even on 6000x6000 tiles);
-    an off-palette colour within `tolerance` (max abs difference per channel) of exactly one nearest
-    palette colour is mapped to it and counted; anything else is refused, naming the colour.
-    """
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise DataError(f"{source}: a colour label needs 3 channels but has shape {rgb.shape}; "
-                        "check that this is the colour-coded label file.")
-    rgb = rgb.astype(np.uint8, copy=False)
-    codes = (rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2]
-    lut = np.full(1 << 24, 254, dtype=np.uint8)  # 254 = not yet decided
-    targets: list[tuple[tuple[int, int, int], int]] = [(tuple(c), k) for k, c in enumerate(palette)]
-    targets += [(tuple(c), ignore_index) for c in ignore_colours]
-    for colour, value in targets:
-        lut[(colour[0] << 16) | (colour[1] << 8) | colour[2]] = value
-    label = lut[codes]
-    unknown = label == 254
-    if 254 in [v for _, v in targets]:
-        raise DataError(f"{source}: class index 254 clashes with the decoder's marker; use fewer than 254 classes.")
-    remapped = 0
-    if unknown.any():
-        colours = np.unique(codes[unknown])
-        ref = np.array([c for c, _ in targets], dtype=np.int32)
-        bad = []
-        for code in colours:
-            c = np.array([(code >> 16) & 255, (code >> 8) & 255, code & 255], dtype=np.int32)
-            dist = np.abs(ref - c).max(axis=1)
-            best = int(dist.argmin())
-            if dist[best] <= tolerance and (dist == dist[best]).sum() == 1:
-                lut[code] = targets[best][1]
-            else:
-                bad.append(tuple(int(v) for v in c))
-        if bad:
-            raise DataError(
-                f"{source}: label colours {bad[:5]} (RGB) are not in the palette {[list(c) for c, _ in targets]} "
-                f"(tolerance {tolerance}); fix the label file or the dataset's palette.")
-        label = lut[codes]
-        remapped = int(unknown.sum())
-    return label, remapped
-
-
-def _stable_fraction(key: str, seed: int) -> float:
-    """A number in [0, 1) from a file stem and a seed: the same split on every machine and Python run."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def hash_split(ids: Sequence[str], val_fraction: float, seed: int) -> dict[str, str]:
-    """id -> "train" / "val", deterministic per id (adding files never moves the others, except that a
-    tiny dataset whose draw left val empty gives val its lowest-drawn id, so validation always has data)."""
-    draws = {i: _stable_fraction(i, seed) for i in ids}
-    out = {i: ("val" if d < val_fraction else "train") for i, d in draws.items()}
-    if val_fraction > 0 and len(ids) >= 2 and "val" not in out.values():
-        out[min(draws, key=draws.__getitem__)] = "val"
-    return out
-
-
-# -- the generic layout ---------------------------------------------------------------------------------
 class GeoTiffLayout(Layout):
     """Any co-registered set of GeoTIFFs described in the config (see conf/dataset/geotiff.yaml)."""
 
@@ -201,14 +106,35 @@ class GeoTiffLayout(Layout):
         reference: str = "label",
     ) -> None:
         super().__init__(root)
-        self.modality_cfg = {k: _with_glob(v) for k, v in (plain(modalities) or {}).items()}
-        if not self.modality_cfg:
-            raise ConfigError("dataset.layout.modalities is empty; list at least one modality with a glob and bands.")
-        for name, m in self.modality_cfg.items():
-            if not m.get("glob") or not m.get("bands"):
+        self.modality_cfg: dict[str, ModalityConfig] = {}
+        for name, m in (plain(modalities) or {}).items():
+            cfg = config_section(ModalityConfig, m, f"dataset.layout.modalities.{name}", self.name)
+            glob = _globbed(cfg.glob, cfg.folder, cfg.pattern)
+            bands = tuple(str(b) for b in (cfg.bands or ()))
+            select = None if cfg.source_bands is None else tuple(cfg.source_bands)
+            if not glob or not bands:
                 raise ConfigError(f"dataset.layout.modalities.{name} needs `glob` (relative to dataset.root) and "
                                   "`bands` (a list of band names).")
-        self.label_cfg = _with_glob(plain(label) or {})
+            if select is not None:
+                bad = [b for b in select if isinstance(b, bool) or not isinstance(b, int | str)
+                       or (isinstance(b, int) and b < 1)]
+                if bad or len(select) != len(bands):
+                    raise ConfigError(f"dataset.layout.modalities.{name}.source_bands={list(select)} must list one "
+                                      f"1-based band index or band description per name in bands ({len(bands)}).")
+            self.modality_cfg[name] = ModalityConfig(glob=glob, bands=bands, source_bands=select, nodata=cfg.nodata,
+                                                     dtype=cfg.dtype, optical=bool(cfg.optical))
+        if not self.modality_cfg:
+            raise ConfigError("dataset.layout.modalities is empty; list at least one modality with a glob and bands.")
+        lab = config_section(LabelConfig, label, "dataset.layout.label", self.name)
+        self.label_cfg = LabelConfig(**{**asdict(lab), "glob": _globbed(lab.glob, lab.folder, lab.pattern),
+                                        "folder": None, "pattern": None,
+                                        "ignore_colours": tuple(tuple(c) for c in lab.ignore_colours or ())})
+        if self.label_cfg.colour and (self.label_cfg.band != 1 or value_map):
+            raise ConfigError("dataset.layout.label.colour=true reads bands 1-3 as RGB and decodes them with the "
+                              "palette, so label.band and value_map do not apply; remove them or set colour=false.")
+        if not self.label_cfg.colour and (self.label_cfg.tolerance or self.label_cfg.ignore_colours):
+            raise ConfigError("dataset.layout.label.tolerance and ignore_colours apply to colour labels only; remove "
+                              "them or set label.colour=true.")
         self.classes = tuple(plain(classes) or ())
         if not self.classes:
             raise ConfigError("dataset.layout.classes is empty; list the class names in label-index order.")
@@ -225,6 +151,9 @@ class GeoTiffLayout(Layout):
             raise ConfigError(f"dataset.layout.stem_regex={stem_regex!r} is not a valid regex ({err}).") from err
         self.split_globs = plain(splits) or {}
         self.split_files = plain(split_files) or {}
+        if self.split_globs and self.split_files:
+            raise ConfigError("dataset.layout.splits and dataset.layout.split_files are both set; keep one of them "
+                              "(the other would be ignored).")
         self.val_fraction = float(val_fraction)
         self.seed = int(seed)
         self.resample = bool(resample)
@@ -234,7 +163,7 @@ class GeoTiffLayout(Layout):
                               f"{list(self.modality_cfg)}.")
         self.splits = tuple(self.split_globs or self.split_files or ("train", "val"))
         self._specs: dict[str, ModalitySpec] | None = None
-        self._first_file: dict[str, Path] = {}
+        self._files: dict[str, list[Path]] = {}
         self.notes: list[str] = []
 
     # -- specs ------------------------------------------------------------------------------------
@@ -243,23 +172,39 @@ class GeoTiffLayout(Layout):
         if self._specs is None:
             specs = {}
             for name, m in self.modality_cfg.items():
-                dtype, nodata = m.get("dtype"), m.get("nodata", "file")
+                dtype, nodata = m.dtype, m.nodata
                 if dtype is None or nodata == "file":
-                    first = self._first_file.get(name) or next(iter(self._glob(m["glob"])), None)
-                    header = raster_header(first) if first is not None else {"dtype": "float32", "nodata": None}
+                    header = self._first_readable_header(name)
                     dtype = dtype or header["dtype"]
                     if nodata == "file":
                         nodata = header["nodata"]
-                specs[name] = ModalitySpec(bands=tuple(m["bands"]), nodata=norm_nodata(nodata),
-                                           dtype=str(np.dtype(dtype)), optical=bool(m.get("optical", True)))
+                specs[name] = ModalitySpec(bands=m.bands, nodata=norm_nodata(nodata), dtype=str(np.dtype(dtype)),
+                                           optical=m.optical)
             self._specs = specs
         return self._specs
 
+    def _first_readable_header(self, name: str) -> dict[str, Any]:
+        """The header of the first file of `name` that opens: an unreadable first file only skips its own sample."""
+        files = self._files.get(name) or self._glob(str(self.modality_cfg[name].glob))
+        errors = []
+        for path in files:
+            try:
+                return raster_header(path)
+            except DataError as err:
+                errors.append(err)
+        if not files:
+            return {"dtype": "float32", "nodata": None}  # scan() reports the empty glob
+        raise DataError(f"none of the {len(files)} files of modality {name} can be read (the first: {errors[0]}), "
+                        f"so its dtype and nodata are unknown; fix the files or set dataset.layout.modalities.{name}."
+                        "dtype and nodata.")
+
     def fingerprint_params(self) -> dict[str, Any]:
-        return {"name": self.name, "root": str(self.root), "modalities": self.modality_cfg, "label": self.label_cfg,
-                "classes": list(self.classes), "value_map": self.value_map, "stem_regex": self.stem_regex.pattern,
-                "splits": self.split_globs, "split_files": self.split_files, "val_fraction": self.val_fraction,
-                "seed": self.seed, "resample": self.resample, "reference": self.reference, "version": 1}
+        return {"name": self.name, "root": str(self.root),
+                "modalities": {k: asdict(v) for k, v in self.modality_cfg.items()},
+                "label": asdict(self.label_cfg), "classes": list(self.classes), "value_map": self.value_map,
+                "stem_regex": self.stem_regex.pattern, "splits": self.split_globs, "split_files": self.split_files,
+                "val_fraction": self.val_fraction, "seed": self.seed, "resample": self.resample,
+                "reference": self.reference, "version": 2}
 
     # -- scan -------------------------------------------------------------------------------------
     def _glob(self, pattern: str) -> list[Path]:
@@ -267,7 +212,7 @@ class GeoTiffLayout(Layout):
         return sorted(p for p in root.glob(pattern) if p.is_file())
 
     def _sample_id(self, path: Path) -> str | None:
-        stem = path.name.split(".")[0]
+        stem = path.stem if path.suffix.lower() in RASTER_SUFFIXES else path.name
         m = self.stem_regex.search(stem)
         if m is None:
             return None
@@ -290,16 +235,16 @@ class GeoTiffLayout(Layout):
     def scan(self) -> dict[str, list[SampleRef]]:
         root = Path(self.root or ".")
         files: dict[str, dict[str, Path]] = {}
-        keys = {name: m["glob"] for name, m in self.modality_cfg.items()}
-        if self.label_cfg.get("glob"):
-            keys["label"] = self.label_cfg["glob"]
+        keys = {name: str(m.glob) for name, m in self.modality_cfg.items()}
+        if self.label_cfg.glob:
+            keys["label"] = self.label_cfg.glob
         for key, pattern in keys.items():
             found = self._index(key, pattern)
             if not found:
                 raise DataError(f"no files match {key} glob {pattern!r} under {root} (with stem_regex "
                                 f"{self.stem_regex.pattern!r}); fix dataset.layout.modalities/label or dataset.root.")
             if key != "label":
-                self._first_file[key] = next(iter(found.values()))
+                self._files[key] = list(found.values())
             for sid, p in found.items():
                 files.setdefault(sid, {})[key] = p
         ids = sorted(files)
@@ -345,8 +290,13 @@ class GeoTiffLayout(Layout):
         return hash_split(ids, self.val_fraction, self.seed)
 
     # -- read -------------------------------------------------------------------------------------
+    def _reference_key(self, ref: SampleRef) -> str:
+        if self.reference != "label" or ref.files.get("label"):
+            return self.reference
+        return next(iter(self.modality_cfg))
+
     def label_shape(self, ref: SampleRef) -> tuple[int, int]:
-        key = self.reference if self.reference != "label" or ref.files.get("label") else next(iter(self.modality_cfg))
+        key = self._reference_key(ref)
         path = ref.files.get(key) or next((p for p in ref.files.values() if p), "")
         if not path:
             raise DataError(f"sample {ref.id}: no file for {key}; every sample needs one.")
@@ -357,39 +307,43 @@ class GeoTiffLayout(Layout):
         for key, path in ref.files.items():
             if not path:
                 present = next(p for p in ref.files.values() if p)
-                raise DataError(f"{present}: sample {ref.id} has no {key} file (glob "
-                                f"{self.modality_cfg.get(key, self.label_cfg).get('glob')!r}); add it or remove the "
+                glob = self.modality_cfg[key].glob if key in self.modality_cfg else self.label_cfg.glob
+                raise DataError(f"{present}: sample {ref.id} has no {key} file (glob {glob!r}); add it or remove the "
                                 "sample's other files.")
-        ref_key = self.reference if self.reference != "label" or "label" in ref.files else next(iter(self.modality_cfg))
+        ref_key = self._reference_key(ref)
         ref_path = ref.files[ref_key]
-        ref_header = raster_header(ref_path)
+        ref_grid = Grid.of(raster_header(ref_path))
         arrays: dict[str, np.ndarray] = {}
         for name, spec in self.modalities.items():
             path = ref.files[name]
-            data, header = read_raster(path)
+            data, _, _ = read_on_grid(
+                path, ref_grid, ref_path, what=name, nodata=spec.nodata,
+                resample=self.resample and name != ref_key, bands=self.modality_cfg[name].source_bands,
+                bands_key=f"dataset.layout.modalities.{name}.source_bands")
             if data.shape[0] != len(spec.bands):
                 raise DataError(f"{path}: {name} has {data.shape[0]} bands but dataset.layout.modalities.{name}.bands "
-                                f"lists {len(spec.bands)} ({', '.join(spec.bands)}); fix the file or the band list.")
-            if name != ref_key:
-                data = self._align(data, header, path, ref_header, ref_path, spec.nodata, Resampling.bilinear)
+                                f"lists {len(spec.bands)} ({', '.join(spec.bands)}); fix the file or the band list, "
+                                f"or pick bands with dataset.layout.modalities.{name}.source_bands.")
             arrays[name] = data.astype(spec.dtype, copy=False)
         if "label" in ref.files:
             lab_path = ref.files["label"]
-            raw, header = read_raster(lab_path)
-            if ref_key != "label":
-                raw = self._align(raw, header, lab_path, ref_header, ref_path, header.get("nodata"), Resampling.nearest)
+            select = [1, 2, 3] if self.label_cfg.colour else [self.label_cfg.band]
+            raw, header = read_raster(lab_path, select, "dataset.layout.label.band")
             label = self._decode_label(raw, header, lab_path)
+            grid = Grid.of(header)
+            if ref_key != "label" and grid_relation(grid, lab_path, ref_grid, ref_path, self.resample) == "warp":
+                warped, covered = warp_to_grid(label[None], grid, ref_grid, self.ignore_index, Resampling.nearest)
+                label = np.where(covered, warped[0], self.ignore_index).astype(np.uint8)
         else:
-            label = np.full((ref_header["height"], ref_header["width"]), self.ignore_index, np.uint8)
-        crs, transform = georef(ref_header)
+            label = np.full((ref_grid.height, ref_grid.width), self.ignore_index, np.uint8)
+        crs, transform = georef(raster_header(ref_path))
         return Sample(arrays=arrays, label=label, source=str(ref_path), crs=crs, transform=transform)
 
     def _decode_label(self, raw: np.ndarray, header: Mapping[str, Any], path: str) -> np.ndarray:
-        if self.label_cfg.get("colour"):
+        if self.label_cfg.colour:
             label, n = decode_colour_label(np.moveaxis(raw[:3], 0, -1), self.palette, path,
-                                           ignore_colours=self.label_cfg.get("ignore_colours") or (),
-                                           ignore_index=self.ignore_index,
-                                           tolerance=int(self.label_cfg.get("tolerance", 0)))
+                                           ignore_colours=self.label_cfg.ignore_colours,
+                                           ignore_index=self.ignore_index, tolerance=int(self.label_cfg.tolerance))
             if n:
                 self.notes.append(f"{path}: {n} off-palette label pixels mapped to the nearest class colour")
             return label
@@ -400,7 +354,9 @@ class GeoTiffLayout(Layout):
             band = np.where(np.isnan(band), -(2**31), band)
         band = band.astype(np.int64)
         out = np.full(band.shape, self.ignore_index, np.uint8)
-        nodata = self.label_cfg.get("nodata", header.get("nodata"))
+        nodata = self.label_cfg.nodata
+        if nodata is None or nodata == "file":  # null means the file's own nodata tag
+            nodata = header.get("nodata")
         ignore = band == -(2**31)
         if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
             ignore |= band == int(nodata)
@@ -424,47 +380,6 @@ class GeoTiffLayout(Layout):
             out[keep] = band[keep].astype(np.uint8)
         return out
 
-    def _align(self, data: np.ndarray, header: Mapping[str, Any], path: str, ref: Mapping[str, Any], ref_path: str,
-               nodata: float | None, resampling: Resampling) -> np.ndarray:
-        """Return `data` on the reference grid: as is when it already is, warped when asked, else refused."""
-        same_crs = (header["crs"] == ref["crs"]) or (not header["crs"] and not ref["crs"])
-        same_res = all(abs(a - b) <= GRID_TOLERANCE * max(abs(b), 1e-12) for a, b in zip(header["res"], ref["res"]))
-        same_grid = same_crs and same_res and header["transform"].almost_equals(ref["transform"]) \
-            and (header["height"], header["width"]) == (ref["height"], ref["width"])
-        if same_grid:
-            return data
-        if not (same_crs and same_res) and not self.resample:
-            raise DataError(
-                f"{path} ({header['crs'] or 'no CRS'}, {_res_str(header['res'])}) and {ref_path} "
-                f"({ref['crs'] or 'no CRS'}, {_res_str(ref['res'])}) differ in CRS or resolution; set "
-                "dataset.layout.resample=true to warp them onto the reference grid, or reproject the files.")
-        if not self.resample:
-            return data  # same CRS and pixel size, other extent: the store reports the size mismatch
-        if not header["crs"] or not ref["crs"]:
-            raise DataError(f"{path} or {ref_path} has no CRS, so it cannot be resampled; georeference both files.")
-        out_dtype = data.dtype
-        work = data.astype(np.float32) if resampling != Resampling.nearest else data
-        fill = nodata if nodata is not None else (np.nan if np.issubdtype(work.dtype, np.floating) else 0)
-        dst = np.full((data.shape[0], ref["height"], ref["width"]), fill, dtype=work.dtype)
-        reproject(work, dst, src_transform=header["transform"], src_crs=header["crs"], src_nodata=nodata,
-                  dst_transform=ref["transform"], dst_crs=ref["crs"], dst_nodata=fill, resampling=resampling)
-        if np.issubdtype(out_dtype, np.integer) and work.dtype != out_dtype:
-            info = np.iinfo(out_dtype)
-            dst = np.clip(np.rint(np.nan_to_num(dst, nan=fill if fill is not None else 0)), info.min, info.max)
-        return dst.astype(out_dtype)
-
-
-def _with_glob(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Accept `folder` + `pattern` (default *.tif) as another way to write `glob`."""
-    cfg = dict(cfg)
-    if not cfg.get("glob") and cfg.get("folder"):
-        cfg["glob"] = f"{str(cfg['folder']).rstrip('/')}/{cfg.get('pattern') or '*.tif'}"
-    return cfg
-
-
-def _res_str(res: Sequence[float]) -> str:
-    return f"{res[0]:g}x{res[1]:g} per pixel"
-
 
 def _default_palette(n: int) -> list[tuple[int, int, int]]:
     rng = np.random.default_rng(12345)
@@ -473,92 +388,3 @@ def _default_palette(n: int) -> list[tuple[int, int, int]]:
     while len(base) < n:
         base.append(tuple(int(v) for v in rng.integers(0, 256, 3)))
     return base[:n]
-
-
-# -- fake data --------------------------------------------------------------------------------------------
-FAKE_CRS = "EPSG:32633"
-
-
-def fake_scene(rng: np.random.Generator, height: int, width: int, num_classes: int) -> np.ndarray:
-    """A label map of smooth blobs (classes 0..K-1) that imagery can be drawn from."""
-    import cv2
-
-    noise = rng.standard_normal((height, width)).astype(np.float32)
-    field = cv2.GaussianBlur(noise, (0, 0), sigmaX=max(height, width) / 10, borderType=cv2.BORDER_REFLECT)
-    edges = np.quantile(field, np.linspace(0, 1, num_classes + 1)[1:-1])
-    return np.digitize(field, edges).astype(np.uint8)
-
-
-def write_geotiff(path: Path, data: np.ndarray, crs: str | None, transform: Affine | None,
-                  nodata: float | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    profile = {"driver": "GTiff", "height": data.shape[-2], "width": data.shape[-1], "count": data.shape[0],
-               "dtype": str(data.dtype), "compress": "deflate"}
-    if crs:
-        profile["crs"] = crs
-    if transform is not None:
-        profile["transform"] = transform
-    if nodata is not None:
-        profile["nodata"] = nodata
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(path, "w", **profile) as dst:
-            dst.write(data)
-
-
-def write_fake(out_dir: str | Path, seed: int = 0, per_split: int = 3, sar_resolution: float = 10.0,
-               sar_crs: str = FAKE_CRS) -> Path:
-    """Projected GeoTIFFs as a user might have them: `{train,val}/{optical,sar,label}/scene_XX.tif`.
-
-    optical: uint16 red/green/blue/nir, nodata 0, with a no-data border; sar: float32 vv/vh, nodata NaN;
-    label: uint8 classes 0 background, 1 water, 2 building, 255 outside the footprint. Sizes are
-    non-square and not multiples of common tile sizes. `sar_resolution`/`sar_crs` make the SAR grid
-    differ from the label grid, to exercise the refusal and `resample: true`.
-    """
-    out = Path(out_dir)
-    rng = np.random.default_rng(seed)
-    k = 0
-    for split in ("train", "val"):
-        for _ in range(per_split):
-            h, w = int(rng.integers(70, 100)), int(rng.integers(90, 130))
-            label = fake_scene(rng, h, w, 3)
-            border = int(rng.integers(3, 9))
-            footprint = np.zeros((h, w), bool)
-            footprint[:, border:] = True  # the scene's swath starts a few columns in
-            x0, y0 = 500_000 + 5_000 * k, 5_300_000 - 3_000 * k
-            transform = from_origin(x0, y0, 10.0, 10.0)
-            means = np.array([[900, 1100, 1000, 2600], [300, 400, 500, 150], [1800, 1700, 1600, 1900]], np.float32)
-            opt = means[label].transpose(2, 0, 1) + rng.normal(0, 60, (4, h, w))
-            opt = np.clip(opt, 1, 60000).astype(np.uint16)
-            opt[:, ~footprint] = 0
-            lab = np.where(footprint, label, 255).astype(np.uint8)
-            name = f"scene_{k:02d}.tif"
-            write_geotiff(out / split / "optical" / name, opt, FAKE_CRS, transform, nodata=0)
-            write_geotiff(out / split / "label" / name, lab[None], FAKE_CRS, transform, nodata=255)
-            sar_db = np.array([-9.0, -21.0, -4.0], np.float32)[label] + rng.normal(0, 0.8, (h, w)).astype(np.float32)
-            sar = np.stack([sar_db, sar_db - 6.5]).astype(np.float32)
-            sar[:, ~footprint] = np.nan
-            if sar_resolution != 10.0 or sar_crs != FAKE_CRS:
-                sar, sar_transform = _regrid(sar, transform, sar_resolution, sar_crs)
-            else:
-                sar_transform = transform
-            write_geotiff(out / split / "sar" / name, sar, sar_crs, sar_transform, nodata=float("nan"))
-            k += 1
-    return out
-
-
-def _regrid(data: np.ndarray, transform: Affine, resolution: float, crs: str) -> tuple[np.ndarray, Affine]:
-    from rasterio.transform import array_bounds
-    from rasterio.warp import calculate_default_transform
-
-    h, w = data.shape[-2:]
-    bounds = array_bounds(h, w, transform)
-    dst_t, dw, dh = calculate_default_transform(FAKE_CRS, crs, w, h, *bounds,
-                                                resolution=None if crs != FAKE_CRS else resolution)
-    if crs == FAKE_CRS:
-        dst_t, dw, dh = from_origin(bounds[0], bounds[3], resolution, resolution), \
-            math.ceil((bounds[2] - bounds[0]) / resolution), math.ceil((bounds[3] - bounds[1]) / resolution)
-    dst = np.full((data.shape[0], dh, dw), np.nan, np.float32)
-    reproject(data, dst, src_transform=transform, src_crs=CRS.from_string(FAKE_CRS), src_nodata=np.nan,
-              dst_transform=dst_t, dst_crs=CRS.from_string(crs), dst_nodata=np.nan, resampling=Resampling.bilinear)
-    return dst, dst_t

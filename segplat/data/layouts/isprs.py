@@ -6,6 +6,13 @@ ones TorchGeo and mmsegmentation use (class constants); Vaihingen also has the M
 split (test on areas 5 15 21 30). Modalities: `image` and `dsm` (absolute DSM as float32, or the
 normalised nDSM images as uint8; `elevation: none` drops it).
 
+Grids: image, DSM and label of a tile must lie on one grid when both files are georeferenced (CRS, origin,
+pixel size: `segplat.data.raster`); another grid is refused naming both files, or warped onto the
+image's with `resample: true`. Files without georeferencing (the nDSM images, labels saved as plain
+TIFFs) are paired by size, and the prepare notes count them. `image_bands` picks bands of the image by
+name (its band description, else the product's documented order) or 1-based index; `val_tiles` moves
+tiles out of train into a `val` split, so that checkpoints are not chosen on the test tiles.
+
 Known defects handled: Potsdam 3_13's DSM/nDSM is one column short (edge-replicated, and noted);
 off-palette label colours such as (252, 255, 0) are mapped to the nearest class colour within
 `colour_tolerance` and the number of pixels touched is noted. Label archives unpacked at the root
@@ -15,15 +22,24 @@ are found too (each label folder is searched, then the root).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import cv2
 import numpy as np
-from rasterio.transform import from_origin
+from rasterio.warp import Resampling
 
-from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef
-from segplat.data.layouts.geotiff import decode_colour_label, georef, raster_header, read_raster, write_geotiff
+from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef, band_names, plain
+from segplat.data.raster import (
+    Grid,
+    decode_colour_label,
+    georef,
+    grid_relation,
+    raster_header,
+    read_on_grid,
+    read_raster,
+    warp_to_grid,
+)
 from segplat.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -39,16 +55,19 @@ class _ISPRSLayout(Layout):
     classes = CLASSES
     palette = PALETTE
     ignore_index = 255
-    splits = ("train", "test")
+    splits = ("train", "val", "test")
     SPLITS: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {}
     IMAGE_BANDS: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, root: str | None = None, image: str = "irrg", elevation: str = "dsm", eroded: bool = False,
-                 split: str = "standard", colour_tolerance: int = 8) -> None:
+                 split: str = "standard", colour_tolerance: int = 8, image_bands: Sequence[str | int] | None = None,
+                 val_tiles: Sequence[str | int] | None = None, resample: bool = False) -> None:
         super().__init__(root)
         if image not in self.IMAGE_BANDS:
             raise ConfigError(f"dataset.layout.image={image!r} is not available for {self.name}; "
                               f"choose one of {', '.join(self.IMAGE_BANDS)}.")
+        self.image_bands = band_names(image_bands, self.IMAGE_BANDS[image], "dataset.layout.image_bands",
+                                      f"the {image.upper()} image")
         if elevation not in ("dsm", "ndsm", "none"):
             raise ConfigError(f"dataset.layout.elevation={elevation!r} must be dsm, ndsm or none.")
         if split not in self.SPLITS:
@@ -56,11 +75,26 @@ class _ISPRSLayout(Layout):
                               f"choose one of {', '.join(self.SPLITS)}.")
         self.image, self.elevation, self.eroded, self.split = image, elevation, bool(eroded), split
         self.colour_tolerance = int(colour_tolerance)
-        self.notes: list[str] = []
+        self.val_tiles = tuple(str(t) for t in (plain(val_tiles) or ()))
+        outside = [t for t in self.val_tiles if t not in self.SPLITS[split]["train"]]
+        if outside:
+            raise ConfigError(f"dataset.layout.val_tiles names {outside}, which are not training tiles of the "
+                              f"{split} split ({' '.join(self.SPLITS[split]['train'])}); pick validation tiles "
+                              "from these.")
+        self.resample = bool(resample)
+        self._notes: list[str] = []
+        self.plain_pairs = 0  # files without georeferencing, paired with their image by size
+
+    @property
+    def notes(self) -> list[str]:
+        """What prepare records beside the skips."""
+        extra = [f"{self.plain_pairs} DSM/label file(s) carry no georeferencing (or their image does not) and were "
+                 "paired with their image by size"] if self.plain_pairs else []
+        return [*self._notes, *extra]
 
     @property
     def modalities(self) -> dict[str, ModalitySpec]:
-        mods = {"image": ModalitySpec(bands=self.IMAGE_BANDS[self.image], nodata=None, dtype="uint8", optical=True)}
+        mods = {"image": ModalitySpec(bands=self.image_bands, nodata=None, dtype="uint8", optical=True)}
         if self.elevation == "dsm":
             mods["dsm"] = ModalitySpec(bands=("dsm",), nodata=None, dtype="float32", optical=False)
         elif self.elevation == "ndsm":
@@ -69,7 +103,9 @@ class _ISPRSLayout(Layout):
 
     def fingerprint_params(self) -> dict[str, Any]:
         return {"name": self.name, "root": str(self.root), "image": self.image, "elevation": self.elevation,
-                "eroded": self.eroded, "split": self.split, "colour_tolerance": self.colour_tolerance, "version": 1}
+                "eroded": self.eroded, "split": self.split, "colour_tolerance": self.colour_tolerance,
+                "image_bands": list(self.image_bands), "val_tiles": list(self.val_tiles), "resample": self.resample,
+                "version": 2}
 
     # subclasses: file names per tile id
     def image_path(self, root: Path, tid: str) -> Path: ...
@@ -90,7 +126,11 @@ class _ISPRSLayout(Layout):
         out: dict[str, list[SampleRef]] = {}
         present = 0
         absent = []
-        for split, ids in self.SPLITS[self.split].items():
+        splits = dict(self.SPLITS[self.split])
+        if self.val_tiles:
+            splits = {"train": tuple(t for t in splits["train"] if t not in self.val_tiles), "val": self.val_tiles,
+                      **{k: v for k, v in splits.items() if k != "train"}}
+        for split, ids in splits.items():
             refs = []
             for tid in ids:
                 img = self.image_path(root, tid)
@@ -108,7 +148,7 @@ class _ISPRSLayout(Layout):
             raise DataError(f"no {self.name} image tiles under {root} (looked for e.g. {example}); point "
                             f"dataset.root at the {self.name} folder.")
         if absent:
-            self.notes.append(f"{len(absent)} tiles of the {self.split} split are not under {root} and were left "
+            self._notes.append(f"{len(absent)} tiles of the {self.split} split are not under {root} and were left "
                               f"out: {' '.join(absent[:12])}{' ...' if len(absent) > 12 else ''}")
         return out
 
@@ -118,34 +158,45 @@ class _ISPRSLayout(Layout):
 
     def read(self, ref: SampleRef) -> Sample:
         img_path = ref.files["image"]
-        image, header = read_raster(img_path)
-        want = len(self.IMAGE_BANDS[self.image])
-        if image.shape[0] != want:
-            raise DataError(f"{img_path}: has {image.shape[0]} bands but {self.image.upper()} needs {want} "
-                            f"({', '.join(self.IMAGE_BANDS[self.image])}); check dataset.layout.image.")
+        names = self.IMAGE_BANDS[self.image]
+        bands = None if self.image_bands == names else self.image_bands
+        image, header = read_raster(img_path, bands, "dataset.layout.image_bands", names)
+        if image.shape[0] != len(self.image_bands):
+            raise DataError(f"{img_path}: has {image.shape[0]} bands but {self.image.upper()} needs {len(names)} "
+                            f"({', '.join(names)}); check dataset.layout.image or pick bands with "
+                            "dataset.layout.image_bands.")
         if image.dtype != np.uint8:
             raise DataError(f"{img_path}: is {image.dtype} but ISPRS orthophotos are 8-bit; check the file.")
         h, w = image.shape[-2:]
+        grid = Grid.of(header)
         arrays = {"image": image}
         if self.elevation != "none":
             dsm_path = ref.files["dsm"]
-            dsm, _ = read_raster(dsm_path)
-            dsm = dsm[:1].astype(self.modalities["dsm"].dtype, copy=False)
+            dsm, _, relation = read_on_grid(dsm_path, grid, img_path, what="dsm", nodata=None, resample=self.resample,
+                                            bands=[1], plain_ok=True, check_size=False)
+            self.plain_pairs += relation == "plain"
+            dsm = dsm.astype(self.modalities["dsm"].dtype, copy=False)
             arrays["dsm"] = self._fit(dsm, h, w, dsm_path, img_path)
         lab_path = ref.files["label"]
-        lab, _ = read_raster(lab_path)
+        lab, lab_header = read_raster(lab_path)
         if lab.shape[0] < 3:
             raise DataError(f"{lab_path}: has {lab.shape[0]} band(s) but ISPRS labels are RGB colour images; "
                             "check the label folder.")
-        if lab.shape[-2:] != (h, w):
+        lab_grid = Grid.of(lab_header)
+        relation = grid_relation(lab_grid, lab_path, grid, img_path, self.resample, plain_ok=True, check_size=False)
+        self.plain_pairs += relation == "plain"
+        if relation != "warp" and lab.shape[-2:] != (h, w):
             raise DataError(f"{lab_path}: is {lab.shape[-1]}x{lab.shape[-2]} but {img_path} is {w}x{h}; the label "
                             "and image sizes disagree.")
         ignore = ((0, 0, 0),) if self.eroded else ()
         label, remapped = decode_colour_label(np.moveaxis(lab[:3], 0, -1), self.palette, lab_path,
                                               ignore_colours=ignore, ignore_index=self.ignore_index,
                                               tolerance=self.colour_tolerance)
+        if relation == "warp":
+            warped, covered = warp_to_grid(label[None], lab_grid, grid, self.ignore_index, Resampling.nearest)
+            label = np.where(covered, warped[0], self.ignore_index).astype(np.uint8)
         if remapped:
-            self.notes.append(f"{lab_path}: {remapped} off-palette label pixels mapped to the nearest class colour")
+            self._notes.append(f"{lab_path}: {remapped} off-palette label pixels mapped to the nearest class colour")
             log.info("%s: %d off-palette label pixels mapped to the nearest class colour", lab_path, remapped)
         crs, transform = georef(header)
         return Sample(arrays=arrays, label=label, source=img_path, crs=crs, transform=transform)
@@ -154,7 +205,7 @@ class _ISPRSLayout(Layout):
         """Edge-pad a DSM a pixel or two short of the image (Potsdam 3_13); leave larger mismatches to the store."""
         dh, dw = h - dsm.shape[-2], w - dsm.shape[-1]
         if (dh, dw) != (0, 0) and 0 <= dh <= MAX_EDGE_PAD and 0 <= dw <= MAX_EDGE_PAD:
-            self.notes.append(f"{path}: {dsm.shape[-1]}x{dsm.shape[-2]} is {dw} column(s) and {dh} row(s) short of "
+            self._notes.append(f"{path}: {dsm.shape[-1]}x{dsm.shape[-2]} is {dw} column(s) and {dh} row(s) short of "
                               f"{img_path}; padded by repeating the edge")
             log.info("%s is %d column(s), %d row(s) short; edge-padded", path, dw, dh)
             return np.pad(dsm, ((0, 0), (0, dh), (0, dw)), mode="edge")
@@ -226,86 +277,3 @@ class PotsdamLayout(_ISPRSLayout):
             return self._first(root, ("5_Labels_all_noBoundary", "5_Labels_for_participants_no_Boundary"),
                                (f"top_potsdam_{tid}_label_noBoundary.tif",))
         return self._first(root, ("5_Labels_all", "5_Labels_for_participants"), (f"top_potsdam_{tid}_label.tif",))
-
-
-# -- fake data --------------------------------------------------------------------------------------------
-CLASS_RGB = np.array([[128, 128, 128], [170, 70, 60], [120, 170, 80], [40, 110, 40], [200, 200, 40], [120, 60, 150]],
-                     np.float32)  # what each class looks like in a true-colour image (impervious grey, roof red, ...)
-CLASS_NIR = np.array([60, 70, 200, 220, 80, 100], np.float32)
-CLASS_HEIGHT = np.array([0.2, 9.0, 0.3, 7.0, 1.5, 0.8], np.float32)
-
-
-def _fake_tile(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """label (H, W) 0..5, rgb+nir (4, H, W) uint8 and a DSM (H, W) float32 that follow it."""
-    from segplat.data.layouts.geotiff import fake_scene
-
-    label = fake_scene(rng, h, w, 6)
-    colour = np.concatenate([CLASS_RGB, CLASS_NIR[:, None]], axis=1)[label].transpose(2, 0, 1)
-    image = np.clip(colour + rng.normal(0, 8, colour.shape), 0, 255).astype(np.uint8)
-    dsm = (260.0 + CLASS_HEIGHT[label] + rng.normal(0, 0.2, (h, w))).astype(np.float32)
-    return label, image, dsm
-
-
-def _colour_label(label: np.ndarray) -> np.ndarray:
-    return np.array(PALETTE, np.uint8)[label].transpose(2, 0, 1)
-
-
-def _eroded(label: np.ndarray) -> np.ndarray:
-    """The noBoundary variant: pixels whose 3x3 neighbourhood holds another class become black."""
-    lab = label.astype(np.uint8)
-    edge = (cv2.dilate(lab, np.ones((3, 3), np.uint8)) != cv2.erode(lab, np.ones((3, 3), np.uint8)))
-    colour = _colour_label(label)
-    colour[:, edge] = 0
-    return colour
-
-
-def write_fake_vaihingen(out_dir: str | Path, seed: int = 0, ids: tuple[str, ...] = ("1", "3", "5", "2", "4"),
-                         labels_at_root: bool = False) -> Path:
-    """top/ (IRRG uint8), dsm/ (float32), ndsm/ (bmp), gts_for_participants/ and gts_eroded_for_participants/."""
-    out = Path(out_dir)
-    rng = np.random.default_rng(seed)
-    for k, tid in enumerate(ids):
-        h, w = int(rng.integers(90, 140)), int(rng.integers(70, 120))
-        label, img4, dsm = _fake_tile(rng, h, w)
-        irrg = img4[[3, 0, 1]]
-        t = from_origin(496_000 + 200 * k, 5_420_000, 0.09, 0.09)
-        write_geotiff(out / "top" / f"top_mosaic_09cm_area{tid}.tif", irrg, "EPSG:32632", t)
-        write_geotiff(out / "dsm" / f"dsm_09cm_matching_area{tid}.tif", dsm[None], "EPSG:32632", t)
-        (out / "ndsm").mkdir(parents=True, exist_ok=True)
-        ndsm = np.clip((dsm - 260.0) * 20, 0, 255).astype(np.uint8)
-        cv2.imwrite(str(out / "ndsm" / f"ndsm_09cm_matching_area{tid}.bmp"), ndsm)
-        gts = "" if labels_at_root else "gts_for_participants"
-        write_geotiff(out / gts / f"top_mosaic_09cm_area{tid}.tif", _colour_label(label), "EPSG:32632", t)
-        write_geotiff(out / "gts_eroded_for_participants" / f"top_mosaic_09cm_area{tid}_noBoundary.tif",
-                      _eroded(label), "EPSG:32632", t)
-    return out
-
-
-def write_fake_potsdam(out_dir: str | Path, seed: int = 0,
-                       ids: tuple[str, ...] = ("2_10", "2_11", "6_7", "3_13", "5_15")) -> Path:
-    """All Potsdam folders (RGB, IRRG, RGBIR, DSM, nDSM, labels, noBoundary labels) with its known defects:
-    3_13's DSM and nDSM one column short, and a few off-palette (252, 255, 0) label pixels."""
-    out = Path(out_dir)
-    rng = np.random.default_rng(seed)
-    crs = "EPSG:32633"
-    for k, tid in enumerate(ids):
-        h, w = int(rng.integers(90, 140)), int(rng.integers(70, 120))
-        label, img4, dsm = _fake_tile(rng, h, w)
-        t = from_origin(366_000 + 600 * (k % 3), 5_808_000 - 600 * (k // 3), 0.05, 0.05)
-        write_geotiff(out / "2_Ortho_RGB" / f"top_potsdam_{tid}_RGB.tif", img4[:3], crs, t)
-        write_geotiff(out / "3_Ortho_IRRG" / f"top_potsdam_{tid}_IRRG.tif", img4[[3, 0, 1]], crs, t)
-        write_geotiff(out / "4_Ortho_RGBIR" / f"top_potsdam_{tid}_RGBIR.tif", img4, crs, t)
-        padded = "_".join(f"{int(p):02d}" for p in tid.split("_"))
-        short = tid == "3_13"
-        d = dsm[:, :-1] if short else dsm
-        write_geotiff(out / "1_DSM" / f"dsm_potsdam_{padded}.tif", d[None], crs, t)
-        (out / "1_DSM_normalisation").mkdir(parents=True, exist_ok=True)
-        ndsm = np.clip((d - 260.0) * 20, 0, 255).astype(np.uint8)
-        cv2.imwrite(str(out / "1_DSM_normalisation" / f"dsm_potsdam_{padded}_normalized_lastools.jpg"), ndsm)
-        colour = _colour_label(label)
-        if k == 0:  # the known off-palette car colour
-            colour[:, :2, :3] = np.array([252, 255, 0], np.uint8)[:, None, None]
-        write_geotiff(out / "5_Labels_all" / f"top_potsdam_{tid}_label.tif", colour, crs, t)
-        write_geotiff(out / "5_Labels_all_noBoundary" / f"top_potsdam_{tid}_label_noBoundary.tif", _eroded(label),
-                      crs, t)
-    return out

@@ -11,7 +11,11 @@ to `max_time` with `<m>_dates` holding day offsets from `reference_date` (-1 on 
 conversion drops dates: a date whose every pixel is no-data carries nothing but still costs the
 temporal encoder a step and skews its attention, so it is removed before padding. T differs per
 sensor and sample; `max_time` (null = the largest count in metadata.geojson) fixes the stored
-length, and longer series are subsampled evenly (logged) rather than refused.
+length, and longer series are subsampled evenly (logged) rather than refused. `bands` picks bands per
+sensor by name or 1-based index.
+
+Grids: the .npy stacks carry no georeferencing; S2, S1 and the label of a patch are paired only when
+their frames have the label's size (PASTIS-R resamples S1 onto the S2 grid), otherwise refused.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef
+from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef, band_names, check_keys, plain
 from segplat.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -72,8 +76,14 @@ class S1S2SeriesLayout(Layout):
     def __init__(self, root: str | None = None, folds: Mapping[str, Sequence[int]] | None = None,
                  s1_orbit: str = "S1A", sensors: Sequence[str] = ("s2", "s1"),
                  max_time: Mapping[str, int | None] | None = None, reference_date: str = "2018-09-01",
-                 nodata: Mapping[str, float | None] | None = None, drop_nodata_dates: bool = True) -> None:
+                 nodata: Mapping[str, float | None] | None = None, drop_nodata_dates: bool = True,
+                 bands: Mapping[str, Sequence[str | int] | None] | None = None) -> None:
         super().__init__(root)
+        for key, table in (("max_time", max_time), ("nodata", nodata), ("bands", bands)):
+            check_keys(plain(table) or {}, ("s2", "s1"), f"dataset.layout.{key}", self.name)
+        picks = dict(plain(bands) or {})
+        self.bands = {"s2": band_names(picks.get("s2"), S2_BANDS, "dataset.layout.bands.s2", "PASTIS-R S2"),
+                      "s1": band_names(picks.get("s1"), S1_BANDS, "dataset.layout.bands.s1", "PASTIS-R S1")}
         folds = folds if folds is not None else {"train": [1, 2, 3], "val": [4], "test": [5]}
         self.folds = {str(k): [int(f) for f in v] for k, v in dict(folds).items()}
         seen: dict[int, str] = {}
@@ -148,7 +158,9 @@ class S1S2SeriesLayout(Layout):
         if isinstance(raw, str):
             raw = json.loads(raw)
         if not isinstance(raw, Mapping):
-            raise DataError(f"{where}: patch {props.get('ID_PATCH')} has no {key} date dict in metadata.geojson.")
+            raise DataError(f"{where}: patch {props.get('ID_PATCH')} has no {key} date dict in metadata.geojson; add "
+                            f'one ("{key}": {{"0": 20180924, ...}}, one date per frame) or leave '
+                            f"{'s2' if sensor == 's2' else 's1'} out of dataset.layout.sensors.")
         return [_parse_date(raw[k], where) for k in sorted(raw, key=lambda x: int(x))]
 
     def max_time(self, sensor: str) -> int:
@@ -163,9 +175,9 @@ class S1S2SeriesLayout(Layout):
     @property
     def modalities(self) -> dict[str, ModalitySpec]:
         specs = {
-            "s2": ModalitySpec(bands=S2_BANDS, nodata=self.nodata["s2"], dtype="int16", optical=True,
+            "s2": ModalitySpec(bands=self.bands["s2"], nodata=self.nodata["s2"], dtype="int16", optical=True,
                                temporal=True, max_time=self.max_time("s2")),
-            "s1": ModalitySpec(bands=S1_BANDS, nodata=self.nodata["s1"], dtype="float32", optical=False,
+            "s1": ModalitySpec(bands=self.bands["s1"], nodata=self.nodata["s1"], dtype="float32", optical=False,
                                temporal=True, max_time=self.max_time("s1")),
         }
         return {s: specs[s] for s in self.sensors}
@@ -174,7 +186,7 @@ class S1S2SeriesLayout(Layout):
         return {**super().fingerprint_params(), "folds": self.folds, "s1_orbit": self.s1_orbit,
                 "sensors": self.sensors, "max_time": {s: self.max_time(s) for s in self.sensors},
                 "reference": self.reference.isoformat(), "nodata": {k: str(v) for k, v in self.nodata.items()},
-                "drop": self.drop_nodata_dates, "version": 1}
+                "drop": self.drop_nodata_dates, "bands": self.bands, "version": 2}
 
     # -- scan / read ----------------------------------------------------------------------------
     def scan(self) -> dict[str, list[SampleRef]]:
@@ -233,9 +245,12 @@ class S1S2SeriesLayout(Layout):
             spec = specs[sensor]
             path = ref.files[sensor]
             stack = self._load(path, ref, f"{sensor} series")
-            if stack.ndim != 4 or stack.shape[1] != len(spec.bands):
-                raise DataError(f"{path}: shape {stack.shape} is not (T, {len(spec.bands)}, H, W) "
-                                f"({', '.join(spec.bands)}).")
+            documented = S2_BANDS if sensor == "s2" else S1_BANDS
+            if stack.ndim != 4 or stack.shape[1] != len(documented):
+                raise DataError(f"{path}: shape {stack.shape} is not (T, {len(documented)}, H, W) "
+                                f"({', '.join(documented)}); the file is not a PASTIS-R {sensor.upper()} series.")
+            if spec.bands != documented:
+                stack = stack[:, [documented.index(b) for b in spec.bands]]
             if stack.shape[-2:] != label.shape:
                 raise DataError(f"{path}: frames are {stack.shape[-2]}x{stack.shape[-1]} but the label is "
                                 f"{label.shape[0]}x{label.shape[1]}; the modalities' sizes disagree.")
@@ -264,44 +279,3 @@ class S1S2SeriesLayout(Layout):
             arrays[sensor] = np.ascontiguousarray(stack.astype(spec.dtype, copy=False))
             dates[sensor] = offsets.astype(np.int32)
         return Sample(arrays=arrays, label=label, source=ref.files["label"], dates=dates)
-
-
-def write_fake(out: str | Path, num_patches: int = 10, size: int = 32, s2_times: tuple[int, int] = (5, 8),
-               s1_times: tuple[int, int] = (6, 9), seed: int = 0) -> Path:
-    """A tiny PASTIS-R tree: int16 S2 and float32 S1A/S1D .npy stacks, TARGET .npy with void pixels,
-    metadata.geojson with folds 1-5 and date dicts; one S2 date per patch is all no-data (a cloud-
-    masked acquisition), so date dropping is exercised. Crops differ in their NDVI-like time profile."""
-    out = Path(out)
-    rng = np.random.default_rng(seed)
-    for folder in ("DATA_S2", "DATA_S1A", "DATA_S1D", "ANNOTATIONS"):
-        (out / folder).mkdir(parents=True, exist_ok=True)
-    feats = []
-    base = dt.date(2018, 9, 15)
-    for i in range(num_patches):
-        pid = 10000 + i
-        label = np.zeros((size, size), np.uint8)
-        for _ in range(3):
-            y, x = rng.integers(0, size - 8, 2)
-            label[y:y + 8, x:x + 8] = rng.integers(1, 19)
-        label[:2, :] = VOID_CLASS
-        target = np.stack([label, label, np.zeros_like(label)]).astype(np.uint8)
-        np.save(out / "ANNOTATIONS" / f"TARGET_{pid}.npy", target)
-        props: dict[str, Any] = {"ID_PATCH": pid, "Fold": i % 5 + 1, "N_Parcel": 3, "TILE": "T31TFM"}
-        for sensor, (lo, hi), bands in (("S2", s2_times, 10), ("S1A", s1_times, 3), ("S1D", s1_times, 3)):
-            t = int(rng.integers(lo, hi + 1))
-            days = np.sort(rng.choice(np.arange(0, 360, 5), t, replace=False))
-            phase = label.astype(np.float32)[None] / 19.0
-            prof = np.sin(days[:, None, None] / 60.0 + 6 * phase)  # (T, H, W)
-            if sensor == "S2":
-                arr = (1500 + 800 * prof[:, None] + rng.normal(0, 50, (t, bands, size, size))).astype(np.int16)
-                arr[arr == 0] = 1
-                arr[1] = 0  # all no-data date
-            else:
-                arr = (-12 + 3 * prof[:, None] + rng.normal(0, 0.5, (t, bands, size, size))).astype(np.float32)
-            np.save(out / f"DATA_{sensor}" / f"{sensor}_{pid}.npy", arr)
-            props[f"dates-{sensor}"] = {str(k): int((base + dt.timedelta(days=int(d))).strftime("%Y%m%d"))
-                                        for k, d in enumerate(days)}
-        feats.append({"type": "Feature", "properties": props,
-                      "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]]}})
-    (out / "metadata.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
-    return out

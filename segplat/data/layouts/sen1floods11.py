@@ -5,10 +5,14 @@ Tree under `v1.1/` (dataset.root may be the folder holding `v1.1`, `v1.1` itself
 (repackagings: `S1GRDHand`, `S2L1CHand`) and `splits/flood_handlabeled/flood_{train,valid,test,bolivia}_data.csv`
 (no header; S1 file, label file) or `.txt` files with one chip id per line.
 
-- s1: float32 VV, VH in dB, nodata NaN.
+- s1: float32 VV, VH in dB, nodata NaN (`s1_bands` picks some).
 - s2: 13 L1C bands B1..B12 with B8A, reflectance x10000, int16 (uint16 read too, clipped to int16), nodata 0.
-  `output_bands` picks bands by name, so a backbone gets exactly the channels it was trained on.
+  `output_bands` picks bands by name (the file's band description when it has one, else the documented
+  order) or by 1-based index, so a backbone gets exactly the channels it was trained on.
 - label: int16, -1 no data -> ignore index, 0 dry, 1 water.
+
+S1, S2 and label chips of one id must lie on one grid (CRS, transform, size: `segplat.data.raster`);
+another grid is refused naming both files, or warped onto the label's with `resample: true`.
 """
 
 from __future__ import annotations
@@ -19,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rasterio.transform import from_origin
 
-from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef
-from segplat.data.layouts.geotiff import georef, raster_header, read_raster, write_geotiff
+from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef, band_names
+from segplat.data.raster import Grid, georef, raster_header, read_on_grid, read_raster
 from segplat.errors import ConfigError, DataError
 
 S2_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")
@@ -40,18 +43,16 @@ class Sen1Floods11Layout(Layout):
     splits = ("train", "val", "test", "bolivia")
 
     def __init__(self, root: str | None = None, sensors: tuple[str, ...] | list[str] = ("s1", "s2"),
-                 output_bands: list[str] | None = None, splits: list[str] | None = None) -> None:
+                 output_bands: list[str | int] | None = None, s1_bands: list[str | int] | None = None,
+                 splits: list[str] | None = None, resample: bool = False) -> None:
         super().__init__(root)
         self.sensors = tuple(sensors)
         bad = [s for s in self.sensors if s not in ("s1", "s2")]
         if bad or not self.sensors:
             raise ConfigError(f"dataset.layout.sensors={list(self.sensors)} must name s1 and/or s2.")
-        self.output_bands = tuple(output_bands or S2_BANDS)
-        unknown = [b for b in self.output_bands if b not in S2_BANDS]
-        if unknown:
-            raise ConfigError(f"dataset.layout.output_bands names {unknown}, which Sentinel-2 L1C does not have; "
-                              f"choose from {', '.join(S2_BANDS)}.")
-        self.band_index = [S2_BANDS.index(b) + 1 for b in self.output_bands]  # rasterio bands are 1-based
+        self.output_bands = band_names(output_bands, S2_BANDS, "dataset.layout.output_bands", "Sentinel-2 L1C")
+        self.s1_bands = band_names(s1_bands, S1_BANDS, "dataset.layout.s1_bands", "Sentinel-1")
+        self.resample = bool(resample)
         self.use_splits = tuple(splits or self.splits)
         unknown = [s for s in self.use_splits if s not in SPLIT_FILES]
         if unknown:
@@ -60,13 +61,14 @@ class Sen1Floods11Layout(Layout):
 
     @property
     def modalities(self) -> dict[str, ModalitySpec]:
-        specs = {"s1": ModalitySpec(bands=S1_BANDS, nodata=float("nan"), dtype="float32", optical=False),
+        specs = {"s1": ModalitySpec(bands=self.s1_bands, nodata=float("nan"), dtype="float32", optical=False),
                  "s2": ModalitySpec(bands=self.output_bands, nodata=0, dtype="int16", optical=True)}
         return {s: specs[s] for s in self.sensors}
 
     def fingerprint_params(self) -> dict[str, Any]:
         return {"name": self.name, "root": str(self.root), "sensors": list(self.sensors),
-                "output_bands": list(self.output_bands), "splits": list(self.use_splits), "version": 1}
+                "output_bands": list(self.output_bands), "s1_bands": list(self.s1_bands),
+                "splits": list(self.use_splits), "resample": self.resample, "version": 2}
 
     # -- scan -------------------------------------------------------------------------------------
     def _hand_dir(self, root: Path) -> Path:
@@ -122,6 +124,17 @@ class Sen1Floods11Layout(Layout):
         return None
 
     @staticmethod
+    def _check_count(path: str, documented: tuple[str, ...], wanted: tuple[str, ...], sensor: str,
+                     listing: str) -> None:
+        """A chip without band descriptions is read in the documented order, so it must have every documented band."""
+        h = raster_header(path)
+        described = set(h["descriptions"]) - {None}
+        if h["count"] != len(documented) and not set(wanted) <= described:
+            raise DataError(f"{path}: {sensor} has {h['count']} bands but Sen1Floods11 {sensor} chips have "
+                            f"{len(documented)} {listing} and the file's band descriptions do not name the bands asked "
+                            "for; check the file.")
+
+    @staticmethod
     def _find(folder: Path, chip: str, key: str) -> Path:
         exact = folder / f"{chip}_{folder.name}.tif"
         if exact.is_file():
@@ -147,19 +160,18 @@ class Sen1Floods11Layout(Layout):
                             "is this a LabelHand file?")
         label = np.where(band == -1, self.ignore_index, band).astype(np.uint8)
         arrays: dict[str, np.ndarray] = {}
+        grid = Grid.of(header)
         if "s1" in self.sensors:
-            s1, _ = read_raster(ref.files["s1"])
-            if s1.shape[0] != len(S1_BANDS):
-                raise DataError(f"{ref.files['s1']}: S1 has {s1.shape[0]} bands but Sen1Floods11 S1 chips have 2 "
-                                "(VV, VH); check the file.")
+            path = ref.files["s1"]
+            self._check_count(path, S1_BANDS, self.s1_bands, "S1", "(VV, VH)")
+            s1, _, _ = read_on_grid(path, grid, lab_path, what="s1", nodata=float("nan"), resample=self.resample,
+                                    bands=self.s1_bands, bands_key="dataset.layout.s1_bands", names=S1_BANDS)
             arrays["s1"] = s1.astype(np.float32, copy=False)
         if "s2" in self.sensors:
             path = ref.files["s2"]
-            h = raster_header(path)
-            if h["count"] != len(S2_BANDS):
-                raise DataError(f"{path}: S2 has {h['count']} bands but Sen1Floods11 S2 chips have 13 "
-                                f"({' '.join(S2_BANDS)}); check the file.")
-            s2, _ = read_raster(path, self.band_index)
+            self._check_count(path, S2_BANDS, self.output_bands, "S2", f"({' '.join(S2_BANDS)})")
+            s2, _, _ = read_on_grid(path, grid, lab_path, what="s2", nodata=0, resample=self.resample,
+                                    bands=self.output_bands, bands_key="dataset.layout.output_bands", names=S2_BANDS)
             if s2.dtype != np.int16:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
@@ -167,52 +179,3 @@ class Sen1Floods11Layout(Layout):
             arrays["s2"] = s2
         crs, transform = georef(header)
         return Sample(arrays=arrays, label=label, source=lab_path, crs=crs, transform=transform)
-
-
-# -- fake data --------------------------------------------------------------------------------------------
-def write_fake(out_dir: str | Path, seed: int = 0, per_split: dict[str, int] | None = None,
-               s2_dtype: str = "int16") -> Path:
-    """A tiny v1.1 tree: 13-band int16 S2, float32 dB S1 with NaN nodata, int16 labels with -1, split CSVs.
-
-    Water is dark in S1 (about -20 dB) and in S2 NIR/SWIR, so a model can learn it; one chip per
-    split has a no-data strip (S1 NaN, S2 0, label -1), as real chips at swath edges do.
-    """
-    from segplat.data.layouts.geotiff import fake_scene
-
-    out = Path(out_dir)
-    hand = out / "v1.1" / "data" / "flood_events" / "HandLabeled"
-    split_dir = out / "v1.1" / "splits" / "flood_handlabeled"
-    split_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    counts = per_split or {"train": 4, "val": 2, "test": 2, "bolivia": 1}
-    events = ["Ghana", "India", "Mekong", "Paraguay", "Spain", "USA"]
-    k = 0
-    for split, n in counts.items():
-        rows = []
-        for _ in range(n):
-            event = "Bolivia" if split == "bolivia" else events[k % len(events)]
-            chip = f"{event}_{100000 + 7919 * k}"
-            h, w = int(rng.integers(60, 90)), int(rng.integers(70, 100))
-            water = fake_scene(rng, h, w, 2)
-            label = water.astype(np.int16)
-            nodata = np.zeros((h, w), bool)
-            if rng.random() < 0.5 or k == 0:
-                nodata[:, : int(rng.integers(4, 12))] = True
-            label[nodata] = -1
-            vv = np.where(water == 1, -20.0, -8.0) + rng.normal(0, 1.0, (h, w))
-            vh = vv - 7.0 + rng.normal(0, 0.8, (h, w))
-            s1 = np.stack([vv, vh]).astype(np.float32)
-            s1[:, nodata] = np.nan
-            land = np.array([1500, 1300, 1200, 1100, 1500, 2300, 2600, 2800, 2900, 900, 30, 2100, 1500], np.float32)
-            wet = np.array([1400, 1100, 900, 700, 600, 500, 450, 400, 380, 150, 10, 200, 120], np.float32)
-            s2 = np.where(water[None] == 1, wet[:, None, None], land[:, None, None]) + rng.normal(0, 40, (13, h, w))
-            s2 = np.clip(s2, 1, 20000).astype(s2_dtype)
-            s2[:, nodata] = 0
-            transform = from_origin(-63.0 + 0.01 * k, -14.0 + 0.01 * k, 8.983e-5, 8.983e-5)
-            write_geotiff(hand / "S1Hand" / f"{chip}_S1Hand.tif", s1, "EPSG:4326", transform, nodata=float("nan"))
-            write_geotiff(hand / "S2Hand" / f"{chip}_S2Hand.tif", s2, "EPSG:4326", transform, nodata=0)
-            write_geotiff(hand / "LabelHand" / f"{chip}_LabelHand.tif", label[None], "EPSG:4326", transform)
-            rows.append(f"{chip}_S1Hand.tif,{chip}_LabelHand.tif\n")
-            k += 1
-        (split_dir / f"{SPLIT_FILES[split]}.csv").write_text("".join(rows))
-    return out

@@ -1,8 +1,9 @@
 """`python -m segplat.data.fake NAME OUT`: write a tiny copy of a dataset in its real on-disk format.
 
 Used by the tests and by users who want to try a layout (and its config) before downloading the real
-data. Each layout module owns its writer (`write_fake(out_dir, seed=...)`); this registry only maps a
-dataset name to "module:function" and imports lazily, so adding a dataset is one line here.
+data. One module per layout (`segplat/data/fake/<layout>.py`) holds its writer (`write_fake(out_dir,
+seed=...)`), apart from the reader, so that the readers never import the writers; this registry only
+maps a dataset name to "module:function" and imports lazily, so adding a dataset is one line here.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from typing import Any
 from segplat.errors import ConfigError
 
 WRITERS: dict[str, str] = {
-    "clouds": "segplat.data.layouts.clouds:write_fake",
-    "sen1floods11": "segplat.data.layouts.sen1floods11:write_fake",
-    "vaihingen": "segplat.data.layouts.isprs:write_fake_vaihingen",
-    "potsdam": "segplat.data.layouts.isprs:write_fake_potsdam",
-    "geotiff": "segplat.data.layouts.geotiff:write_fake",
-    "airquality": "segplat.data.layouts.airquality:write_fake",
-    "s1s2_series": "segplat.data.layouts.s1s2_series:write_fake",
+    "clouds": "segplat.data.fake.clouds:write_fake",
+    "sen1floods11": "segplat.data.fake.sen1floods11:write_fake",
+    "vaihingen": "segplat.data.fake.isprs:write_fake_vaihingen",
+    "potsdam": "segplat.data.fake.isprs:write_fake_potsdam",
+    "geotiff": "segplat.data.fake.geotiff:write_fake",
+    "airquality": "segplat.data.fake.airquality:write_fake",
+    "s1s2_series": "segplat.data.fake.s1s2_series:write_fake",
 }
 
 
@@ -54,6 +55,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote a fake {args.name} dataset; try: python -m segplat.prepare dataset={args.name} dataset.root={root}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
