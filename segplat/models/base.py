@@ -80,7 +80,7 @@ class SegmentationModel(nn.Module):
             raise ConfigError(f"fusion.type={spec.type} is not supported by {name} at level {spec.level}; valid "
                               f"types: {', '.join(types)}{fixed}.")
         if cls.builds_stage_modules:
-            spec = spec.with_module()
+            spec = spec.with_module(name)
         if types is None and spec.module is None:
             raise ConfigError(f"fusion.type={spec.type} is not supported by {name} at level {spec.level}: it is a "
                               f"model's own fusion with no per-stage module; valid types: "

@@ -118,11 +118,11 @@ class FusionSpec:
             raise ConfigError(f"fusion.module.{next(iter(own))} has no effect at fusion.level=early (the inputs are "
                               "stacked into one encoder, no fusion module is built); set fusion.module=null.")
 
-    def with_module(self) -> FusionSpec:
-        """This spec, its module taken from the conf/fusion entry of its type when none is given."""
+    def with_module(self, model: str) -> FusionSpec:
+        """This spec, its module taken from the conf/fusion entry of its type when none is given (for `model`)."""
         if self.module is not None or self.level == "early":
             return self
-        return dataclasses.replace(self, module=module_of_type(self.type))
+        return dataclasses.replace(self, module=module_of_type(self.type, f"{model}'s {self.level} fusion"))
 
     def build(self, in_channels: Sequence[int], out_channels: int) -> nn.Module:
         """One stage's fusion module: streams of `in_channels` -> `out_channels`."""
@@ -153,7 +153,7 @@ def resolve_fusion(fusion: Any) -> FusionSpec | None:
     if not isinstance(fusion, Mapping | DictConfig):
         raise ConfigError(f"fusion must be a conf/fusion entry or a mapping of level/type/stages, got {fusion!r}.")
     if "_target_" in fusion:
-        spec = instantiate(fusion)
+        spec = _instantiate(fusion)
         if not isinstance(spec, FusionSpec):
             raise ConfigError(f"fusion._target_={fusion['_target_']} must build a segplat.models.fusion.FusionSpec.")
         return spec
@@ -162,8 +162,21 @@ def resolve_fusion(fusion: Any) -> FusionSpec | None:
     if unknown:
         raise ConfigError(f"fusion has unknown key(s) {unknown}; a fusion entry takes {', '.join(SPEC_KEYS)}.")
     if isinstance(plain.get("module"), Mapping):
-        plain["module"] = instantiate(plain["module"])
+        plain["module"] = _instantiate(plain["module"])
     return FusionSpec(**plain)
+
+
+def _instantiate(config: Any) -> Any:
+    """Hydra's instantiate, raising the ConfigError a target raised rather than Hydra's wrapper of it."""
+    try:
+        return instantiate(config)
+    except Exception as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -186,12 +199,13 @@ def stage_fusion_types() -> list[str]:
     return sorted({kind for kind, module in _group_entries().values() if module is not None})
 
 
-def module_of_type(type_name: str) -> Callable[..., nn.Module] | None:
+def module_of_type(type_name: str, purpose: str) -> Callable[..., nn.Module] | None:
     """The module factory of the conf/fusion entries of `type_name`; None for a model's own (fixed) fusion."""
     modules = [module for kind, module in _group_entries().values() if kind == type_name]
     if not modules:
         known = sorted({kind for kind, _ in _group_entries().values()})
-        raise ConfigError(f"fusion.type={type_name} is not a fusion type of conf/fusion (known: {', '.join(known)}); "
-                          "pick one, or add the type (CONTRIBUTING.md, 'Adding a fusion type').")
+        raise ConfigError(f"fusion.type={type_name} is not a fusion type of conf/fusion, so {purpose} has no module "
+                          f"to build (known types: {', '.join(known)}); pick one, or select the entry that defines it "
+                          "(CONTRIBUTING.md, 'Adding a fusion type').")
     given = [m for m in modules if m is not None]
-    return instantiate(given[0]) if given else None
+    return _instantiate(given[0]) if given else None
