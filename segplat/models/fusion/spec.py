@@ -104,10 +104,11 @@ class FusionSpec:
             raise ConfigError(f"fusion.module builds {cls!r}, which is not a fusion module: subclass "
                               "segplat.models.fusion.StageFusion and set its fusion_type (see CONTRIBUTING.md).")
         if declared != self.type:
+            entries = entries_of_type(self.type)
+            hint = (f"select its entry (fusion={' or fusion='.join(entries)}) or set fusion.module=null to take "
+                    "that entry's module" if entries else f"no conf/fusion entry has type {self.type}, so fix it")
             raise ConfigError(f"fusion.type={self.type} does not match fusion.module, which builds {cls.__name__} "
-                              f"(fusion type {declared}); choose the conf/fusion entry of type {self.type} "
-                              f"(fusion={' or fusion='.join(entries_of_type(self.type)) or '?'}) or set "
-                              "fusion.module=null to take that type's module.")
+                              f"(fusion type {declared}); {hint}.")
         own = dict(self.module.keywords) if isinstance(self.module, functools.partial) else {}
         try:
             inspect.signature(cls).bind([0, 0], 0, **own)
@@ -140,10 +141,6 @@ class FusionSpec:
             raise ConfigError(f"fusion.stages={list(self.stages)} names stage(s) {bad} outside 0..{num_stages - 1} "
                               f"of {pyramid}; list stages among those, or null for every stage.")
         return list(self.stages)
-
-    def describe(self) -> str:
-        stages = "all stages" if self.stages is None else f"stages {list(self.stages)}"
-        return f"{self.level}/{self.type}" + (f" ({stages})" if self.level == "mid" else "")
 
 
 def resolve_fusion(fusion: Any) -> FusionSpec | None:
