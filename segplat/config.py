@@ -1,15 +1,25 @@
 """Config checks that need no data, and OmegaConf resolvers.
 
 `check_config` runs first in every task: impossible combinations (a fusion the model does not
-support, non-positive sizes) stop here, in one sentence naming the key, before data is read.
+support, non-positive sizes) stop here, in one sentence naming the key, before data is read. The
+sweeper calls it on each configuration a search space can draw, before the first trial.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from segplat.errors import ConfigError
+
+if TYPE_CHECKING:
+    from segplat.models.fusion.spec import FusionSpec
+
+# the Hydra config tree the tasks compose (conf/ beside the package)
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def register_resolvers() -> None:
@@ -20,6 +30,7 @@ def register_resolvers() -> None:
 
 
 def check_config(cfg: DictConfig) -> None:
+    """Refuse, in one sentence naming the key, what would fail or be ignored later; reads no data."""
     for key in ("dataset.batch_size", "dataset.patch_size", "trainer.max_epochs"):
         value = OmegaConf.select(cfg, key)
         if value is not None and (not isinstance(value, int) or value <= 0):
@@ -30,6 +41,18 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} must be a positive number.")
     if cfg.callbacks.get("mode") not in ("max", "min"):
         raise ConfigError(f"callbacks.mode={cfg.callbacks.get('mode')} must be max or min.")
+    check_model_fusion(cfg)
+
+
+def check_model_fusion(cfg: DictConfig) -> FusionSpec | None:
+    """The model x fusion x modalities check of `check_config`: the fusion spec the model will build, or a refusal.
+
+    The `fusion` group must reach the model (presets take `fusion: ${fusion}`), the model must accept its
+    level, type and stages (the stage count comes from the model config, e.g. its encoder), and the
+    dataset must give the number of modalities the fusion needs.
+    """
+    from segplat.models.fusion.spec import FusionSpec, resolve_fusion
+
     target = OmegaConf.select(cfg, "model._target_")
     if target is None:
         raise ConfigError("model._target_ is missing; choose a model preset such as model=unet.")
@@ -37,7 +60,23 @@ def check_config(cfg: DictConfig) -> None:
         model_cls = get_class(target)
     except Exception as err:
         raise ConfigError(f"model._target_={target} cannot be imported; check the model preset.") from err
+    group = cfg.get("fusion")
+    given = cfg.model.get("fusion") if "fusion" in cfg.model else None
+    if group is not None and "fusion" not in cfg.model and resolve_fusion(group) != FusionSpec():
+        raise ConfigError(f"model {target} takes no model.fusion, so fusion={_plain(group)} would be ignored; use "
+                          "fusion=early or give the preset `fusion: ${fusion}`.")
+    if group is not None and given is not None and _plain(given) != _plain(group):
+        raise ConfigError(f"model.fusion={_plain(given)} differs from the fusion group ({_plain(group)}), which the "
+                          "preset would ignore; presets take `fusion: ${fusion}` and fusion is chosen with fusion=...")
     check = getattr(model_cls, "check_fusion", None)
+    if check is None or given is None:
+        return None
+    spec = resolve_fusion(given)
     modalities = OmegaConf.select(cfg, "dataset.modalities")
-    if check is not None and OmegaConf.select(cfg, "model.fusion") is not None:
-        check(cfg.model.fusion, len(modalities) if modalities else None)
+    count = getattr(model_cls, "fusion_stage_count", None)
+    num_stages = count(cfg.model) if count is not None and spec is not None and spec.stages is not None else None
+    return check(spec, len(modalities) if modalities else None, num_stages)
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node

@@ -10,6 +10,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from segplat.config import check_config
+from segplat.models.fusion import FusionSpec
 from tests.conftest import CONF_DIR, compose_train
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith(("hydra", "sweep")))
@@ -77,7 +78,12 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path: Pat
         for key, node in cfg.callbacks.items():
             if key not in ("monitor", "mode") and node is not None:
                 instantiate(node)
-    elif group in ("fusion", "experiment", "debug"):
+    elif group == "fusion":
+        # the entry builds a FusionSpec; which models accept it is tests/models/test_fusion_matrix.py's
+        spec = instantiate(cfg.fusion)
+        assert isinstance(spec, FusionSpec) and (spec.level, spec.type) == (cfg.fusion.level, cfg.fusion.type)
+        assert (spec.module is None) == (cfg.fusion.module is None)
+    elif group in ("experiment", "debug"):
         check_config(cfg)
     elif group == "logger":
         assert "wandb" in cfg.logger

@@ -7,8 +7,10 @@
   size (the loss resizes them), named as the loss's `aux_weights` name them ("f2", "f3", ...).
 - `param_group(name)` tells the optimiser whether a parameter belongs to the "encoder", the
   "fusion" or the "decoder" (decoder + heads), for separate learning rates and freezing.
-- `supported_fusion` lists the fusion levels and types the model accepts; `check_fusion`
-  refuses anything else before data is read.
+- `supported_fusion` lists the fusion levels and types the model accepts (None: any type with a per-stage
+  module, `segplat.models.fusion.StageFusion`); `check_fusion` refuses anything else before data is read,
+  in one sentence naming the key, the model and what it accepts. A model with a fixed fusion (CMX, ...)
+  sets `default_fusion` and describes it in `fixed_fusion`.
 """
 
 from __future__ import annotations
@@ -20,30 +22,26 @@ import torch
 from torch import nn
 
 from segplat.errors import ConfigError
+from segplat.models.fusion.spec import FusionSpec, resolve_fusion, stage_fusion_types
 
 PARAM_GROUPS = ("encoder", "fusion", "decoder")
-
-
-def fusion_dict(fusion: Any) -> dict[str, Any]:
-    """Accept a FusionSpec-like DictConfig/dict/None and return plain `{level, type, stages}`."""
-    if fusion is None:
-        return {"level": "early", "type": "concat", "stages": None}
-    if hasattr(fusion, "items"):
-        from omegaconf import DictConfig, OmegaConf
-
-        d = OmegaConf.to_container(fusion, resolve=True) if isinstance(fusion, DictConfig) else dict(fusion)
-    else:
-        raise ConfigError(f"fusion must be a mapping with level/type/stages, got {fusion!r}.")
-    d.setdefault("type", "concat")
-    d.setdefault("stages", None)
-    return d
 
 
 class SegmentationModel(nn.Module):
     """Base class: modality bookkeeping, fusion checks and parameter grouping."""
 
-    # level -> accepted types; models override
-    supported_fusion: ClassVar[Mapping[str, tuple[str, ...]]] = {"early": ("concat",)}
+    # level -> accepted fusion types; None = any type with a per-stage module (a StageFusion)
+    supported_fusion: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"early": ("concat",)}
+    # the fusion when none is given; a model with a fixed fusion names it here ...
+    default_fusion: ClassVar[FusionSpec] = FusionSpec()
+    # ... and says in a few words what it is (messages print it); None = the fusion group chooses
+    fixed_fusion: ClassVar[str | None] = None
+    # True: the model builds its fusion from `fusion.module` (a spec without one takes its type's, see FusionSpec)
+    builds_stage_modules: ClassVar[bool] = False
+    # False: the model fuses every stage and refuses a fusion.stages subset
+    fusion_stages_selectable: ClassVar[bool] = True
+    # set: the model takes exactly two modalities, in this order (e.g. "RGB stream first, X stream second")
+    stream_roles: ClassVar[str | None] = None
     # first attribute name in a parameter path -> group; anything else is "decoder"
     encoder_prefixes: ClassVar[tuple[str, ...]] = ("encoder", "encoders")
     fusion_prefixes: ClassVar[tuple[str, ...]] = ("fusion", "fusions")
@@ -62,19 +60,49 @@ class SegmentationModel(nn.Module):
         return next(iter(self.modalities))
 
     @classmethod
-    def check_fusion(cls, fusion: Any, num_modalities: int | None = None) -> dict[str, Any]:
-        f = fusion_dict(fusion)
-        level, kind = f["level"], f["type"]
-        if level not in cls.supported_fusion:
-            raise ConfigError(f"fusion.level={level} is not supported by {cls.__name__}; valid levels: "
-                              f"{', '.join(cls.supported_fusion)}.")
-        if kind not in cls.supported_fusion[level]:
-            raise ConfigError(f"fusion.type={kind} is not supported by {cls.__name__} at level {level}; valid "
-                              f"types: {', '.join(cls.supported_fusion[level])}.")
-        if num_modalities == 1 and level != "early":
-            raise ConfigError(f"fusion.level={level} needs at least two modalities but the dataset gives one; "
+    def check_fusion(cls, fusion: Any, num_modalities: int | None = None,
+                     num_stages: int | None = None) -> FusionSpec:
+        """The FusionSpec this model builds from `fusion` (None = `default_fusion`), or a one-sentence refusal.
+
+        `num_modalities` and `num_stages` (the model's pyramid depth) are checked when known.
+        """
+        spec = resolve_fusion(fusion) or cls.default_fusion
+        name = cls.__name__
+        default = cls.default_fusion
+        fixed = (f" ({name}'s fusion is fixed: {default.level}/{default.type}, {cls.fixed_fusion}; "
+                 f"{'only fusion.stages may vary' if cls.fusion_stages_selectable else 'nothing in it may vary'})"
+                 if cls.fixed_fusion else "")
+        if spec.level not in cls.supported_fusion:
+            raise ConfigError(f"fusion.level={spec.level} is not supported by {name}; valid levels: "
+                              f"{', '.join(cls.supported_fusion)}{fixed}.")
+        types = cls.supported_fusion[spec.level]
+        if types is not None and spec.type not in types:
+            raise ConfigError(f"fusion.type={spec.type} is not supported by {name} at level {spec.level}; valid "
+                              f"types: {', '.join(types)}{fixed}.")
+        if cls.builds_stage_modules:
+            spec = spec.with_module(name)
+        if types is None and spec.module is None:
+            raise ConfigError(f"fusion.type={spec.type} is not supported by {name} at level {spec.level}: it is a "
+                              f"model's own fusion with no per-stage module; valid types: "
+                              f"{', '.join(stage_fusion_types())} (any conf/fusion entry with a module).")
+        if spec.stages is not None and not cls.fusion_stages_selectable:
+            raise ConfigError(f"fusion.stages={list(spec.stages)} is not supported by {name}, which fuses every "
+                              f"stage; set fusion.stages=null{fixed}.")
+        if num_stages is not None:
+            spec.fused_stages(num_stages, f"{name}'s pyramid")
+        if cls.stream_roles and num_modalities is not None and num_modalities != 2:
+            raise ConfigError(f"{name} fuses exactly two modalities ({cls.stream_roles}) but dataset.modalities "
+                              f"gives {num_modalities}; list two in dataset.modalities.")
+        if num_modalities == 1 and spec.level != "early":
+            raise ConfigError(f"fusion.level={spec.level} needs at least two modalities but the dataset gives one; "
                               "use fusion=early or add a modality.")
-        return f
+        return spec
+
+    @classmethod
+    def fusion_stage_count(cls, config: Mapping[str, Any]) -> int | None:
+        """The number of pyramid stages `fusion.stages` picks from, known from the model config alone
+        (None: only known once built); lets `segplat.config.check_config` refuse a bad stage before data."""
+        return None
 
     def param_group(self, name: str) -> str:
         head = name.split(".", 1)[0]

@@ -6,8 +6,9 @@ reads. Any of MiT-B0…B5 builds the variant it names (the official code's `mit_
 dims; here each name is checked against the SegFormer configuration). Both streams can start from
 one SegFormer checkpoint (`pretrained`), the X stream's first conv adapted to its channel count.
 
-`fusion.stages` (null = all four) picks the stages that get an FRM and an FFM; at any other stage
-no rectification happens and the decoder reads the RGB stream's map.
+The fusion is CMX's own and fixed (`fusion=frm_ffm`, which the preset selects); any other level or type
+is refused. `fusion.stages` (null = all four) picks the stages that get an FRM and an FFM; at any other
+stage no rectification happens and the decoder reads the RGB stream's map.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from segplat.errors import ConfigError
 from segplat.models.base import SegmentationModel
 from segplat.models.decoders.segformer_head import SegFormerHead, segformer_embed_dim
 from segplat.models.encoders.mit import build_mit
+from segplat.models.fusion import FusionSpec
 from segplat.models.fusion.cmx import FeatureFusionModule, FeatureRectifyModule, init_cmx_weights
 from segplat.models.segmenter import SegmentationHead
 
@@ -33,25 +34,22 @@ MIT_HEADS = (1, 2, 5, 8)
 class CMX(SegmentationModel):
     """Exactly two modalities: the first is the RGB stream (output size), the second the X stream."""
 
-    supported_fusion: ClassVar[Mapping[str, tuple[str, ...]]] = {"mid": ("frm_ffm",)}
+    supported_fusion: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"mid": ("frm_ffm",)}
+    default_fusion: ClassVar[FusionSpec] = FusionSpec("mid", "frm_ffm")
+    fixed_fusion = "an FRM and an FFM at each fused MiT stage"
+    stream_roles = "RGB stream first, X stream second"
 
     def __init__(self, modalities: Mapping[str, int], num_classes: int, backbone: str = "mit_b2",
                  pretrained: str | Path | None = None, decoder_embed_dim: int | None = 512, fusion: Any = None,
                  drop_path_rate: float = 0.1, dropout: float = 0.1, lambda_c: float = 0.5,
                  lambda_s: float = 0.5) -> None:
         super().__init__(modalities, num_classes)
-        f = self.check_fusion(fusion if fusion is not None else {"level": "mid", "type": "frm_ffm"},
-                              len(self.modalities))
+        f = self.check_fusion(fusion, len(self.modalities))
         self.encoders = nn.ModuleList(
             build_mit(backbone, in_chans=c, pretrained=pretrained, drop_path_rate=drop_path_rate)
             for c in self.modalities.values())
         dims = self.encoders[0].out_channels
-        stages = f["stages"] if f["stages"] is not None else list(range(len(dims)))
-        bad = [s for s in stages if not 0 <= int(s) < len(dims)]
-        if bad or not stages:
-            raise ConfigError(f"fusion.stages={list(stages)} must name stages among 0..{len(dims) - 1} of the MiT "
-                              "pyramid (null = all).")
-        self.fused_stages = sorted({int(s) for s in stages})
+        self.fused_stages = f.fused_stages(len(dims), "the MiT pyramid")
         self.fusion = nn.ModuleDict({
             "frm": nn.ModuleDict({str(s): FeatureRectifyModule(dims[s], 1, lambda_c, lambda_s)
                                   for s in self.fused_stages}),
@@ -63,11 +61,8 @@ class CMX(SegmentationModel):
         self.head = SegmentationHead(width, num_classes, dropout)
 
     @classmethod
-    def check_fusion(cls, fusion: Any, num_modalities: int | None = None) -> dict[str, Any]:
-        if num_modalities is not None and num_modalities != 2:
-            raise ConfigError(f"model=cmx fuses exactly two modalities (RGB stream first, X stream second) but "
-                              f"dataset.modalities gives {num_modalities}; list two in dataset.modalities.")
-        return super().check_fusion(fusion, num_modalities)
+    def fusion_stage_count(cls, config: Mapping[str, Any]) -> int:
+        return len(MIT_HEADS)  # every MiT variant has four stages
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.check_inputs(inputs)

@@ -14,6 +14,8 @@ auxiliary stream (its channel count comes from the dataset's second modality).
   their own resolution, shared ground-coordinate embeddings). Both start as the identity (gamma = 1,
   beta = 0; zero output projection), so at initialisation the model *is* the vision-only model and the
   air stream is blended in as training finds it useful (`forward_vision_only` gives that path).
+  The fusion is the model's own and fixed (`fusion=film_cross_attention`, which the preset selects); any
+  other level or type is refused; `fusion.stages` picks the fused stages, `film_stages` which of them use FiLM.
 - Decoder (`ASPPGatedDecoder`): ASPP on the stride-32 map, attention-gated skips, ConvNeXt refinement
   at each upsampling stage. In training mode auxiliary heads return "f2" (decoder map at stride 8) and
   "f3" (stride 16), the names the loss's `aux_weights` use (final 1.0, f2 0.3, f3 0.15).
@@ -29,14 +31,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from segplat.errors import ConfigError
-from segplat.models.base import SegmentationModel, fusion_dict
+from segplat.models.base import SegmentationModel
 from segplat.models.decoders.aspp_gated import ASPPGatedDecoder
 from segplat.models.encoders.convnext_stream import ConvNeXtStream
+from segplat.models.fusion import FusionSpec
 from segplat.models.fusion.cross_attention import CrossAttentionFusion
 from segplat.models.fusion.film_gate import FiLMGateFusion
 from segplat.models.segmenter import SegmentationHead
-
-DEFAULT_FUSION = {"level": "mid", "type": "film_cross_attention", "stages": None}
 
 
 def _plain(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -62,7 +63,10 @@ def _default_vision_encoder(in_chans: int, pretrained: str | None = None) -> nn.
 
 
 class DualStream(SegmentationModel):
-    supported_fusion: ClassVar[Mapping[str, tuple[str, ...]]] = {"mid": ("film_cross_attention",)}
+    supported_fusion: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"mid": ("film_cross_attention",)}
+    default_fusion: ClassVar[FusionSpec] = FusionSpec("mid", "film_cross_attention")
+    fixed_fusion = "FiLM + gating at model.film_stages, cross-attention at the other fused stages"
+    stream_roles = "image first, then the low-resolution grid"
 
     def __init__(self, modalities: Mapping[str, int], num_classes: int, fusion: Any = None,
                  vision_encoder: Callable[..., nn.Module] | None = None, vision_pretrained: str | None = None,
@@ -70,7 +74,7 @@ class DualStream(SegmentationModel):
                  heads: int | None = None, decoder: Mapping[str, Any] | None = None,
                  aux_levels: Sequence[int] = (2, 3), head_dropout: float = 0.1, interleave: bool = True) -> None:
         super().__init__(modalities, num_classes)
-        f = self.check_fusion(DEFAULT_FUSION if fusion is None else fusion, len(self.modalities))
+        f = self.check_fusion(fusion, len(self.modalities))
         self.vision_name, self.air_name = list(self.modalities)
         factory = vision_encoder or _default_vision_encoder
         vis_kwargs: dict[str, Any] = {"in_chans": self.modalities[self.vision_name]}
@@ -91,12 +95,8 @@ class DualStream(SegmentationModel):
             raise ConfigError(f"model.air.dims has {len(air_stream.out_channels)} stages but the vision encoder "
                               f"has {n}; give the air stream one stage per vision stage.")
         self.encoders = nn.ModuleDict({"vision": vis, "air": air_stream})
-        stages = f["stages"] if f["stages"] is not None else list(range(n))
-        bad = [s for s in stages if not 0 <= int(s) < n]
-        if bad:
-            raise ConfigError(f"fusion.stages={list(stages)} names stages outside 0..{n - 1} of the vision encoder.")
         film = {int(s) for s in film_stages}
-        self.fused_stages = sorted(int(s) for s in stages)
+        self.fused_stages = f.fused_stages(n, "the vision encoder's pyramid")
         self.fusion = nn.ModuleDict({
             str(s): (FiLMGateFusion(vis_channels[s], air_stream.out_channels[s]) if s in film else
                      CrossAttentionFusion(vis_channels[s], air_stream.out_channels[s], heads=heads))
@@ -118,12 +118,10 @@ class DualStream(SegmentationModel):
             f"f{a}": SegmentationHead(self.decoder.stage_channels[-a], num_classes, head_dropout) for a in levels})
 
     @classmethod
-    def check_fusion(cls, fusion: Any, num_modalities: int | None = None) -> dict[str, Any]:
-        f = super().check_fusion(DEFAULT_FUSION if fusion is None else fusion_dict(fusion), num_modalities)
-        if num_modalities is not None and num_modalities != 2:
-            raise ConfigError(f"model=dualstream fuses exactly two modalities (image, then the low-resolution "
-                              f"grid) but dataset.modalities lists {num_modalities}; list two.")
-        return f
+    def fusion_stage_count(cls, config: Mapping[str, Any]) -> int | None:
+        """One stage per air-stream stage (the model refuses any other count); MiT-B1's four by default."""
+        dims = (config.get("air") or {}).get("dims")
+        return len(dims) if dims is not None else (4 if config.get("vision_encoder") is None else None)
 
     # ------------------------------------------------------------------ forward
 

@@ -58,6 +58,7 @@ from torch.nn import functional as F
 
 from segplat.errors import ConfigError
 from segplat.models.base import SegmentationModel
+from segplat.models.fusion import FusionSpec
 from segplat.models.weights import load_adapted_state_dict
 
 log = logging.getLogger(__name__)
@@ -317,7 +318,11 @@ class DFE(nn.Module):
 # the model
 # --------------------------------------------------------------------------------------------
 class MS2MNet(SegmentationModel):
-    supported_fusion: ClassVar[Mapping[str, tuple[str, ...]]] = {"mid": ("wase_vfe",)}
+    supported_fusion: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"mid": ("wase_vfe",)}
+    default_fusion: ClassVar[FusionSpec] = FusionSpec("mid", "wase_vfe")
+    fixed_fusion = "WASE at every encoder stage, VFE at model.vfe_stages"
+    fusion_stages_selectable = False
+    stream_roles = "optical first, DSM second"
 
     def __init__(self, modalities: Mapping[str, int], num_classes: int, fusion: Any = None,
                  backbone: str = "resnet50", pretrained: str | None = None,
@@ -325,8 +330,7 @@ class MS2MNet(SegmentationModel):
                  d_state: int = 8, ssm_expand: float = 1.0, edge_channels: int = 32, head_dropout: float = 0.1,
                  aux_heads: bool = True) -> None:
         super().__init__(modalities, num_classes)
-        self.check_fusion(fusion if fusion is not None else {"level": "mid", "type": "wase_vfe"},
-                          len(self.modalities))
+        self.check_fusion(fusion, len(self.modalities))
         if len(self.modalities) != 2:
             raise ConfigError(f"MS2MNet fuses exactly two modalities (optical first, DSM second) but "
                               f"dataset.modalities gives {list(self.modalities)}; list two.")

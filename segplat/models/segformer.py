@@ -23,7 +23,7 @@ from segplat.models.segmenter import SegmentationHead
 class SegFormer(SegmentationModel):
     """`backbone` names the MiT variant (mit_b0 … mit_b5); `decoder_embed_dim=None` takes the paper's width."""
 
-    supported_fusion: ClassVar[Mapping[str, tuple[str, ...]]] = {"early": ("concat",)}
+    supported_fusion: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"early": ("concat",)}
 
     def __init__(self, modalities: Mapping[str, int], num_classes: int, backbone: str = "mit_b0",
                  pretrained: str | Path | None = None, decoder_embed_dim: int | None = None, fusion: Any = None,

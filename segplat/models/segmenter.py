@@ -1,9 +1,11 @@
 """Segmenter = encoders (one per stream) + fusion + decoder + head, at fusion level early/mid/late.
 
 - early: the modalities are concatenated along channels into one encoder;
-- mid:   one encoder per modality; at each fused stage a fusion module merges the streams' maps
+- mid:   one encoder per modality; at each fused stage the fusion module the config names
+         (`fusion.module`: concat, attention or any other `StageFusion`) merges the streams' maps
          (stages not listed in `fusion.stages` pass the primary stream's map on); one decoder;
-- late:  a full encoder + decoder branch per modality; the branches' final features are fused.
+- late:  a full encoder + decoder branch per modality; the branches' final features are fused
+         by the config's module (concat).
 
 Streams of a lower resolution than the primary one (e.g. a 64x64 grid under a 512x512 image) are
 upsampled to the primary input size before an early concat, and their features are resized in
@@ -12,19 +14,26 @@ the fusion modules.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
-from segplat.errors import ConfigError
 from segplat.models.base import SegmentationModel
-from segplat.models.fusion.attention import AttentionFusion
-from segplat.models.fusion.concat import ConcatFusion
 
-FUSION_MODULES: dict[str, type[nn.Module]] = {"concat": ConcatFusion, "attention": AttentionFusion}
+
+@functools.lru_cache(maxsize=16)
+def _pyramid_depth(encoder_yaml: str) -> int:
+    encoder = OmegaConf.create(encoder_yaml)
+    encoder._partial_ = True
+    if "pretrained" in encoder:
+        encoder.pretrained = None
+    return len(instantiate(encoder)(in_chans=1).out_channels)
 
 
 class SegmentationHead(nn.Sequential):
@@ -33,14 +42,16 @@ class SegmentationHead(nn.Sequential):
 
 
 class Segmenter(SegmentationModel):
-    supported_fusion: ClassVar[Mapping[str, tuple[str, ...]]] = {
-        "early": ("concat",), "mid": ("concat", "attention"), "late": ("concat",)}
+    # mid: any fusion type with a per-stage module (concat, attention, ... as conf/fusion defines them)
+    builds_stage_modules = True
+    supported_fusion: ClassVar[Mapping[str, tuple[str, ...] | None]] = {
+        "early": ("concat",), "mid": None, "late": ("concat",)}
 
     def __init__(self, modalities: Mapping[str, int], num_classes: int, encoder: Callable[..., nn.Module],
                  decoder: Callable[..., nn.Module], fusion: Any = None, head_dropout: float = 0.0) -> None:
         super().__init__(modalities, num_classes)
         f = self.check_fusion(fusion, len(self.modalities))
-        self.level = f["level"]
+        self.level = f.level
         names = list(self.modalities)
         if self.level == "early":
             self.encoders = nn.ModuleDict({"stack": encoder(in_chans=sum(self.modalities.values()))})
@@ -50,26 +61,28 @@ class Segmenter(SegmentationModel):
         channels, reductions = list(first.out_channels), list(first.reductions)
         n_stages = len(channels)
         if self.level == "mid":
-            stages = f["stages"] if f["stages"] is not None else list(range(n_stages))
-            bad = [s for s in stages if not 0 <= int(s) < n_stages]
-            if bad:
-                raise ConfigError(f"fusion.stages={list(stages)} names stages outside 0..{n_stages - 1} of this "
-                                  "encoder's pyramid.")
-            self.fused_stages = sorted(int(s) for s in stages)
+            self.fused_stages = f.fused_stages(n_stages, "the encoder's pyramid")
             self.fusion = nn.ModuleDict({
-                str(s): FUSION_MODULES[f["type"]]([self.encoders[m].out_channels[s] for m in names], channels[s])
+                str(s): f.build([self.encoders[m].out_channels[s] for m in names], channels[s])
                 for s in self.fused_stages
             })
         if self.level == "late":
             self.decoders = nn.ModuleDict({m: decoder(encoder_channels=self.encoders[m].out_channels,
                                                       reductions=self.encoders[m].reductions) for m in names})
             width = self.decoders[names[0]].out_channels
-            self.fusion = nn.ModuleDict({"final": ConcatFusion([d.out_channels for d in self.decoders.values()],
-                                                               width)})
+            self.fusion = nn.ModuleDict({"final": f.build([d.out_channels for d in self.decoders.values()], width)})
         else:
             self.decoder = decoder(encoder_channels=channels, reductions=reductions)
             width = self.decoder.out_channels
         self.head = SegmentationHead(width, num_classes, head_dropout)
+
+    @classmethod
+    def fusion_stage_count(cls, config: Mapping[str, Any]) -> int | None:
+        """The encoder's pyramid depth: a structural probe of `model.encoder` (one input channel, no weights)."""
+        encoder = config.get("encoder")
+        if encoder is None or "_target_" not in encoder:
+            return None
+        return _pyramid_depth(OmegaConf.to_yaml(encoder, resolve=True))
 
     def param_group(self, name: str) -> str:
         head = name.split(".", 1)[0]

@@ -22,20 +22,22 @@ are zeroed before every convolution and get zero weight in every attention and e
 no normalisation statistic spans dates. Appending padded dates with any values leaves the output
 unchanged (tests/models/test_unet3d.py checks it for every fusion level).
 
-Fusion (`fusion.level` x `fusion.type`), for several streams such as S2 + S1:
+Fusion (`fusion.level`, and the stage module the fusion entry names: concat, attention or any other
+`StageFusion`), for several streams such as S2 + S1:
 - early/concat: one encoder on the bands of all streams concatenated date by date. Streams have
   their own dates and lengths, so each stream's real dates are first resampled onto `early_steps`
   evenly spaced slots spanning its own observed period (linear interpolation between neighbouring
   real dates; padding is never read). Streams with paired dates and n == early_steps are thus
   concatenated unchanged; a single stream is used as it is, and single images stay one slot.
   This assumes each stream covers the same season, as S1/S2 stacks do.
-- mid/concat: one encoder per stream; at each level the streams' collapsed maps are concatenated
-  and projected (1x1 conv + BN + ReLU) into the decoder skip.
-- mid/attention: as mid/concat, and at each of `attn_levels` every date of a stream attends to the
-  real dates of the other streams at the same pixel (temporal cross-attention, zero-initialised so
-  training starts from independent streams); the exchanged maps feed each stream's next level.
-- late/concat and late/attention: a full encoder + decoder per stream; the final maps are fused by
-  concat + projection or by a per-pixel softmax over the streams (modality attention).
+- mid: one encoder per stream; at each level in `fusion.stages` (null = every level) the streams'
+  collapsed maps are merged into the decoder skip by the fusion module (concat: 1x1 conv + BN + ReLU
+  over the concatenation; attention: a softmax over the streams per channel and pixel); at other
+  levels the first stream's map is the skip. With `cross_attention` (null = on at mid level), at each
+  fused level of `attn_levels` every date of a stream also attends to the real dates of the other
+  streams at the same pixel (temporal cross-attention, zero-initialised so training starts from
+  independent streams); the exchanged maps feed each stream's next level.
+- late: a full encoder + decoder per stream; the final maps are merged by the fusion module.
 Streams whose spatial size differs from the primary's are resized to it at the input.
 """
 
@@ -59,7 +61,6 @@ from segplat.models.encoders.temporal import (
     resample_time,
     safe_mask,
 )
-from segplat.models.fusion.concat import ConcatFusion
 
 Stream = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (B, C, T, H, W), mask (B, T), positions (B, T)
 
@@ -119,31 +120,21 @@ class UNetDecoder2d(nn.Module):
         return x
 
 
-class ModalityAttention(nn.Module):
-    """Per-pixel softmax over the streams' maps (late/attention): each stream scores itself, weights sum to 1."""
-
-    def __init__(self, channels: int, streams: int) -> None:
-        super().__init__()
-        self.score = nn.ModuleList(nn.Conv2d(channels, 1, 3, padding=1) for _ in range(streams))
-        self.out = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
-                                 nn.ReLU(inplace=True))
-
-    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        weights = torch.softmax(torch.cat([s(f) for s, f in zip(self.score, feats)], dim=1), dim=1)
-        return self.out(sum(weights[:, i:i + 1] * f for i, f in enumerate(feats)))
-
-
 class UNet3D(SegmentationModel):
-    supported_fusion: ClassVar[Mapping[str, tuple[str, ...]]] = {
-        "early": ("concat",), "mid": ("concat", "attention"), "late": ("concat", "attention")}
+    # mid and late: any fusion type with a per-stage module (concat, attention, ... as conf/fusion defines them)
+    builds_stage_modules = True
+    supported_fusion: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"early": ("concat",), "mid": None, "late": None}
 
     def __init__(self, modalities: Mapping[str, int], num_classes: int, fusion: Any = None,
                  widths: Sequence[int] = (16, 32, 64, 128), attn_levels: Sequence[int] | None = None,
                  heads: int = 4, time_kernel: int = 3, pool: str = "attention", early_steps: int = 8,
-                 head_dropout: float = 0.0) -> None:
+                 head_dropout: float = 0.0, cross_attention: bool | None = None) -> None:
         super().__init__(modalities, num_classes)
         f = self.check_fusion(fusion, len(self.modalities))
-        self.level, self.kind = f["level"], f["type"]
+        self.level = f.level
+        if cross_attention and self.level != "mid":
+            raise ConfigError(f"model.cross_attention=true exchanges dates between the streams' encoders at mid "
+                              f"fusion only, but fusion.level={self.level}; set it to null or use fusion=mid.")
         self.widths = [int(w) for w in widths]
         n_levels = len(self.widths)
         if n_levels < 2:
@@ -169,21 +160,27 @@ class UNet3D(SegmentationModel):
         else:
             self.encoders = nn.ModuleDict({m: TemporalEncoder(c, **enc) for m, c in self.modalities.items()})
         if self.level == "mid":
-            fusion_mods: dict[str, nn.Module] = {str(i): ConcatFusion([w] * len(names), w)
-                                                 for i, w in enumerate(self.widths)}
-            if self.kind == "attention":
-                for i in levels:
-                    for m in names:
-                        fusion_mods[f"x{i}_{m}"] = TemporalCrossAttention(self.widths[i], self.widths[i], heads)
+            self.fused_stages = f.fused_stages(n_levels, "the levels of model.widths")
+            fusion_mods: dict[str, nn.Module] = {str(i): f.build([self.widths[i]] * len(names), self.widths[i])
+                                                 for i in self.fused_stages}
+            self.exchange_levels = [i for i in levels if i in self.fused_stages] if cross_attention is not False else []
+            for i in self.exchange_levels:
+                for m in names:
+                    fusion_mods[f"x{i}_{m}"] = TemporalCrossAttention(self.widths[i], self.widths[i], heads)
             self.fusion = nn.ModuleDict(fusion_mods)
         if self.level == "late":
             self.decoders = nn.ModuleDict({m: UNetDecoder2d(self.widths) for m in names})
-            final = ConcatFusion([w0] * len(names), w0) if self.kind == "concat" else ModalityAttention(w0, len(names))
-            self.fusion = nn.ModuleDict({"final": final})
+            self.fusion = nn.ModuleDict({"final": f.build([w0] * len(names), w0)})
         else:
             self.decoder = UNetDecoder2d(self.widths)
         self.head = nn.Sequential(nn.Dropout2d(head_dropout) if head_dropout else nn.Identity(),
                                   nn.Conv2d(w0, num_classes, 1))
+
+    @classmethod
+    def fusion_stage_count(cls, config: Mapping[str, Any]) -> int:
+        """`fusion.stages` picks levels of `model.widths`."""
+        widths = config.get("widths")
+        return len(widths) if widths is not None else 4
 
     # -- inputs ---------------------------------------------------------------------------------
     def _stream(self, inputs: Mapping[str, torch.Tensor], m: str, size: torch.Size) -> Stream:
@@ -243,7 +240,7 @@ class UNet3D(SegmentationModel):
         skips = []
         for i in range(len(self.widths)):
             xs = {m: self.encoders[m].stage(i, xs[m], masks[m], pos[m]) for m in names}
-            if self.kind == "attention" and i in self.attn_levels:
+            if i in self.exchange_levels:
                 exchanged = {}
                 for m in names:
                     others = [o for o in names if o != m]
@@ -252,6 +249,8 @@ class UNet3D(SegmentationModel):
                         torch.cat([masks[o] for o in others], dim=1), pos[m],
                         torch.cat([pos[o] for o in others], dim=1))
                 xs = exchanged
-            pooled = [self.encoders[m].pools[i](xs[m], masks[m]) for m in names]
-            skips.append(self.fusion[str(i)](pooled))
+            if i in self.fused_stages:
+                skips.append(self.fusion[str(i)]([self.encoders[m].pools[i](xs[m], masks[m]) for m in names]))
+            else:
+                skips.append(self.encoders[names[0]].pools[i](xs[names[0]], masks[names[0]]))
         return skips

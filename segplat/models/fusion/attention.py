@@ -24,15 +24,18 @@ from torch import nn
 
 from segplat.errors import ConfigError
 from segplat.models.fusion.film_gate import resample_to
+from segplat.models.fusion.spec import StageFusion
 
 
-class AttentionFusion(nn.Module):
+class AttentionFusion(StageFusion):
     """Fuses one stage: streams of channels `in_channels` (any spatial sizes) -> `out_channels` at the first's size."""
 
+    fusion_type = "attention"
+
     def __init__(self, in_channels: Sequence[int], out_channels: int, reduction: int = 4) -> None:
-        super().__init__()
-        if len(in_channels) < 2:
-            raise ConfigError("fusion.type=attention needs at least two streams; use fusion=early for one modality.")
+        super().__init__(in_channels, out_channels)
+        if reduction < 1:
+            raise ConfigError(f"fusion.module.reduction={reduction} must be a positive integer.")
         n = len(in_channels)
         self.proj = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
@@ -46,7 +49,6 @@ class AttentionFusion(nn.Module):
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
         self.num_streams = n
-        self.out_channels = out_channels
 
     def _project(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(feats) != self.num_streams:

@@ -1,4 +1,4 @@
-"""Concatenate the streams' features and project back with a 1x1 conv + BN + ReLU."""
+"""Concat fusion (`fusion.type=concat`): concatenate the streams' maps, project back with a 1x1 conv + BN + ReLU."""
 
 from __future__ import annotations
 
@@ -8,15 +8,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from segplat.models.fusion.spec import StageFusion
 
-class ConcatFusion(nn.Module):
+
+class ConcatFusion(StageFusion):
     """Fuses one stage: streams of channels `in_channels` (any spatial sizes) -> `out_channels`.
 
     Streams at a coarser resolution than the first are upsampled to it bilinearly first.
     """
 
+    fusion_type = "concat"
+
     def __init__(self, in_channels: Sequence[int], out_channels: int) -> None:
-        super().__init__()
+        super().__init__(in_channels, out_channels)
         self.proj = nn.Sequential(
             nn.Conv2d(sum(in_channels), out_channels, 1, bias=False),
             nn.BatchNorm2d(out_channels),
