@@ -15,6 +15,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from segplat.config import check_config, register_resolvers
+from segplat.models.fusion.spec import resolve_fusion
 from segplat.utils.seed import seed_everything
 from segplat.utils.task import run_dir_of, save_resolved_config, task_wrapper
 
@@ -61,9 +62,12 @@ def train(cfg: DictConfig) -> float:
 
         resume_ids = load_checkpoint(resume_from).get("loggers", {}) or {}
     loggers = build_loggers(cfg, run_dir, resume_ids) if acc.is_main_process else []
-    fusion = cfg.model.get("fusion", cfg.fusion)  # presets such as cmx fix their own fusion
+    # what a resumed run must share: level, type and stages (module arguments are checked by the weights)
+    spec = resolve_fusion(cfg.model.get("fusion", cfg.fusion))
+    fusion = {"level": spec.level, "type": spec.type, "stages": list(spec.stages) if spec.stages else None} \
+        if spec is not None else None
     meta = {"model_target": f"{model_cls.__module__}.{model_cls.__qualname__}", "classes": list(info.classes),
-            "modalities": dict(info.modalities), "fusion": OmegaConf.to_container(fusion, resolve=True)}
+            "modalities": dict(info.modalities), "fusion": fusion}
     data_state = {"classes": list(info.classes), "palette": info.palette, "ignore_index": info.ignore_index,
                   "modalities": {m: s.to_attrs() for m, s in info.specs.items()}, "stats": info.stats,
                   "patch_size": datamodule.patch_size, "dataset": datamodule.name}
