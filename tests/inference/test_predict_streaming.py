@@ -20,53 +20,19 @@ import pytest
 import rasterio
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
-from rasterio.transform import from_origin
 
-from segplat.data.layouts.base import ModalitySpec
 from segplat.data.store import _nodata_mask, _resize_nearest_mask
-from segplat.data.synthetic import make_scene
 from segplat.errors import ConfigError
 from segplat.inference import SlidingWindowPredictor, add_legend, fill_value, grid_alignment, load_for_inference
 from segplat.predict import RasterSource, open_input, predict
 from tests.conftest import CONF_DIR
-from tests.inference.checkpoints import CLASSES, PALETTE, write_checkpoint
-
-SPECS = {"rgb": ModalitySpec(("red", "green", "blue"), nodata=0, dtype="uint16"),
-         "coarse": ModalitySpec(("vv", "vh"), nodata=0, dtype="uint16", optical=False, scale=0.5)}
-WINDOW = 64
-
-
-def scene_arrays(height: int, width: int, seed: int = 1, border: int = 9) -> dict[str, np.ndarray]:
-    """rgb at the label grid, coarse at half of it; nodata (0) borders at the top and the right in both."""
-    rgb8, nir8, _ = make_scene(seed, 3, max(height, width) + 8)
-    rgb = rgb8[:, :height, :width].astype(np.uint16) * 15 + 1
-    ch, cw = round(height * 0.5), round(width * 0.5)
-    coarse = np.stack([nir8[0, :2 * ch:2, :2 * cw:2], rgb8[1, :2 * ch:2, :2 * cw:2]]).astype(np.uint16) * 13 + 1
-    rgb[:, :border] = 0
-    rgb[:, :, width - border:] = 0
-    coarse[:, :(border + 1) // 2] = 0
-    coarse[:, :, cw - (border + 1) // 2:] = 0
-    return {"rgb": rgb, "coarse": coarse}
-
-
-def write_geotiffs(folder: Path, arrays: dict[str, np.ndarray], stem: str = "scene") -> dict[str, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for m, a in arrays.items():
-        res = 10.0 / SPECS[m].scale
-        p = folder / f"{stem}_{m}.tif"
-        with rasterio.open(p, "w", driver="GTiff", height=a.shape[1], width=a.shape[2], count=a.shape[0],
-                           dtype=a.dtype, crs="EPSG:32632", transform=from_origin(600000.0, 5700000.0, res, res),
-                           nodata=0, tiled=True, blockxsize=32, blockysize=32) as dst:
-            dst.write(a)
-        paths[m] = p
-    return paths
+from tests.inference.checkpoints import CLASSES, PALETTE
+from tests.inference.scenes import WINDOW, scene_arrays, two_grid_checkpoint, write_geotiffs
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    calib = scene_arrays(128, 128, seed=7, border=0)
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "two_grids.ckpt", SPECS, calibrate=calib)
+    return two_grid_checkpoint(tmp_path_factory.mktemp("ckpt") / "two_grids.ckpt")
 
 
 def whole_scene_reference(predictor: SlidingWindowPredictor, arrays: dict[str, np.ndarray]
