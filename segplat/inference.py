@@ -186,9 +186,6 @@ class WindowSource(Protocol):
     def read(self, row: int, col: int, height: int, width: int, fill: float) -> np.ndarray:
         """(..., C, height, width) from (row, col) on; pixels outside the source are `fill`."""
 
-    def preview(self, height: int, width: int) -> np.ndarray:
-        """The whole source at (about) height x width, nearest neighbour, for a picture."""
-
 
 def read_filled(shape: Sequence[int], dtype: Any, row: int, col: int, height: int, width: int, fill: float,
                 read: Callable[[int, int, int, int], np.ndarray]) -> np.ndarray:
@@ -214,12 +211,6 @@ class ArraySource:
     def read(self, row: int, col: int, height: int, width: int, fill: float) -> np.ndarray:
         return read_filled(self.shape, self.dtype, row, col, height, width, fill,
                            lambda r0, r1, c0, c1: self.array[..., r0:r1, c0:c1])
-
-    def preview(self, height: int, width: int) -> np.ndarray:
-        h, w = self.shape[-2:]
-        ys = np.arange(height) * h // height
-        xs = np.arange(width) * w // width
-        return self.array[..., ys, :][..., xs]
 
 
 def fill_value(spec: ModalitySpec, dtype: Any) -> float:
@@ -368,11 +359,14 @@ class SlidingWindowPredictor:
 
     # -- streaming -------------------------------------------------------------------------------------------
     def stream(self, sources: Mapping[str, WindowSource], nodata: Mapping[str, float | None] | None = None,
-               desc: str = "predict", names: Mapping[str, str] | None = None) -> Iterator[RowBand]:
+               desc: str = "predict", names: Mapping[str, str] | None = None,
+               observe: Callable[[Sequence[tuple[int, int]], Mapping[str, np.ndarray]], None] | None = None
+               ) -> Iterator[RowBand]:
         """Finished rows of the scene, top to bottom, as the windows pass them.
 
         `nodata`: per modality, the value that marks missing data for the output's nodata mask (a file's own
-        tag); modalities not named use the trained nodata.
+        tag); modalities not named use the trained nodata. `observe(coords, batch)` sees every batch of windows
+        as read (label-grid starts, arrays per modality), e.g. to sample a preview without reading the scene twice.
         """
         height, width = self.check_shapes({m: s.shape for m, s in sources.items()}, names)
         grid = self.grid(height, width)
@@ -387,6 +381,8 @@ class SlidingWindowPredictor:
             for i in range(0, len(coords), self.batch_size):
                 chunk = coords[i:i + self.batch_size]
                 batch = self.read_windows(sources, chunk)
+                if observe is not None:
+                    observe(chunk, batch)
                 probs = self.window_probs(batch)
                 masks = self.window_valid(batch, nodata)
                 for (y, x), p, v in zip(chunk, probs, masks):

@@ -281,11 +281,6 @@ class RasterSource:
         return read_filled(self.shape, self.dtype, row, col, height, width, fill, lambda r0, r1, c0, c1:
                            self.dataset.read(window=Window(c0, r0, c1 - c0, r1 - r0)))
 
-    def preview(self, height: int, width: int) -> np.ndarray:
-        from rasterio.enums import Resampling
-
-        return self.dataset.read(out_shape=(self.shape[0], height, width), resampling=Resampling.nearest)
-
 
 def header(src: Any) -> dict[str, Any]:
     return {"crs": src.crs, "transform": src.transform, "nodata": src.nodata, "width": src.width,
@@ -419,6 +414,7 @@ class SceneWriter:
 
         self.files, self.loaded, self.output = files, loaded, output
         self.height, self.width = height, width
+        self.preview = PreviewSampler(loaded, height, width, int(output.preview_size)) if files.previews else None
         files.partial("x").parent.mkdir(parents=True, exist_ok=True)
         profile = {"driver": "GTiff", "height": height, "width": width, "crs": crs, "transform": transform,
                    "blockysize": min(STREAM_STRIP_ROWS, height), "compress": "deflate", "zlevel": 1}
@@ -467,9 +463,9 @@ class SceneWriter:
         if self.probs is not None:
             self.probs.close()
 
-    def finish(self, primary: Any) -> None:
-        """Close the streams, convert them to COGs, draw the previews from the class COG and `primary` (the
-        primary modality's source), then move everything into place, the class raster last."""
+    def finish(self) -> None:
+        """Close the streams, convert them to COGs, draw the previews, then move everything into place, the class
+        raster last."""
         from rasterio.shutil import copy as copy_raster
 
         self.close()
@@ -487,34 +483,60 @@ class SceneWriter:
                         **nbits)
             stream.unlink()
         if files.previews:
-            self.write_previews(primary)
+            self.write_previews()
         atomic_write_text(files.categories, category_names_xml(self.loaded.classes))
         for path in files.final():
             if path != files.categories:
                 os.replace(files.partial(path.name), path)
 
-    def write_previews(self, primary: Any) -> None:
-        """`_colour.png` (the palette, nodata transparent) and `_overlay.png` (on the primary modality), both at
-        most `output.preview_size` pixels on their long side, each with a class legend."""
+    def write_previews(self) -> None:
+        """`_colour.png` (the palette, nodata transparent; from the class COG's overviews) and `_overlay.png` (over
+        the primary modality as sampled during the stream), at most `output.preview_size` pixels on their long
+        side, each with a class legend."""
         import rasterio
         from rasterio.enums import Resampling
 
-        files, loaded = self.files, self.loaded
-        size = int(self.output.preview_size)
-        factor = min(1.0, size / max(self.height, self.width))
-        h, w = max(1, round(self.height * factor)), max(1, round(self.width * factor))
+        files, loaded, sampler = self.files, self.loaded, self.preview
+        h, w = sampler.height, sampler.width
         with rasterio.open(files.partial(files.classes.name)) as src:
             classes = src.read(1, out_shape=(h, w), resampling=Resampling.nearest)
         rgb = colourise(classes, loaded.palette, NODATA_CLASS)
         data = classes != NODATA_CLASS
         colour = np.dstack([rgb, np.where(data, 255, 0).astype(np.uint8)])
         write_png(files.partial(f"{files.stem}_colour.png"), add_legend(colour, loaded.classes, loaded.palette))
-        spec = loaded.specs[loaded.modalities[0]]
-        image = preview_rgb(primary.preview(max(1, round(h * spec.scale)), max(1, round(w * spec.scale))), spec)
-        if image.shape[:2] != (h, w):
-            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_NEAREST)
+        image = preview_rgb(sampler.image, loaded.specs[loaded.modalities[0]])
         blended = np.where(data[..., None], overlay(image, rgb), image)
         write_png(files.partial(f"{files.stem}_overlay.png"), add_legend(blended, loaded.classes, loaded.palette))
+
+
+class PreviewSampler:
+    """The primary modality at preview size, sampled (nearest) from the windows the predictor reads anyway:
+    a second, decimated read of a large raster costs far more (GDAL walks every block for it)."""
+
+    def __init__(self, loaded: LoadedModel, height: int, width: int, size: int) -> None:
+        self.modality = loaded.modalities[0]
+        self.scale = loaded.specs[self.modality].scale
+        factor = min(1.0, size / max(height, width))
+        self.height, self.width = max(1, round(height * factor)), max(1, round(width * factor))
+        self.rows = np.arange(self.height) * height // self.height  # label-grid pixel of each preview pixel
+        self.cols = np.arange(self.width) * width // self.width
+        self.image: np.ndarray | None = None
+
+    def __call__(self, coords: Sequence[tuple[int, int]], batch: Mapping[str, np.ndarray]) -> None:
+        windows = batch[self.modality]
+        size = windows.shape[-1] / self.scale  # window size on the label grid
+        for (y, x), window in zip(coords, windows):
+            if window.ndim == 4:  # a time series: the last date
+                window = window[-1]
+            window = window[:3]
+            if self.image is None:
+                self.image = np.zeros((window.shape[0], self.height, self.width), window.dtype)
+            r = np.flatnonzero((self.rows >= y) & (self.rows < y + size))
+            c = np.flatnonzero((self.cols >= x) & (self.cols < x + size))
+            if r.size and c.size:
+                local_r = ((self.rows[r] - y) * self.scale).astype(int)
+                local_c = ((self.cols[c] - x) * self.scale).astype(int)
+                self.image[:, r[:, None], c[None, :]] = window[:, local_r[:, None], local_c[None, :]]
 
 
 def colour_table(palette: Sequence[Sequence[int]]) -> dict[int, tuple[int, int, int, int]]:
@@ -660,9 +682,10 @@ def predict_scenes(cfg: DictConfig, loaded: LoadedModel, predictor: SlidingWindo
                 windows = predictor.grid(height, width).num_windows
                 writer = SceneWriter(files, height, width, opened.crs, opened.transform, loaded, cfg.output)
                 try:
-                    for band in predictor.stream(opened.sources, opened.nodata, desc=scene.stem, names=opened.names):
+                    for band in predictor.stream(opened.sources, opened.nodata, desc=scene.stem, names=opened.names,
+                                                 observe=writer.preview):
                         writer.write(band)
-                    writer.finish(opened.sources[loaded.modalities[0]])
+                    writer.finish()
                 except BaseException:
                     writer.close()
                     raise

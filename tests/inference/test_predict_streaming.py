@@ -230,3 +230,17 @@ def test_legend_names_every_class_in_its_colour():
     assert (strip == 0).all(axis=1).sum() > 25  # black text and the black swatch
     narrow = add_legend(np.zeros((10, 20, 4), np.uint8), ["a" * 30, "b" * 30], PALETTE)
     assert narrow.shape[1] == 240 and narrow.shape[2] == 4 and (narrow[10:, :, 3] == 255).all()
+
+
+def test_preview_is_sampled_from_the_windows_as_read(checkpoint: Path):
+    from segplat.inference import ArraySource
+    from segplat.predict import PreviewSampler
+
+    arrays = scene_arrays(131, 97)
+    loaded = load_for_inference(checkpoint)
+    predictor = SlidingWindowPredictor(loaded, window=WINDOW, overlap=0.25, batch_size=3, progress=False)
+    sampler = PreviewSampler(loaded, 131, 97, size=50)
+    for _ in predictor.stream({m: ArraySource(a) for m, a in arrays.items()}, observe=sampler):
+        pass
+    assert (sampler.height, sampler.width) == (50, 37)
+    assert np.array_equal(sampler.image, arrays["rgb"][:, sampler.rows][:, :, sampler.cols])
