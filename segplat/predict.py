@@ -91,10 +91,6 @@ class Scene:
     ref: SampleRef | None = None
     size: tuple[int, int] | None = None  # (height, width) on the label grid, when known before reading
 
-    @property
-    def paths(self) -> dict[str, str]:
-        return dict(self.files)
-
 
 def output_stem(name: str) -> str:
     """The file name without its raster extension: `scene.v2.tif` -> `scene.v2` (never two suffixes)."""
@@ -276,10 +272,18 @@ class RasterSource:
         self.dtype = np.dtype(dataset.dtypes[0])
 
     def read(self, row: int, col: int, height: int, width: int, fill: float) -> np.ndarray:
+        return read_filled(self.shape, self.dtype, row, col, height, width, fill, self._read)
+
+    def _read(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        from rasterio.errors import RasterioError
         from rasterio.windows import Window
 
-        return read_filled(self.shape, self.dtype, row, col, height, width, fill, lambda r0, r1, c0, c1:
-                           self.dataset.read(window=Window(c0, r0, c1 - c0, r1 - r0)))
+        try:
+            return self.dataset.read(window=Window(c0, r0, c1 - c0, r1 - r0))
+        except RasterioError as err:
+            cause = str(err.__cause__ or err).strip().rstrip(".")
+            raise DataError(f"{self.dataset.name}: rows {r0}-{r1 - 1}, columns {c0}-{c1 - 1} could not be read "
+                            f"({cause}); the file is damaged or truncated: re-create it or leave it out.") from err
 
 
 def header(src: Any) -> dict[str, Any]:
@@ -378,18 +382,20 @@ class OutputFiles:
         names += [f"{self.stem}_colour.png", f"{self.stem}_overlay.png"] if self.previews else []
         return [self.folder / n for n in names] + [self.categories, self.classes]
 
+    @property
+    def work(self) -> Path:
+        """This scene's own work folder: only the process that predicts the scene writes or clears it."""
+        return self.folder / PARTIAL / self.stem
+
     def partial(self, name: str) -> Path:
-        return self.folder / PARTIAL / name
+        return self.work / name
 
     def complete(self) -> bool:
         return all(p.is_file() for p in self.final())
 
     def clear_partial(self) -> None:
-        """Work files a killed run left for this scene (only this process writes this scene)."""
-        folder = self.folder / PARTIAL
-        if folder.is_dir():
-            for p in folder.glob(f"{self.stem}_*"):
-                p.unlink(missing_ok=True)
+        """The work files a killed run left for this scene."""
+        shutil.rmtree(self.work, ignore_errors=True)
 
 
 def category_names_xml(classes: Sequence[str]) -> str:
@@ -415,7 +421,7 @@ class SceneWriter:
         self.files, self.loaded, self.output = files, loaded, output
         self.height, self.width = height, width
         self.preview = PreviewSampler(loaded, height, width, int(output.preview_size)) if files.previews else None
-        files.partial("x").parent.mkdir(parents=True, exist_ok=True)
+        files.work.mkdir(parents=True, exist_ok=True)
         profile = {"driver": "GTiff", "height": height, "width": width, "crs": crs, "transform": transform,
                    "blockysize": min(STREAM_STRIP_ROWS, height), "compress": "deflate", "zlevel": 1}
         if transform is None:
@@ -488,6 +494,7 @@ class SceneWriter:
         for path in files.final():
             if path != files.categories:
                 os.replace(files.partial(path.name), path)
+        files.clear_partial()
 
     def write_previews(self) -> None:
         """`_colour.png` (the palette, nodata transparent; from the class COG's overviews) and `_overlay.png` (over
@@ -676,19 +683,22 @@ def predict_scenes(cfg: DictConfig, loaded: LoadedModel, predictor: SlidingWindo
                 continue
             files.clear_partial()
             t0 = time.perf_counter()
-            with open_scene(scene, loaded, layout) as opened:
-                height, width = predictor.check_shapes({m: s.shape for m, s in opened.sources.items()},
-                                                       opened.names)
-                windows = predictor.grid(height, width).num_windows
-                writer = SceneWriter(files, height, width, opened.crs, opened.transform, loaded, cfg.output)
-                try:
+            writer = None
+            try:
+                with open_scene(scene, loaded, layout) as opened:
+                    height, width = predictor.check_shapes({m: s.shape for m, s in opened.sources.items()},
+                                                           opened.names)
+                    windows = predictor.grid(height, width).num_windows
+                    writer = SceneWriter(files, height, width, opened.crs, opened.transform, loaded, cfg.output)
                     for band in predictor.stream(opened.sources, opened.nodata, desc=scene.stem, names=opened.names,
                                                  observe=writer.preview):
                         writer.write(band)
                     writer.finish()
-                except BaseException:
+            except BaseException:  # a scene that failed leaves no work files (a killed one is cleared on re-run)
+                if writer is not None:
                     writer.close()
-                    raise
+                files.clear_partial()
+                raise
             seconds = time.perf_counter() - t0
             tally.predicted.append(scene.stem)
             tally.windows += windows

@@ -115,3 +115,22 @@ def test_a_submission_needs_the_clouds_classes(checkpoint: Path, tmp_path: Path)
         predict(compose_predict([f"ckpt={other}", f"input={tmp_path}", "submission=clouds"], out))
     with pytest.raises(ConfigError, match=r"output\.blocksize=100 must be a power of two"):
         predict(compose_predict([f"ckpt={checkpoint}", f"input={tmp_path}", "output.blocksize=100"], out))
+
+
+def test_a_damaged_scene_is_named_and_leaves_no_work_files(checkpoint: Path, tmp_path: Path):
+    root = tmp_path / "scenes"
+    for stem in ("a", "b"):
+        write_geotiffs(root, scene_arrays(202, 170), stem=stem, by_folder=True)
+    damaged = root / "rgb" / "b.tif"
+    with open(damaged, "r+b") as fh:  # the header stays readable, the last tiles are gone
+        fh.truncate(damaged.stat().st_size // 2)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"b\.tif: rows \d+-\d+, columns \d+-\d+ could not be read .* damaged"):
+        predict(compose_predict([f"ckpt={checkpoint}", f"input={root}", "window=64", "progress=false"], out))
+    assert (out / "a_classes.tif").is_file() and not (out / "b_classes.tif").exists()
+    assert not (out / ".partial" / "b").exists()
+    first = tmp_path / "first"
+    with pytest.raises(DataError, match="could not be read"):
+        predict(compose_predict([f"ckpt={checkpoint}", f"input={{rgb: '{damaged}', coarse: "
+                                 f"'{root / 'coarse' / 'b.tif'}'}}", "window=64", "progress=false"], first))
+    assert not first.exists()  # nothing but Hydra's files would be left: no run folder
