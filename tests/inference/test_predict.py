@@ -48,6 +48,7 @@ def write_scene(folder: Path, h: int = 90, w: int = 140, border: int = 7, crs: s
 def test_window_geometry():
     assert window_starts(100, 32, 24) == [0, 24, 48, 68]
     assert window_starts(20, 32, 24) == [0]
+    assert window_starts(70, 32, 32) == [0, 32, 38]  # PatchDataset's validation grid: stride = patch
     w = blend_weights(16)
     assert w.shape == (16, 16) and w[8, 8] > w[0, 0] > 0
 

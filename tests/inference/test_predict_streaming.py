@@ -244,3 +244,22 @@ def test_preview_is_sampled_from_the_windows_as_read(checkpoint: Path):
         pass
     assert (sampler.height, sampler.width) == (50, 37)
     assert np.array_equal(sampler.image, arrays["rgb"][:, sampler.rows][:, :, sampler.cols])
+
+
+def test_forward_batch_is_the_model_on_preprocessed_inputs_and_averages_views(checkpoint: Path):
+    import torch
+
+    from segplat.inference import forward_batch
+
+    loaded = load_for_inference(checkpoint)
+    arrays = scene_arrays(64, 64, border=0)
+    batch = {m: torch.from_numpy(np.stack([a, a[..., ::-1, :].copy()])) for m, a in arrays.items()}
+    batch["label"] = torch.zeros(2, 64, 64, dtype=torch.uint8)  # other keys are left alone
+    model, pre = loaded.model, loaded.preprocessor
+    with torch.no_grad():
+        plain = model(pre({m: batch[m] for m in loaded.modalities}))["out"]
+        mirrored = model(pre({m: batch[m].flip(-1) for m in loaded.modalities}))["out"].flip(-1)
+    assert torch.equal(forward_batch(model, pre, batch, "cpu"), plain)
+    assert torch.allclose(forward_batch(model, pre, batch, "cpu", views=[(1.0, True, False)]), mirrored, atol=1e-6)
+    both = forward_batch(model, pre, batch, "cpu", views=[(1.0, False, False), (1.0, True, False)])
+    assert torch.allclose(both, (plain + mirrored) / 2, atol=1e-6) and not torch.allclose(both, plain, atol=1e-3)
