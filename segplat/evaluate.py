@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 from segplat.errors import ConfigError
-from segplat.inference import load_for_inference
+from segplat.inference import forward_batch, load_for_inference
 from segplat.metrics import ConfusionMatrix, metrics_from_confusion
 from segplat.plots import plot_confusion
 from segplat.utils.io import atomic_write, atomic_write_json
@@ -64,15 +64,9 @@ def evaluate(cfg: DictConfig) -> float:
     split = cfg.split or datamodule.val_split
     loader = datamodule.loader(split, train=False)
     cm = ConfusionMatrix(len(loaded.classes), info.ignore_index, device)
-    model = loaded.model
-    with torch.no_grad():
-        for batch in tqdm(loader, desc=f"evaluate {split}", disable=not cfg.progress):
-            inputs = loaded.preprocessor(batch, train=False)
-            extra = {k: v for k, v in batch.items() if k.endswith("_time_mask")}
-            inputs = {k: v.to(device) for k, v in {**inputs, **extra}.items()}
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=device == "cuda"):
-                logits = model(inputs)["out"].float()
-            cm.update(logits, batch["label"].to(device))
+    for batch in tqdm(loader, desc=f"evaluate {split}", disable=not cfg.progress):
+        logits = forward_batch(loaded.model, loaded.preprocessor, batch, device)
+        cm.update(logits, batch["label"].to(device))
     metrics = metrics_from_confusion(cm.matrix, loaded.classes)
     result: dict[str, Any] = {"checkpoint": str(loaded.checkpoint), "split": split, "protocol": cfg.protocol,
                               **{k: v for k, v in metrics.items() if k != "confusion_matrix"}}

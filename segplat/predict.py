@@ -1,45 +1,295 @@
-"""`python -m segplat.predict ckpt=RUN input=...`: sliding-window prediction of whole scenes.
+"""`python -m segplat.predict ckpt=RUN input=...`: sliding-window prediction of scenes of any size and number.
 
-Outputs per scene, in the run folder: `<name>_classes.tif` (class indices, the input's CRS,
-transform and size, nodata 255 where every modality is nodata) or `<name>_classes.png` for
-inputs without georeferencing, optional `<name>_probs.tif`, a colour PNG with the dataset's
-palette and an overlay on the primary modality; for the clouds competition, `submission.csv`.
+Inputs (`input=`): one raster (single-modality models); `{rgb: a.tif, nir: b.tif}` (one file per modality);
+`{rgb: DIR_A, nir: DIR_B}` (many scenes, files matched by name); a folder holding one subfolder per modality
+(`FOLDER/rgb/`, `FOLDER/nir/`, matched by name) or, for single-modality models, raster files; a list file
+(`.txt`/`.csv`/`.lst`: one raster per line, or a header naming the modalities and one row of files per scene);
+otherwise a folder in the training dataset's layout (`split` picks the split; its samples are read whole by
+the layout, as in training).
+
+Rasters are streamed: windows are read per modality on each modality's own grid (rasterio windowed reads),
+predicted in batches and blended in a ring of rows (`SlidingWindowPredictor.stream`); finished rows go to disk
+at once. Peak memory is set by the window, the batch, the GDAL cache (`gdal_cache_mb`) and one window-high band
+of the scene's width, not by the scene's height.
+
+Outputs per scene, in the run folder: `<stem>_classes.tif`, a Cloud-Optimized GeoTIFF (tiled, compressed,
+overviews by mode) of class indices with the input's CRS and transform, nodata 255 where every modality is
+nodata, the dataset palette as its colour table and the class names as category names (in
+`<stem>_classes.tif.aux.xml`, where GDAL keeps them for GeoTIFFs) and in the `classes` tag;
+optional `<stem>_probs.tif` (`probabilities=uint8|float16`); `<stem>_colour.png` and `<stem>_overlay.png`
+previews with a class legend (`output.preview_size`); `summary.json`; for the clouds competition,
+`submission.csv`. `<stem>` is the input's file name without its extension (`scene.v2.tif` -> `scene.v2`).
+
+Many processes (`torchrun` / `accelerate launch`): rank 0 lists the scenes and shares the list; scene i is
+predicted by rank i mod world size, so each scene is written by exactly one process. Every file is written
+under `.partial/` and renamed into place, the class raster last: a scene whose outputs all exist is complete,
+and running the same command with the same `run_name` again skips it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape
 
 import cv2
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from segplat.errors import ConfigError, DataError
-from segplat.inference import LoadedModel, SlidingWindowPredictor, colourise, load_for_inference, overlay, preview_rgb
+from segplat.data.layouts.base import SampleRef
+from segplat.errors import ConfigError, DataError, SegplatError
+from segplat.inference import (
+    ArraySource,
+    LoadedModel,
+    RowBand,
+    SlidingWindowPredictor,
+    add_legend,
+    colourise,
+    load_for_inference,
+    overlay,
+    preview_rgb,
+    read_filled,
+    scene_size,
+)
+from segplat.utils.io import atomic_write, atomic_write_json, atomic_write_text
 from segplat.utils.task import run_dir_of, task_wrapper
 
 log = logging.getLogger("segplat")
 NODATA_CLASS = 255
+# probabilities=uint8 stores round(p * 254); 255 is nodata; the band's GDAL scale 1/254 gives p back
+UINT8_PROBABILITY_SCALE = 254
+PROBABILITY_FORMATS = ("uint8", "float16")
+COMPRESSIONS = ("deflate", "zstd", "lzw", "none")
+SUBMISSIONS = ("clouds", "clouds_per_class")
+# extensions stripped from an input's name to make the output stem (one, and only a known one)
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2", ".png", ".jpg", ".jpeg")
+LIST_SUFFIXES = (".txt", ".csv", ".lst")
+PARTIAL = ".partial"
+STREAM_STRIP_ROWS = 16  # rows per strip of the intermediate GeoTIFFs the stream writes into
 
 
-def read_geotiff(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+# -- scenes ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scene:
+    """One scene to predict: raster files per modality, or a sample of a dataset-layout folder."""
+
+    name: str  # the primary input's file name (the clouds submission's Image_Label)
+    stem: str  # prefix of the outputs
+    files: tuple[tuple[str, str], ...] = ()  # (modality, path) of a raster scene
+    ref: SampleRef | None = None
+    size: tuple[int, int] | None = None  # (height, width) on the label grid, when known before reading
+
+
+def output_stem(name: str) -> str:
+    """The file name without its raster extension: `scene.v2.tif` -> `scene.v2` (never two suffixes)."""
+    suffix = Path(name).suffix
+    return name[: -len(suffix)] if suffix.lower() in RASTER_SUFFIXES else name
+
+
+def is_raster_name(path: Path) -> bool:
+    return path.suffix.lower() in RASTER_SUFFIXES and not path.name.startswith(".")
+
+
+def list_scenes(cfg: DictConfig, loaded: LoadedModel) -> list[Scene]:
+    """Every scene `input` names, in a stable order, their files' headers checked against the model."""
+    inp = cfg.input
+    modalities = loaded.modalities
+    if isinstance(inp, DictConfig):
+        paths = {str(k): Path(str(v)).expanduser() for k, v in OmegaConf.to_container(inp, resolve=True).items()}
+        unknown = [m for m in paths if m not in loaded.specs]
+        if unknown:
+            raise ConfigError(f"input names modalities {unknown} the model does not take; it takes {modalities}.")
+        missing = [m for m in modalities if m not in paths]
+        if missing:
+            raise ConfigError(f"input lacks modality {missing[0]!r}; give input.{missing[0]}=FILE (or FOLDER) for "
+                              f"each of {modalities}.")
+        if all(p.is_dir() for p in paths.values()):
+            scenes = scenes_from_folders({m: paths[m] for m in modalities})
+        elif all(p.is_file() for p in paths.values()):
+            scenes = [raster_scene({m: paths[m] for m in modalities})]
+        else:
+            bad = next(m for m, p in paths.items() if not p.exists() or p.is_dir() != paths[modalities[0]].is_dir())
+            what = "does not exist" if not paths[bad].exists() else "is not the same kind (file or folder) as " \
+                   f"input.{modalities[0]}"
+            raise ConfigError(f"input.{bad}={paths[bad]} {what}; give one file per modality, or one folder per "
+                              "modality with files matched by name.")
+    elif isinstance(inp, ListConfig):
+        raise ConfigError("input is a list; give a list file (one scene per line), a folder, a raster or "
+                          "{modality: FILE}.")
+    else:
+        path = Path(str(inp)).expanduser()
+        if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+            scenes = scenes_from_list(path, loaded)
+        elif path.is_file():
+            if len(modalities) != 1:
+                raise ConfigError(f"input={path} is one file but the model takes {modalities}; give "
+                                  "input={" + ", ".join(f"{m}: FILE" for m in modalities) + "}.")
+            scenes = [raster_scene({modalities[0]: path})]
+        elif path.is_dir():
+            scenes = scenes_from_folder(path, cfg, loaded)
+        else:
+            raise ConfigError(f"input={inp} does not exist; give a raster, a folder, a list file or "
+                              "{modality: FILE}.")
+    scenes = [check_scene_files(s, loaded) if s.files else s for s in scenes]
+    seen: dict[str, Scene] = {}
+    for s in scenes:
+        if s.stem in seen:
+            raise DataError(f"two scenes would write {s.stem}_classes.tif ({seen[s.stem].name} and {s.name}, from "
+                            f"{_where(seen[s.stem])} and {_where(s)}); predict them into separate run folders.")
+        seen[s.stem] = s
+    if not scenes:
+        raise DataError(f"input={inp} holds no scenes to predict.")
+    return scenes
+
+
+def _where(scene: Scene) -> str:
+    return scene.files[0][1] if scene.files else (scene.ref.id if scene.ref else scene.name)
+
+
+def raster_scene(paths: Mapping[str, Path]) -> Scene:
+    first = Path(next(iter(paths.values())))
+    return Scene(first.name, output_stem(first.name), tuple((m, str(p)) for m, p in paths.items()))
+
+
+def scenes_from_folders(folders: Mapping[str, Path]) -> list[Scene]:
+    """Scenes of one folder per modality, matched by output stem (`a.tif` in rgb/ with `a.tif` in nir/)."""
+    by_modality = {m: {output_stem(p.name): p for p in sorted(d.iterdir()) if p.is_file() and is_raster_name(p)}
+                   for m, d in folders.items()}
+    names = list(folders)
+    primary = by_modality[names[0]]
+    if not primary:
+        raise DataError(f"{folders[names[0]]} holds no raster files ({', '.join(RASTER_SUFFIXES)}).")
+    for m in names[1:]:
+        lacking = [s for s in primary if s not in by_modality[m]]
+        if lacking:
+            raise DataError(f"{folders[names[0]] / primary[lacking[0]].name} has no {m} file of the same name in "
+                            f"{folders[m]} ({len(lacking)} scene(s) lack one); add them or remove the scenes.")
+        extra = [s for s in by_modality[m] if s not in primary]
+        if extra:
+            log.warning("%d file(s) in %s have no %s partner in %s and are left out (e.g. %s)", len(extra),
+                        folders[m], names[0], folders[names[0]], by_modality[m][extra[0]].name)
+    return [raster_scene({m: by_modality[m][stem] for m in names}) for stem in primary]
+
+
+def scenes_from_list(path: Path, loaded: LoadedModel) -> list[Scene]:
+    """A list file: one raster per line (single-modality models) or a comma-separated header naming the
+    modalities and one row of files per scene; `#` comments and blank lines skipped, relative paths taken
+    from the list file's folder."""
+    modalities = loaded.modalities
+    lines = [(i + 1, line.strip()) for i, line in enumerate(path.read_text().splitlines())]
+    lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise DataError(f"{path} lists no scenes; give one raster per line.")
+    header = [c.strip() for c in lines[0][1].split(",")]
+    if set(header) == set(modalities) and len(header) == len(modalities):
+        lines = lines[1:]
+    elif len(modalities) == 1:
+        header = modalities
+    else:
+        raise DataError(f"{path}: the first line must name the modalities ({','.join(modalities)}), then one row "
+                        "of files per scene in that order.")
+    scenes = []
+    for number, line in lines:
+        cells = [c.strip() for c in line.split(",")] if len(header) > 1 else [line]
+        if len(cells) != len(header):
+            raise DataError(f"{path} line {number} has {len(cells)} file(s) but the header names {len(header)} "
+                            f"({','.join(header)}); give one file per modality.")
+        files = {m: (path.parent / Path(c).expanduser()) for m, c in zip(header, cells)}
+        scenes.append(raster_scene({m: files[m] for m in modalities}))
+    return scenes
+
+
+def scenes_from_folder(path: Path, cfg: DictConfig, loaded: LoadedModel) -> list[Scene]:
+    """A folder: one subfolder per modality, raster files (single-modality), else the training layout."""
+    modalities = loaded.modalities
+    if all((path / m).is_dir() for m in modalities):
+        return scenes_from_folders({m: path / m for m in modalities})
+    rasters = sorted(p for p in path.iterdir() if p.is_file() and is_raster_name(p))
+    if rasters:
+        if len(modalities) != 1:
+            raise ConfigError(f"{path} holds raster files but the model takes {modalities}; put each modality's files "
+                              f"in {path}/<modality>/ (matched by name) or give input={{"
+                              + ", ".join(f"{m}: FOLDER" for m in modalities) + "}.")
+        return [raster_scene({modalities[0]: p}) for p in rasters]
+    layout = build_layout(loaded, path)
+    splits = layout.scan()
+    if cfg.split not in splits:
+        raise ConfigError(f"split={cfg.split} is not in {path}; it has {', '.join(splits)}.")
+    scenes = []
+    for ref in splits[cfg.split]:
+        first = next(iter(ref.files.values()), None) if ref.files else None
+        name = Path(first).name if first else ref.id
+        scenes.append(Scene(name, output_stem(name), ref=ref))
+    return scenes
+
+
+def build_layout(loaded: LoadedModel, root: Path) -> Any:
+    layout_cfg = OmegaConf.select(loaded.config, "dataset.layout")
+    if layout_cfg is None:
+        raise ConfigError(f"{root} holds no raster files or modality folders, and the checkpoint {loaded.checkpoint} "
+                          "has no dataset layout to read it with; give rasters, a list file or {modality: FILE}.")
+    return hydra.utils.instantiate(layout_cfg, root=str(root))
+
+
+# -- reading -----------------------------------------------------------------------------------------------
+@contextmanager
+def open_input(path: str | Path) -> Iterator[Any]:
+    """rasterio.open of an input, with a missing or unreadable file turned into one sentence."""
     import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
-    p = Path(path).expanduser()
+    p = Path(path)
     if not p.is_file():
         raise DataError(f"input file {p} does not exist; check the input= path.")
     try:
-        with rasterio.open(p) as src:
-            return src.read(), {"crs": src.crs, "transform": src.transform, "nodata": src.nodata,
-                                "width": src.width, "height": src.height, "bounds": src.bounds, "path": str(p)}
-    except rasterio.errors.RasterioIOError as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = rasterio.open(p)
+    except RasterioIOError as err:
         raise DataError(f"{p} could not be read as a raster ({err}); check the file.") from err
+    with src:
+        yield src
+
+
+class RasterSource:
+    """One modality of a scene, read window by window from its file (on its own grid)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self.shape = (dataset.count, dataset.height, dataset.width)
+        self.dtype = np.dtype(dataset.dtypes[0])
+
+    def read(self, row: int, col: int, height: int, width: int, fill: float) -> np.ndarray:
+        return read_filled(self.shape, self.dtype, row, col, height, width, fill, self._read)
+
+    def _read(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        from rasterio.errors import RasterioError
+        from rasterio.windows import Window
+
+        try:
+            return self.dataset.read(window=Window(c0, r0, c1 - c0, r1 - r0))
+        except RasterioError as err:
+            cause = str(err.__cause__ or err).strip().rstrip(".")
+            raise DataError(f"{self.dataset.name}: rows {r0}-{r1 - 1}, columns {c0}-{c1 - 1} could not be read "
+                            f"({cause}); the file is damaged or truncated: re-create it or leave it out.") from err
+
+
+def header(src: Any) -> dict[str, Any]:
+    return {"crs": src.crs, "transform": src.transform, "nodata": src.nodata, "width": src.width,
+            "height": src.height, "bounds": src.bounds, "count": src.count, "dtype": src.dtypes[0],
+            "path": src.name}
 
 
 def check_scene_alignment(profiles: Mapping[str, dict[str, Any]], loaded: LoadedModel) -> None:
@@ -66,138 +316,486 @@ def check_scene_alignment(profiles: Mapping[str, dict[str, Any]], loaded: Loaded
                             f"{want[1]} for {m} next to {profiles[primary]['path']}; resample it to the trained grid.")
 
 
-def nodata_mask(arrays: Mapping[str, np.ndarray], loaded: LoadedModel, profiles: Mapping[str, dict] | None,
-                shape: tuple[int, int]) -> np.ndarray:
-    """True where every modality is nodata, on the primary grid."""
-    from segplat.data.store import _nodata_mask, _resize_nearest_mask
-
-    all_nodata = np.ones(shape, bool)
-    for m, a in arrays.items():
-        nodata = loaded.specs[m].nodata
-        if profiles is not None and profiles[m].get("nodata") is not None:
-            nodata = profiles[m]["nodata"]
-        all_nodata &= _resize_nearest_mask(_nodata_mask(a, nodata), shape) if nodata is not None or \
-            np.issubdtype(a.dtype, np.floating) else np.zeros(shape, bool)
-    return all_nodata
+def check_scene_files(scene: Scene, loaded: LoadedModel) -> Scene:
+    """Open every file's header (not its pixels): existence, band counts, grids, sizes; the scene with its size."""
+    profiles = {}
+    for m, path in scene.files:
+        with open_input(path) as src:
+            profiles[m] = header(src)
+    shapes = {m: (p["count"], p["height"], p["width"]) for m, p in profiles.items()}
+    size = scene_size(loaded, shapes, {m: p["path"] for m, p in profiles.items()})  # bands and sizes first
+    check_scene_alignment(profiles, loaded)
+    return Scene(scene.name, scene.stem, scene.files, scene.ref, size)
 
 
-def iter_scenes(cfg: DictConfig, loaded: LoadedModel) -> Iterator[tuple[str, dict[str, np.ndarray], dict | None]]:
-    """(name, arrays per modality, georeference or None) for every scene the input names."""
-    inp = cfg.input
-    if isinstance(inp, DictConfig):
-        paths = OmegaConf.to_container(inp, resolve=True)
-        unknown = [m for m in paths if m not in loaded.specs]
-        if unknown:
-            raise ConfigError(f"input names modalities {unknown} the model does not take; it takes "
-                              f"{loaded.modalities}.")
-        missing = [m for m in loaded.modalities if m not in paths]
-        if missing:
-            raise ConfigError(f"input lacks modality {missing[0]!r}; give input.{missing[0]}=FILE for each of "
-                              f"{loaded.modalities}.")
-        arrays, profiles = {}, {}
-        for m in loaded.modalities:
-            arrays[m], profiles[m] = read_geotiff(paths[m])
-        check_scene_alignment(profiles, loaded)
-        name = Path(paths[loaded.modalities[0]]).stem
-        yield name, arrays, profiles
+@dataclass
+class OpenScene:
+    sources: dict[str, Any]
+    nodata: dict[str, float | None]
+    names: dict[str, str]  # what each modality is read from, for messages
+    crs: Any = None
+    transform: Any = None  # of the label grid; None without georeferencing
+
+
+@contextmanager
+def open_scene(scene: Scene, loaded: LoadedModel, layout: Any = None) -> Iterator[OpenScene]:
+    """Window sources of a scene: its files kept open and streamed, or a layout's sample read whole."""
+    from affine import Affine
+
+    if not scene.files:
+        sample = layout.read(scene.ref)
+        transform = Affine(*sample.transform[:6]) if sample.crs is not None and sample.transform is not None else None
+        yield OpenScene({m: ArraySource(sample.arrays[m]) for m in loaded.modalities},
+                        {m: loaded.specs[m].nodata for m in loaded.modalities},
+                        {m: sample.source for m in loaded.modalities}, sample.crs if transform else None, transform)
         return
-    path = Path(str(inp)).expanduser()
-    if path.is_file():
-        if len(loaded.modalities) != 1:
-            raise ConfigError(f"input={path} is one file but the model takes {loaded.modalities}; give "
-                              "input={" + ",".join(f"{m}: FILE" for m in loaded.modalities) + "}.")
-        array, profile = read_geotiff(path)
-        yield path.stem, {loaded.modalities[0]: array}, {loaded.modalities[0]: profile}
-        return
-    if not path.is_dir():
-        raise ConfigError(f"input={inp} is neither a file, a folder nor a mapping of modality files.")
-    layout_cfg = OmegaConf.select(loaded.config, "dataset.layout")
-    if layout_cfg is None:
-        raise ConfigError(f"the checkpoint {loaded.checkpoint} has no dataset layout to read {path} with.")
-    layout = hydra.utils.instantiate(layout_cfg, root=str(path))
-    splits = layout.scan()
-    if cfg.split not in splits:
-        raise ConfigError(f"split={cfg.split} is not in {path}; it has {', '.join(splits)}.")
-    for ref in splits[cfg.split]:
-        sample = layout.read(ref)
-        arrays = {m: sample.arrays[m] for m in loaded.modalities}
-        geo = None
-        if sample.crs is not None and sample.transform is not None:
-            from affine import Affine
-
-            geo = {m: {"crs": sample.crs, "transform": Affine(*sample.transform[:6]), "nodata": None}
-                   for m in loaded.modalities}
-        first_file = next(iter(ref.files.values()), None) if ref.files else None
-        yield (Path(first_file).name if first_file else ref.id), arrays, geo
+    with ExitStack() as stack:
+        sources, nodata, names, profiles = {}, {}, {}, {}
+        for m, path in scene.files:
+            src = stack.enter_context(open_input(path))
+            sources[m], profiles[m], names[m] = RasterSource(src), header(src), str(path)
+            nodata[m] = src.nodata if src.nodata is not None else loaded.specs[m].nodata
+            if np.dtype(src.dtypes[0]) != np.dtype(loaded.specs[m].dtype):
+                log.warning("%s is %s but the model was trained on %s for %s; its values are normalised with the "
+                            "training statistics as they are", path, src.dtypes[0], loaded.specs[m].dtype, m)
+        primary = profiles[loaded.modalities[0]]
+        transform = primary["transform"] @ Affine.scale(loaded.specs[loaded.modalities[0]].scale)
+        georeferenced = primary["crs"] is not None
+        yield OpenScene(sources, nodata, names, primary["crs"] if georeferenced else None,
+                        transform if georeferenced else None)
 
 
-def write_outputs(out_dir: Path, name: str, probs: np.ndarray, arrays: Mapping[str, np.ndarray], loaded: LoadedModel,
-                  geo: Mapping[str, dict] | None, save_probs: bool) -> np.ndarray:
-    primary = loaded.modalities[0]
-    h, w = probs.shape[-2:]
-    classes = probs.argmax(0).astype(np.uint8)
-    empty = nodata_mask(arrays, loaded, geo, (h, w))
-    classes[empty] = NODATA_CLASS
-    stem = Path(name).stem
-    profile = geo[primary] if geo is not None else None
-    if profile is not None and profile.get("crs") is not None:
+# -- writing -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OutputFiles:
+    """Where a scene's outputs go: final names in the run folder, work names under `.partial/`."""
+
+    folder: Path
+    stem: str
+    probabilities: str | None
+    previews: bool
+
+    @property
+    def classes(self) -> Path:
+        return self.folder / f"{self.stem}_classes.tif"
+
+    @property
+    def categories(self) -> Path:  # GDAL's sidecar for the class names of a GeoTIFF band
+        return self.folder / f"{self.stem}_classes.tif.aux.xml"
+
+    def final(self) -> list[Path]:
+        """Every output, the class raster (the mark of a complete scene) last."""
+        names = [f"{self.stem}_probs.tif"] if self.probabilities else []
+        names += [f"{self.stem}_colour.png", f"{self.stem}_overlay.png"] if self.previews else []
+        return [self.folder / n for n in names] + [self.categories, self.classes]
+
+    @property
+    def work(self) -> Path:
+        """This scene's own work folder: only the process that predicts the scene writes or clears it."""
+        return self.folder / PARTIAL / self.stem
+
+    def partial(self, name: str) -> Path:
+        return self.work / name
+
+    def complete(self) -> bool:
+        return all(p.is_file() for p in self.final())
+
+    def clear_partial(self) -> None:
+        """The work files a killed run left for this scene."""
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def category_names_xml(classes: Sequence[str]) -> str:
+    """GDAL's PAM sidecar (`.aux.xml`) holding a band's category names: where GDAL keeps them for a GeoTIFF."""
+    items = "".join(f"      <Category>{escape(c)}</Category>\n" for c in classes)
+    return (f'<PAMDataset>\n  <PAMRasterBand band="1">\n    <CategoryNames>\n{items}    </CategoryNames>\n'
+            "  </PAMRasterBand>\n</PAMDataset>\n")
+
+
+class SceneWriter:
+    """Rows of one scene into striped GeoTIFFs under `.partial/`, then Cloud-Optimized GeoTIFFs, previews, rename.
+
+    Rows arrive in bands (`RowBand`) and are written as they come: the intermediate files are striped, so no
+    block row has to be held in memory; GDAL's COG driver then tiles, compresses and adds overviews, reading
+    the intermediate through its block cache.
+    """
+
+    def __init__(self, files: OutputFiles, height: int, width: int, crs: Any, transform: Any, loaded: LoadedModel,
+                 output: DictConfig) -> None:
         import rasterio
+        from rasterio.errors import NotGeoreferencedWarning
 
-        meta = {"driver": "GTiff", "height": h, "width": w, "crs": profile["crs"], "transform": profile["transform"],
-                "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
-        if h < 256 or w < 256:
-            meta.pop("tiled"), meta.pop("blockxsize"), meta.pop("blockysize")
-        with rasterio.open(out_dir / f"{stem}_classes.tif", "w", count=1, dtype="uint8", nodata=NODATA_CLASS,
-                           **meta) as dst:
-            dst.write(classes, 1)
-            dst.update_tags(1, classes=",".join(loaded.classes))
-        if save_probs:
-            p = probs.astype(np.float32)
-            p[:, empty] = np.nan
-            with rasterio.open(out_dir / f"{stem}_probs.tif", "w", count=p.shape[0], dtype="float32", nodata=np.nan,
-                               **meta) as dst:
-                dst.write(p)
+        self.files, self.loaded, self.output = files, loaded, output
+        self.height, self.width = height, width
+        self.preview = PreviewSampler(loaded, height, width, int(output.preview_size)) if files.previews else None
+        files.work.mkdir(parents=True, exist_ok=True)
+        profile = {"driver": "GTiff", "height": height, "width": width, "crs": crs, "transform": transform,
+                   "blockysize": min(STREAM_STRIP_ROWS, height), "compress": "deflate", "zlevel": 1}
+        if transform is None:
+            profile.pop("transform")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            self.classes = rasterio.open(files.partial(f"{files.stem}_classes.stream.tif"), "w", count=1,
+                                         dtype="uint8", nodata=NODATA_CLASS, **profile)
+            self.classes.write_colormap(1, colour_table(loaded.palette))
+            self.classes.update_tags(1, classes=",".join(loaded.classes))
+            self.classes.set_band_description(1, "class")
+            self.probs = None
+            k = len(loaded.classes)
+            if files.probabilities == "uint8":
+                self.probs = rasterio.open(files.partial(f"{files.stem}_probs.stream.tif"), "w", count=k,
+                                           dtype="uint8", nodata=255, **profile)
+                self.probs.scales = [1 / UINT8_PROBABILITY_SCALE] * k
+            elif files.probabilities == "float16":
+                self.probs = rasterio.open(files.partial(f"{files.stem}_probs.stream.tif"), "w", count=k,
+                                           dtype="float32", nbits=16, nodata=float("nan"), **profile)
+            if self.probs is not None:
                 for i, c in enumerate(loaded.classes):
-                    dst.set_band_description(i + 1, c)
-    else:
-        cv2.imwrite(str(out_dir / f"{stem}_classes.png"), classes)
-        if save_probs:
-            np.save(out_dir / f"{stem}_probs.npy", probs.astype(np.float16))
-    colour = colourise(classes, loaded.palette, NODATA_CLASS)
-    cv2.imwrite(str(out_dir / f"{stem}_colour.png"), colour[..., ::-1])
-    image = preview_rgb(arrays[primary], loaded.specs[primary])
-    if image.shape[:2] != (h, w):
-        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-    cv2.imwrite(str(out_dir / f"{stem}_overlay.png"), overlay(image, colour)[..., ::-1])
-    return classes
+                    self.probs.set_band_description(i + 1, c)
+                self.probs.update_tags(classes=",".join(loaded.classes))
+
+    def write(self, band: RowBand) -> None:
+        from rasterio.windows import Window
+
+        n = band.probs.shape[1]
+        window = Window(0, band.row, self.width, n)
+        classes = band.probs.argmax(0).astype(np.uint8)
+        classes[~band.valid] = NODATA_CLASS
+        self.classes.write(classes, 1, window=window)
+        if self.probs is not None:
+            if self.files.probabilities == "uint8":
+                p = np.rint(band.probs * UINT8_PROBABILITY_SCALE).astype(np.uint8)
+                p[:, ~band.valid] = 255
+            else:
+                p = band.probs.astype(np.float16).astype(np.float32)
+                p[:, ~band.valid] = np.nan
+            self.probs.write(p, window=window)
+
+    def close(self) -> None:
+        self.classes.close()
+        if self.probs is not None:
+            self.probs.close()
+
+    def finish(self) -> None:
+        """Close the streams, convert them to COGs, draw the previews, then move everything into place, the class
+        raster last."""
+        from rasterio.shutil import copy as copy_raster
+
+        self.close()
+        files, output = self.files, self.output
+        compress = {"compress": output.compress} if output.compress != "none" else {"compress": "NONE"}
+        cog = {"driver": "COG", "blocksize": int(output.blocksize), "overviews": "AUTO", "bigtiff": "IF_SAFER",
+               **compress}
+        stream = files.partial(f"{files.stem}_classes.stream.tif")
+        copy_raster(stream, files.partial(files.classes.name), overview_resampling="MODE", **cog)
+        stream.unlink()
+        if self.probs is not None:
+            stream = files.partial(f"{files.stem}_probs.stream.tif")
+            nbits = {"nbits": 16} if files.probabilities == "float16" else {}
+            copy_raster(stream, files.partial(f"{files.stem}_probs.tif"), overview_resampling="AVERAGE", **cog,
+                        **nbits)
+            stream.unlink()
+        if files.previews:
+            self.write_previews()
+        atomic_write_text(files.categories, category_names_xml(self.loaded.classes))
+        for path in files.final():
+            if path != files.categories:
+                os.replace(files.partial(path.name), path)
+        files.clear_partial()
+
+    def write_previews(self) -> None:
+        """`_colour.png` (the palette, nodata transparent; from the class COG's overviews) and `_overlay.png` (over
+        the primary modality as sampled during the stream), at most `output.preview_size` pixels on their long
+        side, each with a class legend."""
+        import rasterio
+        from rasterio.enums import Resampling
+
+        files, loaded, sampler = self.files, self.loaded, self.preview
+        h, w = sampler.height, sampler.width
+        with rasterio.open(files.partial(files.classes.name)) as src:
+            classes = src.read(1, out_shape=(h, w), resampling=Resampling.nearest)
+        rgb = colourise(classes, loaded.palette, NODATA_CLASS)
+        data = classes != NODATA_CLASS
+        colour = np.dstack([rgb, np.where(data, 255, 0).astype(np.uint8)])
+        write_png(files.partial(f"{files.stem}_colour.png"), add_legend(colour, loaded.classes, loaded.palette))
+        image = preview_rgb(sampler.image, loaded.specs[loaded.modalities[0]])
+        blended = np.where(data[..., None], overlay(image, rgb), image)
+        write_png(files.partial(f"{files.stem}_overlay.png"), add_legend(blended, loaded.classes, loaded.palette))
+
+
+class PreviewSampler:
+    """The primary modality at preview size, sampled (nearest) from the windows the predictor reads anyway:
+    a second, decimated read of a large raster costs far more (GDAL walks every block for it)."""
+
+    def __init__(self, loaded: LoadedModel, height: int, width: int, size: int) -> None:
+        self.modality = loaded.modalities[0]
+        self.scale = loaded.specs[self.modality].scale
+        factor = min(1.0, size / max(height, width))
+        self.height, self.width = max(1, round(height * factor)), max(1, round(width * factor))
+        self.rows = np.arange(self.height) * height // self.height  # label-grid pixel of each preview pixel
+        self.cols = np.arange(self.width) * width // self.width
+        self.image: np.ndarray | None = None
+
+    def __call__(self, coords: Sequence[tuple[int, int]], batch: Mapping[str, np.ndarray]) -> None:
+        windows = batch[self.modality]
+        size = windows.shape[-1] / self.scale  # window size on the label grid
+        for (y, x), window in zip(coords, windows):
+            if window.ndim == 4:  # a time series: the last date
+                window = window[-1]
+            window = window[:3]
+            if self.image is None:
+                self.image = np.zeros((window.shape[0], self.height, self.width), window.dtype)
+            r = np.flatnonzero((self.rows >= y) & (self.rows < y + size))
+            c = np.flatnonzero((self.cols >= x) & (self.cols < x + size))
+            if r.size and c.size:
+                local_r = ((self.rows[r] - y) * self.scale).astype(int)
+                local_c = ((self.cols[c] - x) * self.scale).astype(int)
+                self.image[:, r[:, None], c[None, :]] = window[:, local_r[:, None], local_c[None, :]]
+
+
+def colour_table(palette: Sequence[Sequence[int]]) -> dict[int, tuple[int, int, int, int]]:
+    """The palette as a GeoTIFF colour table; nodata transparent."""
+    table = {i: (*(int(v) for v in c), 255) for i, c in enumerate(palette)}
+    table[NODATA_CLASS] = (0, 0, 0, 0)
+    return table
+
+
+def write_png(path: Path, image: np.ndarray) -> Path:
+    """An RGB(A) uint8 image as PNG, atomically (OpenCV wants BGR(A))."""
+    order = cv2.COLOR_RGBA2BGRA if image.shape[-1] == 4 else cv2.COLOR_RGB2BGR
+    ok, data = cv2.imencode(".png", cv2.cvtColor(image, order))
+    if not ok:
+        raise DataError(f"could not encode {path} as PNG.")
+    return atomic_write(path, lambda p: p.write_bytes(data.tobytes()))
+
+
+# -- many processes ----------------------------------------------------------------------------------------
+class Workers:
+    """The processes of a launch (torchrun, accelerate launch, srun), or this one alone.
+
+    A gloo group of its own with a long timeout carries the scene list out and the counts back: a process that
+    finishes its share early may wait hours for the others, far past the default group's timeout.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        from segplat.utils.dist import global_rank, init_distributed, world_size
+
+        self.group = None
+        self.rank, self.world = global_rank(), world_size()
+        if init_distributed() is not None:
+            import torch.distributed as dist
+
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=float(timeout)))
+
+    def share(self, build: Any) -> Any:
+        """`build()` on rank 0, its result (or its error, raised again) on every rank."""
+        if self.group is None:
+            return build()
+        import torch.distributed as dist
+
+        payload: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                payload = [("ok", build())]
+            except SegplatError as err:
+                payload = [("error", (type(err), str(err)))]
+                dist.broadcast_object_list(payload, src=0, group=self.group)
+                raise
+            except BaseException:
+                dist.broadcast_object_list([("error", (RuntimeError, "rank 0 failed listing the scenes; see its "
+                                                       "log."))], src=0, group=self.group)
+                raise
+        dist.broadcast_object_list(payload, src=0, group=self.group)
+        status, value = payload[0]
+        if status == "error":
+            kind, message = value
+            raise kind(message)
+        return value
+
+    def gather(self, value: Any) -> list[Any]:
+        """`value` of every rank, in rank order, on every rank (after all have finished)."""
+        if self.group is None:
+            return [value]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, value, group=self.group)
+        return out
+
+
+# -- the task ----------------------------------------------------------------------------------------------
+def check_predict_config(cfg: DictConfig) -> None:
+    """Every key this task reads, checked before the checkpoint is loaded."""
+    if cfg.probabilities is not None and cfg.probabilities not in PROBABILITY_FORMATS:
+        shown = str(cfg.probabilities).lower() if isinstance(cfg.probabilities, bool) else cfg.probabilities
+        raise ConfigError(f"probabilities={shown} is not a format; use uint8 (probability x "
+                          f"{UINT8_PROBABILITY_SCALE}, one byte per class), float16, or null for none.")
+    if cfg.submission is not None and cfg.submission not in SUBMISSIONS:
+        raise ConfigError(f"submission={cfg.submission} is not known; use {' or '.join(SUBMISSIONS)}.")
+    out = cfg.output
+    if str(out.compress).lower() not in COMPRESSIONS:
+        raise ConfigError(f"output.compress={out.compress} is not known; use one of {', '.join(COMPRESSIONS)}.")
+    blocksize = out.blocksize
+    if not isinstance(blocksize, int) or blocksize < 16 or blocksize & (blocksize - 1):
+        raise ConfigError(f"output.blocksize={blocksize} must be a power of two of at least 16 (e.g. 512).")
+    if not isinstance(out.preview_size, int) or out.preview_size < 0:
+        raise ConfigError(f"output.preview_size={out.preview_size} must be a number of pixels (0: no previews).")
+    if not isinstance(cfg.gdal_cache_mb, int) or cfg.gdal_cache_mb < 1:
+        raise ConfigError(f"gdal_cache_mb={cfg.gdal_cache_mb} must be a positive number of megabytes.")
+    if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
+        raise ConfigError(f"limit={cfg.limit} must be a positive number of scenes, or null for all.")
+    if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
+        raise ConfigError(f"device={cfg.device} is not known; use auto, cpu or cuda.")
+
+
+def check_submission_classes(cfg: DictConfig, loaded: LoadedModel) -> None:
+    from segplat.submission import CLOUDS_CLASSES
+
+    if cfg.submission and (len(loaded.classes) != len(CLOUDS_CLASSES) or
+                           list(loaded.classes[1:]) != list(CLOUDS_CLASSES[1:])):
+        raise ConfigError(f"submission={cfg.submission} needs a model of the clouds classes {list(CLOUDS_CLASSES)}; "
+                          f"{loaded.checkpoint} predicts {loaded.classes}. Drop submission=.")
+
+
+def choose_device(name: str) -> str:
+    from segplat.utils.dist import local_rank
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank() % max(1, torch.cuda.device_count())}"
+    return name
+
+
+@dataclass
+class Tally:
+    predicted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    windows: int = 0
+    seconds: float = 0.0
+
+
+def predict_scenes(cfg: DictConfig, loaded: LoadedModel, predictor: SlidingWindowPredictor, scenes: list[Scene],
+                   out_dir: Path, show: bool, layout: Any = None) -> Tally:
+    """Predict this process's scenes, skipping complete ones; progress per scene and overall."""
+    tally = Tally()
+    started = time.perf_counter()
+    with tqdm(total=len(scenes), desc="scenes", unit="scene", disable=not show) as bar:
+        for scene in scenes:
+            files = OutputFiles(out_dir, scene.stem, cfg.probabilities, cfg.output.preview_size > 0)
+            if files.complete():
+                tally.skipped.append(scene.stem)
+                bar.update(1)
+                continue
+            files.clear_partial()
+            t0 = time.perf_counter()
+            writer = None
+            try:
+                with open_scene(scene, loaded, layout) as opened:
+                    height, width = predictor.check_shapes({m: s.shape for m, s in opened.sources.items()},
+                                                           opened.names)
+                    windows = predictor.grid(height, width).num_windows
+                    writer = SceneWriter(files, height, width, opened.crs, opened.transform, loaded, cfg.output)
+                    for band in predictor.stream(opened.sources, opened.nodata, desc=scene.stem, names=opened.names,
+                                                 observe=writer.preview):
+                        writer.write(band)
+                    writer.finish()
+            except BaseException:  # a scene that failed leaves no work files (a killed one is cleared on re-run)
+                if writer is not None:
+                    writer.close()
+                files.clear_partial()
+                raise
+            seconds = time.perf_counter() - t0
+            tally.predicted.append(scene.stem)
+            tally.windows += windows
+            log.info("%s: %dx%d px, %d windows in %.1f s (%.1f windows/s)", scene.stem, width, height, windows,
+                     seconds, windows / max(seconds, 1e-9))
+            bar.update(1)
+            bar.set_postfix(windows=tally.windows)
+    tally.seconds = time.perf_counter() - started
+    return tally
+
+
+def write_submission_csv(cfg: DictConfig, scenes: Sequence[Scene], out_dir: Path) -> Path:
+    """submission.csv from the class rasters on disk, so scenes of every process and of earlier runs count."""
+    import rasterio
+
+    from segplat.submission import write_submission
+
+    def rows() -> Iterator[tuple[str, np.ndarray]]:
+        for scene in scenes:
+            with rasterio.open(out_dir / f"{scene.stem}_classes.tif") as src:
+                classes = src.read(1)
+            yield scene.name, np.where(classes == NODATA_CLASS, 0, classes)
+
+    return write_submission(rows(), out_dir / "submission.csv", per_class=cfg.submission == "clouds_per_class")
+
+
+def remove_if_no_results(out_dir: Path) -> None:
+    """A run folder that holds only Hydra's files (config, log) after a failure is removed, not left empty."""
+    if not out_dir.is_dir():
+        return
+    hydra_only = {".hydra", PARTIAL, "predict.log"}
+    if all(p.name in hydra_only for p in out_dir.iterdir()) and not any((out_dir / PARTIAL).glob("*")):
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def predict(cfg: DictConfig) -> Path:
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    out_dir = run_dir_of(cfg)
+    try:
+        return run_prediction(cfg, out_dir)
+    except BaseException:
+        remove_if_no_results(out_dir)
+        raise
+
+
+def run_prediction(cfg: DictConfig, out_dir: Path) -> Path:
+    import rasterio
+
+    check_predict_config(cfg)
+    workers = Workers(cfg.dist_timeout)
+    device = choose_device(cfg.device)
     loaded = load_for_inference(cfg.ckpt, device=device)
+    check_submission_classes(cfg, loaded)
     predictor = SlidingWindowPredictor(loaded, window=cfg.window, overlap=cfg.overlap, batch_size=cfg.batch_size,
                                        flips=cfg.tta.flips, scales=list(cfg.tta.scales), device=device,
-                                       progress=cfg.progress)
-    out_dir = run_dir_of(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    scenes = iter_scenes(cfg, loaded)
-    for i, (name, arrays, geo) in enumerate(tqdm(scenes, desc="scenes", disable=not cfg.progress, unit="scene")):
-        if cfg.limit is not None and i >= cfg.limit:
-            break
-        probs = predictor.predict(arrays, desc=name)
-        classes = write_outputs(out_dir, name, probs, arrays, loaded, geo, cfg.probabilities)
-        rows.append((name, np.where(classes == NODATA_CLASS, 0, classes)))
-    if cfg.submission:
-        if cfg.submission not in ("clouds", "clouds_per_class"):
-            raise ConfigError(f"submission={cfg.submission} is not known; use clouds or clouds_per_class.")
-        from segplat.submission import write_submission
+                                       progress=cfg.progress and workers.rank == 0)
+    with rasterio.Env(GDAL_CACHEMAX=int(cfg.gdal_cache_mb)):
+        def listing() -> list[Scene]:
+            scenes = list_scenes(cfg, loaded)
+            return scenes[:cfg.limit] if cfg.limit is not None else scenes
 
-        path = write_submission(rows, out_dir / "submission.csv", per_class=cfg.submission == "clouds_per_class")
-        log.info("wrote %s (%d images)", path, len(rows))
-    log.info("predicted %d scene(s) into %s", len(rows), out_dir)
+        scenes = workers.share(listing)
+        layout = None
+        if any(not s.files for s in scenes):
+            layout = build_layout(loaded, Path(str(cfg.input)).expanduser())
+            layout.scan()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        mine = scenes[workers.rank::workers.world]
+        tally = predict_scenes(cfg, loaded, predictor, mine, out_dir, cfg.progress and workers.rank == 0, layout)
+        tallies = workers.gather(tally)
+        if workers.rank != 0:
+            return out_dir
+        submission = write_submission_csv(cfg, scenes, out_dir) if cfg.submission else None
+    partial = out_dir / PARTIAL
+    if partial.is_dir() and not any(partial.iterdir()):
+        partial.rmdir()
+    predicted = sum(len(t.predicted) for t in tallies)
+    skipped = sum(len(t.skipped) for t in tallies)
+    windows = sum(t.windows for t in tallies)
+    seconds = max(t.seconds for t in tallies)
+    summary = {"scenes": len(scenes), "predicted": predicted, "skipped_complete": skipped, "windows": windows,
+               "seconds": round(seconds, 3), "scenes_per_s": predicted / max(seconds, 1e-9),
+               "windows_per_s": windows / max(seconds, 1e-9), "processes": workers.world,
+               "by_process": {str(r): t.predicted for r, t in enumerate(tallies)},
+               "checkpoint": str(loaded.checkpoint), "submission": str(submission) if submission else None}
+    atomic_write_json(out_dir / "summary.json", summary)
+    if submission:
+        log.info("wrote %s (%d images)", submission, len(scenes))
+    log.info("predicted %d scene(s), skipped %d complete, in %.1f s on %d process(es): %.2f scenes/s, "
+             "%.1f windows/s; outputs in %s", predicted, skipped, seconds, workers.world,
+             summary["scenes_per_s"], summary["windows_per_s"], out_dir)
     return out_dir
 
 

@@ -41,16 +41,6 @@ class _ArrayHandles(dict):
         return reader
 
 
-def grid_offsets(size: int, patch: int) -> list[int]:
-    """Patch start offsets covering [0, size): regular steps, the last one aligned to the end."""
-    if patch >= size:
-        return [0]
-    offsets = list(range(0, size - patch + 1, patch))
-    if offsets[-1] != size - patch:
-        offsets.append(size - patch)
-    return offsets
-
-
 class PatchDataset(Dataset):
     def __init__(
         self,
@@ -102,7 +92,10 @@ class PatchDataset(Dataset):
         if self.train:
             self.index = [(t, None) for t in self.tiles for _ in range(self.patches_per_tile)]
         else:
-            offs = grid_offsets(self.tile_size, self.patch_size)
+            # the predictor's window rule, stride = patch (a local import: segplat.inference imports segplat.data)
+            from segplat.inference import window_starts
+
+            offs = window_starts(self.tile_size, self.patch_size, self.patch_size)
             self.index = [(t, (y, x)) for t in self.tiles for y in offs for x in offs]
         self._group = None
         self._pid: int | None = None

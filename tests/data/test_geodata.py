@@ -292,7 +292,11 @@ def test_prediction_inputs_are_checked_on_the_full_grid(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
     from segplat.data.layouts.base import ModalitySpec
-    from segplat.predict import check_scene_alignment, read_geotiff
+    from segplat.predict import check_scene_alignment, header
+
+    def read_geotiff(path: Path) -> tuple[None, dict]:
+        with rasterio.open(path) as src:
+            return None, header(src)
 
     t = from_origin(X0, Y0, PX, PX)
     write_geotiff(tmp_path / "rgb.tif", np.ones((3, H, W), np.uint8), UTM, t)

@@ -1,0 +1,136 @@
+"""What `input=` may name: a folder per modality, a folder of rasters, a list file, a dataset-layout folder (with
+the clouds submission written through the same path), and the one-sentence refusals of what does not fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from omegaconf import OmegaConf
+
+from segplat.data.fake import write_fake
+from segplat.data.layouts.clouds import MODALITIES as CLOUDS_MODALITIES
+from segplat.errors import ConfigError, DataError
+from segplat.inference import load_for_inference
+from segplat.predict import list_scenes, predict
+from segplat.submission import CLOUDS_CLASSES, decode_colour_prediction, read_submission
+from tests.inference.checkpoints import PALETTE, write_checkpoint
+from tests.inference.scenes import SPECS, scene_arrays, two_grid_checkpoint, write_geotiffs
+from tests.inference.test_predict_streaming import compose_predict
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return two_grid_checkpoint(tmp_path_factory.mktemp("ckpt") / "two_grids.ckpt")
+
+
+def stems(cfg_input, loaded) -> list[str]:
+    return [s.stem for s in list_scenes(OmegaConf.create({"input": cfg_input, "split": "test"}), loaded)]
+
+
+def test_folders_lists_and_mappings_name_the_same_scenes(checkpoint: Path, tmp_path: Path):
+    loaded = load_for_inference(checkpoint)
+    root = tmp_path / "scenes"
+    for i, stem in enumerate(("b", "a", "c.v2")):
+        write_geotiffs(root, scene_arrays(70 + 2 * i, 90), stem=stem, by_folder=True)
+    assert stems(str(root), loaded) == ["a", "b", "c.v2"]
+    assert stems({"rgb": str(root / "rgb"), "coarse": str(root / "coarse")}, loaded) == ["a", "b", "c.v2"]
+    scenes = list_scenes(OmegaConf.create({"input": str(root), "split": "test"}), loaded)
+    assert [s.size for s in scenes] == [(72, 90), (70, 90), (74, 90)]  # headers read at listing, pixels not
+    listing = tmp_path / "scenes.csv"
+    listing.write_text("# two scenes\nrgb,coarse\nscenes/rgb/c.v2.tif,scenes/coarse/c.v2.tif\n\n"
+                       f"{root / 'rgb' / 'a.tif'},{root / 'coarse' / 'a.tif'}\n")
+    assert stems(str(listing), loaded) == ["c.v2", "a"]
+
+    (root / "coarse" / "b.tif").unlink()
+    with pytest.raises(DataError, match=r"b\.tif has no coarse file of the same name"):
+        stems(str(root), loaded)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("rgb,coarse\nscenes/rgb/a.tif\n")
+    with pytest.raises(DataError, match=r"bad\.csv line 2 has 1 file"):
+        stems(str(bad), loaded)
+    bad.write_text("scenes/rgb/a.tif\n")
+    with pytest.raises(DataError, match="first line must name the modalities"):
+        stems(str(bad), loaded)
+    bad.write_text(f"rgb,coarse\n{root / 'rgb' / 'a.tif'},{root / 'coarse' / 'a.tif'}\n"
+                   f"{root / 'rgb' / 'a.tif'},{root / 'coarse' / 'a.tif'}\n")
+    with pytest.raises(DataError, match=r"two scenes would write a_classes\.tif"):
+        stems(str(bad), loaded)
+    flat = tmp_path / "flat"
+    write_geotiffs(flat, scene_arrays(70, 90), stem="x")
+    with pytest.raises(ConfigError, match="holds raster files but the model takes"):
+        stems(str(flat), loaded)
+    with pytest.raises(ConfigError, match="has 3 bands but the model was trained on 2 for coarse"):
+        stems({"rgb": str(flat / "x_rgb.tif"), "coarse": str(flat / "x_rgb.tif")}, loaded)
+    with rasterio.open(flat / "x_rgb.tif") as src:
+        profile = {**src.profile, "count": 2}
+    with rasterio.open(flat / "fine.tif", "w", **profile) as dst:  # the coarse bands at the fine grid
+        dst.write(np.ones((2, 70, 90), np.uint16))
+    with pytest.raises(DataError, match=r"fine\.tif is 70x90 pixels but the model expects 35x45 for coarse"):
+        stems({"rgb": str(flat / "x_rgb.tif"), "coarse": str(flat / "fine.tif")}, loaded)
+
+
+def test_a_folder_of_rasters_for_a_single_modality_model(tmp_path: Path):
+    ckpt = write_checkpoint(tmp_path / "rgb.ckpt", {"rgb": SPECS["rgb"]})
+    loaded = load_for_inference(ckpt)
+    folder = tmp_path / "in"
+    for stem in ("s2", "s1"):
+        write_geotiffs(folder, {"rgb": scene_arrays(66, 80)["rgb"]}, stem=stem)
+    (folder / "notes.txt").write_text("not a raster")
+    assert stems(str(folder), loaded) == ["s1_rgb", "s2_rgb"]
+    listing = tmp_path / "list.txt"
+    listing.write_text("in/s2_rgb.tif\n")
+    assert stems(str(listing), loaded) == ["s2_rgb"]
+
+
+def test_clouds_layout_folder_and_submission_go_through_the_same_path(tmp_path: Path):
+    root = write_fake("clouds", tmp_path / "clouds", num_train=2, num_test=3)
+    layout = {"name": "clouds", "layout": {"_target_": "segplat.data.layouts.clouds.CloudsLayout"}}
+    ckpt = write_checkpoint(tmp_path / "clouds.ckpt", dict(CLOUDS_MODALITIES), classes=CLOUDS_CLASSES,
+                            palette=PALETTE, dataset=layout, patch_size=32)
+    out = tmp_path / "out"
+    predict(compose_predict([f"ckpt={ckpt}", f"input={root}", "split=test", "submission=clouds", "progress=false"],
+                            out))
+    table = read_submission(out / "submission.csv")
+    assert list(table) == ["test_0000.png", "test_0001.png", "test_0002.png"]
+    for name, encoded in table.items():
+        with rasterio.open(out / f"{name[:-4]}_classes.tif") as src:
+            classes = src.read(1)
+            assert src.crs is None and src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert np.array_equal(decode_colour_prediction(encoded, *classes.shape), classes)
+        assert (out / f"{name[:-4]}_overlay.png").is_file()
+    per_class = tmp_path / "per_class"
+    predict(compose_predict([f"ckpt={ckpt}", f"input={root}", "submission=clouds_per_class", "progress=false",
+                             "output.preview_size=0"], per_class))
+    assert len(read_submission(per_class / "submission.csv")) == 3 * 3
+    assert not list(per_class.glob("*.png"))
+
+
+def test_a_submission_needs_the_clouds_classes(checkpoint: Path, tmp_path: Path):
+    other = write_checkpoint(tmp_path / "other.ckpt", SPECS, classes=("water", "land"), palette=PALETTE[:2])
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"submission=clouds needs a model of the clouds classes"):
+        predict(compose_predict([f"ckpt={other}", f"input={tmp_path}", "submission=clouds"], out))
+    with pytest.raises(ConfigError, match=r"output\.blocksize=100 must be a power of two"):
+        predict(compose_predict([f"ckpt={checkpoint}", f"input={tmp_path}", "output.blocksize=100"], out))
+
+
+def test_a_damaged_scene_is_named_and_leaves_no_work_files(checkpoint: Path, tmp_path: Path):
+    root = tmp_path / "scenes"
+    for stem in ("a", "b"):
+        write_geotiffs(root, scene_arrays(202, 170), stem=stem, by_folder=True)
+    damaged = root / "rgb" / "b.tif"
+    with open(damaged, "r+b") as fh:  # the header stays readable, the last tiles are gone
+        fh.truncate(damaged.stat().st_size // 2)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"b\.tif: rows \d+-\d+, columns \d+-\d+ could not be read .* damaged"):
+        predict(compose_predict([f"ckpt={checkpoint}", f"input={root}", "window=64", "progress=false"], out))
+    assert (out / "a_classes.tif").is_file() and not (out / "b_classes.tif").exists()
+    assert not (out / ".partial" / "b").exists()
+    first = tmp_path / "first"
+    with pytest.raises(DataError, match="could not be read"):
+        predict(compose_predict([f"ckpt={checkpoint}", f"input={{rgb: '{damaged}', coarse: "
+                                 f"'{root / 'coarse' / 'b.tif'}'}}", "window=64", "progress=false"], first))
+    assert not first.exists()  # nothing but Hydra's files would be left: no run folder
