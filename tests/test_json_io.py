@@ -90,3 +90,15 @@ def test_every_json_file_of_a_store_with_nan_nodata_is_strict(tmp_path: Path) ->
     for f in files:
         strict_loads(f.read_text())
     assert math.isnan(PatchStore(path).modalities["s1"].nodata)  # the S1 nodata (NaN) survives as "nan"
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_write(tmp_path):
+    """mkstemp's 0600 must not leak: checkpoints and summaries are read by other users of a shared disk."""
+    import os
+
+    from segplat.utils.io import atomic_write_text
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = atomic_write_text(tmp_path / "atomic.txt", "x")
+    assert os.stat(atomic).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
