@@ -6,6 +6,11 @@ hydra-optuna-sweeper it does not hand batches to Hydra's launcher: each trial is
 (see runner.py for why), so the trial can prune itself (segplat/sweep/pruning.py), one slow trial
 never holds a batch, and the study (not this process) holds the state: running the same command
 again, or on another machine against the same storage, continues the same study and budget.
+
+Before anything is written the whole search space is checked (validate.py), so a typo or a refused
+model x fusion combination costs no trial. Every trial that is asked ends in a state at once: run
+and told, or FAILed with its reason (outside the budget, a baseline enqueued again) when the sweeper
+could not run it or was stopped while it ran.
 """
 
 from __future__ import annotations
@@ -266,6 +271,9 @@ class OptunaSweeper:
         pinned = {p.key for p in params if p.key in cli_params and p.distribution is None}
         baselines = [{k: v for k, v in b.items() if k not in pinned} if isinstance(b, Mapping) else b
                      for b in self.baselines]
+        dropped = sorted({k for b in self.baselines if isinstance(b, Mapping) for k in b if k in pinned})
+        if dropped:
+            log.info("the baselines' values for %s give way to the command line's", ", ".join(dropped))
         baselines = checker.run(baselines)
         report = checker.report
         log.info("search space checked: %d draws%s compose and pass the task's checks (%d config compositions)",
@@ -305,8 +313,15 @@ class OptunaSweeper:
                 if grid is not None and study.sampler.is_exhausted(study):
                     log.info("the grid is exhausted")
                     break
-                trial = ask_within_budget(study, self.storage, self.n_trials)
+                # a SIGTERM between ask and run_one's bookkeeping would leave the trial RUNNING: hold it until then
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+                try:
+                    trial = ask_within_budget(study, self.storage, self.n_trials)
+                except BaseException:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+                    raise
                 if trial is None:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
                     break
                 results.append(self.run_one(study, trial, fixed, params, sweep_dir, env, pruning, worker, objectives))
                 self.check_failure_rate(study, sweep_dir)
@@ -337,6 +352,7 @@ class OptunaSweeper:
         run_dir = sweep_dir / f"trial_{trial.number:04d}"
         started = False
         try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by the loop around `ask`
             tid = trial_id(storage, study, trial.number)
             heartbeat = (lambda: storage.record_heartbeat(tid)) if heartbeat_enabled(storage) else None
             if heartbeat:

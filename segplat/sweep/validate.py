@@ -38,7 +38,7 @@ from typing import Any
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segplat.errors import ConfigError, SegplatError
 from segplat.sweep import space as sp
@@ -195,6 +195,8 @@ class SpaceChecker:
         group_overrides = tuple(f"{k}={self.by_key[k].override_text(v)}" for k, v in draw.items() if k in self.groups)
         base, tree = self._compose(group_overrides)
         cfg = copy.deepcopy(base)
+        with open_dict(cfg):  # the task function gets the config without Hydra's own node
+            cfg.pop("hydra", None)
         parser = OverridesParser.create()
         for key, value in draw.items():
             if key in self.groups:
