@@ -17,7 +17,7 @@ from segplat.sweep.config import SegplatOptunaSweeperConf
 
 
 class SegplatOptunaSweeper(Sweeper):
-    """Optuna >= 4 sweeper: trials as subprocesses, pruning, shared study storage, resume."""
+    """Optuna 5 sweeper: trials as subprocesses, pruning, shared study storage, resume."""
 
     def __init__(self, **kwargs: Any) -> None:
         from segplat.sweep.sweeper import OptunaSweeper

@@ -28,7 +28,8 @@ class SegplatOptunaSweeperConf:
     pruner: Any = field(default_factory=lambda: {"name": "median", "n_startup_trials": 5, "n_warmup_steps": 0})
     # key -> sweep expression or {when: {KEY: VALUE}, values: EXPRESSION}; see sweeps/fusion_patch_lr.yaml
     params: Any = field(default_factory=dict)
-    # trials enqueued first, once, when the study is created: a list of {key: value} maps
+    # trials enqueued first, once, when the study is created: a list of {key: value} maps of searched keys
+    # (checked before the study exists; an interrupted baseline is enqueued again)
     baselines: Any = field(default_factory=list)
     # how a trial starts: null = [python]; e.g. [torchrun, --nproc-per-node, "2"]
     launcher_cmd: Any = None

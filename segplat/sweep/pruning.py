@@ -50,34 +50,38 @@ class OptunaPruningCallback(Callback):
             raw = os.environ.get(PRUNER_ENV)
             pruner = json.loads(raw) if raw else {"name": "median"}
         self.pruner_spec = dict(pruner)
-        self._trial = None
+        self._study = None
+        self._storage = None
 
-    def _optuna_trial(self):
-        if self._trial is None:
+    def _connect(self):
+        if self._study is None:
             import optuna
 
             from segplat.sweep.study import build_pruner, make_storage
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            study = optuna.load_study(study_name=self.study_name, storage=make_storage(self.storage_url),
-                                      pruner=build_pruner(self.pruner_spec),
-                                      sampler=optuna.samplers.RandomSampler())
-            self._trial = optuna.trial.Trial(study, self.trial_id)
-        return self._trial
+            self._storage = make_storage(self.storage_url)
+            self._study = optuna.load_study(study_name=self.study_name, storage=self._storage,
+                                            pruner=build_pruner(self.pruner_spec),
+                                            sampler=optuna.samplers.RandomSampler())
+        return self._study, self._storage
 
     def _decide(self, value: float | None, step: int) -> bool:
+        """Report and ask the pruner. The trial was asked by the sweeper's process, and Optuna's Trial API
+        only serves the process that asked it, so this goes through the storage interface (the trial's
+        intermediate value) and the pruner's public `prune(study, trial)`, as `Trial.should_prune` does."""
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return False
         import optuna
 
-        trial = self._optuna_trial()
+        study, storage = self._connect()
         try:
-            trial.report(float(value), step)
-            return bool(trial.should_prune())
+            storage.set_trial_intermediate_value(self.trial_id, step, float(value))
         except optuna.exceptions.UpdateFinishedTrialError:
             # another worker failed this trial (its heartbeat lapsed); train on, the sweeper keeps the result
             log.warning("Optuna trial %s is already finished in the study; not reporting", self.trial_number)
             return False
+        return bool(study.pruner.prune(study, storage.get_trial(self.trial_id)))
 
     def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         acc = trainer.accelerator

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ class TrialResult:
     stderr_tail: str
     seconds: float
     timed_out: bool = False
+    error_line: str = ""  # the cause in one line (first_error_line of the whole stderr.log)
 
 
 def _die_with_parent() -> None:
@@ -45,12 +47,74 @@ def trial_command(overrides: Sequence[str], launcher_cmd: Sequence[str] | None, 
     return [*prefix, "-m", module, *overrides]
 
 
-def tail(path: Path, lines: int) -> str:
+def _read(path: Path, max_bytes: int = 1 << 20) -> str:
+    """The end of a log file (progress bars can make stderr large; the cause is at the end)."""
     try:
-        text = path.read_text(errors="replace").splitlines()
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            return f.read().decode(errors="replace")
     except OSError:
         return ""
-    return "\n".join(text[-lines:])
+
+
+def _lines(text: str) -> list[str]:
+    """Lines as a terminal shows them: a progress bar's carriage returns keep only the last redraw."""
+    return [line.rsplit("\r", 1)[-1].rstrip() for line in text.splitlines()]
+
+
+HYDRA_HINT = "HYDRA_FULL_ERROR"
+JOB_ERROR = "Error executing job with overrides:"
+TRACEBACK = "Traceback (most recent call last):"
+
+
+def _with_continuation(lines: list[str], i: int) -> str:
+    """Line i, joined with the next one when it only introduces it (`Error in call to target 'x':`)."""
+    line = lines[i].strip()
+    if line.endswith(":") and i + 1 < len(lines) and lines[i + 1].strip():
+        line = f"{line} {lines[i + 1].strip()}"
+    return line
+
+
+def _exception_line(lines: list[str]) -> int | None:
+    """The index of a traceback's exception line (`ValueError: ...`): the first unindented line after the
+    last `  File "..."` frame."""
+    frames = [i for i, line in enumerate(lines) if re.match(r'\s+File "', line)]
+    if not frames:
+        return None
+    for i in range(frames[-1] + 1, len(lines)):
+        if lines[i] and not lines[i][0].isspace():
+            return i
+    return None
+
+
+def first_error_line(text: str) -> str:
+    """The first line of the real error in a trial's stderr, never Hydra's `HYDRA_FULL_ERROR` hint.
+
+    In order: segplat's own `error: ...` sentence; the exception line of the last traceback; the first
+    line of the message Hydra prints (after "Error executing job with overrides" or before its hint);
+    else the last line written."""
+    lines = [line for line in _lines(text) if HYDRA_HINT not in line]
+    for line in lines:
+        if line.startswith("error: "):
+            return line[len("error: "):].strip()
+    start = max((i for i, line in enumerate(lines) if line.startswith((JOB_ERROR, TRACEBACK))), default=-1)
+    found = _exception_line(lines[start + 1:]) if start >= 0 else _exception_line(lines)
+    if found is not None:
+        return _with_continuation(lines, found + (start + 1 if start >= 0 else 0))
+    if start >= 0 and lines[start].startswith(JOB_ERROR):
+        following = [i for i in range(start + 1, len(lines)) if lines[i].strip()]
+        if following:
+            return _with_continuation(lines, following[0])
+    if HYDRA_HINT in text:  # a composition error: Hydra's message is the last paragraph before its hint
+        non_empty = [i for i, line in enumerate(lines) if line.strip()]
+        if non_empty:
+            first = non_empty[-1]
+            while first - 1 >= 0 and lines[first - 1].strip():
+                first -= 1
+            return _with_continuation(lines, first)
+    rest = [line.strip() for line in lines if line.strip()]
+    return rest[-1] if rest else ""
 
 
 def run_trial(overrides: Sequence[str], run_dir: Path, env: dict[str, str], launcher_cmd: Sequence[str] | None = None,
@@ -93,8 +157,9 @@ def run_trial(overrides: Sequence[str], run_dir: Path, env: dict[str, str], laun
             summary = json.loads(summary_path.read_text())
         except json.JSONDecodeError:
             summary = None
-    return TrialResult(proc.returncode, summary, tail(run_dir / "stderr.log", stderr_lines),
-                       time.monotonic() - start, timed_out)
+    stderr = _read(run_dir / "stderr.log")
+    return TrialResult(proc.returncode, summary, "\n".join(_lines(stderr)[-stderr_lines:]),
+                       time.monotonic() - start, timed_out, first_error_line(stderr))
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -15,7 +15,7 @@ Choices that are not scalars (lists, dicts) are stored in Optuna as their overri
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from segplat.errors import ConfigError
 
 SCALARS = (str, int, float, bool, type(None))
+MISSING = object()
 
 
 def format_value(value: Any) -> str:
@@ -195,6 +196,20 @@ def _matches(actual: Any, allowed: Sequence[Any], param: Param | None) -> bool:
     return any(actual == a or format_value(actual) == format_value(a) for a in allowed)
 
 
+def config_value(config: DictConfig | None, key: str, default: Any = None) -> Any:
+    """A key's value in the composed config; a config group's key gives the chosen option's name
+    (`model` -> "unet"), as the override `model=unet` names it."""
+    if config is None:
+        return default
+    choices = OmegaConf.select(config, "hydra.runtime.choices", default=None)
+    if choices is not None and key in choices:
+        return choices[key]
+    value = OmegaConf.select(config, key, default=default)
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    return value
+
+
 def is_active(param: Param, chosen: Mapping[str, Any], params: Mapping[str, Param], config: DictConfig | None) -> bool:
     """True when every condition of `param` holds for the values chosen so far (or the config's)."""
     for ref, allowed in param.when.items():
@@ -206,29 +221,26 @@ def is_active(param: Param, chosen: Mapping[str, Any], params: Mapping[str, Para
             continue
         if config is None:
             return False
-        actual = OmegaConf.select(config, ref, default="__missing__")
-        if actual == "__missing__":
+        actual = config_value(config, ref, default=MISSING)
+        if actual is MISSING:
             raise ConfigError(f"hydra.sweeper.params.{param.key}.when names {ref}, which is neither a searched "
                               "parameter nor a config key; fix the key.")
-        if isinstance(actual, DictConfig | ListConfig):
-            actual = OmegaConf.to_container(actual, resolve=True)
         if not _matches(actual, allowed, None):
             return False
     return True
 
 
 def suggest(trial: optuna.trial.Trial, params: Sequence[Param], config: DictConfig | None) -> dict[str, Any]:
-    """Sample the active parameters of one trial; returns key -> stored value (searched ones only)."""
+    """The active parameters of one trial: key -> stored value (sampled ones and active fixed ones)."""
     by_key = {p.key: p for p in params}
     chosen: dict[str, Any] = {}
     for p in params:
-        if p.distribution is None:
-            chosen[p.key] = p.fixed
-            continue
         if not is_active(p, chosen, by_key, config):
             continue
         d = p.distribution
-        if isinstance(d, optuna.distributions.CategoricalDistribution):
+        if d is None:
+            chosen[p.key] = p.fixed
+        elif isinstance(d, optuna.distributions.CategoricalDistribution):
             chosen[p.key] = trial.suggest_categorical(p.key, d.choices)
         elif isinstance(d, optuna.distributions.IntDistribution):
             chosen[p.key] = trial.suggest_int(p.key, d.low, d.high, step=d.step, log=d.log)
@@ -237,21 +249,96 @@ def suggest(trial: optuna.trial.Trial, params: Sequence[Param], config: DictConf
     return chosen
 
 
+def finite_values(param: Param, limit: float = 32) -> list[Any] | None:
+    """Every value the parameter can take, or None when it has more than `limit` (a continuous interval)."""
+    d = param.distribution
+    if d is None:
+        return [param.fixed]
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        return list(d.choices)
+    step = d.step if d.step is not None else (1 if isinstance(d, optuna.distributions.IntDistribution) else None)
+    if step is None:
+        return None
+    n = round((d.high - d.low) / step) + 1
+    if n > limit:
+        return None
+    values = [d.low + i * step for i in range(n)]
+    return [int(v) for v in values] if isinstance(d, optuna.distributions.IntDistribution) else values
+
+
+def trial_values(param: Param) -> list[Any]:
+    """The values the space check tries: all of a finite parameter, both ends of a continuous one."""
+    values = finite_values(param)
+    return values if values is not None else [param.distribution.low, param.distribution.high]
+
+
+def describe(param: Param) -> str:
+    """What a parameter draws, in the sweep file's words (for error messages)."""
+    d = param.distribution
+    if d is None:
+        return f"only {format_value(param.fixed)}"
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        return "one of " + ", ".join(param.override_text(c) for c in d.choices)
+    step = f" in steps of {d.step}" if d.step is not None else ""
+    return f"{'integers' if isinstance(d, optuna.distributions.IntDistribution) else 'numbers'} from {d.low} to " \
+           f"{d.high}{step}{' (log scale)' if d.log else ''}"
+
+
+def contains(param: Param, value: Any) -> bool:
+    """Whether a user's value (a baseline's, a condition's) is one the parameter can draw."""
+    d = param.distribution
+    if d is None:
+        return _matches(param.fixed, [value], None)
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        return any(_matches(choice, [value], param) for choice in d.choices)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if not d.low - 1e-12 <= value <= d.high + 1e-12:
+        return False
+    step = d.step if d.step is not None else (1 if isinstance(d, optuna.distributions.IntDistribution) else None)
+    return step is None or abs((value - d.low) / step - round((value - d.low) / step)) < 1e-6
+
+
+def stored_value(param: Param, value: Any) -> Any:
+    """A user's value (a baseline's) as Optuna stores it: the matching choice itself for a choice."""
+    d = param.distribution
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        return next((c for c in d.choices if _matches(c, [value], param)), param.to_storage(value))
+    return param.to_storage(value)
+
+
+def draws(params: Sequence[Param], config: DictConfig | None,
+          values: Callable[[Param], Sequence[Any]]) -> Iterator[dict[str, Any]]:
+    """Every assignment of the active parameters (conditions followed as `suggest` follows them), each
+    parameter taking `values(param)`; lazily, in the order a product of the values would list them."""
+    by_key = {p.key: p for p in params}
+    chosen: dict[str, Any] = {}
+
+    def extend(i: int) -> Iterator[dict[str, Any]]:
+        if i == len(params):
+            yield dict(chosen)
+            return
+        p = params[i]
+        if not is_active(p, chosen, by_key, config):
+            yield from extend(i + 1)
+            return
+        for value in values(p):
+            chosen[p.key] = value
+            yield from extend(i + 1)
+            del chosen[p.key]
+
+    yield from extend(0)
+
+
 def grid_space(params: Sequence[Param]) -> dict[str, list[Any]]:
     """The grid of a grid sampler: choices and ranges only (an interval has no grid)."""
     grid: dict[str, list[Any]] = {}
     for p in params:
-        d = p.distribution
-        if d is None:
+        if p.distribution is None:
             continue
-        if isinstance(d, optuna.distributions.CategoricalDistribution):
-            grid[p.key] = list(d.choices)
-        elif d.step is not None and not d.log:
-            n = round((d.high - d.low) / d.step) + 1
-            grid[p.key] = [d.low + i * d.step for i in range(n)]
-            if isinstance(d, optuna.distributions.IntDistribution):
-                grid[p.key] = [int(v) for v in grid[p.key]]
-        else:
+        values = finite_values(p, limit=math.inf)
+        if values is None:
             raise ConfigError(f"hydra.sweeper.params.{p.key} is a continuous interval, which the grid sampler "
                               "cannot enumerate; use choice(...) or range(...), or another sampler.")
+        grid[p.key] = values
     return grid

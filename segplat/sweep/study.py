@@ -9,6 +9,15 @@ the worker checks again: RDB storages number trials in insertion order inside on
 rank is past the budget is given back at once, before anything is sampled (its state set back to
 WAITING, so a later, larger budget reuses it rather than leaving a failed trial behind). Optuna's
 own `MaxTrialsCallback` only stops after a trial ends, so concurrent workers can overshoot it.
+A trial that fails for a reason not its own (the sweeper was stopped while it ran, or could not
+start it) uses no budget, and a baseline among them is enqueued again.
+
+Optuna's API. The sweeper uses the Study API (ask, tell, enqueue_trial, user attributes) and, where
+the Study API has nothing, the documented storage interface (`optuna.storages.BaseStorage` methods):
+returning an asked trial to WAITING (`set_trial_state_values`), a trial's storage id for the trial's
+own process (`get_trial_id_from_study_id_trial_number`), heartbeats (`record_heartbeat`), and, in the
+trial, reporting and asking the pruner for a trial another process asked (pruning.py). No private
+attribute is used; the storage interface is pinned by the tested Optuna range in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -27,52 +36,136 @@ from segplat.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-INTERRUPTED_ATTR = "segplat_interrupted"
+INTERRUPTED_ATTR = "segplat_interrupted"  # FAILed because the sweeper was stopped while the trial ran
+NOT_RUN_ATTR = "segplat_not_run"  # FAILed because the sweeper could not start it (the reason is in "error")
 
 
 def redact(url: str) -> str:
-    """A storage URL without its password, for logs and files."""
+    """A storage URL without its password, for logs, files and error messages.
+
+    Done on the text (not by SQLAlchemy's parser) so that a malformed URL, or a password with an
+    unescaped `@` or `/`, is hidden too: everything between the user's `:` and the last `@`."""
+    if "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    if "@" not in rest:
+        return url
+    credentials, location = rest.rsplit("@", 1)
+    if ":" not in credentials:
+        return url
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{location}"
+
+
+DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433, "oracle": 1521}
+
+
+def _where(url: str) -> tuple[str, str]:
+    """(what the database is, in words; the SQLite path or '') for error messages."""
     try:
         from sqlalchemy.engine import make_url
 
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(redact(url))
     except Exception:
-        return url
+        return "the study database", ""
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return f"the SQLite study file {parsed.database}", str(parsed.database or "")
+    port = parsed.port or DEFAULT_PORTS.get(backend, "?")
+    return f"the {backend} study database at {parsed.host}:{port}", ""
+
+
+def storage_error(url: str, err: BaseException) -> ConfigError:
+    """One sentence for a study database that cannot be used: malformed URL, unknown kind, unreachable
+    server, refused login, missing database or file, old schema. The password never appears in it."""
+    from sqlalchemy.engine import make_url
+
+    shown = f"hydra.sweeper.storage={redact(url)}"
+    reason = str(getattr(err, "orig", None) or err).strip()
+    try:
+        password = make_url(url).password
+    except Exception:
+        password = None
+    if password:
+        reason = reason.replace(str(password), "***")
+    first = reason.splitlines()[0] if reason else type(err).__name__
+    low = reason.lower()
+    where, sqlite_path = _where(url)
+    example = "postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DATABASE or sqlite:////ABSOLUTE/PATH.db"
+    name = type(err).__name__
+    if name == "NoSuchModuleError":
+        return ConfigError(f"{shown} names a database kind SQLAlchemy does not know ({first}); write it as {example}.")
+    if name == "ArgumentError" or isinstance(err, ValueError):
+        return ConfigError(f"{shown} is not a database URL SQLAlchemy can read ({first}); write it as {example}.")
+    if "password authentication failed" in low or "access denied" in low or "no password supplied" in low:
+        return ConfigError(f"{where} refused the login (wrong user or password: {first}); fix the credentials in "
+                           f"{shown}.")
+    if "does not exist" in low and "database" in low:
+        return ConfigError(f"{where} has no such database ({first}); create it (e.g. createdb) or fix the database "
+                           f"name in {shown}.")
+    if sqlite_path and "unable to open database file" in low:
+        return ConfigError(f"{where} cannot be opened (its folder does not exist or is not writable); create the "
+                           f"folder or fix {shown}.")
+    if sqlite_path and "not a database" in low:
+        return ConfigError(f"{where} is not an SQLite database; point {shown} at a new file or an existing study.")
+    if "storage upgrade" in low:
+        return ConfigError(f"{where} was written by another Optuna version ({first}); run `optuna storage upgrade "
+                           f"--storage URL` or use a new study database.")
+    if name in ("OperationalError", "InterfaceError", "TimeoutError") or "could not connect" in low or \
+            "connection refused" in low or "timeout" in low or "translate host name" in low:
+        return ConfigError(f"{where} cannot be reached ({first}); start the server, or fix the host and port in "
+                           f"{shown}.")
+    return ConfigError(f"{where} failed ({name}: {first}); check {shown}.")
+
+
+def is_storage_error(err: BaseException) -> bool:
+    """Errors that come from the study database (or its URL) rather than from segplat."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return isinstance(err, SQLAlchemyError) or "storage upgrade" in str(err)
 
 
 def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
                  retry_failed: int = 0) -> optuna.storages.RDBStorage:
-    """An RDB storage; SQLite waits for its lock instead of failing when workers write at once."""
+    """An RDB storage; SQLite waits for its lock instead of failing when workers write at once.
+
+    Every way the database can be unusable becomes one ConfigError sentence (storage_error)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import IntegrityError
+
+    try:
+        backend = make_url(url).get_backend_name()
+    except Exception as err:
+        raise storage_error(url, err) from None
     engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
+    if backend == "sqlite":
         engine_kwargs["connect_args"] = {"timeout": 120}
     else:
         engine_kwargs["pool_pre_ping"] = True
+        if backend in ("postgresql", "mysql", "mariadb") and "connect_timeout" not in url:
+            engine_kwargs["connect_args"] = {"connect_timeout": 10}  # a silent host fails in seconds, not minutes
     kwargs: dict[str, Any] = {}
     if heartbeat_interval:
         kwargs["heartbeat_interval"] = int(heartbeat_interval)
         kwargs["grace_period"] = int(grace_period) if grace_period else None
-        if retry_failed:  # Optuna 5 renamed the callback and its argument; Optuna 4 has only the old names
-            params = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
-            if "heartbeat_stale_trial_callback" in params and hasattr(optuna.storages,
-                                                                      "RetryHeartbeatStaleTrialCallback"):
-                kwargs["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=int(retry_failed))
-            else:
-                kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=int(retry_failed))
-    from sqlalchemy.exc import IntegrityError, OperationalError
-
+        if retry_failed:
+            kwargs["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=int(retry_failed))
     for attempt in range(6):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
         except ImportError as err:
             raise ConfigError(f"hydra.sweeper.storage={redact(url)} needs a database driver that is not installed "
-                              f"({err}); install it (e.g. pip install psycopg2-binary).") from err
-        except (IntegrityError, OperationalError):
-            # workers starting together on a new database race to create its tables and version
-            # stamp; the loser retries and then finds them in place
-            if attempt == 5:
+                              f"({err.__cause__ or err}); install it (for PostgreSQL: pip install "
+                              "psycopg2-binary).") from None
+        except Exception as err:
+            if not (is_storage_error(err) or isinstance(err, ValueError)):
                 raise
+            # workers starting together on a new database race to create its tables and version stamp;
+            # the loser retries and then finds them in place. Anything else is the user's to fix.
+            race = isinstance(err, IntegrityError) or any(
+                word in str(err).lower() for word in ("locked", "already exists", "duplicate key"))
+            if not race or attempt == 5:
+                raise storage_error(url, err) from None
             time.sleep(0.2 + random.random() * (attempt + 1))
     raise AssertionError("unreachable")
 
@@ -146,6 +239,8 @@ def build_pruner(spec: Mapping[str, Any] | None) -> optuna.pruners.BasePruner:
     if name not in PRUNERS:
         raise ConfigError(f"hydra.sweeper.pruner.name={name} is not known; use one of {', '.join(PRUNERS)}.")
     cls = getattr(optuna.pruners, PRUNERS[name])
+    if name == "none":  # no pruning: the other keys (e.g. the defaults' n_startup_trials) have nothing to set
+        return cls()
     kwargs = _filtered_kwargs(cls, spec, "hydra.sweeper.pruner")
     try:
         return cls(**kwargs)
@@ -156,6 +251,11 @@ def build_pruner(spec: Mapping[str, Any] | None) -> optuna.pruners.BasePruner:
 def heartbeat_enabled(storage: Any) -> bool:
     getter = getattr(storage, "get_heartbeat_interval", None)
     return getter is not None and getter() is not None
+
+
+def trial_id(storage: optuna.storages.BaseStorage, study: optuna.Study, number: int) -> int:
+    """The storage's id of a trial (what the storage interface and the trial's pruning callback address)."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
 
 
 def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
@@ -169,9 +269,11 @@ def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
 
 
 def uses_budget(t: optuna.trial.FrozenTrial, retried: set[int]) -> bool:
+    """False for WAITING trials, and for failures that are not the trial's own (retried, interrupted, not run)."""
     if t.state == TrialState.WAITING:
         return False
-    return not (t.state == TrialState.FAIL and (t.number in retried or bool(t.user_attrs.get(INTERRUPTED_ATTR))))
+    not_its_own = t.number in retried or bool(t.user_attrs.get(INTERRUPTED_ATTR) or t.user_attrs.get(NOT_RUN_ATTR))
+    return not (t.state == TrialState.FAIL and not_its_own)
 
 
 def budget_used(study: optuna.Study, up_to_number: int | None = None) -> int:
@@ -180,22 +282,36 @@ def budget_used(study: optuna.Study, up_to_number: int | None = None) -> int:
     return sum(1 for t in trials if uses_budget(t, retried) and (up_to_number is None or t.number <= up_to_number))
 
 
-def ask_within_budget(study: optuna.Study, n_trials: int) -> optuna.trial.Trial | None:
+def ask_within_budget(study: optuna.Study, storage: optuna.storages.BaseStorage,
+                      n_trials: int) -> optuna.trial.Trial | None:
     """A new trial, or None when the shared budget is spent (see the module docstring)."""
     if budget_used(study) >= n_trials:
         return None
     trial = study.ask()
-    return trial if admit(study, trial, n_trials) else None
+    return trial if admit(study, storage, trial, n_trials) else None
 
 
-def admit(study: optuna.Study, trial: optuna.trial.Trial, n_trials: int) -> bool:
+def admit(study: optuna.Study, storage: optuna.storages.BaseStorage, trial: optuna.trial.Trial,
+          n_trials: int) -> bool:
     """The check after `ask`: False (and the trial given back as WAITING) when it is past the budget."""
     if budget_used(study, up_to_number=trial.number) <= n_trials:
         return True
-    # another worker took the last slot between our check and our ask: give the trial back
-    study._storage.set_trial_state_values(trial._trial_id, state=TrialState.WAITING)
+    # another worker took the last slot between our check and our ask: give the trial back. The Study
+    # API cannot return an asked trial to the queue; the storage interface's set_trial_state_values can.
+    storage.set_trial_state_values(trial_id(storage, study, trial.number), state=TrialState.WAITING)
     log.info("trial %d given back: the budget of %d trials was reached by another worker", trial.number, n_trials)
     return False
+
+
+def requeue_baseline(study: optuna.Study, number: int) -> bool:
+    """Enqueue a baseline trial's values again (its trial was interrupted or not run); True if it was one."""
+    frozen = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if frozen is None or "baseline" not in frozen.user_attrs:
+        return False
+    params = dict(frozen.system_attrs.get("fixed_params") or frozen.params)
+    # not skip_if_exists: the interrupted trial itself holds the same values
+    study.enqueue_trial(params, user_attrs={"baseline": frozen.user_attrs["baseline"], "requeued_from": number})
+    return True
 
 
 def counts(study: optuna.Study) -> dict[str, int]:

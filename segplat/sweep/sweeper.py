@@ -6,6 +6,11 @@ hydra-optuna-sweeper it does not hand batches to Hydra's launcher: each trial is
 (see runner.py for why), so the trial can prune itself (segplat/sweep/pruning.py), one slow trial
 never holds a batch, and the study (not this process) holds the state: running the same command
 again, or on another machine against the same storage, continues the same study and budget.
+
+Before anything is written the whole search space is checked (validate.py), so a typo or a refused
+model x fusion combination costs no trial. Every trial that is asked ends in a state at once: run
+and told, or FAILed with its reason (outside the budget, a baseline enqueued again) when the sweeper
+could not run it or was stopped while it ran.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -34,6 +40,7 @@ from segplat.sweep.pruning import PRUNER_ENV, STORAGE_ENV
 from segplat.sweep.runner import run_trial
 from segplat.sweep.study import (
     INTERRUPTED_ATTR,
+    NOT_RUN_ATTR,
     ask_within_budget,
     budget_used,
     build_pruner,
@@ -41,9 +48,14 @@ from segplat.sweep.study import (
     counts,
     failure_rate,
     heartbeat_enabled,
+    is_storage_error,
     make_storage,
     redact,
+    requeue_baseline,
+    storage_error,
+    trial_id,
 )
+from segplat.sweep.validate import SpaceChecker
 
 log = logging.getLogger("segplat.sweep")
 OK_STATUSES = ("completed", "stopped_early", "stopped")
@@ -94,6 +106,8 @@ class OptunaSweeper:
         self.stderr_lines = int(stderr_lines)
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
+        self.storage: optuna.storages.BaseStorage | None = None
+        self.url: str | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context = hydra_context
@@ -122,7 +136,8 @@ class OptunaSweeper:
         return out
 
     def split_arguments(self, arguments: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-        """Command-line overrides: fixed ones go to every trial, sweep expressions join the space."""
+        """Command-line overrides: fixed ones go to every trial, sweep expressions join the space, and a
+        plain `key=value` for a key of the space fixes that key (rather than being overridden by a draw)."""
         fixed, swept = [], {}
         parser = OverridesParser.create()
         for arg in arguments:
@@ -132,6 +147,9 @@ class OptunaSweeper:
                     raise ConfigError(f"the sweep override {arg!r} cannot add or delete a key; write it as "
                                       "key=choice(...) on an existing key.")
                 swept[override.key_or_group] = arg.split("=", 1)[1]
+            elif arg.split("=", 1)[0] in self.params_spec and "=" in arg:
+                swept[arg.split("=", 1)[0]] = arg.split("=", 1)[1]
+                log.info("%s is fixed to %s by the command line for every trial", *arg.split("=", 1))
             else:
                 fixed.append(arg)
         # the trials must find the same configs: forward search-path overrides (not in the task overrides)
@@ -154,16 +172,36 @@ class OptunaSweeper:
         assert self.config is not None
         return Path(str(self.config.hydra.sweep.dir)).resolve()
 
-    def open_study(self, url: str, directions: list[str], params: list[sp.Param]) -> tuple[optuna.Study, bool]:
-        """Create the study (this worker then enqueues the baselines) or join the existing one."""
-        storage = make_storage(url, self.heartbeat_interval, self.grace_period, self.retry_failed)
-        pruner = build_pruner(self.pruner_spec)
+    def compose(self, overrides: Sequence[str]) -> DictConfig:
+        """The task's config as a trial with these overrides composes it (Hydra's compose API)."""
+        from hydra import compose
+
+        assert self.config is not None
+        return compose(config_name=str(self.config.hydra.job.config_name), overrides=list(overrides),
+                       return_hydra_config=True)
+
+    def group_options(self, group: str) -> list[str]:
+        loader = getattr(self.hydra_context, "config_loader", None)
         try:
-            study = optuna.create_study(study_name=self.study_name, storage=storage, directions=directions,
+            return sorted(loader.get_group_options(group)) if loader is not None else []
+        except Exception:
+            return []
+
+    def check_launcher(self) -> None:
+        if self.launcher_cmd and shutil.which(self.launcher_cmd[0]) is None:
+            raise ConfigError(f"hydra.sweeper.launcher_cmd starts with {self.launcher_cmd[0]}, which is not on the "
+                              "PATH; install it or fix hydra.sweeper.launcher_cmd.")
+
+    def open_study(self, url: str, directions: list[str], pruner: optuna.pruners.BasePruner,
+                   baselines: list[dict[str, Any]]) -> tuple[optuna.Study, bool]:
+        """Create the study (this worker then enqueues the baselines) or join the existing one."""
+        self.storage = make_storage(url, self.heartbeat_interval, self.grace_period, self.retry_failed)
+        try:
+            study = optuna.create_study(study_name=self.study_name, storage=self.storage, directions=directions,
                                         pruner=pruner, load_if_exists=False)
             created = True
         except optuna.exceptions.DuplicatedStudyError:
-            study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=pruner)
+            study = optuna.load_study(study_name=self.study_name, storage=self.storage, pruner=pruner)
             created = False
             have = [d.name.lower() for d in study.directions]
             if have != directions:
@@ -172,39 +210,22 @@ class OptunaSweeper:
         if created:
             study.set_user_attr("segplat_objectives", [k for k, _ in self.objectives()])
             study.set_user_attr("segplat_params", {str(k): str(_container(v)) for k, v in self.params_spec.items()})
-            self.enqueue_baselines(study, params)
+            for i, fixed in enumerate(baselines):
+                study.enqueue_trial(fixed, user_attrs={"baseline": i}, skip_if_exists=True)
         return study, created
 
-    def enqueue_baselines(self, study: optuna.Study, params: list[sp.Param]) -> None:
-        by_key = {p.key: p for p in params if p.distribution is not None}
-        for i, baseline in enumerate(self.baselines):
-            if not isinstance(baseline, Mapping):
-                raise ConfigError(f"hydra.sweeper.baselines[{i}] must be a map of searched keys to values.")
-            unknown = sorted(set(baseline) - set(by_key))
-            if unknown:
-                raise ConfigError(f"hydra.sweeper.baselines[{i}] sets {', '.join(unknown)}, which are not searched "
-                                  "parameters; search them in hydra.sweeper.params or drop them.")
-            fixed = {}
-            for k, v in baseline.items():
-                value, dist = by_key[k].to_storage(v), by_key[k].distribution
-                if isinstance(dist, optuna.distributions.CategoricalDistribution) and value not in dist.choices:
-                    log.warning("hydra.sweeper.baselines[%d].%s=%s is not among the choices %s; it is sampled "
-                                "instead", i, k, v, list(dist.choices))
-                    continue
-                fixed[k] = value
-            study.enqueue_trial(fixed, user_attrs={"baseline": i}, skip_if_exists=True)
-
     def trial_overrides(self, fixed: list[str], chosen: Mapping[str, Any], params: list[sp.Param],
-                        trial: optuna.trial.Trial, pruning: bool) -> list[str]:
+                        trial_ref: tuple[int, int] | None) -> list[str]:
+        """The trial's command-line overrides; `trial_ref` = (storage id, number) adds the pruning callback."""
         by_key = {p.key: p for p in params}
         overrides = list(fixed)
         for key, value in chosen.items():
             overrides.append(f"{key}={by_key[key].override_text(value)}")
-        if pruning:
+        if trial_ref is not None:
             target = "+callbacks.optuna_pruning"
             overrides += [f"{target}._target_=segplat.sweep.pruning.OptunaPruningCallback",
                           f"{target}.study_name={sp.format_value(self.study_name)}",
-                          f"{target}.trial_id={trial._trial_id}", f"{target}.trial_number={trial.number}"]
+                          f"{target}.trial_id={trial_ref[0]}", f"{target}.trial_number={trial_ref[1]}"]
         has_group = any(a.split("=", 1)[0].lstrip("+~") == "logger.wandb.group" for a in fixed)
         if not has_group and OmegaConf.select(self.config, "logger.wandb", default=None) is not None:
             overrides.append(f"logger.wandb.group={sp.format_value(self.study_name)}")
@@ -221,6 +242,11 @@ class OptunaSweeper:
             print("interrupted: the study keeps every finished trial; run the same command again to continue.",
                   file=sys.stderr, flush=True)
             sys.exit(130)
+        except Exception as err:
+            if not is_storage_error(err) or self.url is None:
+                raise
+            print(f"error: {storage_error(self.url, err)}", file=sys.stderr, flush=True)  # the database went away
+            sys.exit(2)
 
     def _sweep(self, arguments: list[str]) -> list[dict[str, Any]]:
         assert self.config is not None
@@ -233,15 +259,32 @@ class OptunaSweeper:
         if not searched:
             raise ConfigError("hydra.sweeper.params searches nothing; add a choice/range/interval, e.g. "
                               "+sweep=fusion_patch_lr.")
-        sweep_dir = self.sweep_dir()
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        url = self.storage_url or f"sqlite:///{sweep_dir / 'study.db'}"
         objectives = self.objectives()
         directions = [d for _, d in objectives]
         grid = sp.grid_space(searched) if str(self.sampler_spec.get("name", "tpe")).lower() == "grid" else None
         seed = self.sampler_spec.get("seed")
         sampler = build_sampler(self.sampler_spec, seed, grid)  # a bad sampler stops before the study exists
-        study, created = self.open_study(url, directions, params)
+        pruner = build_pruner(self.pruner_spec)
+        self.check_launcher()
+        # the whole space before any trial: nothing is written (no folder, no study) when it is invalid
+        checker = SpaceChecker(params, fixed, self.compose, self.config, group_options=self.group_options)
+        pinned = {p.key for p in params if p.key in cli_params and p.distribution is None}
+        baselines = [{k: v for k, v in b.items() if k not in pinned} if isinstance(b, Mapping) else b
+                     for b in self.baselines]
+        dropped = sorted({k for b in self.baselines if isinstance(b, Mapping) for k in b if k in pinned})
+        if dropped:
+            log.info("the baselines' values for %s give way to the command line's", ", ".join(dropped))
+        baselines = checker.run(baselines)
+        report = checker.report
+        log.info("search space checked: %d draws%s compose and pass the task's checks (%d config compositions)",
+                 report.draws, "" if report.exhaustive else " (every model/fusion combination, each other value once)",
+                 report.compositions)
+        sweep_dir = self.sweep_dir()
+        self.url = url = self.storage_url or f"sqlite:///{sweep_dir / 'study.db'}"
+        if not self.storage_url:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+        study, created = self.open_study(url, directions, pruner, baselines)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
         if seed is not None and not created:  # a joining or resuming worker must not replay the first one's draws
             sampler = build_sampler(self.sampler_spec, (int(seed) + 7919 * budget_used(study) + os.getpid()) % 2**31,
                                     grid)
@@ -265,13 +308,20 @@ class OptunaSweeper:
         signal.signal(signal.SIGTERM, on_term)
         try:
             while self.worker_trials is None or len(results) < self.worker_trials:
-                if heartbeat_enabled(study._storage):
+                if heartbeat_enabled(self.storage):
                     optuna.storages.fail_stale_trials(study)
                 if grid is not None and study.sampler.is_exhausted(study):
                     log.info("the grid is exhausted")
                     break
-                trial = ask_within_budget(study, self.n_trials)
+                # a SIGTERM between ask and run_one's bookkeeping would leave the trial RUNNING: hold it until then
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+                try:
+                    trial = ask_within_budget(study, self.storage, self.n_trials)
+                except BaseException:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+                    raise
                 if trial is None:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
                     break
                 results.append(self.run_one(study, trial, fixed, params, sweep_dir, env, pruning, worker, objectives))
                 self.check_failure_rate(study, sweep_dir)
@@ -280,33 +330,53 @@ class OptunaSweeper:
             self.finish(study, sweep_dir, params, groups, url, objectives)
         return results
 
+    def abandon(self, study: optuna.Study, trial: optuna.trial.Trial, reason: str, interrupted: bool) -> None:
+        """A trial asked but not run to its end through no fault of its own: FAIL it at once with the reason,
+        outside the budget, and enqueue it again if it was a baseline (so every baseline runs once)."""
+        try:
+            trial.set_user_attr(INTERRUPTED_ATTR if interrupted else NOT_RUN_ATTR, True)
+            trial.set_user_attr("error", reason[-4000:])
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            requeued = requeue_baseline(study, trial.number)
+        except Exception as err:  # the database may be what failed; the heartbeat check fails the trial later
+            log.warning("trial %d could not be recorded as FAIL (%s)", trial.number, err)
+            return
+        log.warning("trial %d %s (%s); it uses no budget%s", trial.number,
+                    "interrupted" if interrupted else "not run", reason.splitlines()[0] if reason else "",
+                    " and its baseline is enqueued again" if requeued else ", and the next run replaces it")
+
     def run_one(self, study: optuna.Study, trial: optuna.trial.Trial, fixed: list[str], params: list[sp.Param],
                 sweep_dir: Path, env: dict[str, str], pruning: bool, worker: str,
                 objectives: list[tuple[str, str]]) -> dict[str, Any]:
-        storage = study._storage
-        heartbeat = (lambda: storage.record_heartbeat(trial._trial_id)) if heartbeat_enabled(storage) else None
-        if heartbeat:
-            heartbeat()
-        chosen = sp.suggest(trial, params, self.config)
-        searched = {k: v for k, v in chosen.items() if k in trial.params}
-        overrides = self.trial_overrides(fixed, searched, params, trial, pruning)
+        storage = self.storage
         run_dir = sweep_dir / f"trial_{trial.number:04d}"
-        trial.set_user_attr("run_dir", str(run_dir))
-        trial.set_user_attr("worker", worker)
-        trial.set_user_attr("overrides", [o for o in overrides if "optuna_pruning" not in o])
-        log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in searched.items()))
+        started = False
         try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by the loop around `ask`
+            tid = trial_id(storage, study, trial.number)
+            heartbeat = (lambda: storage.record_heartbeat(tid)) if heartbeat_enabled(storage) else None
+            if heartbeat:
+                heartbeat()
+            chosen = sp.suggest(trial, params, self.config)
+            searched = {k: v for k, v in chosen.items() if k in trial.params}
+            overrides = self.trial_overrides(fixed, chosen, params, (tid, trial.number) if pruning else None)
+            trial.set_user_attr("run_dir", str(run_dir))
+            trial.set_user_attr("worker", worker)
+            trial.set_user_attr("overrides", [o for o in overrides if "optuna_pruning" not in o])
+            log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in searched.items()))
+            started = True
             res = run_trial(overrides, run_dir, env, self.launcher_cmd, self.task_module, self.trial_timeout,
                             heartbeat, heartbeat_every=max(1.0, float(self.heartbeat_interval or 30) / 2),
                             stderr_lines=self.stderr_lines)
         except KeyboardInterrupt:
-            trial.set_user_attr(INTERRUPTED_ATTR, True)
-            trial.set_user_attr("error", "the sweeper was interrupted while this trial ran")
-            study.tell(trial, state=TrialState.FAIL)
-            log.warning("trial %d interrupted; it does not count toward the budget and the next run replaces it",
-                        trial.number)
+            self.abandon(study, trial, "the sweeper was interrupted while this trial ran" if started else
+                         "the sweeper was interrupted before this trial started", interrupted=True)
             raise
-        if study._storage.get_trial(trial._trial_id).state.is_finished():
+        except BaseException as err:
+            self.abandon(study, trial, f"the sweeper could not run this trial: {type(err).__name__}: {err}",
+                         interrupted=False)
+            raise
+        if storage.get_trial(tid).state.is_finished():
             log.warning("trial %d was finished by another worker while it ran (its heartbeat lapsed: raise "
                         "hydra.sweeper.heartbeat_interval); its run folder %s is kept, the study is not changed",
                         trial.number, run_dir)
@@ -319,41 +389,52 @@ class OptunaSweeper:
             trial.set_user_attr("status", status)
         record = {"number": trial.number, "params": searched, "run_dir": str(run_dir), "status": status}
         if res.timed_out:
-            return self._fail(study, trial, record, f"timed out after {self.trial_timeout} s\n{res.stderr_tail}")
+            return self._fail(study, trial, record, f"timed out after {self.trial_timeout} s", res.stderr_tail)
         if status == "pruned":
             study.tell(trial, state=TrialState.PRUNED)
             log.info("trial %d pruned after %s epoch(s)", trial.number, summary.get("epochs_completed"))
             return {**record, "state": "PRUNED"}
         if status not in OK_STATUSES:
-            why = f"exit code {res.returncode}, no summary.json" if not summary else f"status {status}"
-            return self._fail(study, trial, record, f"{why}\n{res.stderr_tail}".strip())
+            why = f"exit code {res.returncode}" if not summary else f"status {status}"
+            return self._fail(study, trial, record, f"{why}: {res.error_line or 'no output'}", res.stderr_tail)
         values = []
         for key, _ in objectives:
             value = summary.get(key)
             if not isinstance(value, int | float) or value != value:
-                return self._fail(study, trial, record, f"summary.json has no numeric {key} (got {value!r}); "
-                                  f"did validation run?\n{res.stderr_tail}".strip())
+                return self._fail(study, trial, record, f"summary.json has no numeric {key} (got {value!r}); did "
+                                  "validation run?", res.stderr_tail)
             values.append(float(value))
         study.tell(trial, values if len(values) > 1 else values[0])
         log.info("trial %d finished: %s", trial.number, ", ".join(f"{k}={v:.5g}" for (k, _), v in
                                                                   zip(objectives, values)))
         return {**record, "state": "COMPLETE", "values": values}
 
-    def _fail(self, study: optuna.Study, trial: optuna.trial.Trial, record: dict[str, Any],
-              error: str) -> dict[str, Any]:
+    def _fail(self, study: optuna.Study, trial: optuna.trial.Trial, record: dict[str, Any], cause: str,
+              stderr_tail: str) -> dict[str, Any]:
+        """FAIL a trial that ran; its warning line names the cause, and its stderr.log when there is one."""
+        error = f"{cause}\n{stderr_tail}".strip()
         trial.set_user_attr("error", error[-4000:])
         study.tell(trial, state=TrialState.FAIL)
-        last = error.strip().splitlines()[-1] if error.strip() else "no output"
-        log.warning("trial %d FAILED (%s); log: %s/stderr.log", trial.number, last, record["run_dir"])
+        stderr_log = Path(record["run_dir"]) / "stderr.log"
+        log.warning("trial %d FAILED: %s%s", trial.number, cause,
+                    f" (log: {stderr_log})" if stderr_log.is_file() else "")
         return {**record, "state": "FAIL", "error": error}
 
     def check_failure_rate(self, study: optuna.Study, sweep_dir: Path) -> None:
         rate, finished = failure_rate(study)
         if finished and rate > self.max_failure_rate:
-            failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
-            last = failed[-1].user_attrs.get("run_dir", sweep_dir) if failed else sweep_dir
+            failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            where = "the failed trials' errors in the study"
+            for t in reversed(failed):  # point at a log that exists, else at the recorded error
+                stderr_log = Path(str(t.user_attrs.get("run_dir", ""))) / "stderr.log"
+                if t.user_attrs.get("run_dir") and stderr_log.is_file():
+                    where = str(stderr_log)
+                    break
+                if t.user_attrs.get("error"):
+                    where = f"trial {t.number}'s error ({str(t.user_attrs['error']).splitlines()[0]})"
+                    break
             raise SweepFailed(f"{rate:.0%} of {finished} finished trials failed, more than "
-                              f"hydra.sweeper.max_failure_rate={self.max_failure_rate}; read {last}/stderr.log, fix "
+                              f"hydra.sweeper.max_failure_rate={self.max_failure_rate}; read {where}, fix "
                               "the cause and run the same command again to continue the study.")
 
     def finish(self, study: optuna.Study, sweep_dir: Path, params: list[sp.Param], groups: set[str], url: str,

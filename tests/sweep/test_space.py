@@ -10,7 +10,15 @@ from omegaconf import OmegaConf
 
 from segplat.errors import ConfigError
 from segplat.sweep import space as sp
-from segplat.sweep.study import admit, ask_within_budget, budget_used, build_pruner, build_sampler, make_storage
+from segplat.sweep.study import (
+    admit,
+    ask_within_budget,
+    budget_used,
+    build_pruner,
+    build_sampler,
+    make_storage,
+    trial_id,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -97,18 +105,19 @@ def test_grid_and_factories() -> None:
 
 def test_budget_holds_when_two_workers_pass_the_check_at_once(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 's.db'}"
-    a = optuna.create_study(study_name="b", storage=make_storage(url))
-    b = optuna.load_study(study_name="b", storage=make_storage(url))
-    first = ask_within_budget(a, 2)
-    assert first is not None and admit(a, first, 2)
+    sa, sb = make_storage(url), make_storage(url)
+    a = optuna.create_study(study_name="b", storage=sa)
+    b = optuna.load_study(study_name="b", storage=sb)
+    first = ask_within_budget(a, sa, 2)
+    assert first is not None and admit(a, sa, first, 2)
     # both workers saw 1 of 2 used and asked: the later trial number is past the budget and is given back
     ta, tb = a.ask(), b.ask()
-    assert admit(a, ta, 2) and not admit(b, tb, 2)
-    assert budget_used(a) == 2 and ask_within_budget(b, 2) is None
+    assert admit(a, sa, ta, 2) and not admit(b, sb, tb, 2)
+    assert budget_used(a) == 2 and ask_within_budget(b, sb, 2) is None
     state = b.get_trials(deepcopy=False)[tb.number].state
     assert state == optuna.trial.TrialState.WAITING
     # a larger budget later (a resume) reuses the given-back trial instead of leaving a hole
-    again = ask_within_budget(b, 3)
+    again = ask_within_budget(b, sb, 3)
     assert again is not None and again.number == tb.number
 
 
@@ -123,20 +132,20 @@ def test_trial_of_a_dead_worker_is_failed_or_retried(tmp_path: Path, retry: int)
 
     warnings.simplefilter("ignore")
     url = f"sqlite:///{tmp_path / 'h.db'}"
-    dead = optuna.create_study(study_name="h", storage=make_storage(url, heartbeat_interval=1, grace_period=1,
-                                                                    retry_failed=retry))
-    trial = ask_within_budget(dead, 5)
+    storage = make_storage(url, heartbeat_interval=1, grace_period=1, retry_failed=retry)
+    dead = optuna.create_study(study_name="h", storage=storage)
+    trial = ask_within_budget(dead, storage, 5)
     trial.suggest_float("x", 0, 1)
-    dead._storage.record_heartbeat(trial._trial_id)
+    storage.record_heartbeat(trial_id(storage, dead, trial.number))
     time.sleep(2.5)  # the worker "died": no more heartbeats
-    alive = optuna.load_study(study_name="h", storage=make_storage(url, heartbeat_interval=1, grace_period=1,
-                                                                   retry_failed=retry))
+    alive_storage = make_storage(url, heartbeat_interval=1, grace_period=1, retry_failed=retry)
+    alive = optuna.load_study(study_name="h", storage=alive_storage)
     fail_stale_trials(alive)
     trials = alive.get_trials(deepcopy=False)
     assert trials[0].state == optuna.trial.TrialState.FAIL
     if retry:
         assert trials[1].state == optuna.trial.TrialState.WAITING and budget_used(alive) == 0
-        again = ask_within_budget(alive, 5)
+        again = ask_within_budget(alive, alive_storage, 5)
         assert again.number == 1 and again.suggest_float("x", 0, 1) == trials[0].params["x"]
     else:
         assert len(trials) == 1 and budget_used(alive) == 1

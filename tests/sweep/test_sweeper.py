@@ -43,6 +43,10 @@ SWEEPS = {
     params:
       optimizer.lr: tag(log, interval(1e-4, 1e-2))
       optimizer.weight_decay: choice(0.0, 0.01)
+    baselines:
+      - {optimizer.lr: 2.0e-3, optimizer.weight_decay: 0.0}
+      - {optimizer.lr: 1.0e-3}
+      - {optimizer.lr: 5.0e-3, optimizer.weight_decay: 0.01}
 """,
     # a good baseline runs to the end; a trial with a vanishing learning rate is pruned at its first report
     "prune": HEAD.replace("max_epochs: 1", "max_epochs: 2") + """hydra:
@@ -56,7 +60,8 @@ SWEEPS = {
       - {optimizer.lr: 2.0e-3}
       - {optimizer.lr: 1.0e-9}
 """,
-    # an invalid choice makes its trial exit with a ConfigError; the sweep records it and goes on
+    # an encoder timm does not have passes the checks before training and makes its trial exit with a
+    # ConfigError when the model is built; the sweep records it and goes on
     "crash": HEAD + """hydra:
   sweeper:
     study_name: crash
@@ -65,10 +70,10 @@ SWEEPS = {
     sampler: {name: random, seed: 1}
     pruner: {name: none}
     params:
-      fusion.type: choice(concat, bogus)
+      model.encoder.name: choice(resnet10t, no_such_encoder)
     baselines:
-      - {fusion.type: concat}
-      - {fusion.type: bogus}
+      - {model.encoder.name: resnet10t}
+      - {model.encoder.name: no_such_encoder}
 """,
     "multi": HEAD + """hydra:
   sweeper:
@@ -99,6 +104,11 @@ def command(root: Path, name: str, sweep_dir: Path, *extra: str) -> list[str]:
             f"hydra.sweep.dir={sweep_dir}", *FAST, *extra]
 
 
+def searching(cmd: list[str], key: str) -> list[str]:
+    """The command without FAST's plain value for `key`: a plain value on the command line fixes a searched key."""
+    return [a for a in cmd if not a.startswith(f"{key}=")]
+
+
 def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
 
@@ -116,7 +126,7 @@ def test_stop_and_rerun_resumes_and_writes_outputs(root: Path, tmp_path: Path) -
     cmd = command(root, "tiny", sweep_dir, "hydra.sweeper.worker_trials=2")
     first = run(cmd)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert states(load(sweep_dir, "tiny")) == ["COMPLETE", "COMPLETE"]
+    assert states(load(sweep_dir, "tiny")) == ["COMPLETE", "COMPLETE", "WAITING"]  # the third baseline waits
 
     # stop the next run while its trial trains (SIGTERM, as a scheduler would): the trial is recorded
     # FAIL + interrupted and does not use the budget
@@ -131,11 +141,16 @@ def test_stop_and_rerun_resumes_and_writes_outputs(root: Path, tmp_path: Path) -
     study = load(sweep_dir, "tiny")
     interrupted = study.trials[2]
     assert interrupted.state == TrialState.FAIL and interrupted.user_attrs.get("segplat_interrupted")
+    # it was the third baseline: enqueued again, so it still runs
+    requeued = study.trials[3]
+    assert requeued.state == TrialState.WAITING and requeued.user_attrs["baseline"] == 2
+    assert requeued.system_attrs["fixed_params"] == {"optimizer.lr": 5.0e-3, "optimizer.weight_decay": 0.01}
 
     again = run(cmd)  # the same command continues the study up to the budget
     assert again.returncode == 0, again.stderr[-3000:]
     study = load(sweep_dir, "tiny")
     assert states(study).count("COMPLETE") == 4
+    assert study.trials[3].state == TrialState.COMPLETE and study.trials[3].params == interrupted.params
     assert "2 of 4 trials used" in again.stdout + again.stderr
     done = run(cmd)  # and a third time there is nothing left to do
     assert done.returncode == 0 and len(study.trials) == len(load(sweep_dir, "tiny").trials)
@@ -200,21 +215,26 @@ def test_two_workers_share_one_budget(root: Path, tmp_path: Path) -> None:
 
 def test_crashing_trial_is_failed_and_the_sweep_goes_on(root: Path, tmp_path: Path) -> None:
     sweep_dir = tmp_path / "crash"
-    res = run(command(root, "crash", sweep_dir))
+    res = run(searching(command(root, "crash", sweep_dir), "model.encoder.name"))
     assert res.returncode == 0, res.stderr[-3000:]
     trials = load(sweep_dir, "crash").trials
     assert len(trials) == 3 and trials[0].state == TrialState.COMPLETE
-    assert trials[1].state == TrialState.FAIL and "fusion.type=bogus" in trials[1].user_attrs["error"]
+    assert trials[1].state == TrialState.FAIL and "no_such_encoder" in trials[1].user_attrs["error"]
     assert trials[1].user_attrs["returncode"] == 2
+    # the warning names the cause (the trial's own error sentence) and a log that exists
+    warning = next(line for line in (res.stdout + res.stderr).splitlines() if "trial 1 FAILED" in line)
+    assert "no_such_encoder" in warning and "HYDRA_FULL_ERROR" not in warning
+    assert f"(log: {sweep_dir / 'trial_0001' / 'stderr.log'})" in warning
     # past the maximum failure rate the sweep stops with one clear sentence
-    res = run(command(root, "crash", sweep_dir, "hydra.sweeper.n_trials=6", "hydra.sweeper.max_failure_rate=0.1"))
+    res = run(searching(command(root, "crash", sweep_dir, "hydra.sweeper.n_trials=6",
+                                "hydra.sweeper.max_failure_rate=0.1"), "model.encoder.name"))
     assert res.returncode == 2 and "hydra.sweeper.max_failure_rate=0.1" in res.stderr
     assert len(load(sweep_dir, "crash").trials) == 4
 
 
 def test_multi_objective_keeps_the_pareto_front(root: Path, tmp_path: Path) -> None:
     sweep_dir = tmp_path / "multi"
-    res = run(command(root, "multi", sweep_dir))
+    res = run(searching(command(root, "multi", sweep_dir), "model.decoder.channels"))
     assert res.returncode == 0, res.stderr[-3000:]
     study = load(sweep_dir, "multi")
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
@@ -224,3 +244,12 @@ def test_multi_objective_keeps_the_pareto_front(root: Path, tmp_path: Path) -> N
     files = {p.name for p in (sweep_dir / "experiment").glob("pareto_*.yaml")}
     assert files == {f"pareto_{n:04d}.yaml" for n in front}
     assert json.loads((sweep_dir / "sweep_summary.json").read_text())["objectives"] == ["best_score", "num_parameters"]
+
+
+def test_an_invalid_space_stops_before_anything_is_written(root: Path, tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "invalid"
+    res = run(command(root, "tiny", sweep_dir, "optimizer.encoder_lrr=choice(1e-3,1e-2)"))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "error: the sweep parameter optimizer.encoder_lrr names no key of the composed config (did you mean " \
+           "optimizer.encoder_lr?)" in res.stderr
+    assert "Traceback" not in res.stderr and not sweep_dir.exists()  # no study.db, no trial folder
