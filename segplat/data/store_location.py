@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import zarr
+from fsspec.asyn import sync as fsspec_sync
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
@@ -185,15 +186,18 @@ def check_access(location: StoreLocation) -> None:
         return
     import s3fs
 
-    fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)  # reads the credentials now
     try:
         fs.call_s3("list_objects_v2", Bucket=location.bucket, Prefix=location.prefix + "/", MaxKeys=1)
     except Exception as err:
         raise remote_error(err, location, "listing the bucket") from err
+    finally:
+        if fs._s3 is not None:
+            fsspec_sync(fs.loop, fs._s3.close)
 
 
 _CREDENTIAL_CODES = ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken", "ExpiredToken",
-                     "AuthorizationHeaderMalformed", "InvalidClientTokenId", "Forbidden", "403")
+                     "AuthorizationHeaderMalformed", "InvalidClientTokenId", "Forbidden")
 _CONNECTION_WORDS = ("Connection refused", "Could not connect", "connection error", "error sending request",
                      "Name or service not known", "nodename nor servname", "Temporary failure in name resolution",
                      "timed out", "Connect timeout", "EndpointConnectionError", "Cannot connect")
@@ -211,8 +215,10 @@ def remote_error(err: BaseException, location: StoreLocation, doing: str) -> Bas
             text += f" {type(cause).__name__}: {cause}"
     where = f"dataset.store_uri={location.uri} (endpoint {location.endpoint()}, client {location.client})"
     lower = text.lower()
-    if "NoSuchBucket" in text or ("does not exist" in lower and "bucket" in lower):
-        return DataError(f"the bucket {location.bucket!r} of {where} does not exist; create it or correct the URI.")
+    missing_bucket = DataError(f"the bucket {location.bucket!r} of {where} does not exist; create it or correct "
+                               "the URI.")
+    if "NoSuchBucket" in text:
+        return missing_bucket
     no_credentials = "unable to locate credentials" in lower or ("credentials" in lower and "missing" in lower)
     if "NoCredentials" in text or no_credentials:
         return DataError(f"no S3 credentials were found for {where}; set AWS_ACCESS_KEY_ID and "
@@ -221,6 +227,8 @@ def remote_error(err: BaseException, location: StoreLocation, doing: str) -> Bas
     if code is not None or isinstance(err, PermissionError):
         return DataError(f"the S3 credentials were refused ({code or 'access denied'}) while {doing} for {where}; "
                          "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE for this endpoint.")
+    if "does not exist" in lower and "bucket" in lower:
+        return missing_bucket
     if any(w.lower() in text.lower() for w in _CONNECTION_WORDS) or isinstance(err, ConnectionError | TimeoutError):
         return DataError(f"the S3 endpoint {location.endpoint()} cannot be reached while {doing} for "
                          f"dataset.store_uri={location.uri}; check AWS_ENDPOINT_URL (or the profile's endpoint_url) "

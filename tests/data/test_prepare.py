@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from segplat.data import store as store_module
 from segplat.data.fake import WRITERS, writer
 from segplat.data.fake import main as fake_main
 from segplat.data.layouts.base import SampleRef
 from segplat.data.layouts.clouds import CloudsLayout, write_fake
-from segplat.data import store as store_module
 from segplat.data.store import PatchStore, is_complete, prepare_store
 from segplat.errors import ConfigError, DataError
 from tests.conftest import REPO
