@@ -107,3 +107,82 @@ def test_configs_declare_root_and_ignore_index(name: str) -> None:
     cfg = compose_train([f"dataset={name}"])
     assert cfg.dataset.requires_root is True and cfg.dataset.ignore_index == 255 and len(cfg.dataset.root_hint) > 20
     assert cfg.dataset.name == name
+
+
+def _compose_prepare(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="prepare", overrides=overrides)
+
+
+TINY_STORE = ["dataset.layout.num_train=4", "dataset.layout.num_val=2", "dataset.layout.scene_size=64",
+              "dataset.tile_size=32", "dataset.patch_size=32", "trainer.progress=false"]
+
+
+def _damage(path: Path, how: str) -> str:
+    """Damage tile 3 of train/rgb; returns the array name the error must mention."""
+    chunk = path / "train" / "rgb" / "c" / "3" / "0" / "0" / "0"
+    if how == "deleted":
+        chunk.unlink()
+    else:
+        data = bytearray(chunk.read_bytes())
+        data[100] ^= 0x5A  # same size, different bytes
+        chunk.write_bytes(bytes(data))
+    return "train/rgb tile 3"
+
+
+@pytest.mark.parametrize("how", ["deleted", "flipped"])
+def test_a_damaged_store_is_never_called_verified(tmp_path: Path, how: str, capsys: pytest.CaptureFixture) -> None:
+    from segplat.data.datamodule import DataModule
+    from segplat.prepare import prepare, print_summary
+
+    store_dir = tmp_path / "stores"
+    cfg = _compose_prepare([*TINY_STORE, f"dataset.store_dir={store_dir}"])
+    path, summary = prepare(cfg)
+    assert summary["verified"] is None
+    path, summary = prepare(cfg)
+    print_summary(Path(path), summary)
+    assert "verified (every chunk present, every checksum and label value checked)" in capsys.readouterr().out
+    where = _damage(Path(path), how)
+    quick = _compose_prepare([*TINY_STORE, f"dataset.store_dir={store_dir}", "verify=quick"])
+    if how == "deleted":  # presence is checked even by the quick verification
+        with pytest.raises(DataError, match=f"is damaged: store .*{where} has no chunk"):
+            prepare(quick)
+    else:  # same-size bytes: only checksums see them
+        assert prepare(quick)[1]["verified"] == "quick"
+    with pytest.raises(DataError, match=f"is damaged: store .*{where} .*(no chunk|checksum does not match)"):
+        prepare(cfg)
+    # training checks a local store once per machine: the recorded result stops it before the first epoch
+    dm = instantiate_dm(cfg.dataset)
+    with pytest.raises(DataError, match=f"store {path} is damaged: .*{where}"):
+        dm.setup()
+    # with the checks switched off, a missing chunk still stops the read, naming the store, array and tile
+    off = DataModule(**{**_plain(cfg.dataset), "verify": "off"})
+    off.setup()
+    ds = off.dataset("train", train=False)
+    if how == "deleted":
+        with pytest.raises(DataError, match=f"store {path}: {where} has no chunk"):
+            [ds[i] for i in range(len(ds))]
+    # force=true rebuilds it, and the rebuilt store is clean
+    forced = _compose_prepare([*TINY_STORE, f"dataset.store_dir={store_dir}", "force=true"])
+    assert prepare(forced)[1]["verified"] is None
+    assert prepare(cfg)[1]["verified"] == "deep"
+    instantiate_dm(cfg.dataset).setup()
+
+
+def _plain(dataset_cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    out = OmegaConf.to_container(dataset_cfg, resolve=True)
+    out.pop("_target_")
+    out.pop("_recursive_", None)
+    return out
+
+
+def instantiate_dm(dataset_cfg):
+    from hydra.utils import instantiate
+
+    return instantiate(dataset_cfg)
