@@ -9,12 +9,14 @@ training starts.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,22 @@ class ShardSampler(Sampler[int]):
 
 
 VERIFY_MODES = ("once", "read", "off")
+
+
+@contextmanager
+def _local_lock(store: Path | None) -> Iterator[None]:
+    """An exclusive lock beside a local store while it is prepared: the first process of every node prepares a
+    local store, and on a shared file system those are several processes writing one folder."""
+    if store is None:
+        yield
+        return
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(store.with_name(store.name + ".lock"), "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 class DataModule:
@@ -249,10 +267,12 @@ class DataModule:
         preparer = world == 1 or (accelerator.is_main_process if location.remote
                                   else accelerator.is_local_main_process)
         if preparer:
-            prepare_store(layout, location, self.tile_size, self.compressor, progress=self.progress,
-                          tiles_per_shard=self.tiles_per_shard)
-            if not location.remote:
-                self.record_verification(location, PatchStore(location).build, [])  # freshly written by us
+            with _local_lock(None if location.remote else location.path):  # nodes may share the store's disk
+                if not is_complete(location, fingerprint):
+                    prepare_store(layout, location, self.tile_size, self.compressor, progress=self.progress,
+                                  tiles_per_shard=self.tiles_per_shard)
+                    if not location.remote:
+                        self.record_verification(location, PatchStore(location).build, [])  # written just now
         else:
             log.info("waiting for another process to prepare %s", location.uri)
             wait_until_complete(location, fingerprint, self.prepare_timeout_s)

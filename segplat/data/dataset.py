@@ -118,8 +118,9 @@ class PatchDataset(Dataset):
         else:
             offs = grid_offsets(self.tile_size, self.patch_size)
             self.index = [(t, (y, x)) for t in self.tiles for y in offs for x in offs]
+        self._store: PatchStore | None = store  # reused by this process's first _open (opening costs requests remotely)
         self._group = None
-        self._pid: int | None = None
+        self._pid: int | None = os.getpid()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -131,13 +132,15 @@ class PatchDataset(Dataset):
         state = self.__dict__.copy()
         state["_group"] = None
         state["_pid"] = None
+        state["_store"] = None
         return state
 
     def _open(self) -> _ArrayHandles:
         """Array handles of this split, opened once per process (re-opened after a fork or spawn)."""
         if self._group is None or self._pid != os.getpid():
-            self._group = _ArrayHandles(PatchStore(self.location), self.split, self.chunk_memmap, self.verify)
-            self._pid = os.getpid()
+            store = self._store if self._store is not None and self._pid == os.getpid() else PatchStore(self.location)
+            self._group = _ArrayHandles(store, self.split, self.chunk_memmap, self.verify)
+            self._store, self._pid = None, os.getpid()
         return self._group
 
     def _choose_offset(self, group, tile: int, rng: np.random.Generator) -> tuple[int, int]:

@@ -24,6 +24,7 @@ prefix (`dataset.store_uri=s3://bucket/prefix/NAME.zarr`, store_location.py). La
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -599,7 +600,10 @@ class PatchStore:
             raise DataError(f"{self.location.uri} is not a complete segplat store (no {COMPLETE_MARKER}); "
                             "run `python -m segplat.prepare` for it again.")
         self.build = str(marker.get("build", ""))
-        self.root = zarr.open_group(store=self.location.zarr_store(read_only=True), mode="r", zarr_format=3)
+        store = self.location.zarr_store(read_only=True)
+        if self.location.remote and self.location.cache_dir:  # a warm open then costs one request: the marker
+            store = _CachedMetadata(store, self._cache(RemoteObjects(partial(ObjectAccess, self.location)).get))
+        self.root = zarr.open_group(store=store, mode="r", zarr_format=3)
         self.meta: dict[str, Any] = dict(self.root.attrs["segplat"])
         self._splits: list[str] | None = None
 
@@ -636,9 +640,13 @@ class PatchStore:
         return self._splits
 
     def split(self, name: str) -> zarr.Group:
-        if name not in self.splits:
+        try:
+            group = self.root[name]  # no listing: on object storage that is one more request per open
+        except KeyError:
+            group = None
+        if not isinstance(group, zarr.Group):
             raise DataError(f"{self.location.uri} has no split {name!r}; it has {', '.join(self.splits)}.")
-        return self.root[name]
+        return group
 
     def num_tiles(self, split: str) -> int:
         return int(self.split(split)["label"].shape[0])
@@ -652,13 +660,34 @@ class PatchStore:
             return LocalObjects(self.location.path)
         remote = RemoteObjects(partial(ObjectAccess, self.location))
         if cache and self.location.cache_dir:
-            return CachedObjects(ReadThroughCache(self.location.cache_dir, self.location.uri, self.build,
-                                                  self.location.cache_max_bytes, remote.get))
+            return CachedObjects(self._cache(remote.get))
         return remote
+
+    def _cache(self, fetch: Any) -> ReadThroughCache:
+        return ReadThroughCache(self.location.cache_dir, self.location.uri, self.build, self.location.cache_max_bytes,
+                                fetch)
 
     def reader(self, split: str, name: str, verify: bool = False, cache: bool = True) -> Any:
         """A tile reader for one array (chunk_reader.crop_reader), named after this store in its errors."""
         return crop_reader(self.split(split)[name], self.object_source(cache), self.location.uri, verify)
+
+
+class _CachedMetadata(zarr.storage.WrapperStore):
+    """A remote store whose `zarr.json` documents are read through the read-through cache: they never change within
+    a build (the marker's id, part of the cache folder), so only the marker is fetched on every open."""
+
+    def __init__(self, store: zarr.abc.store.Store, cache: ReadThroughCache) -> None:
+        super().__init__(store)
+        self.cache = cache
+
+    def _with_store(self, store: zarr.abc.store.Store) -> _CachedMetadata:
+        return type(self)(store, self.cache)
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        if byte_range is not None or not key.endswith("zarr.json"):
+            return await self._store.get(key, prototype, byte_range)
+        path = await asyncio.to_thread(self.cache.file, key)
+        return None if path is None else prototype.buffer.from_bytes(path.read_bytes())
 
 
 def prepare_store(layout: Layout, path: str | Path | StoreLocation, tile_size: int, compressor: str | None = "none",
