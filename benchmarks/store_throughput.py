@@ -44,7 +44,7 @@ import zarr
 
 from segplat.data.dataset import PatchDataset, collate
 from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef
-from segplat.data.store import PatchStore, prepare_store
+from segplat.data.store import PatchStore, prepare_store, verify_store
 from segplat.data.store_location import ObjectAccess, StoreLocation
 from segplat.data.transforms import GeometricAugment
 
@@ -127,6 +127,12 @@ def loader(args: argparse.Namespace) -> None:
                          server.cpu_seconds() - server_cpu))
             stores[name] = location if location.remote else location_plain
         tiles = PatchStore(stores["unsharded local"]).num_tiles("train")
+        checks = []  # dataset.verify=once: what the one deep check per machine costs
+        for name in ("unsharded local", f"sharded local ({args.per_shard}/shard)"):
+            c, t = time.process_time(), time.perf_counter()
+            assert verify_store(PatchStore(stores[name]), deep=True) == []
+            size = sum(f.stat().st_size for f in stores[name].path.rglob("*") if f.is_file())
+            checks.append((name, time.process_time() - c, time.perf_counter() - t, size))
         rows: list[tuple[str, float, float, float]] = []
 
         def measure(name: str, location: StoreLocation, clear_cache: bool, verify: bool = False) -> None:
@@ -165,6 +171,10 @@ def loader(args: argparse.Namespace) -> None:
     print("|---|---:|---:|---:|---:|")
     for name, cpu, wall, count, server_cpu in prep:
         print(f"| {name} | {cpu:.1f} | {wall:.1f} | {count} | {server_cpu:.1f} |")
+    print("\n| deep check (verify=deep / dataset.verify=once) | CPU-s | wall-s | MiB | MiB / CPU-s |")
+    print("|---|---:|---:|---:|---:|")
+    for name, cpu, wall, size in checks:
+        print(f"| {name} | {cpu:.2f} | {wall:.2f} | {size / 2**20:.0f} | {size / 2**20 / cpu:.0f} |")
     print("\n| loader path | patches / CPU-s | patches / wall-s | S3 server CPU-s per epoch |")
     print("|---|---:|---:|---:|")
     for name, cpu, wall, server_cpu in rows + torchgeo_rows:

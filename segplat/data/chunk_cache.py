@@ -55,15 +55,21 @@ class ReadThroughCache:
                 return None
             if check is not None:
                 check(key, data)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            self.install(key, data)
+        return path
+
+    def install(self, key: str, data: bytes) -> Path:
+        """Put `data` in place as object `key`: a temporary file renamed, so readers see all of it or nothing."""
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         self._added += len(data)
         if self._added >= self._scan_every:
             self.evict()

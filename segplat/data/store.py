@@ -24,7 +24,6 @@ prefix (`dataset.store_uri=s3://bucket/prefix/NAME.zarr`, store_location.py). La
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -686,8 +685,13 @@ class _CachedMetadata(zarr.storage.WrapperStore):
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
         if byte_range is not None or not key.endswith("zarr.json"):
             return await self._store.get(key, prototype, byte_range)
-        path = await asyncio.to_thread(self.cache.file, key)
-        return None if path is None else prototype.buffer.from_bytes(path.read_bytes())
+        path = self.cache.root / key
+        if path.is_file():
+            return prototype.buffer.from_bytes(path.read_bytes())
+        buf = await self._store.get(key, prototype)  # on zarr's loop: no thread may block waiting for it
+        if buf is not None:
+            self.cache.install(key, buf.to_bytes())
+        return buf
 
 
 def prepare_store(layout: Layout, path: str | Path | StoreLocation, tile_size: int, compressor: str | None = "none",
