@@ -31,6 +31,7 @@ import shutil
 import time
 import uuid
 import warnings
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -366,12 +367,11 @@ class StoreWriter:
         # re-checked too, which rebuilds the skipped list of a resumed run
         todo = [i for i in range(len(plans)) if not done[i] or any(
             tiles_meta[plans[i].start + k] is None for k in range(len(plans[i].windows)))]
-        pending: list[int] = []  # samples whose tiles sit in an unwritten shard buffer
+        pending: deque[int] = deque()  # samples whose tiles sit in an unwritten shard buffer, in tile order
 
         def persisted(upto: int) -> None:
-            for i in [i for i in pending if plans[i].start + len(plans[i].windows) <= upto]:
-                done[i] = True
-                pending.remove(i)
+            while pending and plans[pending[0]].start + len(plans[pending[0]].windows) <= upto:
+                done[pending.popleft()] = True
 
         sink = _TileSink(group, self.tiles_per_shard, persisted)
         last_flush = time.monotonic()
