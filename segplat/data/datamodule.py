@@ -243,12 +243,6 @@ class DataModule:
         self.location = location
         return layout, location, fingerprint
 
-    def resolve_store_path(self, layout: Layout) -> Path | str:
-        """The store's local path (or URI when remote); kept for callers that have a layout already."""
-        fingerprint = store_fingerprint(layout, self.tile_size, self.compressor, self.tiles_per_shard)
-        location = self._store_location(fingerprint)
-        return location.uri if location.remote else location.path
-
     def prepare(self) -> Path | str:
         """Write the store if it is missing or stale; returns its path (a URI when remote)."""
         layout, location, _ = self.locate()

@@ -165,6 +165,17 @@ def test_access_errors_are_one_sentence_before_any_work(s3_env: S3Server, monkey
             assert s3_env.secret not in text and dm.store is None, name
 
 
+def test_obstore_loader_workers_start_by_forkserver(s3_env: S3Server) -> None:
+    """obstore's runtime does not survive a fork, and the main process has used it: workers must not be forked."""
+    dm = _dm(s3_env.uri("syn"), store_client="obstore")
+    dm.num_workers = 2
+    dm.setup()
+    loader = dm.train_loader()
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    batches = list(loader)
+    assert sum(len(b["tile"]) for b in batches) == len(loader.dataset) // 2 * 2
+
+
 def test_uris_with_credentials_or_other_schemes_are_refused() -> None:
     with pytest.raises(ConfigError, match="must not carry credentials"):
         StoreLocation.parse("s3://AKIA:secret@bucket-a/x.zarr")
