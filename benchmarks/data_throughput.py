@@ -216,7 +216,9 @@ def main() -> None:
         write_s = time.process_time() - t
         ds = PatchDataset(str(path), "train", args.patch, train=True, patches_per_tile=4, augment=augment)
         store_ds[comp] = ds
-        how = "chunk memmap" if isinstance(ds._open()["image"], ChunkCropReader) else "zarr read"
+        reader = ds._open()["image"]
+        how = "zarr read" if not isinstance(reader, ChunkCropReader) else \
+            "chunk memmap" if reader.layout.decompressor is None else "chunk bytes, decompressed"
         rows.append((f"zarr store, {comp} (PatchDataset, {how})", *best(ds, args.batch, args.batches, args.repeats),
                      dir_size(path), write_s))
         if comp == "none":

@@ -2,8 +2,12 @@
 
 Runs the same `DataModule.prepare()` that training runs when the store is missing or stale, but on
 its own, with a progress bar and a summary (samples and tiles per split, skipped files and why,
-notes such as remapped label colours). Re-running resumes an unfinished store, or verifies a
-complete one with the same fingerprint and exits 0. The last line is `store: PATH`.
+notes such as remapped label colours). The store goes where `dataset.store_uri` says (a local folder by
+default, or `s3://bucket/prefix/NAME.zarr`). Re-running resumes an unfinished store, or verifies a
+complete one with the same fingerprint: `verify=deep` (default) reads every chunk, checks its checksum and
+every label value, and records the result so training does not check again on this machine; `verify=quick`
+checks the structure and that every written tile has its chunk. A damaged store is an error (exit 2), never
+"verified". The last line is `store: PATH` (or the URI).
 """
 
 from __future__ import annotations
@@ -15,33 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from segplat.config import register_resolvers
-from segplat.data.store import COMPLETE_MARKER, PatchStore, is_complete, read_marker
-from segplat.errors import DataError, SegplatError
+from segplat.data.store import COMPLETE_MARKER, PatchStore, is_complete, read_marker, verify_store
+from segplat.data.store_location import ObjectAccess, check_access
+from segplat.errors import ConfigError, DataError, SegplatError
 
 log = logging.getLogger("segplat")
 register_resolvers()
-
-
-def verify_store(store: PatchStore) -> list[str]:
-    """Problems with a store that claims to be complete (empty list = fine): unwritten samples, ragged arrays."""
-    problems = []
-    for split in store.splits:
-        group = store.split(split)
-        n = group["label"].shape[0]
-        for name in [*store.modalities, "valid"]:
-            if name not in group or group[name].shape[0] != n:
-                problems.append(f"{split}/{name} is missing or does not have {n} tiles")
-        done = np.asarray(group["done"][:])
-        if not done.all():
-            problems.append(f"{split}: {int((~done).sum())} samples were never written")
-        if len(store.tiles_meta(split)) != n:
-            problems.append(f"{split}: the tile table does not match the {n} tiles")
-    return problems
 
 
 def summarise(store: PatchStore) -> dict[str, Any]:
@@ -56,36 +43,52 @@ def summarise(store: PatchStore) -> dict[str, Any]:
             "tile_size": store.tile_size, "compressor": store.meta.get("compressor")}
 
 
-def prepare(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
-    """Prepare or verify the store of `cfg.dataset`; returns its path and a summary."""
+def prepare(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
+    """Prepare or verify the store of `cfg.dataset`; returns its path (or URI) and a summary."""
+    verify = str(cfg.get("verify", "deep"))
+    if verify not in ("deep", "quick"):
+        raise ConfigError(f"verify={verify} is not known; use deep (every checksum and label value) or quick.")
     dm = instantiate(cfg.dataset)
-    dm.check_root()
-    layout = dm.build_layout()
-    path = dm.resolve_store_path(layout)
-    fingerprint = layout.fingerprint({"tile_size": dm.tile_size, "format": 1})
-    if cfg.get("force") and path.exists():
-        log.info("force=true: removing %s", path)
-        shutil.rmtree(path)
-    was_complete = is_complete(path, fingerprint)
-    if path.exists() and read_marker(path) is not None and not was_complete:
-        log.info("%s was prepared from another config or data (fingerprint differs); rebuilding it", path)
+    _, location, fingerprint = dm.locate()
+    check_access(location)
+    if cfg.get("force"):
+        log.info("force=true: removing %s", location.uri)
+        if location.remote:
+            access = ObjectAccess(location, read_only=False)
+            access.delete(COMPLETE_MARKER)
+            access.delete_all()
+        elif location.path.exists():
+            shutil.rmtree(location.path)
+    was_complete = is_complete(location, fingerprint)
+    if read_marker(location) is not None and not was_complete:
+        log.info("%s was prepared from another config or data (fingerprint differs); rebuilding it", location.uri)
     out = dm.prepare()
-    store = PatchStore(out)
+    store = PatchStore(location)
     summary = summarise(store)
-    summary["verified"] = was_complete
+    summary["verified"] = verify if was_complete else None
     if was_complete:
-        problems = verify_store(store)
+        problems = verify_store(store, deep=verify == "deep")
+        if verify == "deep" and not location.remote:
+            dm.record_verification(location, store.build, problems)
         if problems:
-            raise DataError(f"{out} has a {COMPLETE_MARKER} but {problems[0]}; delete it or run with force=true.")
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise DataError(f"{location.uri} has a {COMPLETE_MARKER} but is damaged: {problems[0]}{more}; delete it "
+                            "or run with force=true.")
+    elif not location.remote:
+        dm.record_verification(location, store.build, [])  # written just now by this process
     summary["dataset"] = dm.name
     summary["root"] = dm.root
-    return out, summary
+    summary["tiles_per_shard"] = dm.tiles_per_shard
+    return str(out), summary
 
 
 def print_summary(path: Path, summary: dict[str, Any]) -> None:
-    if summary["verified"]:
+    if summary["verified"] == "deep":
         print(f"store {path} is complete and matches the config (fingerprint {summary['fingerprint']}): "
-              "verified, nothing to do.")
+              "verified (every chunk present, every checksum and label value checked), nothing to do.")
+    elif summary["verified"] == "quick":
+        print(f"store {path} is complete and matches the config (fingerprint {summary['fingerprint']}): structure "
+              "and chunk presence checked (verify=quick; checksums not read, run verify=deep for that), nothing to do.")
     else:
         print(f"prepared {summary['dataset']} from {summary['root']} (tile {summary['tile_size']} px, "
               f"compressor {summary['compressor']}, fingerprint {summary['fingerprint']})")

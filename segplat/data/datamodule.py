@@ -1,15 +1,22 @@
 """DataModule: from a `dataset` config to a prepared store, loaders and the device preprocessor.
 
-`instantiate(cfg.dataset)` gives a DataModule; `setup()` checks the root, prepares the store
-when it is missing or stale (main process first, the others wait), and checks patch and batch
-sizes against the data before any training starts.
+`instantiate(cfg.dataset)` gives a DataModule; `locate()` says which store the config means (layout, location,
+fingerprint: the one place this is decided); `setup()` checks the root and the store's endpoint, prepares the
+store when it is missing or stale (one process prepares, the others wait for its completion marker), checks a
+local store's checksums once per machine, and checks patch and batch sizes against the data before any
+training starts.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import logging
 import math
+import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +26,21 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
 from segplat.data.augment_copy_paste import StoreDonor
-from segplat.data.dataset import PatchDataset, collate
+from segplat.data.dataset import PatchDataset, check_patch_size, collate
 from segplat.data.layouts.base import Layout, ModalitySpec, build_layout
 from segplat.data.preprocess import PhotometricAugment, Preprocessor
-from segplat.data.store import PatchStore, is_complete, prepare_store
+from segplat.data.store import (
+    PatchStore,
+    is_complete,
+    prepare_store,
+    store_fingerprint,
+    verify_store,
+    wait_until_complete,
+)
+from segplat.data.store_location import StoreLocation, check_access
 from segplat.data.transforms import build_augment
-from segplat.errors import ConfigError
+from segplat.errors import ConfigError, DataError
+from segplat.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +92,25 @@ class ShardSampler(Sampler[int]):
         return len(self._indices())
 
 
+VERIFY_MODES = ("once", "read", "off")
+
+
+@contextmanager
+def _local_lock(store: Path | None) -> Iterator[None]:
+    """An exclusive lock beside a local store while it is prepared: the first process of every node prepares a
+    local store, and on a shared file system those are several processes writing one folder."""
+    if store is None:
+        yield
+        return
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(store.with_name(store.name + ".lock"), "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 class DataModule:
     def __init__(
         self,
@@ -85,6 +120,13 @@ class DataModule:
         requires_root: bool = True,
         root_hint: str = "",
         store_dir: str = "~/.cache/segplat/stores",
+        store_uri: str | None = None,
+        store_client: str = "fsspec",
+        tiles_per_shard: int = 0,
+        cache_dir: str | None = None,
+        cache_max_gb: float = 50.0,
+        prepare_timeout_s: float = 3600.0,
+        verify: str = "once",
         store_path: str | None = None,
         tile_size: int = 256,
         compressor: str | None = "none",
@@ -109,7 +151,18 @@ class DataModule:
         self.requires_root = requires_root
         self.root_hint = root_hint
         self.store_dir = store_dir
-        self.store_path = store_path
+        if store_path and store_uri and str(store_path) != str(store_uri):
+            raise ConfigError(f"dataset.store_path={store_path} and dataset.store_uri={store_uri} disagree; "
+                              "store_path is the old name of store_uri: set only dataset.store_uri.")
+        self.store_uri = store_uri or store_path
+        self.store_path: str | None = None  # the located store's path or URI, set by setup()
+        self.store_client = store_client
+        self.tiles_per_shard = int(tiles_per_shard or 0)
+        self.cache_dir = cache_dir
+        self.cache_max_gb = cache_max_gb
+        self.prepare_timeout_s = float(prepare_timeout_s)
+        self.verify = str(verify)
+        self.location: StoreLocation | None = None
         self.tile_size = int(tile_size)
         self.compressor = compressor
         self.modality_names = list(modalities) if modalities else None
@@ -133,6 +186,17 @@ class DataModule:
                 raise ConfigError(f"{key}={value} must be a positive integer.")
         if self.num_workers < 0:
             raise ConfigError(f"dataset.num_workers={self.num_workers} must be 0 or more.")
+        if self.tiles_per_shard < 0:
+            raise ConfigError(f"dataset.tiles_per_shard={self.tiles_per_shard} must be 0 (one object per tile) or a "
+                              "positive number of tiles per shard.")
+        if self.verify not in VERIFY_MODES:
+            raise ConfigError(f"dataset.verify={self.verify} is not known; use one of {', '.join(VERIFY_MODES)}.")
+        if self.prepare_timeout_s <= 0:
+            raise ConfigError(f"dataset.prepare_timeout_s={self.prepare_timeout_s:g} must be positive.")
+        if self.cache_dir and not (self.store_uri and str(self.store_uri).startswith("s3://")):
+            raise ConfigError(f"dataset.cache_dir={self.cache_dir} caches remote stores only, but "
+                              f"dataset.store_uri={self.store_uri} is local; unset dataset.cache_dir.")
+        self._store_location()  # a malformed URI or client stops here, before anything is read
 
     # -- set-up ---------------------------------------------------------------------------------
     def check_root(self) -> None:
@@ -158,49 +222,108 @@ class DataModule:
         root = str(Path(self.root).expanduser()) if self.root else None
         return build_layout(cfg, root)  # unknown keys stop here, before any file is read
 
-    def resolve_store_path(self, layout: Layout) -> Path:
-        if self.store_path:
-            return Path(self.store_path).expanduser()
-        fp = layout.fingerprint({"tile_size": self.tile_size, "format": 1})
-        return Path(self.store_dir).expanduser() / f"{self.name}-{fp}.zarr"
+    def _store_location(self, fingerprint: str | None = None) -> StoreLocation | None:
+        """The configured store_uri parsed (None when the store is named by its fingerprint under store_dir)."""
+        if self.store_uri:
+            uri = self.store_uri
+        elif fingerprint is not None:
+            uri = str(Path(self.store_dir).expanduser() / f"{self.name}-{fingerprint}.zarr")
+        else:
+            return None
+        return StoreLocation.parse(uri, self.store_client, self.cache_dir, self.cache_max_gb)
 
-    def prepare(self) -> Path:
-        """Write the store if it is missing or stale; returns its path."""
+    def locate(self) -> tuple[Layout, StoreLocation, str]:
+        """Which store this config means: (layout, location, fingerprint); checks the root first."""
         self.check_root()
         layout = self.build_layout()
-        path = self.resolve_store_path(layout)
-        return prepare_store(layout, path, self.tile_size, self.compressor, progress=self.progress)
+        fingerprint = store_fingerprint(layout, self.tile_size, self.compressor, self.tiles_per_shard)
+        location = self._store_location(fingerprint)
+        assert location is not None
+        self.location = location
+        return layout, location, fingerprint
+
+    def prepare(self) -> Path | str:
+        """Write the store if it is missing or stale; returns its path (a URI when remote)."""
+        layout, location, _ = self.locate()
+        check_access(location)
+        return prepare_store(layout, location, self.tile_size, self.compressor, progress=self.progress,
+                             tiles_per_shard=self.tiles_per_shard)
+
+    def _ensure_store(self, accelerator: Any) -> tuple[StoreLocation, str]:
+        """Prepare the store once: one process prepares (rank 0 for a remote store, each node's first process for
+        a local one), the others wait for its completion marker, with a timeout that names the store."""
+        layout, location, fingerprint = self.locate()
+        check_access(location)  # a missing bucket, a wrong endpoint or refused credentials stop here
+        if is_complete(location, fingerprint):
+            return location, fingerprint
+        world = accelerator.num_processes if accelerator is not None else 1
+        preparer = world == 1 or (accelerator.is_main_process if location.remote
+                                  else accelerator.is_local_main_process)
+        if preparer:
+            with _local_lock(None if location.remote else location.path):  # nodes may share the store's disk
+                if not is_complete(location, fingerprint):
+                    prepare_store(layout, location, self.tile_size, self.compressor, progress=self.progress,
+                                  tiles_per_shard=self.tiles_per_shard)
+                    if not location.remote:
+                        self.record_verification(location, PatchStore(location).build, [])  # written just now
+        else:
+            log.info("waiting for another process to prepare %s", location.uri)
+            wait_until_complete(location, fingerprint, self.prepare_timeout_s)
+        return location, fingerprint
+
+    def _verification_record(self, location: StoreLocation, build: str) -> Path:
+        digest = hashlib.sha256(location.uri.encode()).hexdigest()[:16]
+        return Path(self.store_dir).expanduser() / ".verified" / f"{digest}-{build}.json"
+
+    def record_verification(self, location: StoreLocation, build: str, problems: list[str]) -> None:
+        atomic_write_json(self._verification_record(location, build),
+                          {"store": location.uri, "build": build, "problems": problems, "checked": time.time()})
+
+    def _verify_once(self, accelerator: Any) -> None:
+        """`verify=once`: a local store's every checksum and label value is read once per machine (cached by the
+        store's build id), by each node's first process while the others wait; remote objects are checked as
+        they are fetched instead."""
+        assert self.store is not None and self.location is not None
+        if self.verify != "once" or self.location.remote:
+            return
+        record = self._verification_record(self.location, self.store.build)
+        if not record.is_file():
+            if accelerator is None or accelerator.num_processes == 1 or accelerator.is_local_main_process:
+                log.info("checking every chunk of %s once on this machine (dataset.verify=once)", self.location.uri)
+                self.record_verification(self.location, self.store.build, verify_store(self.store, deep=True))
+            else:
+                deadline = time.monotonic() + self.prepare_timeout_s
+                while not record.is_file():
+                    if time.monotonic() > deadline:
+                        raise DataError(f"waited {self.prepare_timeout_s:g} s for another process to check the store "
+                                        f"{self.location.uri}; raise dataset.prepare_timeout_s or run "
+                                        "`python -m segplat.prepare ... verify=deep` first.")
+                    time.sleep(1.0)
+        problems = json.loads(record.read_text()).get("problems", [])
+        if problems:
+            raise DataError(f"store {self.location.uri} is damaged: {problems[0]}"
+                            + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
+                            + "; delete it or run `python -m segplat.prepare ... force=true`.")
 
     def setup(self, accelerator=None) -> DataInfo:
-        """Prepare (main process first), open the store and check sizes against the data."""
+        """Prepare (one process; the others wait), open the store, check it, and check sizes against the data."""
         if accelerator is not None:  # a global batch that does not split over the processes stops before any read
             self.per_process_batch(accelerator.num_processes)
             self.per_process_batch(accelerator.num_processes, self.val_batch_size, "dataset.val_batch_size")
-        self.check_root()
-        layout = self.build_layout()
-        path = self.resolve_store_path(layout)
-        fp = layout.fingerprint({"tile_size": self.tile_size, "format": 1})
-        if accelerator is not None and accelerator.num_processes > 1:
-            with accelerator.main_process_first():
-                if not is_complete(path, fp):
-                    prepare_store(layout, path, self.tile_size, self.compressor,
-                                  progress=self.progress and accelerator.is_main_process)
-        elif not is_complete(path, fp):
-            prepare_store(layout, path, self.tile_size, self.compressor, progress=self.progress)
-        self.store_path = str(path)
-        self.store = PatchStore(path)
+        location, _ = self._ensure_store(accelerator)
+        self.store_path = location.uri if location.remote else str(location.path)
+        self.store = PatchStore(location)
+        self._verify_once(accelerator)
         specs = self.store.modalities
         names = self.modality_names or list(specs)
         unknown = [m for m in names if m not in specs]
         if unknown:
             raise ConfigError(f"dataset.modalities names {unknown}, which {self.name} does not have; "
                               f"choose from {list(specs)}.")
-        if self.patch_size > self.store.tile_size:
-            raise ConfigError(f"dataset.patch_size={self.patch_size} is larger than the {self.name} tiles "
-                              f"({self.store.tile_size} px); lower dataset.patch_size or raise dataset.tile_size.")
+        check_patch_size(self.patch_size, self.store.tile_size, {m: specs[m] for m in names}, self.name)
         if self.store.ignore_index != self.ignore_index:
             raise ConfigError(f"dataset.ignore_index={self.ignore_index} differs from the store's "
-                              f"{self.store.ignore_index} ({path}); set it to {self.store.ignore_index}.")
+                              f"{self.store.ignore_index} ({location.uri}); set it to {self.store.ignore_index}.")
         self.info = DataInfo(
             modalities={m: len(specs[m].bands) for m in names},
             specs={m: specs[m] for m in names},
@@ -225,12 +348,12 @@ class DataModule:
         if train and self.augment_cfg:
             cfg = {k: (OmegaConf.to_container(v) if isinstance(v, DictConfig | ListConfig) else v)
                    for k, v in self.augment_cfg.items()}
-            donor = StoreDonor(self.store_path, split, list(self.info.modalities), self.patch_size) \
+            donor = StoreDonor(self.location, split, list(self.info.modalities), self.patch_size) \
                 if cfg.get("copy_paste") else None
             augment = build_augment(cfg, self.info.specs, self.info.ignore_index, donor)
-        return PatchDataset(self.store_path, split, self.patch_size, list(self.info.modalities), train=train,
+        return PatchDataset(self.location, split, self.patch_size, list(self.info.modalities), train=train,
                             patches_per_tile=self.patches_per_tile, class_balanced=self.class_balanced,
-                            augment=augment, seed=self.seed)
+                            augment=augment, seed=self.seed, verify=self.verify == "read")
 
     def loader(self, split: str, train: bool, rank: int = 0, world: int = 1) -> DataLoader:
         ds = self.dataset(split, train)
@@ -240,6 +363,8 @@ class DataModule:
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0:
             kwargs.update(persistent_workers=False, prefetch_factor=2)
+            if self.location is not None and self.location.remote and self.location.client == "obstore":
+                kwargs["multiprocessing_context"] = "forkserver"  # obstore's runtime does not survive a fork
         return DataLoader(ds, batch_size=per_proc, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=collate, drop_last=train and len(sampler) >= per_proc,
                           pin_memory=torch.cuda.is_available(), **kwargs)

@@ -4,47 +4,65 @@ Training draws random crops (optionally class-balanced), validation walks a grid
 tile. Randomness comes from a generator seeded by (seed, epoch, index): a sample's crop and
 augmentation do not depend on which rank or worker loads it, which makes runs reproducible
 across worker counts and exactly resumable, and gives every rank and worker distinct streams.
-The zarr store is opened lazily in each worker process (safe under fork, spawn, forkserver); crops of
-an uncompressed store are sliced from memory maps of its chunk files, not decoded by zarr (chunk_reader.py).
+The zarr store is opened lazily in each worker process (safe under fork, spawn, forkserver); tiles are read
+from their chunk bytes (chunk_reader.py): crops of an uncompressed store are sliced from memory maps of its
+chunk files or shards (local, or fetched into the read-through cache of a remote store), not decoded by zarr.
+A label value outside the classes and the ignore index stops with the store and tile named.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from segplat.data.chunk_reader import crop_reader
-from segplat.data.store import PatchStore
+from segplat.data.layouts.base import ModalitySpec
+from segplat.data.store import PatchStore, label_value_error
+from segplat.data.store_location import StoreLocation
 from segplat.errors import ConfigError
 
 
 class _ArrayHandles(dict):
     """name -> array reader, opened on first use and kept: opening parses the array's metadata, which costs
-    more than reading a small crop, so it must not happen per sample. With `memmap`, arrays of raw
-    (uncompressed) one-tile chunks are read through memory maps of the chunk files, small compressed ones
-    (dates) from memory (chunk_reader.py); anything else stays a zarr array. All are indexed the same way."""
+    more than reading a small crop, so it must not happen per sample. With `memmap`, arrays whose tiles this
+    code can read from their chunk bytes get a TileReader (memory maps of local files or cached objects), small
+    other ones (dates) are read whole into memory (chunk_reader.py); anything else stays a zarr array. All are
+    indexed the same way."""
 
-    def __init__(self, group, memmap: bool = True) -> None:
+    def __init__(self, store: PatchStore, split: str, memmap: bool = True, verify: bool = False) -> None:
         super().__init__()
-        self.group = group
-        self.memmap = memmap
+        self.store, self.split = store, split
+        self.group = store.split(split)
+        self.memmap, self.verify = memmap, verify
 
     def __missing__(self, key: str):
-        array = self.group[key]
-        reader = crop_reader(array) if self.memmap else array
+        reader = self.store.reader(self.split, key, self.verify) if self.memmap else self.group[key]
         self[key] = reader
         return reader
+
+
+def check_patch_size(patch_size: int, tile_size: int, specs: Mapping[str, ModalitySpec], store_name: str) -> None:
+    """The one data-side check of `dataset.patch_size`: it fits the store's tiles and maps to whole pixels of
+    every modality (a 1/8 grid needs multiples of 8)."""
+    if patch_size > tile_size:
+        raise ConfigError(f"dataset.patch_size={patch_size} is larger than the {store_name} tiles ({tile_size} px); "
+                          "lower dataset.patch_size or re-prepare with a larger dataset.tile_size.")
+    for m, spec in specs.items():
+        p = patch_size * spec.scale
+        if abs(p - round(p)) > 1e-6:
+            raise ConfigError(f"dataset.patch_size={patch_size} does not map to whole pixels of {m} "
+                              f"(scale {spec.scale}); use a multiple of {round(1 / spec.scale)}.")
 
 
 class PatchDataset(Dataset):
     def __init__(
         self,
-        store_path: str,
+        store_path: str | Path | StoreLocation,
         split: str,
         patch_size: int,
         modalities: Sequence[str] | None = None,
@@ -54,9 +72,12 @@ class PatchDataset(Dataset):
         augment: Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]] | None = None,
         seed: int = 0,
         chunk_memmap: bool = True,
+        verify: bool = False,
     ) -> None:
-        self.store_path = str(store_path)
+        self.location = StoreLocation.parse(store_path)
+        self.store_path = self.location.uri
         self.chunk_memmap = bool(chunk_memmap)  # False forces zarr's own read path (benchmarks, debugging)
+        self.verify = bool(verify)  # checksums of memory-mapped chunks on first read per worker (dataset.verify=read)
         self.split = split
         self.patch_size = int(patch_size)
         self.train = train
@@ -65,7 +86,7 @@ class PatchDataset(Dataset):
         self.augment = augment
         self.seed = int(seed)
         self.epoch = 0
-        store = PatchStore(self.store_path)
+        store = PatchStore(self.location)
         self.specs = store.modalities
         self.modalities = list(modalities) if modalities else list(self.specs)
         unknown = [m for m in self.modalities if m not in self.specs]
@@ -73,15 +94,8 @@ class PatchDataset(Dataset):
             raise ConfigError(f"dataset.modalities names {unknown}, which the store {store.path} does not hold; "
                               f"choose from {list(self.specs)}.")
         self.tile_size = store.tile_size
-        if self.patch_size > self.tile_size:
-            raise ConfigError(f"dataset.patch_size={self.patch_size} is larger than the store's tiles "
-                              f"({self.tile_size} px); lower patch_size or re-prepare with a larger "
-                              "dataset.tile_size.")
-        for m in self.modalities:
-            p = self.patch_size * self.specs[m].scale
-            if abs(p - round(p)) > 1e-6:
-                raise ConfigError(f"dataset.patch_size={self.patch_size} does not map to whole pixels of {m} "
-                                  f"(scale {self.specs[m].scale}); use a multiple of {round(1 / self.specs[m].scale)}.")
+        check_patch_size(self.patch_size, self.tile_size, {m: self.specs[m] for m in self.modalities},
+                         f"store {store.location.uri}")
         # crop offsets snap to whole pixels of every coarser modality (8 for a 1/8 grid); otherwise a
         # 64x64 grid cut at round(y / 8) would sit up to 4 label pixels off the label crop
         self.align = max([round(1 / self.specs[m].scale) for m in self.modalities if self.specs[m].scale < 1] or [1])
@@ -97,8 +111,9 @@ class PatchDataset(Dataset):
 
             offs = window_starts(self.tile_size, self.patch_size, self.patch_size)
             self.index = [(t, (y, x)) for t in self.tiles for y in offs for x in offs]
+        self._store: PatchStore | None = store  # reused by this process's first _open (opening costs requests remotely)
         self._group = None
-        self._pid: int | None = None
+        self._pid: int | None = os.getpid()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -110,14 +125,15 @@ class PatchDataset(Dataset):
         state = self.__dict__.copy()
         state["_group"] = None
         state["_pid"] = None
+        state["_store"] = None
         return state
 
     def _open(self) -> _ArrayHandles:
         """Array handles of this split, opened once per process (re-opened after a fork or spawn)."""
         if self._group is None or self._pid != os.getpid():
-            self._group = _ArrayHandles(PatchStore(self.store_path).split(self.split),
-                                        memmap=self.chunk_memmap)
-            self._pid = os.getpid()
+            store = self._store if self._store is not None and self._pid == os.getpid() else PatchStore(self.location)
+            self._group = _ArrayHandles(store, self.split, self.chunk_memmap, self.verify)
+            self._store, self._pid = None, os.getpid()
         return self._group
 
     def _choose_offset(self, group, tile: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -151,7 +167,13 @@ class PatchDataset(Dataset):
                 dates = np.asarray(group[f"{m}_dates"][tile])
                 sample[f"{m}_dates"] = dates
                 sample[f"{m}_time_mask"] = dates >= 0
-        sample["label"] = np.asarray(group["label"][tile, y:y + p, x:x + p])
+        label = np.asarray(group["label"][tile, y:y + p, x:x + p])
+        if label.size and int(label.max()) >= self.num_classes:  # cheap common case: every value is a class
+            bad = label[(label >= self.num_classes) & (label != self.ignore_index)]
+            if bad.size:
+                raise label_value_error(self.store_path, self.split, tile, int(bad.flat[0]), self.num_classes,
+                                        self.ignore_index)
+        sample["label"] = label
         if self.train and self.augment is not None:
             sample = self.augment(sample, rng)
         # labels stay uint8 through the loader (8x less to copy, pin and transfer); cast on the device

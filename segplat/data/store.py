@@ -1,6 +1,7 @@
 """The zarr v3 patch store: every dataset is prepared once into this format, then read by PatchDataset.
 
-Layout of a store (DESIGN.md):
+A store lives in a local folder (default `NAME-FINGERPRINT.zarr` under `dataset.store_dir`) or under an S3
+prefix (`dataset.store_uri=s3://bucket/prefix/NAME.zarr`, store_location.py). Layout (DESIGN.md):
 
     NAME-FINGERPRINT.zarr/            root attrs["segplat"]: format version, dataset, fingerprint,
                                       tile size, classes, palette, ignore index, modalities
@@ -8,13 +9,17 @@ Layout of a store (DESIGN.md):
                                       valid pixels only: mean, std, p2, p98, count)
       train/ val/ test/ ...           one group per split, attrs["tiles"]: source file, CRS,
                                       transform and window of every tile
-        <modality>  (N, C, h, w)      native dtype, one tile per chunk (temporal: (N, T, C, h, w))
+        <modality>  (N, C, h, w)      native dtype, one tile per chunk (temporal: (N, T, C, h, w)); with
+                                      `tiles_per_shard=N` zarr v3 sharding puts N tiles in one object;
+                                      every chunk ends in a crc32c checksum, and every written tile has
+                                      its chunk (write_empty_chunks), so a missing one is damage
         <modality>_dates (N, T)       day offsets, temporal streams only; -1 marks padding
         label       (N, H, W) uint8   class index or the ignore index
         valid       (N, H, W) bool    False on padding and where every modality is no-data
         done        (N,) bool         resume bookkeeping: which tiles are written
-      _SEGPLAT_COMPLETE.json          written last; the folder is built as NAME.zarr.partial and
-                                      renamed, so an incomplete store is never read as complete
+      _SEGPLAT_COMPLETE.json          written last, with a build id; a local store is built as
+                                      NAME.zarr.partial and renamed; a remote one is written in place
+                                      and is incomplete until the marker exists. Either resumes.
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ import logging
 import math
 import shutil
 import time
+import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,26 +42,41 @@ import numpy as np
 import zarr
 from tqdm.auto import tqdm
 
+from segplat.data.chunk_cache import ReadThroughCache
+from segplat.data.chunk_reader import CachedObjects, LocalObjects, RemoteObjects, TileReader, crop_reader
 from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef, check_label_values
+from segplat.data.store_location import ObjectAccess, StoreLocation
 from segplat.errors import DataError
-from segplat.utils.io import atomic_write_json
+from segplat.utils.io import atomic_write_json, dumps_json
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 2  # 2: crc32c on every chunk, written-empty chunks, optional sharding
 COMPLETE_MARKER = "_SEGPLAT_COMPLETE.json"
 MAX_STAT_SAMPLES = 2_000_000  # per band; above this percentiles come from a seeded subsample
+META_FLUSH_SECONDS = 5.0  # the tile table and done flags are saved at most this often (and at the end)
 
 
-def compressor_codecs(name: str | None) -> list[Any] | None:
-    """Map a config name to zarr v3 codecs; None means raw chunks."""
+def compressor_codecs(name: str | None, checksum: bool = True) -> list[Any]:
+    """Map a config name to zarr v3 bytes-to-bytes codecs, ending in a crc32c checksum (damage is detectable)."""
+    tail = [zarr.codecs.Crc32cCodec()] if checksum else []
     if name in (None, "none"):
-        return None
+        return tail
     if name == "zstd":
-        return [zarr.codecs.ZstdCodec(level=3)]
+        return [zarr.codecs.ZstdCodec(level=3), *tail]
     if name == "lz4":
-        return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle=zarr.codecs.BloscShuffle.shuffle)]
+        return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle=zarr.codecs.BloscShuffle.shuffle), *tail]
     raise DataError(f"dataset.compressor={name!r} is not known; use one of none, zstd, lz4.")
+
+
+def store_fingerprint(layout: Layout, tile_size: int, compressor: str | None = "none",
+                      tiles_per_shard: int = 1) -> str:
+    """The one definition of what makes two stores the same (layout, tiling, on-disk encoding, format)."""
+    extra: dict[str, Any] = {"tile_size": int(tile_size), "format": STORE_FORMAT_VERSION,
+                             "compressor": compressor or "none"}
+    if int(tiles_per_shard) > 1:
+        extra["tiles_per_shard"] = int(tiles_per_shard)
+    return layout.fingerprint(extra)
 
 
 @dataclass
@@ -110,33 +133,99 @@ def _fill_value(spec: ModalitySpec) -> Any:
     return spec.nodata
 
 
+class _TileSink:
+    """`sink[name][idx] = tile` for the writer: straight into the array, or, with shards, into a buffer of the
+    current shard that is written whole when the writer moves past it (writing one tile into a shard rewrites
+    the whole object, which for N tiles per shard would write N times the data). `on_persist(upto)` is told
+    that every tile before `upto` is stored, which is when the samples holding them may be marked done."""
+
+    def __init__(self, group: zarr.Group, tiles_per_shard: int, on_persist: Any) -> None:
+        self.group = group
+        self.per_shard = max(1, int(tiles_per_shard))
+        self.on_persist = on_persist
+        self.shard: int | None = None
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        sink = self
+
+        class _Array:
+            def __setitem__(self, idx: int, value: np.ndarray) -> None:
+                sink.put(name, int(idx), value)
+
+        return _Array()
+
+    def put(self, name: str, idx: int, value: np.ndarray) -> None:
+        if self.per_shard == 1:
+            self.group[name][idx] = value
+            return
+        shard = idx // self.per_shard
+        if shard != self.shard:
+            self.flush()
+            self.shard = shard
+        start = shard * self.per_shard
+        if name not in self.buffers:  # a resumed shard keeps the tiles an earlier run wrote into it
+            arr = self.group[name]
+            self.buffers[name] = np.array(arr[start:min(start + self.per_shard, arr.shape[0])])
+        self.buffers[name][idx - start] = value
+
+    def flush(self) -> None:
+        if self.shard is None:
+            return
+        start = self.shard * self.per_shard
+        for name, buf in self.buffers.items():
+            self.group[name][start:start + len(buf)] = buf
+        upto = start + self.per_shard
+        self.shard, self.buffers = None, {}
+        self.on_persist(upto)
+
+
 class StoreWriter:
-    """Writes a layout into a store; resumable (done flags) and verified against the layout's shapes."""
+    """Writes a layout into a store; resumable (done flags) and verified against the layout's shapes.
+
+    Local stores are built as `NAME.zarr.partial` and renamed; remote ones are written in place, the completion
+    marker last. Either way an interrupted run resumes: samples marked done (their tiles stored) are not
+    written again."""
 
     def __init__(
         self,
         layout: Layout,
-        path: str | Path,
+        path: str | Path | StoreLocation,
         tile_size: int,
         compressor: str | None = "none",
-        fingerprint_extra: Mapping[str, Any] | None = None,
         progress: bool = True,
+        tiles_per_shard: int = 1,
     ) -> None:
         self.layout = layout
-        self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.location = StoreLocation.parse(path)
         self.tile_size = int(tile_size)
         self.compressor = compressor
-        self.fingerprint = layout.fingerprint({"tile_size": self.tile_size, "format": STORE_FORMAT_VERSION,
-                                               **(fingerprint_extra or {})})
+        self.tiles_per_shard = max(1, int(tiles_per_shard or 1))
+        self.fingerprint = store_fingerprint(layout, self.tile_size, compressor, self.tiles_per_shard)
         self.progress = progress
         self.skipped: list[str] = []
+        # where the tiles are written: a local partial folder renamed at the end, or the remote prefix itself
+        self.target = self.location if self.location.remote else self.location.with_suffix(".partial")
+
+    @property
+    def path(self) -> Path:
+        return self.location.path
+
+    @property
+    def partial(self) -> Path:
+        return self.target.path
 
     # -- public ---------------------------------------------------------------------------------
-    def run(self) -> Path:
-        if is_complete(self.path, self.fingerprint):
-            log.info("store %s is complete (fingerprint %s)", self.path, self.fingerprint)
-            return self.path
+    def run(self) -> Path | str:
+        if is_complete(self.location, self.fingerprint):
+            log.info("store %s is complete (fingerprint %s)", self.location, self.fingerprint)
+            return self._result()
+        # every written tile gets its chunk even when it equals the fill value (a run-time setting of zarr, not
+        # stored with the array), so that a missing chunk always means damage
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            return self._build()
+
+    def _build(self) -> Path | str:
         started = time.time()
         splits = self.layout.scan()
         if not any(splits.values()):
@@ -163,33 +252,52 @@ class StoreWriter:
         meta["skipped"] = self.skipped
         meta["notes"] = [str(n) for n in getattr(self.layout, "notes", [])]
         root.attrs["segplat"] = meta
-        atomic_write_json(self.partial / COMPLETE_MARKER, {
-            "fingerprint": self.fingerprint, "format": STORE_FORMAT_VERSION,
-            "seconds": round(time.time() - started, 1), "skipped": len(self.skipped),
-        })
-        if self.path.exists():
-            stale = self.path.with_name(self.path.name + f".stale-{int(time.time())}")
-            self.path.rename(stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        self.partial.rename(self.path)
-        group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
-        counts = {s: len({m["source"] for m in group[s].attrs["tiles"] if m is not None}) for s in written}
-        log.info("prepared %s: samples written per split %s, skipped %d", self.path, counts, len(self.skipped))
-        return self.path
+        counts = {s: len({m["source"] for m in root[s].attrs["tiles"] if m is not None}) for s in written}
+        marker = {"fingerprint": self.fingerprint, "format": STORE_FORMAT_VERSION, "build": uuid.uuid4().hex[:12],
+                  "seconds": round(time.time() - started, 1), "skipped": len(self.skipped)}
+        if self.location.remote:  # the marker is the last object written: without it the store is incomplete
+            ObjectAccess(self.location, read_only=False).put(COMPLETE_MARKER, dumps_json(marker).encode())
+        else:
+            atomic_write_json(self.partial / COMPLETE_MARKER, marker)
+            if self.path.exists():
+                stale = self.path.with_name(self.path.name + f".stale-{int(time.time())}")
+                self.path.rename(stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            self.partial.rename(self.path)
+        log.info("prepared %s: samples written per split %s, skipped %d", self.location, counts, len(self.skipped))
+        return self._result()
+
+    def _result(self) -> Path | str:
+        return self.location.uri if self.location.remote else self.path
 
     # -- internals ------------------------------------------------------------------------------
-    def _open_partial(self) -> zarr.Group:
-        if self.partial.exists():
-            try:
-                root = zarr.open_group(str(self.partial), mode="r+", zarr_format=3)
-                if root.attrs.get("segplat", {}).get("fingerprint") == self.fingerprint:
-                    log.info("resuming the unfinished store %s", self.partial)
-                    return root
-            except Exception:  # an unreadable partial store is rebuilt, never trusted
-                pass
+    def _open_group(self, mode: str) -> zarr.Group:
+        return zarr.open_group(store=self.target.zarr_store(read_only=False), mode=mode, zarr_format=3)
+
+    def _discard_target(self) -> None:
+        if self.location.remote:
+            access = ObjectAccess(self.location, read_only=False)
+            access.delete(COMPLETE_MARKER)  # first: a half-deleted store must never look complete
+            access.delete_all()
+        elif self.partial.exists():
             shutil.rmtree(self.partial)
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
-        root = zarr.open_group(str(self.partial), mode="w", zarr_format=3)
+
+    def _open_partial(self) -> zarr.Group:
+        resumable = read_marker(self.target) is None  # a remote store with a marker is complete, of another config
+        if resumable:
+            try:
+                root = self._open_group("r+")
+                if root.attrs.get("segplat", {}).get("fingerprint") == self.fingerprint:
+                    log.info("resuming the unfinished store %s", self.target)
+                    return root
+            except DataError:
+                raise
+            except Exception:  # a missing or unreadable partial store is rebuilt, never trusted
+                pass
+        self._discard_target()
+        if not self.location.remote:
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
+        root = self._open_group("w")
         root.attrs["segplat"] = {
             "format": STORE_FORMAT_VERSION,
             "dataset": self.layout.name,
@@ -200,6 +308,7 @@ class StoreWriter:
             "ignore_index": int(self.layout.ignore_index),
             "modalities": {k: v.to_attrs() for k, v in self.layout.modalities.items()},
             "compressor": self.compressor or "none",
+            "tiles_per_shard": self.tiles_per_shard,
         }
         return root
 
@@ -211,8 +320,34 @@ class StoreWriter:
             start += len(windows)
         return plans
 
+    def _create_arrays(self, root: zarr.Group, split: str, n_tiles: int, n_samples: int) -> None:
+        """One array per modality (+ dates), label and valid: one tile per chunk, N tiles per shard if asked,
+        every chunk checksummed and written even when it equals the fill value (so a missing one is damage)."""
+        t = self.tile_size
+        codecs = compressor_codecs(self.compressor)
+        group = root.create_group(split)
+        per = self.tiles_per_shard
+
+        def create(name: str, shape: tuple[int, ...], dtype: str, fill: Any) -> None:
+            chunks = (1, *shape[1:])
+            shards = (min(per, n_tiles), *shape[1:]) if per > 1 else None
+            group.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=fill,
+                               compressors=codecs)
+
+        for name, spec in self.layout.modalities.items():
+            mt = round(t * spec.scale)
+            if spec.temporal:
+                shape = (n_tiles, spec.max_time, len(spec.bands), mt, mt)
+                create(f"{name}_dates", (n_tiles, spec.max_time), "int32", -1)
+            else:
+                shape = (n_tiles, len(spec.bands), mt, mt)
+            create(name, shape, spec.dtype, _fill_value(spec))
+        create("label", (n_tiles, t, t), "uint8", self.layout.ignore_index)
+        create("valid", (n_tiles, t, t), "bool", False)
+        group.create_array("done", shape=(n_samples,), chunks=(n_samples,), dtype="bool", fill_value=False)
+        group.attrs["tiles"] = [None] * n_tiles
+
     def _write_split(self, root: zarr.Group, split: str, refs: list[SampleRef]) -> None:
-        mods = self.layout.modalities
         shapes_path = f"{split}_shapes"
         shapes = root.attrs.get(shapes_path)
         if shapes is None:
@@ -229,43 +364,34 @@ class StoreWriter:
         n_tiles = plans[-1].start + len(plans[-1].windows)
         if n_tiles == 0:
             return
-        t = self.tile_size
-        codecs = compressor_codecs(self.compressor)
         if split not in root:
-            group = root.create_group(split)
-            for name, spec in mods.items():
-                mt = round(t * spec.scale)
-                if spec.temporal:
-                    shape = (n_tiles, spec.max_time, len(spec.bands), mt, mt)
-                    group.create_array(f"{name}_dates", shape=(n_tiles, spec.max_time), chunks=(1, spec.max_time),
-                                       dtype="int32", fill_value=-1, compressors=codecs)
-                else:
-                    shape = (n_tiles, len(spec.bands), mt, mt)
-                group.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype=spec.dtype,
-                                   fill_value=_fill_value(spec), compressors=codecs)
-            group.create_array("label", shape=(n_tiles, t, t), chunks=(1, t, t), dtype="uint8",
-                               fill_value=self.layout.ignore_index, compressors=codecs)
-            group.create_array("valid", shape=(n_tiles, t, t), chunks=(1, t, t), dtype="bool",
-                               fill_value=False, compressors=codecs)
-            group.create_array("done", shape=(len(refs),), chunks=(len(refs),), dtype="bool", fill_value=False)
-            group.attrs["tiles"] = [None] * n_tiles
+            self._create_arrays(root, split, n_tiles, len(refs))
         group = root[split]
         done = group["done"][:]
         tiles_meta = list(group.attrs["tiles"])
-        # a sample counts as written only when its tiles are in the tile table: the table and the done flags are
-        # flushed together (table first), and anything a crash left unrecorded is written again; skipped
-        # samples are re-checked too, which rebuilds the skipped list of a resumed run
+        # a sample counts as written only when its tiles are stored and in the tile table: the table and the done
+        # flags are saved together, and anything a crash left unrecorded is written again; skipped samples are
+        # re-checked too, which rebuilds the skipped list of a resumed run
         todo = [i for i in range(len(plans)) if not done[i] or any(
             tiles_meta[plans[i].start + k] is None for k in range(len(plans[i].windows)))]
+        pending: deque[int] = deque()  # samples whose tiles sit in an unwritten shard buffer, in tile order
 
-        def flush() -> None:
+        def persisted(upto: int) -> None:
+            while pending and plans[pending[0]].start + len(plans[pending[0]].windows) <= upto:
+                done[pending.popleft()] = True
+
+        sink = _TileSink(group, self.tiles_per_shard, persisted)
+        last_flush = time.monotonic()
+
+        def flush_meta() -> None:
             group.attrs["tiles"] = tiles_meta
             group["done"][:] = done
 
-        for n, i in enumerate(tqdm(todo, desc=f"prepare {split}", disable=not self.progress, unit="sample")):
+        for i in tqdm(todo, desc=f"prepare {split}", disable=not self.progress, unit="sample"):
             plan = plans[i]
-            if n and n % 16 == 0:
-                flush()
+            if time.monotonic() - last_flush >= META_FLUSH_SECONDS:
+                flush_meta()
+                last_flush = time.monotonic()
             if not plan.windows:
                 done[i] = True
                 continue
@@ -279,9 +405,13 @@ class StoreWriter:
                 continue
             for k, window in enumerate(plan.windows):
                 idx = plan.start + k
-                tiles_meta[idx] = self._write_tile(group, idx, sample, window)
-            done[i] = True
-        flush()
+                tiles_meta[idx] = self._write_tile(sink, idx, sample, window)
+            if self.tiles_per_shard == 1:
+                done[i] = True
+            else:
+                pending.append(i)
+        sink.flush()
+        flush_meta()
 
     def _sample_shape(self, ref: SampleRef) -> tuple[int, int]:
         shape_fn = getattr(self.layout, "label_shape", None)
@@ -312,7 +442,7 @@ class StoreWriter:
                 raise DataError(f"{path}: every pixel of {name} is no-data in this sample, so the sample was skipped "
                                 "(replace the file or remove the sample).")
 
-    def _write_tile(self, group: zarr.Group, idx: int, sample: Sample,
+    def _write_tile(self, group: zarr.Group | _TileSink, idx: int, sample: Sample,
                     window: tuple[int, int, int, int]) -> dict[str, Any]:
         mods = self.layout.modalities
         t = self.tile_size
@@ -354,10 +484,10 @@ class StoreWriter:
         group = root[split]
         rng = np.random.default_rng(0)
         out: dict[str, dict[str, list[float]]] = {}
-        valid_all = group["valid"]
+        valid_all = _BlockReader(group["valid"], self.tiles_per_shard)
         n = valid_all.shape[0]
         for name, spec in self.layout.modalities.items():
-            arr = group[name]
+            arr = _BlockReader(group[name], self.tiles_per_shard)
             c = len(spec.bands)
             total = np.zeros(c, np.float64)
             total_sq = np.zeros(c, np.float64)
@@ -416,33 +546,80 @@ class StoreWriter:
         return out
 
 
-def read_marker(path: str | Path) -> dict[str, Any] | None:
-    marker = Path(path) / COMPLETE_MARKER
-    if not marker.is_file():
+class _BlockReader:
+    """`reader[i]` over consecutive tiles, read a block (a whole shard when sharded) at a time: one request per
+    object on remote stores instead of one per tile and array, and no shard decoded once per tile."""
+
+    def __init__(self, array: zarr.Array, tiles_per_shard: int, max_bytes: int = 256 << 20) -> None:
+        self.array, self.shape = array, array.shape
+        tile_bytes = max(1, math.prod(array.shape[1:]) * np.dtype(array.dtype).itemsize)
+        per = max(1, int(tiles_per_shard))
+        fits = max(1, max_bytes // tile_bytes)
+        self.block = per * max(1, fits // per) if fits >= per else fits
+        self.start, self.data = -1, None
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        start = i - i % self.block
+        if start != self.start:
+            self.start, self.data = start, np.asarray(self.array[start:start + self.block])
+        return self.data[i - start]
+
+
+def read_marker(location: str | Path | StoreLocation) -> dict[str, Any] | None:
+    """The completion marker's content, or None when the store is incomplete (or unreadable)."""
+    location = StoreLocation.parse(location)
+    if location.remote:
+        data = ObjectAccess(location).get(COMPLETE_MARKER)
+        text = None if data is None else data.decode(errors="replace")
+    else:
+        marker = location.path / COMPLETE_MARKER
+        try:
+            text = marker.read_text() if marker.is_file() else None
+        except OSError:
+            text = None
+    if text is None:
         return None
     try:
-        return json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
+        return json.loads(text)
+    except json.JSONDecodeError:
         return None
 
 
-def is_complete(path: str | Path, fingerprint: str | None = None) -> bool:
-    marker = read_marker(path)
+def is_complete(location: str | Path | StoreLocation, fingerprint: str | None = None) -> bool:
+    marker = read_marker(location)
     if marker is None:
         return False
     return fingerprint is None or marker.get("fingerprint") == fingerprint
 
 
-class PatchStore:
-    """Read side of a store: metadata plus lazy access to the split groups."""
+def wait_until_complete(location: StoreLocation, fingerprint: str, timeout_s: float, poll_s: float = 1.0) -> None:
+    """Wait for another process (the preparing rank) to write the store's completion marker."""
+    deadline = time.monotonic() + float(timeout_s)
+    while not is_complete(location, fingerprint):
+        if time.monotonic() > deadline:
+            raise DataError(f"waited {timeout_s:g} s for another process to prepare the store {location.uri} (no "
+                            f"{COMPLETE_MARKER} with fingerprint {fingerprint} appeared); check the preparing rank's "
+                            "log, raise dataset.prepare_timeout_s, or run `python -m segplat.prepare` for it first.")
+        time.sleep(poll_s)
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not is_complete(self.path):
-            raise DataError(f"{self.path} is not a complete segplat store (no {COMPLETE_MARKER}); "
+
+class PatchStore:
+    """Read side of a store: metadata plus lazy access to the split groups (local or remote)."""
+
+    def __init__(self, path: str | Path | StoreLocation) -> None:
+        self.location = StoreLocation.parse(path)
+        self.path: Path | str = self.location.uri if self.location.remote else self.location.path
+        marker = read_marker(self.location)
+        if marker is None:
+            raise DataError(f"{self.location.uri} is not a complete segplat store (no {COMPLETE_MARKER}); "
                             "run `python -m segplat.prepare` for it again.")
-        self.root = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+        self.build = str(marker.get("build", ""))
+        store = self.location.zarr_store(read_only=True)
+        if self.location.remote and self.location.cache_dir:  # a warm open then costs one request: the marker
+            store = _CachedMetadata(store, self._cache(RemoteObjects(partial(ObjectAccess, self.location)).get))
+        self.root = zarr.open_group(store=store, mode="r", zarr_format=3)
         self.meta: dict[str, Any] = dict(self.root.attrs["segplat"])
+        self._splits: list[str] | None = None
 
     @property
     def tile_size(self) -> int:
@@ -470,14 +647,20 @@ class PatchStore:
 
     @property
     def splits(self) -> list[str]:
-        with warnings.catch_warnings():  # zarr warns about the marker file, which is ours
-            warnings.simplefilter("ignore")
-            return [name for name, _ in self.root.groups()]
+        if self._splits is None:  # a listing, which on object storage is a request: once per open
+            with warnings.catch_warnings():  # zarr warns about the marker file, which is ours
+                warnings.simplefilter("ignore")
+                self._splits = [name for name, _ in self.root.groups()]
+        return self._splits
 
     def split(self, name: str) -> zarr.Group:
-        if name not in self.splits:
-            raise DataError(f"{self.path} has no split {name!r}; it has {', '.join(self.splits)}.")
-        return self.root[name]
+        try:
+            group = self.root[name]  # no listing: on object storage that is one more request per open
+        except KeyError:
+            group = None
+        if not isinstance(group, zarr.Group):
+            raise DataError(f"{self.location.uri} has no split {name!r}; it has {', '.join(self.splits)}.")
+        return group
 
     def num_tiles(self, split: str) -> int:
         return int(self.split(split)["label"].shape[0])
@@ -485,12 +668,150 @@ class PatchStore:
     def tiles_meta(self, split: str) -> list[dict[str, Any]]:
         return list(self.split(split).attrs["tiles"])
 
+    def object_source(self, cache: bool = True) -> LocalObjects | CachedObjects | RemoteObjects:
+        """Where tile readers get chunk bytes: local files, the read-through cache, or ranged reads."""
+        if not self.location.remote:
+            return LocalObjects(self.location.path)
+        remote = RemoteObjects(partial(ObjectAccess, self.location))
+        if cache and self.location.cache_dir:
+            return CachedObjects(self._cache(remote.get))
+        return remote
 
-def prepare_store(layout: Layout, path: str | Path, tile_size: int, compressor: str | None = "none",
-                  progress: bool = True, fingerprint_extra: Mapping[str, Any] | None = None) -> Path:
-    """Write (or resume, or verify) the store for `layout` at `path`; returns the path."""
-    return StoreWriter(layout, path, tile_size, compressor, fingerprint_extra, progress).run()
+    def _cache(self, fetch: Any) -> ReadThroughCache:
+        return ReadThroughCache(self.location.cache_dir, self.location.uri, self.build, self.location.cache_max_bytes,
+                                fetch)
+
+    def reader(self, split: str, name: str, verify: bool = False, cache: bool = True) -> Any:
+        """A tile reader for one array (chunk_reader.crop_reader), named after this store in its errors."""
+        return crop_reader(self.split(split)[name], self.object_source(cache), self.location.uri, verify)
+
+
+class _CachedMetadata(zarr.storage.WrapperStore):
+    """A remote store whose `zarr.json` documents are read through the read-through cache: they never change within
+    a build (the marker's id, part of the cache folder), so only the marker is fetched on every open."""
+
+    def __init__(self, store: zarr.abc.store.Store, cache: ReadThroughCache) -> None:
+        super().__init__(store)
+        self.cache = cache
+
+    def _with_store(self, store: zarr.abc.store.Store) -> _CachedMetadata:
+        return type(self)(store, self.cache)
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        if byte_range is not None or not key.endswith("zarr.json"):
+            return await self._store.get(key, prototype, byte_range)
+        path = self.cache.root / key
+        if path.is_file():
+            return prototype.buffer.from_bytes(path.read_bytes())
+        buf = await self._store.get(key, prototype)  # on zarr's loop: no thread may block waiting for it
+        if buf is not None:
+            self.cache.install(key, buf.to_bytes())
+        return buf
+
+
+def prepare_store(layout: Layout, path: str | Path | StoreLocation, tile_size: int, compressor: str | None = "none",
+                  progress: bool = True, tiles_per_shard: int = 1) -> Path | str:
+    """Write (or resume, or verify) the store for `layout` at `path`; returns its path (a URI when remote)."""
+    return StoreWriter(layout, path, tile_size, compressor, progress, tiles_per_shard).run()
 
 
 def iter_split_tiles(store: PatchStore, split: str) -> Iterable[int]:
     return range(store.num_tiles(split))
+
+
+# -- verification ---------------------------------------------------------------------------------------------------
+def _label_problem(label: np.ndarray, num_classes: int, ignore_index: int) -> int | None:
+    """The first label value outside the classes and the ignore index, or None."""
+    bad = label[(label >= num_classes) & (label != ignore_index)]
+    return int(bad.flat[0]) if bad.size else None
+
+
+def label_value_error(store_name: str, split: str, tile: int, value: int, num_classes: int,
+                      ignore_index: int) -> DataError:
+    return DataError(f"store {store_name}: {split}/label tile {tile} holds the value {value}, outside the "
+                     f"{num_classes} classes (0-{num_classes - 1}) and the ignore index {ignore_index}; the store is "
+                     "damaged or was written for other classes: delete it and run `python -m segplat.prepare` again.")
+
+
+def verify_store(store: PatchStore, deep: bool = True, limit: int = 10) -> list[str]:
+    """Problems of a store that claims to be complete (empty list = fine), at most `limit` of them.
+
+    Always: every array has every tile, every sample was written, the tile table matches, and every written
+    tile's chunk exists (file, object or shard-index entry). `deep` also reads every chunk of every written
+    tile, checks its crc32c checksum and size, and checks every label value against the classes."""
+    problems: list[str] = []
+    uri = store.location.uri
+    access = ObjectAccess(store.location) if store.location.remote else None
+    k, ignore = len(store.classes), store.ignore_index
+
+    def whole(key: str) -> bytes | None:
+        if access is not None:
+            return access.get(key)
+        try:
+            return (store.location.path / key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    for split in store.splits:
+        group = store.split(split)
+        n = group["label"].shape[0]
+        names = [name for name in group.array_keys() if name != "done"]
+        for name in [*store.modalities, "valid"]:
+            if name not in names or group[name].shape[0] != n:
+                problems.append(f"{split}/{name} is missing or does not have {n} tiles")
+        done = np.asarray(group["done"][:])
+        if not done.all():
+            problems.append(f"{split}: {int((~done).sum())} samples were never written")
+        meta = store.tiles_meta(split)
+        if len(meta) != n:
+            problems.append(f"{split}: the tile table does not match the {n} tiles")
+        if problems:
+            return problems[:limit]
+        written = [i for i, m in enumerate(meta) if m is not None]
+        for name in names:
+            reader = crop_reader(group[name], store.object_source(cache=False), uri, verify=True)
+            if not isinstance(reader, TileReader):
+                continue  # a layout this code does not write; zarr reads it
+            by_object: dict[str, list[int]] = {}
+            for tile in written:
+                by_object.setdefault(reader.layout.object_of(tile)[0], []).append(tile)
+            for key, tiles in by_object.items():
+                try:
+                    problem = _verify_object(reader, key, tiles, whole if deep else None, name == "label", k, ignore)
+                except DataError as err:
+                    problem = str(err)
+                if problem:
+                    problems.append(problem)
+                    if len(problems) >= limit:
+                        return problems
+    return problems
+
+
+def _verify_object(reader: TileReader, key: str, tiles: list[int], whole: Any, is_label: bool, num_classes: int,
+                   ignore_index: int) -> str | None:
+    """One object's problem: a written tile without its chunk; with `whole` (deep) also checksums and labels."""
+    if whole is None:  # quick: presence only, through the reader's own lookup (files, indexes, ranged reads)
+        for tile in tiles:
+            reader._encoded(tile)
+        return None
+    data = whole(key)
+    if data is None:
+        return f"store {reader.store_name}: {reader.layout.path} tile {tiles[0]} has no chunk ({key})"
+    reader.check_object(key, data)
+    raw = np.frombuffer(data, dtype=np.uint8)
+    for tile in tiles:
+        if reader.layout.sharded:
+            n = reader.layout.index_nbytes
+            index = reader._parse_index(raw[:n] if reader.layout.index_at_start else raw[-n:], key, tile)
+            offset, length = (int(v) for v in index[tile % reader.layout.tiles_per_object])
+            if offset == 2**64 - 1:
+                return f"store {reader.store_name}: {reader.layout.path} tile {tile} has no shard index entry ({key})"
+            chunk = raw[offset:offset + length]
+        else:
+            chunk = raw
+        if is_label:
+            value = _label_problem(reader.decode(tile, chunk, False), num_classes, ignore_index)
+            if value is not None:
+                split = reader.layout.path.split("/")[0]
+                return str(label_value_error(reader.store_name, split, tile, value, num_classes, ignore_index))
+    return None

@@ -101,7 +101,7 @@ EXTRA_TRUSTED_TARGETS = frozenset(f"segplat.models.encoders.mit.mit_b{i}" for i 
 # Hydra's instantiate keys that only steer how a trusted target is called
 _BUILD_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
 # dataset keys that say where to read and write on the machine that trained; never taken from a checkpoint
-DATASET_LOCATION_KEYS = ("store_dir", "store_path")
+DATASET_LOCATION_KEYS = ("store_dir", "store_path", "store_uri", "cache_dir")
 
 
 def _targets_in(node: Any) -> Iterator[str]:

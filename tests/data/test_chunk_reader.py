@@ -1,4 +1,6 @@
-"""The memory-map read path of raw store chunks gives exactly what zarr gives, or falls back to zarr."""
+"""Tiles read from their chunk bytes (memory maps, shards, compressed chunks) give exactly what zarr gives;
+damage (a missing chunk of a written tile, a wrong size, a checksum mismatch, a bad label value) is an error
+naming the store, array and tile; unknown layouts fall back to zarr."""
 
 from __future__ import annotations
 
@@ -10,10 +12,10 @@ import pytest
 import torch
 import zarr
 
-from segplat.data.chunk_reader import ChunkCropReader, InMemoryArray, crop_reader, fast_path_problem
+from segplat.data.chunk_reader import InMemoryArray, TileReader, crop_reader, fast_path_problem
 from segplat.data.dataset import PatchDataset, collate
 from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef
-from segplat.data.store import compressor_codecs, prepare_store
+from segplat.data.store import PatchStore, compressor_codecs, prepare_store, verify_store
 from segplat.errors import DataError
 
 KEYS = [  # the ways PatchDataset and its helpers index a store array
@@ -36,16 +38,21 @@ def _values(dtype: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.
     return rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
 
 
-def _array(tmp_path: Path, dtype: str, shape: tuple[int, ...], compressor: str | None = None, **kw) -> zarr.Array:
-    """A store array like prepare_store writes: one tile per chunk; tile 3 is never written (fill value)."""
+def _array(tmp_path: Path, dtype: str, shape: tuple[int, ...], compressor: str | None = None, per_shard: int = 1,
+           **kw) -> zarr.Array:
+    """A store array as prepare_store writes it: one tile per chunk (optionally N per shard), crc32c, every written
+    tile stored even when it equals the fill value; tile 3 is never written."""
     group = zarr.open_group(str(tmp_path / "s.zarr"), mode="a", zarr_format=3)
     fill = {"bool": False}.get(dtype, np.nan if "f" in dtype else 7)
-    arr = group.create_array(f"a_{dtype.replace('>', 'be')}_{len(shape)}_{compressor}", shape=shape,
-                             chunks=(1, *shape[1:]), dtype=dtype, fill_value=fill,
-                             compressors=compressor_codecs(compressor), **kw)
+    name = f"a_{dtype.replace('>', 'be')}_{len(shape)}_{compressor}_{per_shard}"
+    shards = (per_shard, *shape[1:]) if per_shard > 1 else None
     rng = np.random.default_rng(len(shape))
-    for t in (0, 1, 2, 4):
-        arr[t] = _values(dtype, shape[1:], rng)
+    with zarr.config.set({"array.write_empty_chunks": True}):  # read when the array object is made
+        arr = group.create_array(name, shape=shape, chunks=(1, *shape[1:]), shards=shards, dtype=dtype,
+                                 fill_value=fill, compressors=compressor_codecs(compressor), **kw)
+        for t in (0, 1, 2, 4):
+            arr[t] = _values(dtype, shape[1:], rng)
+        arr[2] = np.full(shape[1:], fill, dtype=dtype)  # equals the fill value and is still stored
     return arr
 
 
@@ -54,73 +61,102 @@ def _same(got: np.ndarray, want: np.ndarray) -> None:
     np.testing.assert_array_equal(got, want)  # NaN positions must agree too
 
 
+def _chunk_file(arr: zarr.Array, tile: int) -> Path:
+    reader = crop_reader(arr)
+    return Path(arr.store_path.store.root) / reader.layout.object_of(tile)[0]
+
+
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32", "bool", "int16", ">u2"])
 @pytest.mark.parametrize("shape", [(5, 3, 16, 16), (5, 4, 2, 8, 16)], ids=["4d", "5d-temporal"])
 def test_memmap_crops_equal_zarr(tmp_path: Path, dtype: str, shape: tuple[int, ...]) -> None:
     kw = {"serializer": zarr.codecs.BytesCodec(endian="big")} if dtype.startswith(">") else {}
     arr = _array(tmp_path, dtype, shape, **kw)
     reader = crop_reader(arr)
-    assert isinstance(reader, ChunkCropReader), fast_path_problem(arr)
-    assert not reader.chunk_path(3).exists()  # the fill-value chunk really is missing on disk
-    for key in [*KEYS, (3,), (3, Ellipsis, slice(2, 9), slice(0, 4))]:
+    assert isinstance(reader, TileReader), fast_path_problem(arr)
+    assert not _chunk_file(arr, 3).exists() and _chunk_file(arr, 2).exists()
+    for key in KEYS:
         _same(reader[key], np.asarray(arr[key]))
     crop = reader[1, ..., 0:4, 0:4]
     crop[...] = 0  # a plain writable copy: augmentations may work in place without touching the store
     _same(reader[1, ..., 0:4, 0:4], np.asarray(arr[1, ..., 0:4, 0:4]))
 
 
+@pytest.mark.parametrize("compressor", [None, "zstd", "lz4"])
+@pytest.mark.parametrize("per_shard", [1, 2, 5])
+def test_compressed_and_sharded_tiles_equal_zarr(tmp_path: Path, compressor: str | None, per_shard: int) -> None:
+    arr = _array(tmp_path, "uint16", (5, 3, 16, 16), compressor, per_shard)
+    reader = crop_reader(arr, verify=True)
+    assert isinstance(reader, TileReader) and reader.layout.tiles_per_object == per_shard
+    assert reader.layout.checksum
+    for key in KEYS:
+        _same(reader[key], np.asarray(arr[key]))
+    files = sorted(p for p in Path(arr.store_path.store.root, arr.path).rglob("*") if p.is_file() and
+                   p.name != "zarr.json")
+    assert len(files) == {1: 4, 2: 3, 5: 1}[per_shard]  # tiles 0,1,2,4 in one object each, or per shard
+    with pytest.raises(DataError, match=f"{arr.path} tile 3 has no (chunk|shard index entry)"):
+        reader[3, ..., 0:4, 0:4]  # never written: the store marks no such tile, so reading it is damage
+
+
 def test_label_like_array_and_other_keys_defer_to_zarr(tmp_path: Path) -> None:
     arr = _array(tmp_path, "uint8", (5, 16, 16))
     reader = crop_reader(arr)
-    assert isinstance(reader, ChunkCropReader)
+    assert isinstance(reader, TileReader)
     for key in [(1, slice(2, 10), slice(3, 9)), (slice(0, 2),), (1, slice(0, 16, 2)), ([0, 2],)]:
         _same(reader[key], np.asarray(arr[key]))
     with pytest.raises(IndexError):
         reader[5]
 
 
-@pytest.mark.parametrize("compressor", ["zstd", "lz4"])
-def test_compressed_arrays_fall_back_to_zarr_or_memory(tmp_path: Path, compressor: str) -> None:
-    arr = _array(tmp_path, "uint16", (5, 3, 16, 16), compressor)
-    assert "codecs" in fast_path_problem(arr)
-    assert crop_reader(arr, in_memory_bytes=arr.nbytes - 1) is arr
-    small = crop_reader(arr, in_memory_bytes=arr.nbytes)
-    assert isinstance(small, InMemoryArray)
-    for key in [*KEYS, (3,), (slice(1, 4), 0)]:
-        _same(small[key], np.asarray(arr[key]))
-    small[1][...] = 0  # reads are copies: the kept array is never changed by a caller
-    _same(small[1], np.asarray(arr[1]))
-
-
-def test_sharded_and_multi_chunk_arrays_fall_back(tmp_path: Path) -> None:
+def test_unknown_layouts_fall_back_to_zarr_or_memory(tmp_path: Path) -> None:
     group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
-    sharded = group.create_array("sh", shape=(2, 16, 16), shards=(1, 16, 16), chunks=(1, 8, 8), dtype="uint8",
-                                 compressors=None)
-    split = group.create_array("sp", shape=(2, 16, 16), chunks=(1, 8, 16), dtype="uint8", compressors=None)
-    memory = zarr.create_array(zarr.storage.MemoryStore(), shape=(2, 16, 16), chunks=(1, 16, 16), dtype="uint8",
-                               compressors=None)
-    assert "codecs" in fast_path_problem(sharded)
+    part_tiles = group.create_array("sh", shape=(2, 16, 16), shards=(1, 16, 16), chunks=(1, 8, 8), dtype="uint8")
+    split = group.create_array("sp", shape=(2, 16, 16), chunks=(1, 8, 16), dtype="uint8")
+    gzip = group.create_array("gz", shape=(2, 16, 16), chunks=(1, 16, 16), dtype="uint8",
+                              compressors=[zarr.codecs.GzipCodec()])
+    memory = zarr.create_array(zarr.storage.MemoryStore(), shape=(2, 16, 16), chunks=(1, 16, 16), dtype="uint8")
+    assert "whole tiles" in fast_path_problem(part_tiles)
     assert "chunks" in fast_path_problem(split)
-    assert "local file store" in fast_path_problem(memory)
-    for arr in (sharded, split, memory):
+    assert "codecs" in fast_path_problem(gzip)
+    for arr in (part_tiles, split, gzip, memory):
         assert crop_reader(arr, in_memory_bytes=0) is arr
+    small = crop_reader(gzip, in_memory_bytes=gzip.nbytes)
+    assert isinstance(small, InMemoryArray)
+    small[1][...] = 3  # reads are copies: the kept array is never changed by a caller
+    _same(small[1], np.asarray(gzip[1]))
 
 
 @pytest.mark.parametrize("size", [0, 100, 2000])
-def test_damaged_chunk_file_is_a_clear_data_error(tmp_path: Path, size: int) -> None:
+def test_truncated_chunk_file_is_a_clear_data_error(tmp_path: Path, size: int) -> None:
     arr = _array(tmp_path, "uint16", (5, 3, 16, 16))
     reader = crop_reader(arr)
-    path = reader.chunk_path(1)
+    path = _chunk_file(arr, 1)
     path.write_bytes(path.read_bytes()[:size] + b"\0" * max(0, size - path.stat().st_size))
-    with pytest.raises(DataError, match=f"{path}.*is {size} bytes.*must be {3 * 16 * 16 * 2}"):
+    with pytest.raises(DataError, match=f"{arr.path} tile 1 has a chunk of .*bytes.*damaged"):
         reader[1, ..., 0:4, 0:4]
-    _same(reader[2, ..., 0:4, 0:4], np.asarray(arr[2, ..., 0:4, 0:4]))  # other tiles still read
+    _same(reader[0, ..., 0:4, 0:4], np.asarray(arr[0, ..., 0:4, 0:4]))  # other tiles still read
+
+
+@pytest.mark.parametrize("per_shard", [1, 5])
+def test_flipped_bytes_fail_the_checksum_when_verified(tmp_path: Path, per_shard: int) -> None:
+    arr = _array(tmp_path, "uint16", (5, 3, 16, 16), per_shard=per_shard)
+    good = np.asarray(arr[1])
+    path = _chunk_file(arr, 1)
+    data = bytearray(path.read_bytes())
+    offset = (3 * 16 * 16 * 2 + 4 if per_shard > 1 else 0) + 10  # in a shard tile 1 follows tile 0 + its crc32c
+    data[offset] ^= 0xFF  # same size, one byte changed inside tile 1's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"{arr.path} tile 1 has a chunk whose checksum does not match"):
+        crop_reader(arr, verify=True)[1, ..., 0:2, 0:2]
+    unverified = crop_reader(arr, verify=False)[1]  # dataset.verify=once/off: checked up front, not per read
+    assert (unverified != good).any()
+    with pytest.raises(ValueError, match="checksum"):  # zarr's own crc32c codec agrees that the chunk is damaged
+        arr[1]
 
 
 def test_open_maps_are_bounded_and_not_pickled(tmp_path: Path) -> None:
     arr = _array(tmp_path, "uint16", (5, 3, 16, 16))
-    reader = ChunkCropReader(arr, max_open=2)
-    for t in range(5):
+    reader = TileReader(arr, crop_reader(arr).source, max_open=2)
+    for t in (0, 1, 2, 4):
         reader[t, ..., 0:2, 0:2]
     assert len(reader._maps) == 2
     clone = pickle.loads(pickle.dumps(reader))
@@ -164,13 +200,29 @@ def raw_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return prepare_store(_TinyLayout(str(path.parent)), path, 32, "none", progress=False)
 
 
-def test_patch_dataset_on_a_compressed_store_reads_as_before(tmp_path: Path) -> None:
-    path = prepare_store(_TinyLayout(str(tmp_path)), tmp_path / "lz4.zarr", 32, "lz4", progress=False)
+@pytest.mark.parametrize(("compressor", "per_shard"), [("lz4", 1), ("none", 3), ("zstd", 2)])
+def test_patch_dataset_on_compressed_and_sharded_stores(tmp_path: Path, compressor: str, per_shard: int) -> None:
+    path = prepare_store(_TinyLayout(str(tmp_path)), tmp_path / "s.zarr", 32, compressor, progress=False,
+                         tiles_per_shard=per_shard)
     fast = PatchDataset(str(path), "train", 16, train=True, patches_per_tile=2)
     slow = PatchDataset(str(path), "train", 16, train=True, patches_per_tile=2, chunk_memmap=False)
-    assert not any(isinstance(r, ChunkCropReader) for r in (fast._open()[k] for k in ("image", "series", "label")))
+    assert all(isinstance(r, TileReader) for r in (fast._open()[k] for k in ("image", "series", "label")))
     for i in range(len(fast)):
         _check_same(fast[i], slow[i])
+    assert verify_store(PatchStore(path), deep=True) == []
+
+
+def test_label_values_out_of_range_stop_with_the_tile(tmp_path: Path) -> None:
+    path = prepare_store(_TinyLayout(str(tmp_path)), tmp_path / "s.zarr", 32, "none", progress=False)
+    label = zarr.open_array(str(path / "train" / "label"), mode="r+")
+    tile = label[2][...]
+    tile[5, 5] = 9  # three classes and ignore 255: 9 is neither (a valid chunk with a valid checksum)
+    label[2] = tile
+    ds = PatchDataset(str(path), "train", 32, train=False)
+    with pytest.raises(DataError, match=r"train/label tile 2 holds the value 9, outside the 3 classes"):
+        [ds[i] for i in range(len(ds))]
+    problems = verify_store(PatchStore(path), deep=True)
+    assert len(problems) == 1 and "train/label tile 2 holds the value 9" in problems[0]
 
 
 def _check_same(a: dict, b: dict) -> None:
@@ -185,8 +237,7 @@ def test_patch_dataset_memmap_equals_zarr_path(raw_store: Path) -> None:
         slow = PatchDataset(str(raw_store), "train", 16, train=train, patches_per_tile=3, class_balanced=balanced,
                             chunk_memmap=False)
         handles = fast._open()
-        assert all(isinstance(handles[k], ChunkCropReader) for k in ("image", "series", "label"))
-        assert isinstance(handles["series_dates"], ChunkCropReader)  # dates follow the store's compressor (none)
+        assert all(isinstance(handles[k], TileReader) for k in ("image", "series", "label", "series_dates"))
         for i in range(len(fast)):
             _check_same(fast[i], slow[i])
 

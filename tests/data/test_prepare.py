@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from segplat.data import store as store_module
 from segplat.data.fake import WRITERS, writer
 from segplat.data.fake import main as fake_main
 from segplat.data.fake.clouds import write_fake
@@ -66,7 +67,7 @@ class _Crashing(CloudsLayout):
         return super().read(ref)
 
 
-def test_resume_after_a_crash_reads_only_the_rest(tmp_path: Path) -> None:
+def test_resume_after_a_crash_reads_only_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = write_fake(tmp_path / "clouds", num_train=6, num_test=0)
     path = tmp_path / "s.zarr"
     with pytest.raises(KeyboardInterrupt):
@@ -76,17 +77,18 @@ def test_resume_after_a_crash_reads_only_the_rest(tmp_path: Path) -> None:
         PatchStore(path)
     second = _Crashing(str(root), crash_at=None)
     prepare_store(second, path, 64, progress=False)
-    assert second.reads == 6  # nothing was flushed before the crash (flushes come every 16 samples) ...
+    assert second.reads == 6  # nothing was flushed before the crash (flushes come every 5 s) ...
     store = PatchStore(path)
     assert len({m["source"] for m in store.tiles_meta("train") if m}) == 6  # ... and nothing is lost
-    # a crash after a flush: the flushed samples are not read again
+    # a crash after a flush: the flushed samples are not read again (here a flush before every sample)
+    monkeypatch.setattr(store_module, "META_FLUSH_SECONDS", 0.0)
     big = write_fake(tmp_path / "big", num_train=20, num_test=0)
     path2 = tmp_path / "s2.zarr"
     with pytest.raises(KeyboardInterrupt):
         prepare_store(_Crashing(str(big), crash_at=19), path2, 64, progress=False)
     third = _Crashing(str(big), crash_at=None)
     prepare_store(third, path2, 64, progress=False)
-    assert third.reads == 4
+    assert third.reads == 2  # the sample that crashed and the last one
     assert len({m["source"] for m in PatchStore(path2).tiles_meta("train") if m}) == 20
 
 
@@ -106,3 +108,82 @@ def test_configs_declare_root_and_ignore_index(name: str) -> None:
     cfg = compose_train([f"dataset={name}"])
     assert cfg.dataset.requires_root is True and cfg.dataset.ignore_index == 255 and len(cfg.dataset.root_hint) > 20
     assert cfg.dataset.name == name
+
+
+def _compose_prepare(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="prepare", overrides=overrides)
+
+
+TINY_STORE = ["dataset.layout.num_train=4", "dataset.layout.num_val=2", "dataset.layout.scene_size=64",
+              "dataset.tile_size=32", "dataset.patch_size=32", "trainer.progress=false"]
+
+
+def _damage(path: Path, how: str) -> str:
+    """Damage tile 3 of train/rgb; returns the array name the error must mention."""
+    chunk = path / "train" / "rgb" / "c" / "3" / "0" / "0" / "0"
+    if how == "deleted":
+        chunk.unlink()
+    else:
+        data = bytearray(chunk.read_bytes())
+        data[100] ^= 0x5A  # same size, different bytes
+        chunk.write_bytes(bytes(data))
+    return "train/rgb tile 3"
+
+
+@pytest.mark.parametrize("how", ["deleted", "flipped"])
+def test_a_damaged_store_is_never_called_verified(tmp_path: Path, how: str, capsys: pytest.CaptureFixture) -> None:
+    from segplat.data.datamodule import DataModule
+    from segplat.prepare import prepare, print_summary
+
+    store_dir = tmp_path / "stores"
+    cfg = _compose_prepare([*TINY_STORE, f"dataset.store_dir={store_dir}"])
+    path, summary = prepare(cfg)
+    assert summary["verified"] is None
+    path, summary = prepare(cfg)
+    print_summary(Path(path), summary)
+    assert "verified (every chunk present, every checksum and label value checked)" in capsys.readouterr().out
+    where = _damage(Path(path), how)
+    quick = _compose_prepare([*TINY_STORE, f"dataset.store_dir={store_dir}", "verify=quick"])
+    if how == "deleted":  # presence is checked even by the quick verification
+        with pytest.raises(DataError, match=f"is damaged: store .*{where} has no chunk"):
+            prepare(quick)
+    else:  # same-size bytes: only checksums see them
+        assert prepare(quick)[1]["verified"] == "quick"
+    with pytest.raises(DataError, match=f"is damaged: store .*{where} .*(no chunk|checksum does not match)"):
+        prepare(cfg)
+    # training checks a local store once per machine: the recorded result stops it before the first epoch
+    dm = instantiate_dm(cfg.dataset)
+    with pytest.raises(DataError, match=f"store {path} is damaged: .*{where}"):
+        dm.setup()
+    # with the checks switched off, a missing chunk still stops the read, naming the store, array and tile
+    off = DataModule(**{**_plain(cfg.dataset), "verify": "off"})
+    off.setup()
+    ds = off.dataset("train", train=False)
+    if how == "deleted":
+        with pytest.raises(DataError, match=f"store {path}: {where} has no chunk"):
+            [ds[i] for i in range(len(ds))]
+    # force=true rebuilds it, and the rebuilt store is clean
+    forced = _compose_prepare([*TINY_STORE, f"dataset.store_dir={store_dir}", "force=true"])
+    assert prepare(forced)[1]["verified"] is None
+    assert prepare(cfg)[1]["verified"] == "deep"
+    instantiate_dm(cfg.dataset).setup()
+
+
+def _plain(dataset_cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    out = OmegaConf.to_container(dataset_cfg, resolve=True)
+    out.pop("_target_")
+    out.pop("_recursive_", None)
+    return out
+
+
+def instantiate_dm(dataset_cfg):
+    from hydra.utils import instantiate
+
+    return instantiate(dataset_cfg)

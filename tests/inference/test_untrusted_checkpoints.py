@@ -145,11 +145,13 @@ def test_pretrained_paths_and_store_locations_never_come_from_a_checkpoint(clean
         cfg["model"]["encoder"]["pretrained"] = str(tmp_path / "not-here.safetensors")
         cfg["dataset"]["store_path"] = str(tmp_path / "elsewhere.zarr")
         cfg["dataset"]["store_dir"] = str(tmp_path / "elsewhere")
+        cfg["dataset"]["store_uri"] = "s3://someone-elses-bucket/x.zarr"
+        cfg["dataset"]["cache_dir"] = str(tmp_path / "cache")
 
     ckpt = crafted(clean_state, tmp_path, edit)
     loaded = load_for_inference(ckpt)  # the missing pretrained file is not opened: the checkpoint's weights count
     assert loaded.config.model.encoder.pretrained is None
-    assert "store_path" not in loaded.config.dataset and "store_dir" not in loaded.config.dataset
+    assert not {"store_path", "store_dir", "store_uri", "cache_dir"} & set(loaded.config.dataset)
     assert set(loaded.config) == {"model", "dataset"}
 
 
