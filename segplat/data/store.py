@@ -71,9 +71,10 @@ def compressor_codecs(name: str | None, checksum: bool = True) -> list[Any]:
 
 def store_fingerprint(layout: Layout, tile_size: int, compressor: str | None = "none",
                       tiles_per_shard: int = 1) -> str:
-    """The one definition of what makes two stores the same (layout, tiling, on-disk encoding, format)."""
+    """The one definition of what makes two stores the same (layout, its source files, tiling, on-disk encoding,
+    format): a file added, removed or rewritten under the root means another store, never a stale one."""
     extra: dict[str, Any] = {"tile_size": int(tile_size), "format": STORE_FORMAT_VERSION,
-                             "compressor": compressor or "none"}
+                             "compressor": compressor or "none", "sources": layout.sources_digest()}
     if int(tiles_per_shard) > 1:
         extra["tiles_per_shard"] = int(tiles_per_shard)
     return layout.fingerprint(extra)
@@ -227,7 +228,7 @@ class StoreWriter:
 
     def _build(self) -> Path | str:
         started = time.time()
-        splits = self.layout.scan()
+        splits = self.layout.scanned()
         if not any(splits.values()):
             raise DataError(f"no samples found under {self.layout.root} for dataset {self.layout.name}; "
                             "check dataset.root.")

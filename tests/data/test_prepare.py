@@ -187,3 +187,34 @@ def instantiate_dm(dataset_cfg):
     from hydra.utils import instantiate
 
     return instantiate(dataset_cfg)
+
+
+def test_files_changed_under_the_root_give_a_new_store_never_a_stale_one(tmp_path: Path) -> None:
+    """Rewriting, adding or removing a source file changes the fingerprint, so training re-prepares."""
+    import shutil
+
+    import cv2
+    import numpy as np
+
+    from tests.data.conftest import prepared
+
+    root = tmp_path / "clouds"
+    write_fake(root)
+    _, first = prepared("clouds", root)
+    _, same = prepared("clouds", root)
+    assert same.location.uri == first.location.uri  # nothing changed: the store is reused
+    label = sorted((root / "train" / "label").glob("*.png"))[0]
+    image = cv2.imread(str(label))
+    image[...] = (0, 0, 255)  # every pixel thick cloud (BGR red), the same file name
+    cv2.imwrite(str(label), image)
+    _, rewritten = prepared("clouds", root)
+    assert rewritten.location.uri != first.location.uri
+    split, tile = next((s, i) for s in ("train", "val") for i, m in enumerate(rewritten.tiles_meta(s))
+                       if m and Path(m["source"]).name == label.name)
+    new, old = (np.asarray(st.reader(split, "label")[tile]) for st in (rewritten, first))
+    assert not np.array_equal(new, old)  # the new store holds the rewritten labels
+    for sub in ("rgb", "ngr", "label"):  # a sample removed
+        victim = sorted((root / "train" / sub).glob("*.png"))[-1]
+        shutil.move(victim, tmp_path / f"{sub}_{victim.name}")
+    _, removed = prepared("clouds", root)
+    assert removed.location.uri not in (first.location.uri, rewritten.location.uri)

@@ -10,6 +10,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -109,6 +110,27 @@ class Layout(ABC):
     @abstractmethod
     def read(self, ref: SampleRef) -> Sample:
         """Read one sample; raise DataError naming the file on anything wrong."""
+
+    def scanned(self) -> dict[str, list[SampleRef]]:
+        """`scan()` once per layout object: the store's fingerprint and its writer see the same listing."""
+        if getattr(self, "_scanned", None) is None:
+            self._scanned = self.scan()
+        return self._scanned
+
+    def sources_digest(self) -> str:
+        """A digest of every source file a store is built from (split, sample, path, size, mtime), so that files
+        added, removed or rewritten under the root give another fingerprint, never a stale store."""
+        h = hashlib.sha256()
+        for split, refs in sorted(self.scanned().items()):
+            for ref in refs:
+                h.update(f"{split}\0{ref.id}\0".encode())
+                for key, path in sorted(ref.files.items()):
+                    try:
+                        st = os.stat(path)
+                        h.update(f"{key}\0{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+                    except OSError:  # the layout reports unreadable files when it reads them
+                        h.update(f"{key}\0{path}\0missing\0".encode())
+        return h.hexdigest()[:16]
 
     @classmethod
     def config_keys(cls) -> list[str]:
