@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from segplat.errors import ConfigError
-from segplat.models.decoders.aspp_gated import ASPP, conv_bn_act
+from segplat.models.decoders.aspp_gated import ASPP
+from segplat.models.layers import conv_bn_act
 
 
 class DeepLabV3PlusDecoder(nn.Module):
