@@ -83,7 +83,7 @@ def _reference_logits(ref, x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(ref(pixel_values=x).logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-@pytest.mark.parametrize("name", ["mit_b0", "mit_b2"])
+@pytest.mark.parametrize("name", ["mit_b0", pytest.param("mit_b2", marks=pytest.mark.slow)])
 def test_save_pretrained_loads_encoder_and_head_to_the_reference_logits(name: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     ref = _reference(name)
