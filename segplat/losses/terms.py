@@ -103,27 +103,42 @@ class OhemCrossEntropyLoss(CrossEntropyLoss):
     than `min_kept` pixels are valid, all are kept; else the threshold is the larger of `thresh`
     and the `min_kept`-th smallest probability, and pixels whose probability is <= the threshold
     are kept (so at least `min_kept` hard pixels count even when the model is confident). The
-    loss is the cross-entropy averaged over the kept pixels. The selection carries no gradient."""
+    loss is the cross-entropy averaged over the kept pixels. The selection carries no gradient.
 
-    def __init__(self, thresh: float = 0.7, min_kept: int = 100_000, class_weights: Sequence[float] | None = None,
-                 label_smoothing: float = 0.0, ignore_index: int = 255) -> None:
+    `min_kept` counts pixels per batch (per device batch under DDP), as CMX's `OhemCrossEntropy2d`
+    does; mmseg's `OHEMPixelSampler(min_kept=...)` counts per image and multiplies by the batch size.
+    Give `min_kept_per_image` (with `min_kept=null`) to use an mmseg config's figure as it is: the
+    batch figure is then `min_kept_per_image` x the batch size of each call."""
+
+    def __init__(self, thresh: float = 0.7, min_kept: int | None = 100_000,
+                 class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0, ignore_index: int = 255,
+                 min_kept_per_image: int | None = None) -> None:
         super().__init__(class_weights, label_smoothing, ignore_index)
         if not 0.0 < float(thresh) <= 1.0:
             raise ConfigError(f"loss thresh={thresh} must be a probability in (0, 1].")
-        if int(min_kept) < 0:
-            raise ConfigError(f"loss min_kept={min_kept} must be >= 0.")
+        if (min_kept is None) == (min_kept_per_image is None):
+            raise ConfigError(f"loss min_kept={min_kept} and min_kept_per_image={min_kept_per_image}: give exactly one "
+                              "(min_kept per batch as in CMX, or min_kept_per_image as in mmseg, the other null).")
+        count = min_kept if min_kept is not None else min_kept_per_image
+        if int(count) < 0:
+            raise ConfigError(f"loss min_kept={min_kept} / min_kept_per_image={min_kept_per_image} must be >= 0.")
         self.thresh = float(thresh)
-        self.min_kept = int(min_kept)
+        self.min_kept = None if min_kept is None else int(min_kept)
+        self.min_kept_per_image = None if min_kept_per_image is None else int(min_kept_per_image)
+
+    def batch_min_kept(self, batch_size: int) -> int:
+        return self.min_kept if self.min_kept is not None else self.min_kept_per_image * batch_size
 
     @torch.no_grad()
     def kept_mask(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        min_kept = self.batch_min_kept(logits.shape[0])
         num_valid = int(valid.sum())
-        if num_valid == 0 or num_valid < self.min_kept:
+        if num_valid == 0 or num_valid < min_kept:
             return valid
         prob = F.softmax(logits, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
         threshold = torch.tensor(self.thresh, device=prob.device)
-        if self.min_kept > 0:
-            kth = prob[valid].kthvalue(self.min_kept).values
+        if min_kept > 0:
+            kth = prob[valid].kthvalue(min_kept).values
             threshold = torch.maximum(threshold, kth)
         return valid & (prob <= threshold)
 

@@ -3,8 +3,16 @@
 Per stage: both streams run their MiT stage; an FRM rectifies each with the other and the
 rectified maps feed the next stage; an FFM fuses the pair into the map the SegFormer MLP decoder
 reads. Any of MiT-B0…B5 builds the variant it names (the official code's `mit_b1` builds B0's
-dims; here each name is checked against the SegFormer configuration). Both streams can start from
-one SegFormer checkpoint (`pretrained`), the X stream's first conv adapted to its channel count.
+dims, which cannot even run with B1's decoder channels, so no official B1 checkpoint exists; here each name
+builds the SegFormer configuration it names). `pretrained` is a local file:
+- an official CMX checkpoint (`.pth` of `huaaaliu/RGBX_Semantic_Segmentation`, MiT-B0…B5 + MLPDecoder):
+  the whole model loads (`segplat.models.convert.cmx`), to the official logits; another class count keeps
+  all but the classifier, said in one log line;
+- a SegFormer/MiT checkpoint: both streams start from it, the X stream's first conv adapted to its
+  channel count.
+
+The decoder is the official one: the SegFormer MLP head with a biased fuse conv and BatchNorm eps 1e-3
+(the official `C.bn_eps`; the FFMs' BatchNorms keep PyTorch's 1e-5, as officially).
 
 The fusion is CMX's own and fixed (`fusion=frm_ffm`, which the preset selects); any other level or type
 is refused. `fusion.stages` (null = all four) picks the stages that get an FRM and an FFM; at any other
@@ -22,6 +30,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from segplat.models.base import SegmentationModel
+from segplat.models.convert.cmx import is_official_cmx, load_cmx_official
+from segplat.models.convert.mit import read_weights
 from segplat.models.decoders.segformer_head import SegFormerHead, segformer_embed_dim
 from segplat.models.encoders.mit import build_mit
 from segplat.models.fusion import FusionSpec
@@ -29,6 +39,7 @@ from segplat.models.fusion.cmx import FeatureFusionModule, FeatureRectifyModule,
 from segplat.models.segmenter import SegmentationHead
 
 MIT_HEADS = (1, 2, 5, 8)
+OFFICIAL_BN_EPS = 1e-3  # the official config's C.bn_eps, set on the decoder's BatchNorm by its init_weight
 
 
 class CMX(SegmentationModel):
@@ -46,8 +57,8 @@ class CMX(SegmentationModel):
         super().__init__(modalities, num_classes)
         f = self.check_fusion(fusion, len(self.modalities))
         self.encoders = nn.ModuleList(
-            build_mit(backbone, in_chans=c, pretrained=pretrained, drop_path_rate=drop_path_rate)
-            for c in self.modalities.values())
+            build_mit(backbone, in_chans=c, drop_path_rate=drop_path_rate) for c in self.modalities.values())
+        self.backbone = self.encoders[0].name
         dims = self.encoders[0].out_channels
         self.fused_stages = f.fused_stages(len(dims), "the MiT pyramid")
         self.fusion = nn.ModuleDict({
@@ -57,8 +68,17 @@ class CMX(SegmentationModel):
         })
         self.fusion.apply(init_cmx_weights)
         width = decoder_embed_dim or segformer_embed_dim(backbone)
-        self.decoder = SegFormerHead(dims, self.encoders[0].reductions, width)
+        self.decoder = SegFormerHead(dims, self.encoders[0].reductions, width, fuse_bias=True,
+                                     norm_eps=OFFICIAL_BN_EPS)
         self.head = SegmentationHead(width, num_classes, dropout)
+        self.load_report: dict[str, list[str]] | None = None
+        if pretrained:
+            raw = read_weights(pretrained)
+            if is_official_cmx(list(raw)):
+                self.load_report = load_cmx_official(self, raw, pretrained)
+            else:
+                for encoder in self.encoders:
+                    encoder.load_pretrained(pretrained, raw)
 
     @classmethod
     def fusion_stage_count(cls, config: Mapping[str, Any]) -> int:

@@ -3,6 +3,11 @@
 Multi-modal inputs are fused early: the modalities are concatenated along channels (coarser streams
 upsampled to the primary size first) and the first patch embedding takes them all; pretrained
 3-channel weights are adapted to that channel count.
+
+`pretrained` (a local transformers, NVlabs/mmseg 0.x or segplat SegFormer checkpoint) loads the encoder and,
+when the file has one, the decode head: with the same class count the classifier too (logits equal
+transformers' `SegformerForSemanticSegmentation`), with another class count everything but the classifier,
+said in one log line. A head of another width is refused naming `model.decoder_embed_dim`.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import torch
 from torch.nn import functional as F
 
 from segplat.models.base import SegmentationModel
+from segplat.models.convert.mit import read_weights
+from segplat.models.convert.segformer_head import load_segformer_head
 from segplat.models.decoders.segformer_head import SegFormerHead, segformer_embed_dim
 from segplat.models.encoders.mit import build_mit
 from segplat.models.segmenter import SegmentationHead
@@ -30,11 +37,15 @@ class SegFormer(SegmentationModel):
                  drop_path_rate: float = 0.1, dropout: float = 0.1) -> None:
         super().__init__(modalities, num_classes)
         self.check_fusion(fusion, len(self.modalities))
-        self.encoder = build_mit(backbone, in_chans=sum(self.modalities.values()), pretrained=pretrained,
-                                 drop_path_rate=drop_path_rate)
+        self.encoder = build_mit(backbone, in_chans=sum(self.modalities.values()), drop_path_rate=drop_path_rate)
         width = decoder_embed_dim or segformer_embed_dim(backbone)
         self.decoder = SegFormerHead(self.encoder.out_channels, self.encoder.reductions, width)
         self.head = SegmentationHead(width, num_classes, dropout)
+        self.head_report: dict[str, object] | None = None
+        if pretrained:
+            raw = read_weights(pretrained)  # one read for the encoder and the head
+            self.encoder.load_pretrained(pretrained, raw)
+            self.head_report = load_segformer_head(self.decoder, self.head[-1], raw, pretrained)
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.check_inputs(inputs)

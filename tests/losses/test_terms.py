@@ -148,6 +148,8 @@ CASES = [
     ("ohem_thresh", lambda: OhemCrossEntropyLoss(0.6, 5, ignore_index=IGNORE), lambda lg, t: ref_ohem(lg, t, 0.6, 5)),
     ("ohem_too_few", lambda: OhemCrossEntropyLoss(0.3, 10_000, ignore_index=IGNORE),
      lambda lg, t: ref_ohem(lg, t, 0.3, 10_000)),
+    ("ohem_per_image", lambda: OhemCrossEntropyLoss(0.3, None, min_kept_per_image=7, ignore_index=IGNORE),
+     lambda lg, t: ref_ohem(lg, t, 0.3, 7 * lg.shape[0])),  # mmseg's convention: per image x batch size
     ("dice_exclude", lambda: DiceLoss(1.0, "exclude", ignore_index=IGNORE),
      lambda lg, t: ref_dice(lg, t, 1.0, "exclude")),
     ("dice_include", lambda: DiceLoss(0.5, "include", ignore_index=IGNORE),
@@ -249,6 +251,8 @@ def test_bad_parameters_are_config_errors():
         DiceLoss(absent="sometimes")
     with pytest.raises(ConfigError, match="thresh"):
         OhemCrossEntropyLoss(thresh=1.5)
+    with pytest.raises(ConfigError, match="give exactly one"):
+        OhemCrossEntropyLoss(min_kept=100, min_kept_per_image=10)
     with pytest.raises(ConfigError, match="classes"):
         LovaszSoftmaxLoss(classes="most")
     logits, target = make_batch()

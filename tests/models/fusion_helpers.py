@@ -30,7 +30,8 @@ TINY: dict[str, tuple[list[str], dict[str, int]]] = {
                     "model.air.depths=[1,1,1,1]", "model.decoder.channels=[32,16,16]",
                     "model.decoder.aspp_channels=32"], {"image": 4, "air": 6}),
     "unet3d": (["model.widths=[8,16,16]", "model.heads=2"], {"s2": 4, "s1": 2}),
-    "ms2mnet": (["model.backbone=resnet10t", "model.decoder_channels=[32,16,16,16]", "model.vfe_stages=[3]"],
+    "ms2mnet": (["model.backbone=resnet10t", "model.decode_channels=32", "model.state_dims=[4,4,4,4]",
+                 "model.vfe_mlp_ratio=1.0"],
                 {"image": 3, "dsm": 1}),
 }
 
@@ -46,6 +47,9 @@ def _name(module: nn.Module) -> str:
 
 def built_fusion(model: nn.Module) -> dict[str, str]:
     """Where the built model fuses streams -> the fusion module's class name; {} for one stream."""
+    if isinstance(model, MS2MNet):  # the release's names: waseFusion1..4, one per ResNet stage
+        return {str(i): _name(getattr(model, f"waseFusion{i + 1}")) for i in range(4)
+                if hasattr(model, f"waseFusion{i + 1}")}
     fusion = getattr(model, "fusion", None)
     if fusion is None:
         return {}
@@ -82,7 +86,7 @@ def named_fusion(cfg: DictConfig, model: nn.Module, pyramid_depth: int) -> dict[
         film = set(cfg.model.film_stages)
         return {str(s): "FiLMGateFusion" if s in film else "CrossAttentionFusion" for s in stages}
     if isinstance(model, MS2MNet):
-        return {str(s): "WaseVfe" for s in stages}
+        return {str(s): "WASEFusion" for s in stages}
     module = _class_name(f["module"]["_target_"]) if f.get("module") else _type_modules()[f["type"]]
     if f["level"] == "late":
         return {"final": module}
@@ -95,12 +99,16 @@ def named_fusion(cfg: DictConfig, model: nn.Module, pyramid_depth: int) -> dict[
 
 def stream_encoders(model: nn.Module) -> int:
     """How many encoders the built model runs (one for early fusion, one per stream otherwise)."""
+    if isinstance(model, MS2MNet):
+        return 2  # rgb_backbone and dsm_backbone, as released
     encoders = getattr(model, "encoders", None)
     return 1 if encoders is None else len(encoders)
 
 
 def pyramid_depth(model: nn.Module) -> int:
     """The number of stages of the built model's (first) encoder."""
+    if isinstance(model, MS2MNet):
+        return len(model.rgb_backbone.out_channels) if hasattr(model.rgb_backbone, "out_channels") else 4
     encoders = getattr(model, "encoders", None)
     first = model.encoder if encoders is None else next(iter(encoders.values() if hasattr(encoders, "values")
                                                               else encoders))

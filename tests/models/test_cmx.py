@@ -13,7 +13,8 @@ from hydra.utils import instantiate
 from segplat.config import check_config
 from segplat.errors import ConfigError
 from segplat.models.cmx import CMX
-from segplat.models.encoders.mit import MIT_SETTINGS, mit_b0, to_nvlabs_state_dict
+from segplat.models.convert.mit import to_nvlabs_state_dict
+from segplat.models.encoders.mit import MIT_SETTINGS, mit_b0
 from segplat.models.fusion.cmx import CrossAttention, FeatureFusionModule, FeatureRectifyModule
 from segplat.models.weights import adapt_input_weight
 from tests.conftest import TINY, compose_train

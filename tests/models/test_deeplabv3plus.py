@@ -92,3 +92,25 @@ def test_preset_composes_and_trains_a_step(tmp_path, fusion):
 def test_a_list_width_from_shared_overrides_is_accepted():
     dec = DeepLabV3PlusDecoder([16, 32, 64], [4, 8, 16], channels=[24, 16, 16, 16])
     assert dec.out_channels == 24
+
+
+# segmentation_models_pytorch 0.6.0, smp.DeepLabV3Plus(encoder_name="resnet50", encoder_weights=None, classes=6),
+# counted with smp installed outside the project's environment (it is no dependency); computed live when importable
+SMP_RESNET50_6_CLASSES = 26_678_870
+
+
+def test_parameter_count_is_smps_within_a_few_hundred() -> None:
+    try:
+        import segmentation_models_pytorch as smp
+
+        with torch.device("meta"):
+            reference = sum(p.numel() for p in smp.DeepLabV3Plus("resnet50", encoder_weights=None,
+                                                                  classes=6).parameters())
+    except ImportError:
+        reference = SMP_RESNET50_6_CLASSES
+    cfg = compose_train(["model=deeplabv3plus"])
+    with torch.device("meta"):
+        model = instantiate(cfg.model, modalities={"rgb": 3}, num_classes=6)
+    n = sum(p.numel() for p in model.parameters())
+    assert model.decoder.aspp.branches[1][0].groups == model.decoder.aspp.branches[1][0].in_channels  # separable
+    assert abs(n - reference) <= 300, (n, reference)  # smp's pooling branch: BatchNorm (512) vs our conv bias (256)

@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from segplat.errors import CheckpointError, ConfigError
+from segplat.models.convert.mit import convert_mit_state_dict, to_nvlabs_state_dict
 from segplat.models.encoders.mit import (
     MIT_SETTINGS,
     build_mit,
-    convert_mit_state_dict,
     mit_b0,
     mit_b1,
     mit_b2,
-    to_nvlabs_state_dict,
 )
 from segplat.models.weights import adapt_input_weight
 
@@ -72,7 +71,7 @@ def test_configuration_matches_segformer() -> None:
     assert b1.stages[0].embed.proj.kernel_size == (7, 7) and b1.stages[0].embed.proj.stride == (4, 4)
     assert stage.blocks[0].mlp.fc1.out_features == 4 * 320 and stage.blocks[0].mlp.dwconv.groups == 4 * 320
     assert stage.blocks[0].norm1.eps == 1e-6
-    rates = [blk.drop_path for s in b1.stages for blk in s.blocks]
+    rates = [blk.drop_path.drop_prob for s in b1.stages for blk in s.blocks]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates)
     assert not hasattr(b1.stages[3].blocks[0].attn, "sr")  # ratio 1 in the last stage
 
@@ -198,7 +197,7 @@ def test_wrong_files_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no MiT/SegFormer encoder weights"):
         mit_b0(pretrained=tmp_path / "resnet.pth")
     torch.save(to_nvlabs_state_dict(mit_b1()), tmp_path / "b1.pth")
-    with pytest.raises(CheckpointError, match="same MiT variant"):
+    with pytest.raises(CheckpointError, match="it holds mit_b1: set the backbone to mit_b1"):
         mit_b0(pretrained=tmp_path / "b1.pth")
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(ConfigError, match="save_pretrained folder"):

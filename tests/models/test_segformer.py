@@ -11,8 +11,9 @@ from hydra.utils import instantiate
 from torch.nn import functional as F
 
 from segplat.config import check_config
-from segplat.errors import ConfigError
+from segplat.errors import CheckpointError, ConfigError
 from segplat.models.decoders.segformer_head import SegFormerHead
+from segplat.models.encoders.mit import MIT_SETTINGS
 from segplat.models.segformer import SegFormer
 from tests.conftest import compose_train
 from tests.models.base_tester import ModelTester
@@ -58,29 +59,98 @@ def test_sizes_match_transformers_semantic_segmentation() -> None:
     assert abs(n / 1e6 - 27.5) < 0.1
 
 
-def test_logits_match_transformers_with_the_same_weights(tmp_path: Path) -> None:
-    """Encoder from a transformers checkpoint, decoder weights copied by hand: same logits as the reference."""
+def _reference(name: str, num_labels: int = 5):
+    """A transformers SegformerForSemanticSegmentation with random weights everywhere, BatchNorm included."""
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.SegformerConfig(num_labels=5)
+    dims, depths = MIT_SETTINGS[name]
+    cfg = transformers.SegformerConfig(hidden_sizes=list(dims), depths=list(depths), num_labels=num_labels,
+                                       decoder_hidden_size=256 if name in ("mit_b0", "mit_b1") else 768)
     ref = transformers.SegformerForSemanticSegmentation(cfg).eval()
-    for m in ref.modules():  # non-trivial BatchNorm statistics
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-    ref.save_pretrained(tmp_path)
-    ours = SegFormer({"rgb": 3}, 5, backbone="mit_b0", pretrained=str(tmp_path)).eval()
-    head = ref.decode_head
     with torch.no_grad():
-        for proj, mlp in zip(ours.decoder.proj, head.linear_projections):
-            proj.weight.copy_(mlp.proj.weight[:, :, None, None])
-            proj.bias.copy_(mlp.proj.bias)
-        ours.decoder.fuse[0].weight.copy_(head.linear_fuse.weight)
-        ours.decoder.fuse[1].load_state_dict(head.batch_norm.state_dict())
-        ours.head[1].load_state_dict(head.classifier.state_dict())
-        x = torch.randn(2, 3, 64, 64)
-        expected = F.interpolate(ref(pixel_values=x).logits, size=(64, 64), mode="bilinear", align_corners=False)
-        torch.testing.assert_close(ours({"rgb": x})["out"], expected, atol=1e-4, rtol=1e-4)
+        for m in ref.decode_head.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+            elif isinstance(m, torch.nn.Conv2d | torch.nn.Linear) and m.bias is not None:
+                m.bias.normal_(std=0.1)
+    return ref
+
+
+def _reference_logits(ref, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return F.interpolate(ref(pixel_values=x).logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+@pytest.mark.parametrize("name", ["mit_b0", pytest.param("mit_b2", marks=pytest.mark.slow)])
+def test_save_pretrained_loads_encoder_and_head_to_the_reference_logits(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ref = _reference(name)
+    ref.save_pretrained(tmp_path)
+    ours = SegFormer({"rgb": 3}, 5, backbone=name, pretrained=str(tmp_path)).eval()
+    assert ours.head_report == {"loaded": True, "classifier": True, "missing": []}
+    assert ours.encoder.load_report["missing"] == [] and ours.encoder.load_report["unexpected"] == []
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        out = ours({"rgb": x})["out"]
+    torch.testing.assert_close(out, _reference_logits(ref, x), atol=1e-5, rtol=1e-5)
+
+
+def test_nvlabs_names_load_to_the_same_logits(tmp_path: Path) -> None:
+    """The same weights under the NVlabs/mmseg 0.x names (encoder and `linear_c{i}`/`linear_fuse.conv`/`.bn`/
+    `linear_pred` head), as an mmseg `state_dict` checkpoint."""
+    from segplat.models.convert.mit import to_nvlabs_state_dict
+
+    torch.manual_seed(1)
+    ref = _reference("mit_b0")
+    ref.save_pretrained(tmp_path / "hf")
+    encoder = SegFormer({"rgb": 3}, 5, backbone="mit_b0", pretrained=str(tmp_path / "hf")).encoder
+    head = ref.decode_head
+    state = {f"backbone.{k}": v for k, v in to_nvlabs_state_dict(encoder).items()}
+    for i, mlp in enumerate(head.linear_projections):
+        state[f"decode_head.linear_c{i + 1}.proj.weight"] = mlp.proj.weight
+        state[f"decode_head.linear_c{i + 1}.proj.bias"] = mlp.proj.bias
+    state["decode_head.linear_fuse.conv.weight"] = head.linear_fuse.weight
+    state.update({f"decode_head.linear_fuse.bn.{k}": v for k, v in head.batch_norm.state_dict().items()})
+    state.update({f"decode_head.linear_pred.{k}": v for k, v in head.classifier.state_dict().items()})
+    torch.save({"state_dict": state, "meta": {"mmseg_version": "0.11.0"}}, tmp_path / "segformer.b0.pth")
+    ours = SegFormer({"rgb": 3}, 5, backbone="mit_b0", pretrained=str(tmp_path / "segformer.b0.pth")).eval()
+    ours.encoder.set_block_norm_eps(1e-5)  # these weights were made under transformers' eps
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = ours({"rgb": x})["out"]
+    torch.testing.assert_close(out, _reference_logits(ref, x), atol=1e-5, rtol=1e-5)
+
+
+def test_other_class_count_keeps_all_but_the_classifier(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(2)
+    ref = _reference("mit_b0", num_labels=150)
+    ref.save_pretrained(tmp_path)
+    with caplog.at_level("INFO", logger="segplat.models.convert.segformer_head"):
+        ours = SegFormer({"rgb": 3}, 6, backbone="mit_b0", pretrained=str(tmp_path))
+    assert ours.head_report["loaded"] and not ours.head_report["classifier"]
+    lines = [r.getMessage() for r in caplog.records if "classifier" in r.getMessage()]
+    assert len(lines) == 1 and "150 classes" in lines[0] and "predicts 6" in lines[0]
+    torch.testing.assert_close(ours.decoder.fuse[0].weight, ref.decode_head.linear_fuse.weight)
+    torch.testing.assert_close(ours.decoder.fuse[1].running_var, ref.decode_head.batch_norm.running_var)
+    last_proj = ref.decode_head.linear_projections[3].proj.weight
+    torch.testing.assert_close(ours.decoder.proj[3].weight[:, :, 0, 0], last_proj)
+    assert ours.head[1].weight.shape[0] == 6
+
+
+def test_a_head_of_another_width_is_refused_naming_the_key(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    _reference("mit_b0").save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"256 wide: set model\.decoder_embed_dim=256"):
+        SegFormer({"rgb": 3}, 5, backbone="mit_b0", pretrained=str(tmp_path), decoder_embed_dim=128)
+
+
+def test_an_encoder_only_checkpoint_leaves_the_head_at_its_initialisation(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    transformers.SegformerModel(transformers.SegformerConfig()).save_pretrained(tmp_path)
+    ours = SegFormer({"rgb": 3}, 5, backbone="mit_b0", pretrained=str(tmp_path))
+    assert ours.head_report == {"loaded": False, "classifier": False, "missing": []}
 
 
 def test_head_upsamples_every_stage_to_the_finest() -> None:

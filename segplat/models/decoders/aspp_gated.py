@@ -22,18 +22,7 @@ from torch.nn import functional as F
 
 from segplat.errors import ConfigError
 from segplat.models.encoders.convnext_stream import ConvNeXtBlock
-
-
-def conv_bn_act(cin: int, cout: int, k: int = 1, dilation: int = 1, act: type[nn.Module] = nn.ReLU,
-                separable: bool = False) -> nn.Sequential:
-    """k x k (optionally depth-wise separable, optionally atrous) conv + BN + activation."""
-    pad = dilation * (k // 2)
-    if separable and k > 1:
-        conv: list[nn.Module] = [nn.Conv2d(cin, cin, k, padding=pad, dilation=dilation, groups=cin, bias=False),
-                                 nn.Conv2d(cin, cout, 1, bias=False)]
-    else:
-        conv = [nn.Conv2d(cin, cout, k, padding=pad, dilation=dilation, bias=False)]
-    return nn.Sequential(*conv, nn.BatchNorm2d(cout), act())
+from segplat.models.layers import conv_bn_act
 
 
 class ASPP(nn.Module):

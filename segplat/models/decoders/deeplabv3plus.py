@@ -2,10 +2,14 @@
 
 ASPP (rates 12/24/36 + image pooling, 256 channels) on the deepest map; the stride-4 map projected to 48
 channels (so the low-level detail does not outweigh the 256 semantic channels); the ASPP output upsampled to
-stride 4, concatenated, two 3x3 conv + BN + ReLU. The Segmenter's head and its final resize give the x4
-upsampling to the input. With `model=deeplabv3plus` the encoder runs at output stride 16 (timm dilates the
-last stage, so a ResNet pyramid has reductions [2, 4, 8, 16, 16]); the decoder only needs *a* level at the
-low-level stride and takes the deepest map whatever its stride.
+stride 4, concatenated, two 3x3 conv + BN + ReLU. The atrous and decoder 3x3 convs are depth-wise separable
+(`separable=True`, the default), as in the paper and segmentation_models_pytorch: with a ResNet-50 and 6
+classes the model has 26,678,614 parameters against smp 0.6.0's 26,678,870 (256 fewer: smp's pooling branch
+has a BatchNorm where ours has a conv bias); `separable=False` gives plain 3x3 convs (40,348,070).
+The Segmenter's head and its final resize give the x4 upsampling to the input. With `model=deeplabv3plus` the
+encoder runs at output stride 16 (timm dilates the last stage, so a ResNet pyramid has reductions
+[2, 4, 8, 16, 16]); the decoder only needs *a* level at the low-level stride and takes the deepest map
+whatever its stride.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from segplat.errors import ConfigError
-from segplat.models.decoders.aspp_gated import ASPP, conv_bn_act
+from segplat.models.decoders.aspp_gated import ASPP
+from segplat.models.layers import conv_bn_act
 
 
 class DeepLabV3PlusDecoder(nn.Module):
@@ -30,7 +35,7 @@ class DeepLabV3PlusDecoder(nn.Module):
     def __init__(self, encoder_channels: Sequence[int], reductions: Sequence[int],
                  channels: int | Sequence[int] = 256, rates: Sequence[int] = (12, 24, 36),
                  low_level_channels: int = 48, low_level_stride: int = 4, aspp_dropout: float = 0.5,
-                 separable: bool = False) -> None:
+                 separable: bool = True) -> None:
         super().__init__()
         width = int(channels) if isinstance(channels, int) else int(next(iter(channels)))
         if width < 1:

@@ -4,6 +4,11 @@ As in the NVlabs/mmseg head (and transformers' SegformerDecodeHead): each stage 
 `embed_dim` before upsampling (cheap: the projection runs at the stage's own resolution), the maps
 are concatenated coarsest first, fused by a bias-free 1x1 conv + BatchNorm + ReLU. The classifier
 (dropout + 1x1 conv) belongs to the model. The MLP on tokens equals a 1x1 conv on the map.
+
+The official CMX code builds the same head with two differences, both kept by CMX here: the fuse conv has a
+bias (`fuse_bias=True`) and its BatchNorm eps is 1e-3 (`norm_eps`, the CMX config's `C.bn_eps`), which
+alone moves logits by ~3.5e-3 with equal weights. `segplat.models.convert.segformer_head` loads the heads of
+transformers, NVlabs/mmseg 0.x and CMX checkpoints.
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ def segformer_embed_dim(backbone: str) -> int:
 class SegFormerHead(nn.Module):
     """`encoder_channels`/`reductions` describe the pyramid (finest first); output at the finest stride."""
 
-    def __init__(self, encoder_channels: Sequence[int], reductions: Sequence[int], embed_dim: int = 256) -> None:
+    def __init__(self, encoder_channels: Sequence[int], reductions: Sequence[int], embed_dim: int = 256,
+                 fuse_bias: bool = False, norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.proj = nn.ModuleList(nn.Conv2d(c, embed_dim, 1) for c in encoder_channels)
         self.fuse = nn.Sequential(
-            nn.Conv2d(embed_dim * len(encoder_channels), embed_dim, 1, bias=False),
-            nn.BatchNorm2d(embed_dim),
+            nn.Conv2d(embed_dim * len(encoder_channels), embed_dim, 1, bias=fuse_bias),
+            nn.BatchNorm2d(embed_dim, eps=norm_eps),
             nn.ReLU(inplace=True),
         )
         self.out_channels = embed_dim

@@ -8,17 +8,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-def conv_bn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
+from segplat.models.layers import conv_bn_act
 
 
 class DecoderBlock(nn.Module):
     def __init__(self, cin: int, skip: int, cout: int) -> None:
         super().__init__()
-        self.conv1 = conv_bn_relu(cin + skip, cout)
-        self.conv2 = conv_bn_relu(cout, cout)
+        self.conv1 = conv_bn_act(cin + skip, cout, 3)
+        self.conv2 = conv_bn_act(cout, cout, 3)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         size = skip.shape[-2:] if skip is not None else (x.shape[-2] * 2, x.shape[-1] * 2)

@@ -15,7 +15,7 @@ under a 512x512 image is one cell per 8x8 pixels), so downsampling it the way an
 
 Downsampling uses a 3x3 stride-2 convolution (not ConvNeXt's 2x2 patchify) so odd grid sizes lose no cells.
 The blocks are the ConvNeXt ones (7x7 depth-wise conv, LayerNorm, 4x inverted MLP with GELU, layer scale,
-stochastic depth), also used by the ASPP-gated decoder's refinement stages.
+stochastic depth; LayerNorm2d and DropPath from timm), also used by the ASPP-gated decoder's refinement stages.
 """
 
 from __future__ import annotations
@@ -23,28 +23,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from timm.layers import DropPath, LayerNorm2d
 from torch import nn
-from torch.nn import functional as F
 
 from segplat.errors import ConfigError
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, H, W) map."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
-
-
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop the residual branch per sample, rescaling the kept ones."""
-    if p == 0.0 or not training:
-        return x
-    keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask / keep
 
 
 class ConvNeXtBlock(nn.Module):
@@ -60,14 +42,14 @@ class ConvNeXtBlock(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
         self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init)) if layer_scale_init > 0 else None
-        self.drop_path_rate = drop_path_rate
+        self.drop_path = DropPath(drop_path_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.dwconv(x).permute(0, 2, 3, 1)
         y = self.fc2(self.act(self.fc1(self.norm(y))))
         if self.gamma is not None:
             y = y * self.gamma
-        return x + drop_path(y.permute(0, 3, 1, 2), self.drop_path_rate, self.training)
+        return x + self.drop_path(y.permute(0, 3, 1, 2))
 
 
 class ConvNeXtStream(nn.Module):

@@ -15,32 +15,28 @@ it was saved by; an explicit `norm_eps` is never changed.
 `pretrained` is a local file or folder (runs never download) holding weights saved by
 `transformers` (SegformerModel / SegformerForSemanticSegmentation, v4 or v5 key names; .bin, .pt,
 .safetensors or a `save_pretrained` folder), by NVlabs/mmseg (`patch_embed1.proj.weight`,
-`block1.0.attn.q.weight`, optionally under `backbone.`), or by this module. Keys are converted,
-keys/values merged into our fused `kv` projection, the first conv adapted to `in_chans`, and missing
-or unexpected keys logged (and kept in `load_report`).
+`block1.0.attn.q.weight`, optionally under `backbone.`), or by this module. `segplat.models.convert.mit`
+converts the keys and merges keys/values into our fused `kv` projection; the first conv is adapted to
+`in_chans`, and missing or unexpected keys are logged (and kept in `load_report`). The variants are one
+table (`MIT_SETTINGS`); `mit_b0` … `mit_b5` are its named factories.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 from torch.nn import functional as F
 
-from segplat.errors import CheckpointError, ConfigError
-from segplat.models.weights import adapt_input_weight, load_state_file
+from segplat.errors import ConfigError
+from segplat.models.convert.mit import SOURCE_EPS, load_mit_weights
 
-log = logging.getLogger(__name__)
-
-NVLABS_EPS = 1e-6  # block and stage LayerNorms in the NVlabs code (and the published weights' training)
-TRANSFORMERS_EPS = 1e-5  # transformers' SegFormer uses the PyTorch default everywhere
+NVLABS_EPS = SOURCE_EPS["nvlabs"]  # block and stage LayerNorms in the NVlabs code (and its published weights)
 
 #: variant -> (embed dims, depths); heads 1/2/5/8, sr ratios 8/4/2/1 and mlp ratio 4 are shared
 MIT_SETTINGS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -51,15 +47,6 @@ MIT_SETTINGS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "mit_b4": ((64, 128, 320, 512), (3, 8, 27, 3)),
     "mit_b5": ((64, 128, 320, 512), (3, 6, 40, 3)),
 }
-
-
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop the whole residual branch per sample, rescaling the kept ones."""
-    if p == 0.0 or not training:
-        return x
-    keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask.div_(keep)
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -136,14 +123,11 @@ class MiTBlock(nn.Module):
         self.attn = EfficientAttention(dim, heads, sr_ratio, attn_drop, drop)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MixFFN(dim, int(dim * mlp_ratio), drop)
-        self.drop_path = drop_path_rate
+        self.drop_path = DropPath(drop_path_rate)
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        x = x + drop_path(self.attn(self.norm1(x), h, w), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x), h, w), self.drop_path, self.training)
-
-    def extra_repr(self) -> str:
-        return f"drop_path={self.drop_path:.3f}"
+        x = x + self.drop_path(self.attn(self.norm1(x), h, w))
+        return x + self.drop_path(self.mlp(self.norm2(x), h, w))
 
 
 class MiTStage(nn.Module):
@@ -207,11 +191,18 @@ class MixVisionTransformer(nn.Module):
             feats.append(x)
         return feats
 
-    def load_pretrained(self, path: str | Path) -> dict[str, list[str]]:
-        """Load a SegFormer/MiT checkpoint from a local file or folder; see the module docstring."""
-        report = load_mit_weights(self, path)
+    def load_pretrained(self, path: str | Path, raw: dict[str, torch.Tensor] | None = None) -> dict[str, list[str]]:
+        """Load a SegFormer/MiT checkpoint from a local file or folder (`raw`: its state dict, if read already)."""
+        report = load_mit_weights(self, path, raw)
         self.load_report = report
         return report
+
+    def set_block_norm_eps(self, eps: float) -> None:
+        """Set the eps of the block and stage LayerNorms (not the embedding / reduction ones, 1e-5 in every source)."""
+        for stage in self.stages:
+            stage.norm.eps = eps
+            for block in stage.blocks:
+                block.norm1.eps = block.norm2.eps = eps
 
 
 def init_mit_weights(m: nn.Module) -> None:
@@ -230,201 +221,6 @@ def init_mit_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-# --------------------------------------------------------------------------------------------- weights
-
-# Block sub-module names of each source (transformers v5, transformers v4, NVlabs/mmseg, ours) -> ours.
-# The names do not collide across sources, so one table converts any of them.
-_BLOCK_NAMES: dict[str, str] = {
-    "layernorm_before": "norm1", "layer_norm_1": "norm1", "norm1": "norm1",
-    "layernorm_after": "norm2", "layer_norm_2": "norm2", "norm2": "norm2",
-    "attention.q_proj": "attn.q", "attention.self.query": "attn.q", "attn.q": "attn.q",
-    "attention.k_proj": "attn.k", "attention.self.key": "attn.k",
-    "attention.v_proj": "attn.v", "attention.self.value": "attn.v",
-    "attn.kv": "attn.kv",
-    "attention.sequence_reduction.sequence_reduction": "attn.sr", "attention.self.sr": "attn.sr",
-    "attn.sr": "attn.sr",
-    "attention.sequence_reduction.layer_norm": "attn.sr_norm", "attention.self.layer_norm": "attn.sr_norm",
-    "attn.norm": "attn.sr_norm", "attn.sr_norm": "attn.sr_norm",
-    "attention.o_proj": "attn.proj", "attention.output.dense": "attn.proj", "attn.proj": "attn.proj",
-    "mlp.fc1": "mlp.fc1", "mlp.dense1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2", "mlp.dense2": "mlp.fc2",
-    "mlp.dwconv.dwconv": "mlp.dwconv", "mlp.dwconv": "mlp.dwconv",
-}
-_EMBED_NAMES: dict[str, str] = {"proj": "proj", "layer_norm": "norm", "norm": "norm"}
-
-# (pattern, kind): groups are (stage, [block,] rest); NVlabs counts stages from 1
-_LAYOUTS: list[tuple[re.Pattern[str], str, int]] = [
-    (re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$"), "block", 0),          # ours, transformers v5
-    (re.compile(r"^encoder\.block\.(\d+)\.(\d+)\.(.+)$"), "block", 0),          # transformers v4
-    (re.compile(r"^block(\d+)\.(\d+)\.(.+)$"), "block", 1),                     # NVlabs / mmseg
-    (re.compile(r"^stages\.(\d+)\.(?:embed|patch_embeddings)\.(.+)$"), "embed", 0),
-    (re.compile(r"^encoder\.patch_embeddings\.(\d+)\.(.+)$"), "embed", 0),
-    (re.compile(r"^patch_embed(\d+)\.(.+)$"), "embed", 1),
-    (re.compile(r"^stages\.(\d+)\.(?:norm|layer_norm)\.(.+)$"), "norm", 0),
-    (re.compile(r"^encoder\.layer_norm\.(\d+)\.(.+)$"), "norm", 0),
-    (re.compile(r"^norm(\d+)\.(.+)$"), "norm", 1),
-]
-_PREFIXES = ("module.", "backbone.", "segformer.", "model.")
-# heads of the checkpoints' own tasks (and a segplat SegFormer's decoder): expected in the file, not the encoder's
-_HEAD_PREFIXES = ("decode_head.", "auxiliary_head.", "head.", "classifier.", "decoder.")
-
-
-def _split_param(rest: str) -> tuple[str, str]:
-    module, _, param = rest.rpartition(".")
-    return module, param
-
-
-_TRANSFORMERS_MARKERS = re.compile(
-    r"(^|\.)(encoder\.block\.|encoder\.patch_embeddings\.|stages\.\d+\.patch_embeddings\.)")
-_NVLABS_MARKERS = re.compile(r"(^|\.)(block\d+\.\d+\.|patch_embed\d+\.)")
-
-
-def checkpoint_source(keys: Sequence[str]) -> str:
-    """Which code saved a state dict: "transformers", "nvlabs" (also mmseg, CMX) or "segplat"."""
-    if any(_TRANSFORMERS_MARKERS.search(k) for k in keys):
-        return "transformers"
-    if any(_NVLABS_MARKERS.search(k) for k in keys):
-        return "nvlabs"
-    return "segplat"
-
-
-def convert_mit_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str],
-                                                                         list[str]]:
-    """Any known SegFormer/MiT key layout -> ours. Returns (converted, unrecognised keys, ignored head keys)."""
-    out: dict[str, torch.Tensor] = {}
-    unknown: list[str] = []
-    heads: list[str] = []
-    pending_kv: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        k = key
-        changed = True
-        while changed:
-            changed = False
-            for p in _PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-            if k.startswith("encoder.stages."):  # a segplat SegFormer/Segmenter state dict
-                k, changed = k[len("encoder."):], True
-        if k.startswith(_HEAD_PREFIXES):
-            heads.append(key)
-            continue
-        new = None
-        for pattern, kind, base in _LAYOUTS:
-            m = pattern.match(k)
-            if not m:
-                continue
-            stage = int(m.group(1)) - base
-            if kind == "block":
-                module, param = _split_param(m.group(3))
-                name = _BLOCK_NAMES.get(module)
-                if name is not None:
-                    new = f"stages.{stage}.blocks.{m.group(2)}.{name}.{param}"
-            elif kind == "embed":
-                module, param = _split_param(m.group(2))
-                name = _EMBED_NAMES.get(module)
-                if name is not None:
-                    new = f"stages.{stage}.embed.{name}.{param}"
-            elif m.group(2) in ("weight", "bias"):
-                new = f"stages.{stage}.norm.{m.group(2)}"
-            break
-        if new is None:
-            unknown.append(key)
-        elif new.split(".")[-2] in ("k", "v") and ".attn." in new:
-            base_key, part = new.rsplit(".", 2)[0], new.split(".")[-2:]
-            pending_kv.setdefault(f"{base_key}.kv.{part[1]}", {})[part[0]] = value
-        else:
-            out[new] = value
-    for key, parts in pending_kv.items():
-        if set(parts) == {"k", "v"}:
-            out[key] = torch.cat([parts["k"], parts["v"]], dim=0)
-        else:
-            unknown.append(f"{key} (only {''.join(parts)})")
-    return out, unknown, heads
-
-
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a file, or from a `save_pretrained` folder (single or sharded)."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-            index = p / index_name
-            if index.is_file():
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                state: dict[str, torch.Tensor] = {}
-                for shard in shards:
-                    state.update(load_state_file(p / shard))
-                return state
-        for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth"):
-            if (p / name).is_file():
-                return load_state_file(p / name)
-        raise ConfigError(f"pretrained={path} is a folder without model.safetensors or pytorch_model.bin; point it "
-                          "at a save_pretrained folder or a weights file.")
-    return load_state_file(p)
-
-
-def load_mit_weights(model: MixVisionTransformer, path: str | Path) -> dict[str, list[str]]:
-    """Convert, adapt the first conv to `model.in_chans`, check shapes and load non-strictly; log the report."""
-    raw = read_weights(path)
-    state, unknown, heads = convert_mit_state_dict(raw)
-    if not state:
-        raise CheckpointError(f"pretrained={path} holds no MiT/SegFormer encoder weights (first keys: "
-                              f"{list(raw)[:3]}); point it at a SegFormer or MiT checkpoint.")
-    own = model.state_dict()
-    first = "stages.0.embed.proj.weight"
-    adapted = []
-    if first in state and state[first].shape[1] != model.in_chans:
-        state[first] = adapt_input_weight(state[first], model.in_chans)
-        adapted.append(first)
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-           if k in own and v.shape != own[k].shape]
-    if bad:
-        raise CheckpointError(f"pretrained={path} does not fit {model.name} ({len(bad)} shape mismatches, e.g. "
-                              f"{bad[0]}); use the checkpoint of the same MiT variant.")
-    source = checkpoint_source(list(raw))
-    if model.auto_eps:
-        set_block_norm_eps(model, TRANSFORMERS_EPS if source == "transformers" else NVLABS_EPS)
-    result = model.load_state_dict(state, strict=False)
-    report = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys) + unknown,
-              "ignored_heads": heads, "adapted": adapted}
-    loaded = len(state) - len(result.unexpected_keys)
-    log.info("%s: loaded %d tensors from %s (saved by %s; %d head tensors ignored%s)", model.name, loaded, path,
-             source, len(heads), f", first conv adapted to {model.in_chans} channels" if adapted else "")
-    if report["missing"]:
-        log.warning("%s: %d keys missing from %s: %s", model.name, len(report["missing"]), path,
-                    report["missing"][:8])
-    if report["unexpected"]:
-        log.warning("%s: %d unexpected keys in %s: %s", model.name, len(report["unexpected"]), path,
-                    report["unexpected"][:8])
-    return report
-
-
-def set_block_norm_eps(model: MixVisionTransformer, eps: float) -> None:
-    """Set the eps of the block and stage LayerNorms (not the embedding / reduction ones, 1e-5 in every source)."""
-    for stage in model.stages:
-        stage.norm.eps = eps
-        for block in stage.blocks:
-            block.norm1.eps = block.norm2.eps = eps
-
-
-def to_nvlabs_state_dict(model: MixVisionTransformer) -> dict[str, torch.Tensor]:
-    """Our weights under the NVlabs/mmseg key names (for exchanging weights with that code)."""
-    inverse_block = {"norm1": "norm1", "norm2": "norm2", "attn.q": "attn.q", "attn.kv": "attn.kv", "attn.sr": "attn.sr",
-                     "attn.sr_norm": "attn.norm", "attn.proj": "attn.proj", "mlp.fc1": "mlp.fc1",
-                     "mlp.fc2": "mlp.fc2", "mlp.dwconv": "mlp.dwconv.dwconv"}
-    out = {}
-    for key, value in model.state_dict().items():
-        parts = key.split(".")
-        stage = int(parts[1]) + 1
-        if parts[2] == "blocks":
-            module, param = _split_param(".".join(parts[4:]))
-            out[f"block{stage}.{parts[3]}.{inverse_block[module]}.{param}"] = value
-        elif parts[2] == "embed":
-            out[f"patch_embed{stage}.{'.'.join(parts[3:])}"] = value
-        else:
-            out[f"norm{stage}.{parts[-1]}"] = value
-    return out
-
-
 # --------------------------------------------------------------------------------------------- factories
 
 def build_mit(name: str, in_chans: int = 3, pretrained: str | Path | None = None, drop_path_rate: float = 0.1,
@@ -438,31 +234,21 @@ def build_mit(name: str, in_chans: int = 3, pretrained: str | Path | None = None
                                 pretrained=pretrained, name=key, **kwargs)
 
 
-def mit_b0(in_chans: int = 3, pretrained: str | Path | None = None, drop_path_rate: float = 0.1,
-           **kwargs: Any) -> MixVisionTransformer:
-    return build_mit("mit_b0", in_chans, pretrained, drop_path_rate, **kwargs)
+def _variant(name: str) -> Callable[..., MixVisionTransformer]:
+    """A named factory for one MiT variant (the config files' `_target_: segplat.models.encoders.mit.mit_b1`)."""
+
+    def build(in_chans: int = 3, pretrained: str | Path | None = None, drop_path_rate: float = 0.1,
+              **kwargs: Any) -> MixVisionTransformer:
+        return build_mit(name, in_chans, pretrained, drop_path_rate, **kwargs)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"MiT-{name[-2:].upper()} (dims, depths = {MIT_SETTINGS[name]}); see `build_mit`."
+    return build
 
 
-def mit_b1(in_chans: int = 3, pretrained: str | Path | None = None, drop_path_rate: float = 0.1,
-           **kwargs: Any) -> MixVisionTransformer:
-    return build_mit("mit_b1", in_chans, pretrained, drop_path_rate, **kwargs)
-
-
-def mit_b2(in_chans: int = 3, pretrained: str | Path | None = None, drop_path_rate: float = 0.1,
-           **kwargs: Any) -> MixVisionTransformer:
-    return build_mit("mit_b2", in_chans, pretrained, drop_path_rate, **kwargs)
-
-
-def mit_b3(in_chans: int = 3, pretrained: str | Path | None = None, drop_path_rate: float = 0.1,
-           **kwargs: Any) -> MixVisionTransformer:
-    return build_mit("mit_b3", in_chans, pretrained, drop_path_rate, **kwargs)
-
-
-def mit_b4(in_chans: int = 3, pretrained: str | Path | None = None, drop_path_rate: float = 0.1,
-           **kwargs: Any) -> MixVisionTransformer:
-    return build_mit("mit_b4", in_chans, pretrained, drop_path_rate, **kwargs)
-
-
-def mit_b5(in_chans: int = 3, pretrained: str | Path | None = None, drop_path_rate: float = 0.1,
-           **kwargs: Any) -> MixVisionTransformer:
-    return build_mit("mit_b5", in_chans, pretrained, drop_path_rate, **kwargs)
+mit_b0 = _variant("mit_b0")
+mit_b1 = _variant("mit_b1")
+mit_b2 = _variant("mit_b2")
+mit_b3 = _variant("mit_b3")
+mit_b4 = _variant("mit_b4")
+mit_b5 = _variant("mit_b5")
