@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from segplat.errors import ConfigError, DataError
 from segplat.inference import LoadedModel, SlidingWindowPredictor, colourise, load_for_inference, overlay, preview_rgb
-from segplat.utils.task import run_dir_of, task_wrapper
+from segplat.utils.task import CONF_DIR, run_dir_of, task_wrapper, with_config_hints
 
 log = logging.getLogger("segplat")
 NODATA_CLASS = 255
@@ -201,10 +201,12 @@ def predict(cfg: DictConfig) -> Path:
     return out_dir
 
 
-@hydra.main(config_path="../conf", config_name="predict", version_base="1.3")
-def main(cfg: DictConfig) -> Path:
+@hydra.main(config_path=str(CONF_DIR), config_name="predict", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> Path:
     return task_wrapper(predict)(cfg)
 
+
+main = with_config_hints(hydra_main, "predict")  # an unknown option or key: Hydra's message + a "did you mean", exit 2
 
 if __name__ == "__main__":
     main()

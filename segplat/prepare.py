@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from segplat.config import register_resolvers
 from segplat.data.store import COMPLETE_MARKER, PatchStore, is_complete, read_marker
 from segplat.errors import DataError, SegplatError
+from segplat.utils.task import CONF_DIR, with_config_hints
 
 log = logging.getLogger("segplat")
 register_resolvers()
@@ -102,8 +103,8 @@ def print_summary(path: Path, summary: dict[str, Any]) -> None:
             print(f"  - {note}")
 
 
-@hydra.main(config_path="../conf", config_name="prepare", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@hydra.main(config_path=str(CONF_DIR), config_name="prepare", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
     try:
         path, summary = prepare(cfg)
     except SegplatError as err:
@@ -112,6 +113,8 @@ def main(cfg: DictConfig) -> None:
     print_summary(path, summary)
     print(f"store: {path}", flush=True)
 
+
+main = with_config_hints(hydra_main, "prepare")  # an unknown option or key: Hydra's message + a "did you mean", exit 2
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,7 @@ from segplat.engine.checkpoint import RunFacts
 from segplat.engine.loggers import Tracker
 from segplat.errors import ConfigError
 from segplat.utils.seed import seed_everything
-from segplat.utils.task import run_dir_of, save_resolved_config, task_wrapper, with_config_hints
+from segplat.utils.task import CONF_DIR, run_dir_of, save_resolved_config, task_wrapper, with_config_hints
 
 log = logging.getLogger("segplat")
 register_resolvers()
@@ -72,7 +72,8 @@ def train(cfg: DictConfig) -> float:
     )
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+# an absolute config path: the same conf/ for `python -m segplat.train` and the `segplat-train` console script
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float:
     return task_wrapper(train)(cfg)
 

@@ -229,36 +229,37 @@ def resume_point(run_dir: Path, resume: str | None, overwrite: bool = False, mai
     is cleared, and the log says so. Only the main process changes files; every rank decides alike.
     """
     run_dir = Path(run_dir)
-    if resume in (None, "", "none", False):
-        resume = None
+    resume = None if resume in (None, "", "none", False) else str(resume)
     if overwrite and resume is not None:
         raise ConfigError(f"trainer.overwrite=true starts {run_dir} from scratch and trainer.resume={resume} continues "
                           "it; set only one of them.")
     if main_process:
         remove_stale_temporaries(run_dir)
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
-    if resume is not None and resume != "auto":
+    records = metrics_records(run_dir)
+    if resume not in (None, "auto"):
         path = find_checkpoint(resume, key="trainer.resume")
-        if (checkpoints or metrics_records(run_dir)) and path.resolve().parent != (run_dir / "checkpoints").resolve():
+        if (checkpoints or records) and path.resolve().parent != (run_dir / "checkpoints").resolve():
             raise ConfigError(f"trainer.resume={resume} continues another run, but run folder {run_dir} already holds "
                               "one; give a new run_name for the continued run.")
         return ResumePoint(path)
     if resume == "auto" and LAST in checkpoints:
         return ResumePoint(run_dir / "checkpoints" / LAST)
-    records = metrics_records(run_dir)
-    if not checkpoints and not records:
-        return ResumePoint()
+    if checkpoints or records:
+        start_again(run_dir, resume, overwrite, checkpoints, records, main_process)
+    return ResumePoint()
+
+
+def start_again(run_dir: Path, resume: str | None, overwrite: bool, checkpoints: list[str], records: int,
+                main_process: bool) -> None:
+    """A start from scratch in a folder with history: clear it (overwrite, or auto with no checkpoint) or refuse."""
     held = ", ".join([f"checkpoints/{c}" for c in checkpoints] + ([f"metrics.jsonl ({records} records)"] if records
                                                                    else []))
     if overwrite:
-        if main_process:
-            clear_history(run_dir)
-        log.warning("trainer.overwrite=true: cleared %s from %s; training starts from scratch", held, run_dir)
+        reason = "trainer.overwrite=true: cleared %s from %s; training starts from scratch"
     elif resume == "auto" and not checkpoints:
-        if main_process:
-            clear_history(run_dir)
-        log.warning("trainer.resume=auto: %s has no checkpoint yet (the run stopped before its first one was "
-                    "complete); starting it from scratch and clearing its %s", run_dir, held)
+        reason = ("trainer.resume=auto: no checkpoint yet (the run stopped before its first one was complete), so "
+                  "%s of %s were cleared and the run starts from scratch")
     elif resume == "auto":
         raise ConfigError(f"trainer.resume=auto: {run_dir} holds {held} but no checkpoints/{LAST} to resume from; "
                           "give trainer.resume=<a training checkpoint>, a new run_name, or trainer.overwrite=true to "
@@ -266,7 +267,9 @@ def resume_point(run_dir: Path, resume: str | None, overwrite: bool = False, mai
     else:
         raise ConfigError(f"run folder {run_dir} already holds a run ({held}); continue it with trainer.resume=auto, "
                           "choose a new run_name, or set trainer.overwrite=true to start it again from scratch.")
-    return ResumePoint()
+    if main_process:
+        clear_history(run_dir)
+    log.warning(reason, held, run_dir)
 
 
 # -- the stored config of an untrusted checkpoint ----------------------------------------------------

@@ -96,7 +96,7 @@ def with_config_hints(hydra_main: Callable[[], Any], config_name: str) -> Callab
 
 # Hydra flags that take a value (the value is not an override)
 _VALUE_FLAGS = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-p", "--package",
-                "--experimental-rerun", "-i", "--info"}
+                "--experimental-rerun", "-i", "--info", "-c", "--cfg", "-sc", "--shell-completion"}
 
 
 def overrides_of(argv: Sequence[str]) -> list[str] | None:

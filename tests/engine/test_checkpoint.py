@@ -88,7 +88,7 @@ def test_resume_auto_after_a_kill_during_the_first_save(tmp_path, caplog):
         start = resume_point(run, "auto")
     assert start.path is None and start.load() is None
     assert not tmp.exists() and not (run / "metrics.jsonl").exists()
-    assert "has no checkpoint yet" in caplog.text and "metrics.jsonl (1 records)" in caplog.text
+    assert "no checkpoint yet" in caplog.text and "metrics.jsonl (1 records)" in caplog.text
     assert "removed 1 temporary file" in caplog.text
 
 
