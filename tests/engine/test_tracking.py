@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -105,8 +106,12 @@ def mlflow_server(tmp_path):
         wait_for_server(url, proc, timeout=180)
         yield url, tmp_path / "server_artifacts"
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # uvicorn's graceful shutdown can take longer on a loaded machine
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 
 
 @pytest.mark.slow
