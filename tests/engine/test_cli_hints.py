@@ -14,6 +14,8 @@ from segplat.utils.task import config_error_hint, overrides_of
     (["logger=[jsonl,mlfow]"], "logger=mlfow is not an option of logger (conf/logger/); did you mean logger=mlflow?"),
     (["model=cmx", "model.backbon=mit_b0"], "model.backbon is not a key of model; did you mean model.backbone?"),
     (["optimizer=adamw", "--cfg", "job", "trainer.max_epoch=1"], "did you mean trainer.max_epochs?"),
+    (["logger.mlflow.tracking_uri=http://h:5000"], "mlflow is an option of logger that this run does not select; "
+                                                   "select it with logger=mlflow"),
 ])
 def test_near_misses_get_a_suggestion(argv, hint):
     assert hint in config_error_hint("train", argv)
