@@ -187,8 +187,9 @@ def _unknown_key(key: str, config_name: str, other_overrides: Sequence[str]) -> 
     wrong = parts[len(known)]
     group = "/".join(known)
     if known and (CONF_DIR / group / f"{wrong}.yaml").is_file():  # e.g. logger.mlflow.tracking_uri without mlflow
-        return (f"{key}: {wrong} is an option of {group} that this run does not select; select it with "
-                f"{group}={wrong} (a list such as {group}=[jsonl,{wrong}] where several are taken).")
+        several = f" or, beside others, {group}=[jsonl,{wrong}]" if group == "logger" else ""
+        return f"{key}: {wrong} is an option of {group} that this run does not select; select it with {group}={wrong}" \
+            f"{several}."
     candidates = [str(k) for k in node] if OmegaConf.is_dict(node) else []
     near = difflib.get_close_matches(wrong, candidates, n=1, cutoff=0.5)
     parent = ".".join(known) or "the config"
