@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from segplat.models.fusion.spec import FusionSpec
 
 # the Hydra config tree the tasks compose (conf/ beside the package)
+# the config tree every task composes from (one owner: tasks, the API, checks and the checkpoint trust list)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 

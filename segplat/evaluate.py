@@ -24,7 +24,7 @@ from segplat.inference import forward_batch, load_for_inference
 from segplat.metrics import ConfusionMatrix, metrics_from_confusion
 from segplat.plots import plot_confusion
 from segplat.utils.io import atomic_write, atomic_write_json
-from segplat.utils.task import run_dir_of, task_wrapper
+from segplat.utils.task import CONF_DIR, run_dir_of, task_wrapper, with_config_hints
 
 log = logging.getLogger("segplat")
 
@@ -95,10 +95,12 @@ def evaluate(cfg: DictConfig) -> float:
     return float(headline)
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+@hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> float:
     return task_wrapper(evaluate)(cfg)
 
+
+main = with_config_hints(hydra_main, "evaluate")  # an unknown option or key: Hydra's message + a "did you mean", exit 2
 
 if __name__ == "__main__":
     main()

@@ -64,7 +64,7 @@ from segplat.inference import (
     scene_size,
 )
 from segplat.utils.io import atomic_write, atomic_write_json, atomic_write_text
-from segplat.utils.task import run_dir_of, task_wrapper
+from segplat.utils.task import CONF_DIR, run_dir_of, task_wrapper, with_config_hints
 
 log = logging.getLogger("segplat")
 NODATA_CLASS = 255
@@ -799,10 +799,12 @@ def run_prediction(cfg: DictConfig, out_dir: Path) -> Path:
     return out_dir
 
 
-@hydra.main(config_path="../conf", config_name="predict", version_base="1.3")
-def main(cfg: DictConfig) -> Path:
+@hydra.main(config_path=str(CONF_DIR), config_name="predict", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> Path:
     return task_wrapper(predict)(cfg)
 
+
+main = with_config_hints(hydra_main, "predict")  # an unknown option or key: Hydra's message + a "did you mean", exit 2
 
 if __name__ == "__main__":
     main()

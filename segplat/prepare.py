@@ -26,6 +26,7 @@ from segplat.config import register_resolvers
 from segplat.data.store import COMPLETE_MARKER, PatchStore, is_complete, read_marker, verify_store
 from segplat.data.store_location import ObjectAccess, check_access
 from segplat.errors import ConfigError, DataError, SegplatError
+from segplat.utils.task import CONF_DIR, with_config_hints
 
 log = logging.getLogger("segplat")
 register_resolvers()
@@ -105,8 +106,8 @@ def print_summary(path: Path, summary: dict[str, Any]) -> None:
             print(f"  - {note}")
 
 
-@hydra.main(config_path="../conf", config_name="prepare", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@hydra.main(config_path=str(CONF_DIR), config_name="prepare", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
     try:
         path, summary = prepare(cfg)
     except SegplatError as err:
@@ -115,6 +116,8 @@ def main(cfg: DictConfig) -> None:
     print_summary(path, summary)
     print(f"store: {path}", flush=True)
 
+
+main = with_config_hints(hydra_main, "prepare")  # an unknown option or key: Hydra's message + a "did you mean", exit 2
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,8 @@
 """`python -m segplat.train [overrides]`: train a model; returns the monitored score (for sweepers).
 
 Thin on purpose: everything is built by `instantiate` from the config groups; the loop lives in
-`segplat.engine.Trainer`. Checks that need no data (fusion vs model, resume path, positive
-numbers) run before the dataset is prepared or read.
+`segplat.engine.Trainer`. Checks that need no data (fusion vs model, the run folder and the resume
+checkpoint, trackers, positive numbers) run before the dataset is prepared or read.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ from typing import Any
 
 import hydra
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from segplat.config import check_config, register_resolvers
-from segplat.models.fusion.spec import resolve_fusion
+from segplat.engine.checkpoint import RunFacts
+from segplat.engine.loggers import Tracker
+from segplat.errors import ConfigError
 from segplat.utils.seed import seed_everything
-from segplat.utils.task import run_dir_of, save_resolved_config, task_wrapper
+from segplat.utils.task import CONF_DIR, run_dir_of, save_resolved_config, task_wrapper, with_config_hints
 
 log = logging.getLogger("segplat")
 register_resolvers()
@@ -29,15 +31,20 @@ def build_callbacks(cfg: DictConfig) -> list[Any]:
             and "_target_" in node]
 
 
-def build_loggers(cfg: DictConfig, run_dir, resume_ids: dict[str, str | None]) -> list[Any]:
-    from segplat.engine.loggers import WandbLogger
-
-    w = cfg.logger.wandb
-    if not w.enabled or w.mode == "disabled":
-        return []
-    return [WandbLogger(run_dir, OmegaConf.to_container(cfg, resolve=True), enabled=True, mode=w.mode,
-                        project=w.project, entity=w.entity, group=w.group, tags=list(w.tags or []),
-                        run_id=resume_ids.get("WandbLogger"), name=run_dir.name)]
+def build_loggers(cfg: DictConfig) -> list[Tracker]:
+    """One tracker per entry of the `logger` group (`logger=[jsonl,mlflow]`); metrics.jsonl is added by the trainer
+    when no entry is it. Built (not started) before any data is read, so a missing library stops the run here."""
+    trackers = []
+    for key, node in (cfg.get("logger") or {}).items():
+        if node is None:
+            continue
+        if "_target_" not in node:
+            raise ConfigError(f"logger.{key} has no _target_; select trackers with logger=[jsonl,mlflow,tensorboard,"
+                              "wandb] (conf/logger/) rather than setting keys of one that is not selected.")
+        tracker = instantiate(node)
+        tracker.name = str(key)
+        trackers.append(tracker)
+    return trackers
 
 
 def train(cfg: DictConfig) -> float:
@@ -45,7 +52,8 @@ def train(cfg: DictConfig) -> float:
     run_dir = run_dir_of(cfg)
     seed_everything(int(cfg.seed))
     trainer = instantiate(cfg.trainer)
-    resume_from = trainer.resume_checkpoint_path(run_dir)  # a bad resume path stops before any data is read
+    trainer.prepare_run(run_dir).load()  # the run-folder rule and the resume checkpoint, before any data is read
+    loggers = build_loggers(cfg)
     acc = trainer.accelerator
     datamodule = instantiate(cfg.dataset)
     info = datamodule.setup(acc)
@@ -56,39 +64,21 @@ def train(cfg: DictConfig) -> float:
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(cfg, run_dir)
-    resume_ids: dict[str, str | None] = {}
-    if resume_from is not None and acc.is_main_process:
-        from segplat.engine.checkpoint import load_checkpoint
-
-        resume_ids = load_checkpoint(resume_from).get("loggers", {}) or {}
-    loggers = build_loggers(cfg, run_dir, resume_ids) if acc.is_main_process else []
-    # what a resumed run must share: level, type and stages (module arguments are checked by the weights)
-    spec = resolve_fusion(cfg.model.get("fusion", cfg.fusion))
-    fusion = {"level": spec.level, "type": spec.type, "stages": list(spec.stages) if spec.stages else None} \
-        if spec is not None else None
-    meta = {"model_target": f"{model_cls.__module__}.{model_cls.__qualname__}", "classes": list(info.classes),
-            "modalities": dict(info.modalities), "fusion": fusion}
-    data_state = {"classes": list(info.classes), "palette": info.palette, "ignore_index": info.ignore_index,
-                  "modalities": {m: s.to_attrs() for m, s in info.specs.items()}, "stats": info.stats,
-                  "patch_size": datamodule.patch_size, "dataset": datamodule.name}
-    try:
-        score = trainer.fit(
-            model, datamodule, loss, instantiate(cfg.optimizer),
-            instantiate(cfg.scheduler) if cfg.get("scheduler") else None, run_dir,
-            callbacks=build_callbacks(cfg), monitor=cfg.callbacks.monitor, mode=cfg.callbacks.mode,
-            loggers=loggers, meta=meta,
-            extra_state={"data": data_state, "config": OmegaConf.to_yaml(cfg, resolve=True)},
-        )
-    finally:
-        for lg in loggers:
-            lg.finish()
-    return score
+    return trainer.fit(
+        model, datamodule, loss, instantiate(cfg.optimizer),
+        instantiate(cfg.scheduler) if cfg.get("scheduler") else None, run_dir,
+        callbacks=build_callbacks(cfg), monitor=cfg.callbacks.monitor, mode=cfg.callbacks.mode,
+        loggers=loggers, facts=RunFacts.of_run(cfg, model_cls, info, datamodule),
+    )
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+# an absolute config path: the same conf/ for `python -m segplat.train` and the `segplat-train` console script
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> float:
     return task_wrapper(train)(cfg)
 
+
+main = with_config_hints(hydra_main, "train")
 
 if __name__ == "__main__":
     main()

@@ -66,8 +66,11 @@ def test_train_returns_the_monitored_score(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path: Path) -> None:
-    """Uninterrupted 4 epochs == killed after epoch 2 (SIGKILL) + resumed to epoch 4, to 1e-6."""
-    common = [*TINY, "trainer.max_epochs=4", "callbacks.early_stopping=null"]
+    """Uninterrupted 4 epochs == killed after epoch 2 (SIGKILL) + resumed to epoch 4, to 1e-6; the killed run's
+    MLflow run is continued, with each metric step once."""
+    store = tmp_path / "mlflow"
+    common = [*TINY, "trainer.max_epochs=4", "callbacks.early_stopping=null", "logger=[jsonl,mlflow]",
+              f"logger.mlflow.store_dir={store}"]
     straight = tmp_path / "straight"
     proc = run_cli([*common, f"hydra.run.dir={straight}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -102,16 +105,24 @@ def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path: Path) -> None:
     wa = load_checkpoint(straight / "checkpoints" / "last.ckpt")["model"]
     wb = load_checkpoint(killed / "checkpoints" / "last.ckpt")["model"]
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6) for k in wa)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("segplat").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["killed", "straight"]
+    run = next(r for r in runs if r.info.run_name == "killed")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/miou")]
+    assert sorted(steps) == [r["step"] for r in read_jsonl(killed / "metrics.jsonl")]  # each step once
+    assert run.info.status == "FINISHED"
 
 
 def test_missing_dataset_root_stops_at_once_with_a_hint(tmp_path: Path) -> None:
-    started = time.time()
+    """How fast it stops is benchmarks/cli_errors.py's measure, not an assertion here."""
     proc = run_cli(["model=cmx", "dataset=clouds", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     msg = proc.stderr.strip().splitlines()[-1]
     assert msg.startswith("error: dataset.root is not set") and "segplat.data.fake clouds" in msg
     assert "Traceback" not in proc.stderr
-    assert time.time() - started < 60
 
 
 @pytest.mark.parametrize("override, key", [
@@ -133,8 +144,50 @@ def test_bad_config_values_stop_with_one_sentence(override: str, key: str, tmp_p
 
 def test_unknown_option_lists_the_valid_ones(tmp_path: Path) -> None:
     proc = run_cli(["model=nosuchmodel", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path, timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "nosuchmodel" in proc.stderr and "unet" in proc.stderr  # Hydra lists the available options
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: model=nosuchmodel is not an option of model")
+
+
+def test_a_near_miss_key_gets_a_did_you_mean(tmp_path: Path) -> None:
+    proc = run_cli(["trainer.max_epoch=3", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "Could not override 'trainer.max_epoch'" in proc.stderr  # Hydra's own message stays
+    assert proc.stderr.strip().splitlines()[-1] == ("error: trainer.max_epoch is not a key of trainer; did you mean "
+                                                    "trainer.max_epochs? (add keys on purpose with "
+                                                    "+trainer.max_epoch=...)")
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_a_reused_run_folder_is_never_trained_into_from_scratch(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(compose_train([*TINY, "trainer.max_epochs=1", "callbacks.visuals=null"], output_dir=run))
+    before = (run / "metrics.jsonl").read_text(), (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    with pytest.raises(ConfigError, match=r"already holds a run .* trainer\.resume=auto, choose a new run_name, or set "
+                                          r"trainer\.overwrite=true"):
+        train(compose_train([*TINY, "trainer.max_epochs=1"], output_dir=run))
+    assert ((run / "metrics.jsonl").read_text(), (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns) == before
+    # best.ckpt is what prediction and fine-tuning need; last.ckpt the full resume state
+    best, last = load_checkpoint(run / "checkpoints" / "best.ckpt"), load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert "optimizer" not in best and {"model", "data", "config", "meta"} <= set(best) and "optimizer" in last
+    assert (run / "checkpoints" / "best.ckpt").stat().st_size < (run / "checkpoints" / "last.ckpt").stat().st_size / 2
+    train(compose_train([*TINY, "trainer.max_epochs=2", "trainer.overwrite=true", "callbacks.visuals=null"],
+                        output_dir=run))
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+
+
+def test_resume_auto_after_a_kill_during_the_first_save(tmp_path: Path) -> None:
+    """The first save was killed: epoch 1 in metrics.jsonl, a temporary checkpoint file, no last.ckpt. resume=auto
+    starts afresh without logging epoch 1 twice and removes the temporary file."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 2, "val/miou": 0.1}) + "\n")
+    stale = run / "checkpoints" / ".last.ckpt.a1b2c3.tmp"
+    stale.write_bytes(b"\0" * 1024)
+    train(compose_train([*TINY, "trainer.max_epochs=1", "trainer.resume=auto", "callbacks.visuals=null"],
+                        output_dir=run))
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1]
+    assert not stale.exists() and (run / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_resume_path_without_checkpoint_is_refused(tmp_path: Path) -> None:
@@ -173,7 +226,7 @@ def test_wandb_runs_offline_and_resume_keeps_its_run(tmp_path: Path) -> None:
     run = tmp_path / "run"
     wandb_on = [o for o in TINY if o != "logger=none"] + ["logger=default"]
     train(compose_train([*wandb_on, "trainer.max_epochs=1"], output_dir=run))
-    first = load_checkpoint(run / "checkpoints" / "last.ckpt")["loggers"]["WandbLogger"]
+    first = load_checkpoint(run / "checkpoints" / "last.ckpt")["loggers"]["wandb"]["run_id"]
     assert first and list((run / "wandb").glob(f"offline-run-*-{first}"))
     train(compose_train([*wandb_on, "trainer.max_epochs=2", "trainer.resume=auto"], output_dir=run))
-    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["loggers"]["WandbLogger"] == first
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["loggers"]["wandb"]["run_id"] == first

@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from segplat.config import CONF_DIR
 from segplat.errors import ConfigError
 from segplat.utils.io import atomic_write_json
 from segplat.utils.task import user_error_in
 
 OWN_KEYS = ("out", "split", "num", "seed")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def parse_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:

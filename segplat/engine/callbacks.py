@@ -44,8 +44,8 @@ class Callback:
 
 
 class ModelCheckpoint(Callback):
-    """Writes checkpoints/last.ckpt after every validation and checkpoints/best.ckpt when the
-    monitored metric improves (the trainer tracks the best score)."""
+    """Writes checkpoints/last.ckpt (the full resume state) after every validation and checkpoints/best.ckpt
+    (weights, data facts, config) when the monitored metric improves (the trainer tracks the best score)."""
 
     name = "checkpoint"
     order = 100  # after every other callback, so the saved callback state includes this validation
@@ -54,11 +54,15 @@ class ModelCheckpoint(Callback):
         self.save_last = save_last
         self.save_best = save_best
 
+    def on_fit_start(self, trainer: Trainer) -> None:
+        # last.ckpt is written before best.ckpt: a kill between the two leaves best.ckpt one improvement behind.
+        # Resumed at that epoch, the restored weights are the best ones: write them (idempotent when complete).
+        if self.save_best and trainer.resumed and trainer.state.best_epoch == trainer.state.epoch:
+            trainer.save_checkpoints(last=False, best=True)
+
     def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        if self.save_best and trainer.state.best_epoch == trainer.state.epoch:
-            trainer.save_checkpoint("best.ckpt")
-        if self.save_last:
-            trainer.save_checkpoint("last.ckpt")
+        trainer.save_checkpoints(last=self.save_last,
+                                 best=self.save_best and trainer.state.best_epoch == trainer.state.epoch)
 
 
 class EarlyStopping(Callback):

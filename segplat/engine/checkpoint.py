@@ -1,7 +1,23 @@
-"""Checkpoints: one file holding everything a run needs to continue or to predict.
+"""Checkpoints: the one owner of what a checkpoint holds, how it is written and how it is read.
 
-Written atomically (temp file + rename): a kill during a save leaves the previous checkpoint
-intact. Loaded with `torch.load(weights_only=True)`, so every value is a tensor or plain data.
+Two kinds, written atomically (temp file + rename: a kill during a save leaves the previous file intact)
+and loaded with `torch.load(weights_only=True)`, so every value is a tensor or plain data:
+
+| key | `last.ckpt` (kind `training`) | `best.ckpt` (kind `inference`) |
+| --- | --- | --- |
+| `format`, `kind` | yes | yes |
+| `model` (state dict) | yes | yes |
+| `meta` (model target, classes, modalities, fusion: checked on resume) | yes | yes |
+| `data` (classes, palette, ignore index, band specs, statistics, patch size, dataset) | yes | yes |
+| `config` (the resolved run config, YAML) | yes | yes |
+| `trainer` (epoch, step, best score and epoch) | yes | yes |
+| `optimizer`, `scheduler`, `scaler`, `rng`, `callbacks`, `loggers` | yes | no |
+
+`last.ckpt` is the full resume state; `best.ckpt` is what prediction, evaluation and fine-tuning
+(`model.pretrained=<best.ckpt>`) need, without the optimiser moments that double its size.
+
+Resume: `trainer.resume` is resolved once (`resume_point`, which also applies the run-folder rule
+before any data is read) and the checkpoint is loaded once (`ResumePoint.take`).
 
 A checkpoint is untrusted input: its stored config is YAML that prediction and evaluation build
 models and datasets from. `inference_config` lets through only what segplat's own model, fusion
@@ -12,10 +28,13 @@ plain values as arguments; anything else refuses the checkpoint in one sentence 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import pickle
 import re
-from collections.abc import Iterator
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +42,8 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from segplat.errors import CheckpointError
+from segplat.config import CONF_DIR
+from segplat.errors import CheckpointError, ConfigError
 from segplat.utils.io import atomic_write
 
 log = logging.getLogger("segplat")
@@ -31,8 +51,54 @@ log = logging.getLogger("segplat")
 CHECKPOINT_FORMAT = 1
 LAST = "last.ckpt"
 BEST = "best.ckpt"
+TRAINING, INFERENCE = "training", "inference"
+# what each kind holds (besides `format` and `kind`)
+INFERENCE_KEYS = ("model", "meta", "data", "config", "trainer")
+TRAINING_KEYS = (*INFERENCE_KEYS, "optimizer", "scheduler", "scaler", "rng", "callbacks", "loggers")
 
 
+# -- what a run says about itself ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunFacts:
+    """What a checkpoint carries beside tensors: `meta` is compared on resume, `data` and `config` let a
+    checkpoint predict without the training data or the run folder."""
+
+    meta: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] | None = None
+    config: str | None = None
+
+    @classmethod
+    def of_run(cls, cfg: DictConfig, model_cls: type, info: Any, datamodule: Any) -> RunFacts:
+        from segplat.models.fusion.spec import resolve_fusion
+
+        # what a resumed run must share: level, type and stages (the module's arguments are checked by the weights)
+        spec = resolve_fusion(cfg.model.get("fusion", cfg.get("fusion")))
+        fusion = None if spec is None else {"level": spec.level, "type": spec.type,
+                                            "stages": list(spec.stages) if spec.stages else None}
+        meta = {"model_target": f"{model_cls.__module__}.{model_cls.__qualname__}", "classes": list(info.classes),
+                "modalities": dict(info.modalities), "fusion": fusion}
+        data = {"classes": list(info.classes), "palette": info.palette, "ignore_index": info.ignore_index,
+                "modalities": {m: s.to_attrs() for m, s in info.specs.items()}, "stats": info.stats,
+                "patch_size": datamodule.patch_size, "dataset": datamodule.name}
+        return cls(meta, data, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def training_state(facts: RunFacts, *, model: Mapping[str, Any], optimizer: Mapping[str, Any],
+                   scheduler: Mapping[str, Any] | None, scaler: Mapping[str, Any] | None, rng: Mapping[str, Any],
+                   trainer: Mapping[str, Any], callbacks: Mapping[str, Any],
+                   loggers: Mapping[str, Any]) -> dict[str, Any]:
+    """The full resume state (`last.ckpt`)."""
+    return {"kind": TRAINING, "model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
+            "rng": rng, "trainer": dict(trainer), "callbacks": dict(callbacks), "loggers": dict(loggers),
+            "meta": facts.meta, "data": facts.data, "config": facts.config}
+
+
+def inference_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a training state that prediction and fine-tuning need (`best.ckpt`)."""
+    return {"kind": INFERENCE, **{k: state.get(k) for k in INFERENCE_KEYS}}
+
+
+# -- writing and reading -----------------------------------------------------------------------------
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     state = {"format": CHECKPOINT_FORMAT, **state}
     return atomic_write(path, lambda p: torch.save(state, p))
@@ -52,6 +118,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               "complete segplat checkpoint.") from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
         raise CheckpointError(f"{path} is not a segplat checkpoint (format {CHECKPOINT_FORMAT}).")
+    # files written before `kind` existed held the full state
+    state.setdefault("kind", TRAINING if "optimizer" in state else INFERENCE)
     return state
 
 
@@ -82,7 +150,7 @@ def find_checkpoint(location: str | Path, prefer: str = LAST, key: str = "ckpt")
     raise CheckpointError(f"{key}={p} does not exist; give a run folder or a .ckpt file.")
 
 
-def check_compatible(state: dict[str, Any], meta: dict[str, Any], source: str) -> None:
+def check_compatible(state: dict[str, Any], meta: Mapping[str, Any], source: str) -> None:
     """Refuse a checkpoint written by another model, class table or modality set."""
     old = state.get("meta", {})
     for key, what in (("model_target", "model"), ("classes", "classes"), ("modalities", "modalities"),
@@ -92,8 +160,123 @@ def check_compatible(state: dict[str, Any], meta: dict[str, Any], source: str) -
                                   f"{meta[key]}; use a matching config or start a new run.")
 
 
+# -- resume and the run folder ------------------------------------------------------------------------
+@dataclass
+class ResumePoint:
+    """Where training starts: nothing (a new run) or a checkpoint, resolved once and loaded once."""
+
+    path: Path | None = None
+    _state: dict[str, Any] | None = None
+
+    def load(self) -> dict[str, Any] | None:
+        """Load (once) and check that the file is a full training state; None for a new run."""
+        if self.path is not None and self._state is None:
+            state = load_checkpoint(self.path)
+            if state["kind"] != TRAINING:
+                raise CheckpointError(f"trainer.resume: {self.path} holds weights for prediction only ({BEST} keeps "
+                                      f"no optimiser state); resume from the run's checkpoints/{LAST}, or fine-tune "
+                                      "from it in a new run with model.pretrained.")
+            self._state = state
+        return self._state
+
+    def take(self) -> dict[str, Any] | None:
+        """The loaded state, handed over once (the trainer keeps no second copy of it)."""
+        state, self._state = self.load(), None
+        return state
+
+
+# files a run writes; "history" is what a new start would mix its own with
+HISTORY_FILES = ("metrics.jsonl", "summary.json", "curves.png", "confusion_matrix.png")
+HISTORY_DIRS = ("checkpoints", "visuals", "tensorboard")
+
+
+def metrics_records(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    count = 0
+    for line in path.read_text().splitlines():
+        try:
+            count += isinstance(json.loads(line), dict)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill
+    return count
+
+
+def clear_history(run_dir: Path) -> None:
+    """Remove what an earlier start wrote (config.yaml and .hydra/ stay: this start rewrites them)."""
+    for name in HISTORY_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in HISTORY_DIRS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Temporary files of atomic writes that a kill interrupted (`.last.ckpt.x1y2.tmp`, up to a checkpoint's size)."""
+    stale = [f for folder in (run_dir, run_dir / "checkpoints", run_dir / "visuals") if folder.is_dir()
+             for f in folder.glob(".*.tmp") if f.is_file()]
+    if not stale:
+        return
+    size = sum(f.stat().st_size for f in stale)
+    for f in stale:
+        f.unlink(missing_ok=True)
+    log.info("removed %d temporary file(s) (%.1f MB) left in %s by an interrupted save", len(stale), size / 2**20,
+             run_dir)
+
+
+def resume_point(run_dir: Path, resume: str | None, overwrite: bool = False, main_process: bool = True) -> ResumePoint:
+    """Resolve `trainer.resume` and apply the run-folder rule, before any data is read.
+
+    A folder that holds checkpoints is never trained into from scratch: that stops in one sentence unless
+    `trainer.overwrite=true` clears it. `resume=auto` without `last.ckpt` starts from scratch only when no
+    checkpoint is there (a run stopped before its first one was complete): its partial `metrics.jsonl`
+    is cleared, and the log says so. Only the main process changes files; every rank decides alike.
+    """
+    run_dir = Path(run_dir)
+    resume = None if resume in (None, "", "none", False) else str(resume)
+    if overwrite and resume is not None:
+        raise ConfigError(f"trainer.overwrite=true starts {run_dir} from scratch and trainer.resume={resume} continues "
+                          "it; set only one of them.")
+    if main_process:
+        remove_stale_temporaries(run_dir)
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    records = metrics_records(run_dir)
+    if resume not in (None, "auto"):
+        path = find_checkpoint(resume, key="trainer.resume")
+        if (checkpoints or records) and path.resolve().parent != (run_dir / "checkpoints").resolve():
+            raise ConfigError(f"trainer.resume={resume} continues another run, but run folder {run_dir} already holds "
+                              "one; give a new run_name for the continued run.")
+        return ResumePoint(path)
+    if resume == "auto" and LAST in checkpoints:
+        return ResumePoint(run_dir / "checkpoints" / LAST)
+    if checkpoints or records:
+        start_again(run_dir, resume, overwrite, checkpoints, records, main_process)
+    return ResumePoint()
+
+
+def start_again(run_dir: Path, resume: str | None, overwrite: bool, checkpoints: list[str], records: int,
+                main_process: bool) -> None:
+    """A start from scratch in a folder with history: clear it (overwrite, or auto with no checkpoint) or refuse."""
+    held = ", ".join([f"checkpoints/{c}" for c in checkpoints] + ([f"metrics.jsonl ({records} records)"] if records
+                                                                   else []))
+    if overwrite:
+        reason = "trainer.overwrite=true: cleared %s from %s; training starts from scratch"
+    elif resume == "auto" and not checkpoints:
+        reason = ("trainer.resume=auto: no checkpoint yet (the run stopped before its first one was complete), so "
+                  "%s of %s were cleared and the run starts from scratch")
+    elif resume == "auto":
+        raise ConfigError(f"trainer.resume=auto: {run_dir} holds {held} but no checkpoints/{LAST} to resume from; "
+                          "give trainer.resume=<a training checkpoint>, a new run_name, or trainer.overwrite=true to "
+                          "start this folder again from scratch.")
+    else:
+        raise ConfigError(f"run folder {run_dir} already holds a run ({held}); continue it with trainer.resume=auto, "
+                          "choose a new run_name, or set trainer.overwrite=true to start it again from scratch.")
+    if main_process:
+        clear_history(run_dir)
+    log.warning(reason, held, run_dir)
+
+
 # -- the stored config of an untrusted checkpoint ----------------------------------------------------
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # the config groups whose `_target_`s a checkpoint may name: what prediction and evaluation build
 TRUSTED_GROUPS = ("model", "fusion", "dataset")
 # builders a model config may name beyond the shipped presets (MiT sizes for a stream's encoder)

@@ -7,7 +7,8 @@ launch, torchrun, SLURM) and every precision. Facts it keeps:
 - validation uses the unwrapped model, so ranks with different numbers of validation batches never
   meet in a collective; the confusion matrices are summed once;
 - decisions (best checkpoint, early stop) are taken from the summed metrics, so all ranks agree;
-- only the main process writes; checkpoints are atomic and hold everything for an exact resume.
+- only the main process writes; checkpoints are atomic and hold everything for an exact resume
+  (their contents: `segplat.engine.checkpoint`); trackers run on the main process only.
 """
 
 from __future__ import annotations
@@ -22,14 +23,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
 from segplat.engine.callbacks import Callback, improved
-from segplat.engine.checkpoint import check_compatible, find_checkpoint, load_checkpoint
+from segplat.engine.checkpoint import (
+    BEST,
+    LAST,
+    ResumePoint,
+    RunFacts,
+    check_compatible,
+    inference_state,
+    resume_point,
+    training_state,
+)
 from segplat.engine.checkpoint import save_checkpoint as write_checkpoint
-from segplat.engine.loggers import JsonlLogger, format_metrics
-from segplat.errors import ConfigError
+from segplat.engine.loggers import JsonlLogger, RunInfo, Tracker, format_metrics, sweep_facts
+from segplat.errors import CheckpointError, ConfigError
 from segplat.metrics import ConfusionMatrix, flatten_metrics
 from segplat.utils.io import atomic_write_json
 from segplat.utils.seed import rng_state, set_rng_state
@@ -66,11 +77,24 @@ def resolve_mixed_precision(value: str, cpu: bool) -> str:
     return value
 
 
+def resolve_sync_batchnorm(value: str | bool, num_processes: int, on_gpu: bool) -> bool:
+    """`auto`: SyncBatchNorm when several processes train on GPUs. On CPU torch has no SyncBatchNorm: each process
+    then normalises with its own micro-batch's statistics, so `true` is refused there rather than ignored."""
+    if value not in ("auto", True, False):
+        raise ConfigError(f"trainer.sync_batchnorm={value!r} is not known; use auto, true or false.")
+    if value == "auto":
+        return num_processes > 1 and on_gpu
+    if value and num_processes > 1 and not on_gpu:
+        raise ConfigError("trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); use auto "
+                          "or false for several CPU processes, where each normalises its own micro-batch.")
+    return bool(value) and num_processes > 1
+
+
 class Trainer:
     def __init__(self, max_epochs: int = 10, mixed_precision: str = "auto", accumulate_grad_batches: int = 1,
                  gradient_clip_val: float | None = 1.0, val_every_n_epochs: int = 1, resume: str | None = None,
-                 progress: bool = True, limit_train_batches: int | None = None,
-                 limit_val_batches: int | None = None, sync_batchnorm: bool = False, cpu: bool = False,
+                 overwrite: bool = False, progress: bool = True, limit_train_batches: int | None = None,
+                 limit_val_batches: int | None = None, sync_batchnorm: str | bool = "auto", cpu: bool = False,
                  backend: str = "auto", rendezvous_timeout: float = 120.0, dist_timeout: float = 1800.0) -> None:
         for key, value in (("trainer.max_epochs", max_epochs), ("trainer.accumulate_grad_batches",
                            accumulate_grad_batches), ("trainer.val_every_n_epochs", val_every_n_epochs)):
@@ -82,12 +106,14 @@ class Trainer:
                 raise ConfigError(f"{key}={value} must be a positive integer or null.")
         if gradient_clip_val is not None and gradient_clip_val < 0:
             raise ConfigError(f"trainer.gradient_clip_val={gradient_clip_val} must be >= 0 or null.")
+        resolve_sync_batchnorm(sync_batchnorm, 1, False)  # the value itself, before anything starts
         self.max_epochs = max_epochs
         self.mixed_precision = resolve_mixed_precision(mixed_precision, cpu)
         self.accumulate = accumulate_grad_batches
         self.clip = gradient_clip_val
         self.val_every = val_every_n_epochs
         self.resume = resume
+        self.overwrite = bool(overwrite)
         self.progress = progress
         self.limit_train = limit_train_batches
         self.limit_val = limit_val_batches
@@ -98,9 +124,13 @@ class Trainer:
         self.cpu = cpu
         self.state = TrainState()
         self.callbacks: list[Callback] = []
+        self.loggers: list[Tracker] = []
         self.monitor = "val/miou"
         self.mode = "max"
+        self.facts = RunFacts()
+        self.resumed = False
         self._accelerator = None
+        self._start: tuple[Path, ResumePoint] | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
     @property
@@ -119,44 +149,66 @@ class Trainer:
                                             step_scheduler_with_optimizer=False,
                                             kwargs_handlers=[DistributedDataParallelKwargs(
                                                 find_unused_parameters=False)])
+            acc = self._accelerator
+            self.use_sync_batchnorm = resolve_sync_batchnorm(self.sync_batchnorm, acc.num_processes,
+                                                             acc.device.type == "cuda")
         return self._accelerator
 
-    def resume_checkpoint_path(self, run_dir: Path) -> Path | None:
-        """Checked before any data is read: a resume path that has no checkpoint is an error."""
-        if self.resume in (None, "", "none", False):
-            return None
-        if self.resume == "auto":
-            ckpt = run_dir / "checkpoints" / "last.ckpt"
-            return ckpt if ckpt.is_file() else None
-        return find_checkpoint(self.resume, key="trainer.resume")
+    def prepare_run(self, run_dir: str | Path) -> ResumePoint:
+        """Where this run starts, decided once and before any data is read: `trainer.resume` resolved, the
+        run-folder rule applied (see `segplat.engine.checkpoint.resume_point`), stale temporary files removed."""
+        run_dir = Path(run_dir)
+        if self._start is None or self._start[0] != run_dir:
+            from segplat.utils.dist import is_main_process
+
+            self._start = (run_dir, resume_point(run_dir, self.resume, self.overwrite, is_main_process()))
+        return self._start[1]
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self, model: nn.Module, datamodule, loss_fn: nn.Module, optimizer_factory: Callable[..., Any],
             scheduler_factory: Callable[..., Any] | None, run_dir: str | Path, callbacks: Sequence[Callback] = (),
-            monitor: str = "val/miou", mode: str = "max", loggers: Sequence[Any] = (),
-            meta: Mapping[str, Any] | None = None, extra_state: Mapping[str, Any] | None = None) -> float:
+            monitor: str = "val/miou", mode: str = "max", loggers: Sequence[Tracker] = (),
+            facts: RunFacts | None = None) -> float:
+        """Train to `max_epochs` (or a stop); returns the best monitored score (NaN when never validated)."""
         if mode not in ("max", "min"):
             raise ConfigError(f"callbacks.mode={mode!r} must be max or min.")
-        acc = self.accelerator
+        start = self.prepare_run(run_dir)
         self.run_dir = Path(run_dir)
+        self.monitor, self.mode = monitor, mode
+        self.facts = facts or RunFacts()
         # stable sort on `order`: ModelCheckpoint runs last, so checkpoints hold every callback's updated state
         self.callbacks = sorted(callbacks, key=lambda cb: getattr(cb, "order", 0))
-        self.monitor, self.mode = monitor, mode
-        self.loggers = list(loggers)
-        self.meta = dict(meta or {})
-        self.extra_state = dict(extra_state or {})
-        self.datamodule = datamodule
-        info = datamodule.info
-        self.class_names = list(info.classes)
-        self.ignore_index = info.ignore_index
-        resume_from = self.resume_checkpoint_path(self.run_dir)
+        self.setup(model, datamodule, loss_fn, optimizer_factory, scheduler_factory)
+        state = start.take()
+        if state is not None:
+            self.load_state(state, start.path)
+        self.start_loggers(loggers, state)
+        status = "failed"
+        try:
+            for cb in self.callbacks:
+                cb.on_fit_start(self)
+            status = self.run_epochs()
+            for cb in self.callbacks:
+                cb.on_fit_end(self)
+            self.write_summary(status)
+        except KeyboardInterrupt:
+            status = "killed"
+            raise
+        finally:
+            self.finish_loggers(status)
+        self.accelerator.wait_for_everyone()
+        score = self.state.best_score
+        return float(score) if score is not None else float("nan")
 
-        if self.sync_batchnorm and acc.num_processes > 1:
-            if acc.device.type == "cpu":  # torch's SyncBatchNorm runs on accelerators only
-                log.warning("trainer.sync_batchnorm=true needs GPUs; on CPU each process keeps its own BatchNorm "
-                            "statistics.")
-            else:
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    def setup(self, model: nn.Module, datamodule, loss_fn: nn.Module, optimizer_factory: Callable[..., Any],
+              scheduler_factory: Callable[..., Any] | None) -> None:
+        """Loaders, the wrapped model and optimiser, the schedule, the loss and the device preprocessing."""
+        acc = self.accelerator
+        self.datamodule = datamodule
+        self.class_names = list(datamodule.info.classes)
+        self.ignore_index = datamodule.info.ignore_index
+        if self.use_sync_batchnorm:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.raw_model = model
         self.optimizer_factory = optimizer_factory
         optimizer = optimizer_factory(model)
@@ -176,14 +228,9 @@ class Trainer:
                                            steps_per_epoch=self.steps_per_epoch) if scheduler_factory else None
         self.loss_fn = loss_fn.to(acc.device)
         self.preprocess = datamodule.preprocessor()
-        self.metrics_log = JsonlLogger(self.run_dir)
 
-        if resume_from is not None:
-            self.load_state(resume_from)
-        for cb in self.callbacks:
-            cb.on_fit_start(self)
-
-        status = "completed"
+    def run_epochs(self) -> str:
+        """Epochs until max_epochs, an early stop or a StopTraining; returns the run's status."""
         try:
             while self.state.epoch < self.max_epochs:
                 epoch = self.state.epoch + 1
@@ -196,17 +243,11 @@ class Trainer:
                 if epoch % self.val_every == 0 or epoch == self.max_epochs:
                     self.validate_and_record(epoch, train_stats)
                 if self.state.stopped_reason:
-                    status = "stopped_early"
-                    break
+                    return "stopped_early"
         except StopTraining as stop:
-            status = stop.status
             self.state.stopped_reason = str(stop)
-        for cb in self.callbacks:
-            cb.on_fit_end(self)
-        self.write_summary(status)
-        acc.wait_for_everyone()
-        score = self.state.best_score
-        return float(score) if score is not None else float("nan")
+            return stop.status
+        return "completed"
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         acc = self.accelerator
@@ -306,9 +347,7 @@ class Trainer:
         record["best"] = self.state.best_score
         record["best_epoch"] = self.state.best_epoch
         if acc.is_main_process:
-            self.metrics_log.log(record)
-            for lg in self.loggers:
-                lg.log(record, step=self.state.global_step)
+            self.track("log_metrics", record, self.state.global_step)
             keys = ["train/loss", "val/loss", "val/miou", "val/pixel_accuracy"]
             if self.monitor not in keys:
                 keys.append(self.monitor)
@@ -324,43 +363,72 @@ class Trainer:
         if self.accelerator.is_main_process:
             tqdm.write(reason)
 
+    # -- trackers -------------------------------------------------------------------------------
+    def start_loggers(self, loggers: Sequence[Tracker], state: Mapping[str, Any] | None) -> None:
+        """Start the trackers on the main process (metrics.jsonl always), continuing their runs on a resume."""
+        if not self.accelerator.is_main_process:
+            self.loggers = []
+            return
+        loggers = list(loggers)
+        self.loggers = loggers if any(isinstance(lg, JsonlLogger) for lg in loggers) else [JsonlLogger(), *loggers]
+        config = yaml.safe_load(self.facts.config) if self.facts.config else {}
+        saved = (state or {}).get("loggers") or {}
+        for lg in self.loggers:
+            lg.start(RunInfo(self.run_dir, self.run_dir.name, config, [str(t) for t in config.get("tags") or []],
+                             sweep_facts(config), self.monitor, resuming=state is not None,
+                             resume_step=self.state.global_step, resume_epoch=self.state.epoch,
+                             resume_state=saved.get(lg.name)))
+
+    def track(self, method: str, *args: Any) -> None:
+        """Call `method` on every tracker. A tracker that fails (a server gone away) is dropped with a warning,
+        so a long run is not lost to it; metrics.jsonl (required) stops the run instead."""
+        for lg in list(self.loggers):
+            try:
+                getattr(lg, method)(*args)
+            except Exception as err:
+                if lg.required:
+                    raise
+                log.warning("logger.%s failed in %s (%s: %s); the run goes on without it", lg.name, method,
+                            type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                self.loggers.remove(lg)
+
+    def finish_loggers(self, status: str) -> None:
+        best = self.run_dir / "checkpoints" / BEST
+        self.track("log_summary", {"status": status, "best_checkpoint": str(best) if best.is_file() else None,
+                                   "best_score": self.state.best_score, "best_epoch": self.state.best_epoch})
+        self.track("finish", status)
+
     # -- state ----------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
         acc = self.accelerator
-        state: dict[str, Any] = {
-            "model": acc.unwrap_model(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None,
-            "rng": rng_state(),
-            "trainer": asdict(self.state),
-            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
-            "loggers": {type(lg).__name__: getattr(lg, "run_id", None) for lg in self.loggers},
-            "meta": self.meta,
-            "data": self.extra_state.get("data"),
-            "config": self.extra_state.get("config"),
-        }
-        for name, value in self.extra_state.items():
-            state.setdefault(name, value)
-        return state
+        return training_state(
+            self.facts, model=acc.unwrap_model(self.model).state_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+            scaler=acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None,
+            rng=rng_state(), trainer=asdict(self.state),
+            callbacks={cb.name: cb.state_dict() for cb in self.callbacks},
+            loggers={lg.name: lg.state_dict() for lg in self.loggers})
 
-    def save_checkpoint(self, filename: str) -> None:
+    def save_checkpoints(self, last: bool = True, best: bool = False) -> None:
+        """`last.ckpt` (full resume state) first, then `best.ckpt` (its inference part): a kill between the two
+        leaves a resumable run whose best is rewritten on resume (see ModelCheckpoint.on_fit_start)."""
         acc = self.accelerator
-        state = self.checkpoint_state() if acc.is_main_process else None
-        if acc.is_main_process:
-            write_checkpoint(self.run_dir / "checkpoints" / filename, state)
+        if acc.is_main_process and (last or best):
+            state = self.checkpoint_state()
+            if last:
+                write_checkpoint(self.run_dir / "checkpoints" / LAST, state)
+            if best:
+                write_checkpoint(self.run_dir / "checkpoints" / BEST, inference_state(state))
         acc.wait_for_everyone()
 
-    def load_state(self, path: Path) -> None:
+    def load_state(self, state: dict[str, Any], path: Path | None = None) -> None:
+        """Restore a training state (loaded once by `ResumePoint`) into the prepared model, optimiser, schedule,
+        callbacks and RNG."""
         acc = self.accelerator
-        state = load_checkpoint(path)
-        check_compatible(state, self.meta, str(path))
-        model = acc.unwrap_model(self.model)
+        check_compatible(state, self.facts.meta, str(path))
         try:
-            model.load_state_dict(state["model"])
+            acc.unwrap_model(self.model).load_state_dict(state["model"])
         except RuntimeError as err:
-            from segplat.errors import CheckpointError
-
             raise CheckpointError(f"checkpoint {path} does not fit this model ({str(err).splitlines()[0]}); use the "
                                   "config it was trained with or start a new run.") from err
         for cb in self.callbacks:  # e.g. a fine-tuning switch that must re-add its param group first
@@ -380,8 +448,8 @@ class Trainer:
             if cb.name in cb_states:
                 cb.load_state_dict(cb_states[cb.name])
         set_rng_state(state["rng"])
+        self.resumed = True
         if acc.is_main_process:
-            self.metrics_log.truncate_after(self.state.epoch)
             log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.global_step)
 
     def write_summary(self, status: str) -> None:

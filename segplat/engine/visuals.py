@@ -1,7 +1,8 @@
 """PredictionVisualizer: a fixed set of validation samples rendered every N epochs.
 
 Each row shows the inputs (one panel per modality, stretched for display), the label and the
-prediction in the dataset palette; the PNG goes to `<run>/visuals/epoch_XXX.png` and to wandb.
+prediction in the dataset palette, with a legend of the class colours under the grid; the PNG goes
+to `<run>/visuals/epoch_XXX.png` and to every tracker of the run.
 The samples are the same every time (evenly spaced validation indices), so the PNGs form a
 sequence one can flip through to watch the model learn.
 """
@@ -9,7 +10,8 @@ sequence one can flip through to watch the model learn.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -59,27 +61,41 @@ class PredictionVisualizer(Callback):
             pred = model(inputs)["out"].float().argmax(1).cpu().numpy()
         model.train(was_training)
         info = trainer.datamodule.info
-        mods = list(info.modalities)
-        cols = len(mods) + 2
-        fig, axes = plt.subplots(n, cols, figsize=(2.4 * cols, 2.4 * n), squeeze=False)
+        rows = []
         for r in range(n):
-            panels: list[tuple[str, Any]] = [(m, preview_rgb(batch[m][r].numpy(), info.specs[m])) for m in mods]
             label = batch["label"][r].numpy()
-            panels.append(("label", colourise(np.where(label == info.ignore_index, 255, label), info.palette, 255)))
-            panels.append(("prediction", colourise(pred[r], info.palette)))
-            for c, (title, img) in enumerate(panels):
-                axes[r, c].imshow(img, interpolation="nearest")
-                axes[r, c].set_axis_off()
-                if r == 0:
-                    axes[r, c].set_title(title, fontsize=9)
-        fig.suptitle(f"epoch {trainer.state.epoch}: {trainer.monitor} {metrics.get(trainer.monitor, float('nan')):.4f}")
-        fig.tight_layout()
+            rows.append([*((m, preview_rgb(batch[m][r].numpy(), info.specs[m])) for m in info.modalities),
+                         ("label", colourise(np.where(label == info.ignore_index, 255, label), info.palette, 255)),
+                         ("prediction", colourise(pred[r], info.palette))])
+        title = f"epoch {trainer.state.epoch}: {trainer.monitor} {metrics.get(trainer.monitor, float('nan')):.4f}"
+        fig = panel_figure(rows, info.classes, info.palette, title)
         path = trainer.run_dir / "visuals" / f"epoch_{trainer.state.epoch:03d}.png"
         atomic_write(path, lambda p: fig.savefig(p, dpi=90, format="png"))
         plt.close(fig)
-        for lg in trainer.loggers:
-            if hasattr(lg, "log_images"):
-                lg.log_images({"val/predictions": str(path)}, step=trainer.state.global_step)
+        trainer.track("log_images", {"val/predictions": str(path)}, trainer.state.global_step)
+
+
+def panel_figure(rows: Sequence[Sequence[tuple[str, np.ndarray]]], classes: Sequence[str],
+                 palette: Sequence[Sequence[int]], title: str):
+    """A grid of (title, RGB image) panels, one row per sample, with the class legend (name + colour) below."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    n, cols = len(rows), max(len(r) for r in rows)
+    legend_height = 0.35  # inches under the grid
+    fig, axes = plt.subplots(n, cols, figsize=(2.4 * cols, 2.4 * n + legend_height), squeeze=False)
+    for r, panels in enumerate(rows):
+        for c, (name, img) in enumerate(panels):
+            axes[r, c].imshow(img, interpolation="nearest")
+            axes[r, c].set_axis_off()
+            if r == 0:
+                axes[r, c].set_title(name, fontsize=9)
+    handles = [Patch(facecolor=np.asarray(colour[:3], float) / 255, edgecolor="black", label=name)
+               for name, colour in zip(classes, palette)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, legend_height / (2.4 * n + legend_height), 1, 1))
+    return fig
 
 
 class RunReport(Callback):
@@ -93,9 +109,11 @@ class RunReport(Callback):
             return
         from segplat.plots import plot_confusion, plot_curves
 
-        plot_curves(trainer.run_dir / "metrics.jsonl", trainer.run_dir / "curves.png", trainer.monitor)
+        plots = [trainer.run_dir / "curves.png"]
+        plot_curves(trainer.run_dir / "metrics.jsonl", plots[0], trainer.monitor)
         last = trainer.state.last_metrics
         if last and last.get("confusion_matrix") is not None:
-            plot_confusion(np.asarray(last["confusion_matrix"]), trainer.class_names,
-                           trainer.run_dir / "confusion_matrix.png",
+            plots.append(trainer.run_dir / "confusion_matrix.png")
+            plot_confusion(np.asarray(last["confusion_matrix"]), trainer.class_names, plots[1],
                            f"epoch {trainer.state.epoch}: mIoU {last.get('miou', float('nan')):.3f}")
+        trainer.track("log_artifacts", [p for p in plots if p.is_file()])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -24,11 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from segplat.config import check_config, register_resolvers
+from segplat.config import CONF_DIR, check_config, register_resolvers
 from segplat.errors import ConfigError, SegplatError
 
 register_resolvers()
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DEFAULT_TIME_STEPS = 6
 
 

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
+import re
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from segplat.config import CONF_DIR
 from segplat.errors import SegplatError
 from segplat.utils.dist import is_main_process
 
 log = logging.getLogger("segplat")
+
+# set once a task function runs: an exit status 1 before that is Hydra refusing the command line
+_task_started = threading.Event()
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -42,6 +49,7 @@ def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
 
     @functools.wraps(fn)
     def wrapped(cfg: DictConfig) -> Any:
+        _task_started.set()
         if not is_main_process():
             logging.getLogger().setLevel(logging.WARNING)
         try:
@@ -63,3 +71,129 @@ def save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
     from segplat.utils.io import atomic_write_text
 
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+# -- the command line: Hydra's message for an unknown option or key, plus a "did you mean" ---------------
+def with_config_hints(hydra_main: Callable[[], Any], config_name: str) -> Callable[[], Any]:
+    """Wrap a `@hydra.main` function: when Hydra refuses the command line (it prints its message, with the
+    options of a group, and exits 1), add one `error: ...` line with the nearest valid option or key and exit 2,
+    as every other user error of a task does."""
+
+    @functools.wraps(hydra_main)
+    def main() -> Any:
+        try:
+            return hydra_main()
+        except SystemExit as stop:
+            if stop.code == 1 and not _task_started.is_set():
+                hint = config_error_hint(config_name, sys.argv[1:])
+                if hint is not None:
+                    print(f"error: {hint}", file=sys.stderr, flush=True)
+                    sys.exit(2)
+            raise
+
+    return main
+
+
+# Hydra flags that take a value (the value is not an override)
+_VALUE_FLAGS = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-p", "--package",
+                "--experimental-rerun", "-i", "--info", "-c", "--cfg", "-sc", "--shell-completion"}
+
+
+def overrides_of(argv: Sequence[str]) -> list[str] | None:
+    """The overrides of a Hydra command line; None when it names another primary config (nothing to explain)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir") or \
+                arg.startswith(("--config-name=", "--config-path=", "--config-dir=")):
+            return None
+        elif arg in _VALUE_FLAGS:
+            skip = True
+        elif not arg.startswith("-"):
+            out.append(arg)
+    return out
+
+
+def compose_config(config_name: str, overrides: Sequence[str]) -> DictConfig:
+    """Compose a config of conf/ outside a running Hydra app (the GlobalHydra state is put back after)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name=config_name, overrides=list(overrides))
+    finally:
+        restore_gh_from_backup(backup)
+
+
+def config_error_hint(config_name: str, argv: Sequence[str]) -> str | None:
+    """One sentence for the override Hydra refused, with the nearest valid choice; None if composing succeeds."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    overrides = overrides_of(argv)
+    if overrides is None:
+        return None
+    try:
+        compose_config(config_name, overrides)
+        return None
+    except MissingConfigException as err:
+        return _unknown_option(err, overrides)
+    except OverrideParseException as err:
+        return f"an override could not be parsed ({str(err).strip().splitlines()[0]}); see Hydra's message above."
+    except Exception as err:
+        found = re.search(r"Could not override '([^']+)'", str(err))
+        if found is None:
+            return f"the command line was refused ({str(err).strip().splitlines()[0]}); see Hydra's message above."
+        key = found.group(1)
+        rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+        return _unknown_key(key, config_name, rest)
+
+
+def _unknown_option(err: Exception, overrides: Sequence[str]) -> str:
+    missing = str(getattr(err, "missing_cfg_file", "") or "")
+    group, _, value = missing.rpartition("/")
+    options = [str(o) for o in (getattr(err, "options", None) or [])] or \
+        sorted(f.stem for f in (CONF_DIR / group).glob("*.yaml"))
+    near = difflib.get_close_matches(value, options, n=1, cutoff=0.5)
+    if not group:
+        return f"{missing} is not a config in conf/; see Hydra's message above."
+    where = f"{group}={value} is not an option of {group} (conf/{group}/)"
+    if near:
+        return f"{where}; did you mean {group}={near[0]}?"
+    return f"{where}; choose one of {', '.join(options)}." if options else f"{where}."
+
+
+def _unknown_key(key: str, config_name: str, other_overrides: Sequence[str]) -> str:
+    """The nearest existing key at the deepest level of `key` that exists (`trainer.max_epoch` -> `max_epochs`)."""
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = compose_config(config_name, other_overrides)
+    except Exception:
+        cfg = compose_config(config_name, [])
+    parts = key.split(".")
+    node, known = cfg, []
+    for part in parts:
+        child = node.get(part) if OmegaConf.is_dict(node) and part in node else None
+        if child is None or not OmegaConf.is_dict(child):
+            break
+        node, known = child, [*known, part]
+    if len(known) == len(parts):  # the key exists and is a group: a value Hydra could not take
+        return f"{key} could not be overridden; see Hydra's message above."
+    wrong = parts[len(known)]
+    group = "/".join(known)
+    if known and (CONF_DIR / group / f"{wrong}.yaml").is_file():  # e.g. logger.mlflow.tracking_uri without mlflow
+        several = f" or, beside others, {group}=[jsonl,{wrong}]" if group == "logger" else ""
+        return f"{key}: {wrong} is an option of {group} that this run does not select; select it with {group}={wrong}" \
+            f"{several}."
+    candidates = [str(k) for k in node] if OmegaConf.is_dict(node) else []
+    near = difflib.get_close_matches(wrong, candidates, n=1, cutoff=0.5)
+    parent = ".".join(known) or "the config"
+    if near:
+        suggestion = ".".join([*known, near[0], *parts[len(known) + 1:]])
+        return f"{key} is not a key of {parent}; did you mean {suggestion}? (add keys on purpose with +{key}=...)"
+    return f"{key} is not a key of {parent}; see Hydra's message above (add keys on purpose with +{key}=...)."

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from segplat.engine.trainer import resolve_sync_batchnorm
+from segplat.errors import ConfigError
 from tests.conftest import REPO
 from tests.distributed.launch_utils import BASE, env_for, free_port, metrics, plain_cmd, run, summary, torchrun_cmd
 
@@ -104,3 +106,54 @@ def test_ddp_run_killed_mid_way_resumes_on_another_process_count(tmp_path: Path)
     assert s["status"] == "completed" and s["epochs_completed"] == epochs
     assert [r["epoch"] for r in metrics(run_dir)] == list(range(1, epochs + 1))  # no epoch logged twice
     assert s["global_step"] == epochs * 4  # 16 patches / global batch 4, whatever the process count
+
+
+# -- BatchNorm over several processes (trainer.sync_batchnorm) ------------------------------------------
+BN = [*BASE, "model._target_=tests.distributed.tiny_model.BatchNormNet", "dataset.patch_size=24",
+      "trainer.max_epochs=2", "dataset.batch_size=4", "dataset.val_batch_size=4"]
+
+
+def test_sync_batchnorm_values():
+    assert resolve_sync_batchnorm("auto", 2, on_gpu=True) is True
+    assert resolve_sync_batchnorm("auto", 2, on_gpu=False) is False  # CPU: each process keeps its own statistics
+    assert resolve_sync_batchnorm("auto", 1, on_gpu=True) is False
+    assert resolve_sync_batchnorm(False, 4, on_gpu=True) is False
+    with pytest.raises(ConfigError, match="needs GPUs"):
+        resolve_sync_batchnorm(True, 2, on_gpu=False)
+    with pytest.raises(ConfigError, match="is not known"):
+        resolve_sync_batchnorm("yes", 2, on_gpu=True)
+
+
+def _bn_weights_differ(runs: Path, a: str, b: str) -> float:
+    wa, wb = _weights(runs / a), _weights(runs / b)
+    return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa if wa[k].is_floating_point())
+
+
+def test_batchnorm_on_cpu_processes_normalises_per_process(tmp_path: Path) -> None:
+    """What the docs state for CPU: `auto` leaves BatchNorm per process (2 x b differs from 1 x 2b), and `true`
+    is refused in one sentence before any data is read."""
+    env = env_for(tmp_path / "logs")
+    one = run(plain_cmd([*BN, "run_name=one"]), env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run(torchrun_cmd([*BN, "run_name=two"], nproc=2), env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert _bn_weights_differ(tmp_path / "logs" / "train" / "runs", "one", "two") > 1e-4
+    refused = run(torchrun_cmd([*BN, "run_name=three", "trainer.sync_batchnorm=true"], nproc=2), env)
+    assert refused.returncode != 0 and "error: trainer.sync_batchnorm=true needs GPUs" in refused.stderr
+    assert not (tmp_path / "logs" / "train" / "runs" / "three" / "checkpoints").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="SyncBatchNorm over 2 processes needs 2 CUDA devices")
+def test_sync_batchnorm_on_gpus_matches_one_process(tmp_path: Path) -> None:
+    """2 GPU processes x b == 1 x 2b for a BatchNorm model with sync_batchnorm=auto; without it they differ."""
+    env = env_for(tmp_path / "logs", CUDA_VISIBLE_DEVICES="0,1")
+    gpu = [*BN, "trainer.mixed_precision=no"]
+    for name, cmd in (("one", plain_cmd([*gpu, "run_name=one"])),
+                      ("synced", torchrun_cmd([*gpu, "run_name=synced"], nproc=2)),
+                      ("unsynced", torchrun_cmd([*gpu, "run_name=unsynced", "trainer.sync_batchnorm=false"], nproc=2))):
+        proc = run(cmd, env)
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+    runs = tmp_path / "logs" / "train" / "runs"
+    assert _bn_weights_differ(runs, "one", "synced") < 1e-4
+    assert _bn_weights_differ(runs, "one", "unsynced") > 1e-4  # the test would see a missing conversion

@@ -32,3 +32,14 @@ class GroupNormNet(SegmentationModel):
         self.check_inputs(inputs)
         x = torch.cat([inputs[m] for m in self.modalities], dim=1)
         return {"out": self.head(self.encoder(x))}
+
+
+class BatchNormNet(GroupNormNet):
+    """The same net with BatchNorm: 2 processes x b equal 1 x 2b only when BatchNorm is synchronised
+    (`trainer.sync_batchnorm`, GPUs only)."""
+
+    def __init__(self, modalities: Mapping[str, int], num_classes: int, width: int = 8, **_: Any) -> None:
+        super().__init__(modalities, num_classes, width)
+        cin = sum(self.modalities.values())
+        self.encoder = nn.Sequential(nn.Conv2d(cin, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                     nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+import segplat
 from segplat.errors import ConfigError
 from segplat.models import Segmenter
 from segplat.models.decoders import UNetDecoder
@@ -80,7 +81,8 @@ def test_preset_composes_and_trains_a_step(tmp_path, fusion):
     cfg = compose_train(["model=deeplabv3plus", f"fusion={fusion}", "model.encoder.name=resnet10t",
                          "model.decoder.channels=16"], tmp_path)
     assert cfg.model.encoder.output_stride == 16 and list(cfg.model.decoder.rates) == [12, 24, 36]
-    model = instantiate(cfg.model, modalities={"rgb": 3, "nir": 1}, num_classes=4).train()
+    model = segplat.create_model("deeplabv3plus", {"rgb": 3, "nir": 1}, 4, fusion=fusion,
+                                 encoder={"name": "resnet10t"}, decoder={"channels": 16}).train()
     assert model.level == fusion and isinstance(model.decoder, DeepLabV3PlusDecoder)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     out = model({"rgb": torch.randn(2, 3, 32, 32), "nir": torch.randn(2, 1, 32, 32)})["out"]

@@ -7,8 +7,8 @@ from typing import ClassVar
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
+import segplat
 from segplat.errors import ConfigError
 from segplat.models.dualstream import DualStream
 from segplat.models.encoders import TimmEncoder
@@ -168,7 +168,10 @@ def test_preset_composes_and_builds(tmp_path):
                          "model.air.dims=[16,16,32,32]", "model.decoder.channels=[32,16,16]",
                          "model.decoder.aspp_channels=32"], tmp_path)
     assert cfg.model.fusion.type == "film_cross_attention" and cfg.model.vision_pretrained is None
-    model = instantiate(cfg.model, modalities={"image": 4, "air": 48}, num_classes=5).train()
+    model = segplat.create_model("dualstream", {"image": 4, "air": 48}, 5,
+                                 vision_encoder={"_target_": "segplat.models.encoders.mit.mit_b0"},
+                                 air={"dims": [16, 16, 32, 32]},
+                                 decoder={"channels": [32, 16, 16], "aspp_channels": 32}).train()
     assert isinstance(model, DualStream) and model.encoders["air"].stem[0].in_channels == 48
     out = model(inputs())
     assert set(out) == {"out", "f2", "f3"} and out["out"].shape == (2, 5, 64, 64)

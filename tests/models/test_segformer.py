@@ -7,9 +7,9 @@ from typing import ClassVar
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from torch.nn import functional as F
 
+import segplat
 from segplat.config import check_config
 from segplat.errors import CheckpointError, ConfigError
 from segplat.models.decoders.segformer_head import SegFormerHead
@@ -177,5 +177,5 @@ def test_preset_composes_and_builds(tmp_path: Path) -> None:
     cfg = compose_train(["model=segformer", "model.backbone=mit_b0"], output_dir=tmp_path)
     check_config(cfg)
     assert cfg.model.decoder_embed_dim is None and cfg.model.fusion.level == "early"
-    model = instantiate(cfg.model, modalities={"rgb": 3, "nir": 1}, num_classes=4)
+    model = segplat.create_model("segformer", {"rgb": 3, "nir": 1}, 4, backbone="mit_b0")
     assert isinstance(model, SegFormer) and model.decoder.out_channels == 256

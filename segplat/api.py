@@ -1,0 +1,87 @@
+"""The Python API beside the CLI: build a preset model, or load a trained one, in a notebook.
+
+    model = segplat.create_model("cmx", modalities={"rgb": 3, "nir": 1}, num_classes=4, backbone="mit_b0")
+    loaded = segplat.load_model("logs/train/runs/exp1")   # .model, .preprocessor, .classes, .palette
+
+`create_model` composes `conf/model/<name>.yaml` with `conf/fusion/<fusion>.yaml` exactly as
+`python -m segplat.train model=<name> fusion=<fusion>` does, so a model built here and one built by
+a run are the same. `load_model` is `segplat.inference.load_for_inference`: a checkpoint's stored
+config is untrusted and only segplat's own builders with plain values are built from it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from segplat.errors import ConfigError
+
+
+def create_model(name: str, modalities: Mapping[str, int], num_classes: int,
+                 fusion: str | Mapping[str, Any] | None = None, **overrides: Any) -> torch.nn.Module:
+    """A model preset of `conf/model/` with random weights (or the local `pretrained` file an override names).
+
+    `modalities` maps each input name to its channel count, in the model's input order. `fusion` is an option of
+    `conf/fusion/` (`"early"`, `"mid"`, `"late"`, `"mid_attention"`) or a mapping merged into the preset's fusion
+    (`{"stages": [2, 3]}`). `overrides` are keys of the model config (`backbone="mit_b0"`,
+    `encoder={"name": "resnet34"}`); an unknown key is refused with the nearest known one.
+    """
+    from hydra.errors import MissingConfigException
+    from hydra.utils import instantiate
+
+    from segplat.config import check_model_fusion
+    from segplat.utils.task import compose_config, user_error_in
+
+    choices = [f"model={name}"] + ([f"fusion={fusion}"] if isinstance(fusion, str) else [])
+    try:
+        cfg = compose_config("train", choices)
+    except MissingConfigException as err:
+        group, _, value = str(getattr(err, "missing_cfg_file", "")).rpartition("/")
+        options = [str(o) for o in getattr(err, "options", None) or []]
+        near = difflib.get_close_matches(value, options, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ConfigError(f"create_model: {value!r} is not a {group or 'config'} preset; {hint}choose one of "
+                          f"{', '.join(options)}.") from err
+    model_cfg = cfg.model
+    # a preset that takes the fusion group points at it (`fusion: ${fusion}`); others hold their own
+    takes_group = "fusion" in model_cfg and OmegaConf.is_interpolation(model_cfg, "fusion")
+    if isinstance(fusion, Mapping):
+        _merge(cfg if takes_group else model_cfg, {"fusion": dict(fusion)}, "fusion")
+    _merge(model_cfg, overrides, f"model {name!r}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"create_model: num_classes={num_classes!r} must be a positive integer.")
+    modalities = {str(k): int(v) for k, v in dict(modalities).items()}
+    with open_dict(cfg):
+        cfg.dataset.modalities = list(modalities)
+    check_model_fusion(cfg)  # the same refusal as the CLI's, e.g. a fusion a preset with a fixed one would ignore
+    try:
+        return instantiate(model_cfg, modalities=modalities, num_classes=num_classes)
+    except Exception as err:  # Hydra wraps what a constructor raises; give the user's error itself
+        raise (user_error_in(err) or err) from err
+
+
+def _merge(node: DictConfig, values: Mapping[str, Any], what: str) -> None:
+    """Merge plain values into a composed node, refusing keys it does not have (struct mode)."""
+    for key, value in values.items():
+        if key not in node:
+            near = difflib.get_close_matches(key, [str(k) for k in node], n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; its keys are {', '.join(str(k) for k in node)}."
+            raise ConfigError(f"create_model: {what} has no key {key!r}{hint}")
+        if isinstance(value, Mapping) and OmegaConf.is_dict(node[key]):
+            _merge(node[key], value, f"{what}.{key}")
+        else:
+            with open_dict(node):
+                node[key] = value
+
+
+def load_model(run_or_checkpoint: str | Path, device: str | torch.device = "cpu"):
+    """A trained model (eval mode) with its preprocessing and class table, from a run folder (its best.ckpt)
+    or a .ckpt file: `.model`, `.preprocessor`, `.classes`, `.palette`, `.specs` (band names per modality)."""
+    from segplat.inference import load_for_inference
+
+    return load_for_inference(run_or_checkpoint, device=device)
