@@ -41,6 +41,7 @@ from segplat.engine.checkpoint import (
 from segplat.engine.checkpoint import save_checkpoint as write_checkpoint
 from segplat.engine.loggers import JsonlLogger, RunInfo, Tracker, format_metrics, sweep_facts
 from segplat.errors import CheckpointError, ConfigError
+from segplat.inference import forward_batch
 from segplat.metrics import ConfusionMatrix, flatten_metrics
 from segplat.utils.io import atomic_write_json
 from segplat.utils.seed import rng_state, set_rng_state
@@ -307,13 +308,12 @@ class Trainer:
                                        disable=not (self.progress and acc.is_main_process))):
             if limit is not None and i >= limit:
                 break
-            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
-            inputs = self.preprocess(batch, train=False)
-            with acc.autocast():
-                outputs = model(inputs)
-                loss, _ = self.loss_fn({"out": outputs["out"]}, batch["label"].long())
-            cm.update(outputs["out"].float(), batch["label"])
-            n = batch["label"].shape[0]  # weight by samples: a short last batch on one rank counts for what it holds
+            # the forward evaluation and prediction share: what validation measures is what predict writes
+            logits = forward_batch(model, self.preprocess, batch, acc.device, autocast=acc.autocast)
+            label = batch["label"].to(acc.device, non_blocking=True)
+            loss, _ = self.loss_fn({"out": logits}, label.long())
+            cm.update(logits, label)
+            n = label.shape[0]  # weight by samples: a short last batch on one rank counts for what it holds
             loss_sum += loss.double() * n
             batches += n
         model.train(was_training)

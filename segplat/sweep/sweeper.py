@@ -33,6 +33,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from optuna.trial import TrialState
 
+from segplat.engine.loggers import STUDY_ENV, TRIAL_ENV
 from segplat.errors import ConfigError, SegplatError
 from segplat.sweep import space as sp
 from segplat.sweep.outputs import write_outputs
@@ -365,6 +366,8 @@ class OptunaSweeper:
             trial.set_user_attr("overrides", [o for o in overrides if "optuna_pruning" not in o])
             log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in searched.items()))
             started = True
+            # the trial's trackers tag their run with the study and trial (segplat.engine.loggers reads these)
+            env = {**env, STUDY_ENV: study.study_name, TRIAL_ENV: str(trial.number)}
             res = run_trial(overrides, run_dir, env, self.launcher_cmd, self.task_module, self.trial_timeout,
                             heartbeat, heartbeat_every=max(1.0, float(self.heartbeat_interval or 30) / 2),
                             stderr_lines=self.stderr_lines)

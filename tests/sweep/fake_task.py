@@ -1,6 +1,7 @@
 """A stand-in for the train task in runner tests: `python -m tests.sweep.fake_task MODE hydra.run.dir=DIR`."""
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,4 +13,6 @@ if mode == "sleep":
 if mode == "crash":
     print("error: dataset.root=/nowhere does not exist; set dataset.root.", file=sys.stderr)
     sys.exit(2)
-(run_dir / "summary.json").write_text(json.dumps({"status": "completed", "best_score": 0.5}))
+# what the trial's trackers would tag their run with (segplat.engine.loggers reads these variables)
+trial_facts = {k: os.environ.get(k) for k in ("SEGPLAT_STUDY_NAME", "SEGPLAT_TRIAL_NUMBER")}
+(run_dir / "summary.json").write_text(json.dumps({"status": "completed", "best_score": 0.5, "env": trial_facts}))

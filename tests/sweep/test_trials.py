@@ -3,6 +3,7 @@ but not run, interrupted baselines, and failure messages that point at logs that
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -128,3 +129,14 @@ def test_fixed_and_conditional_fixed_values_reach_the_trial(tmp_path: Path) -> N
     assert first == ["ok", "x=1", "trainer.max_epochs=3", "y=5"]
     assert second == ["ok", "x=2", "trainer.max_epochs=3"]
     assert (tmp_path / "trial_0001" / "command.txt").read_text().split()[3:6] == second
+
+
+def test_each_trial_knows_its_study_and_number(tmp_path: Path) -> None:
+    """Trackers tag a trial's run with the study and trial number, whatever the pruner (issue 16)."""
+    sweeper, study, parsed = sweeper_with_study(tmp_path, {"x": "choice(1, 2)"})
+    for _ in range(2):
+        sweeper.run_one(study, study.ask(), ["ok"], parsed, tmp_path, {"PYTHONPATH": str(REPO)}, False, "w",
+                        [("best_score", "maximize")])
+    for number in (0, 1):
+        facts = json.loads((tmp_path / f"trial_{number:04d}" / "summary.json").read_text())["env"]
+        assert facts == {"SEGPLAT_STUDY_NAME": "t", "SEGPLAT_TRIAL_NUMBER": str(number)}
