@@ -8,12 +8,13 @@ sweeper calls it on each configuration a search space can draw, before the first
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from segplat.errors import ConfigError
+from segplat.utils.plain import to_plain
 
 if TYPE_CHECKING:
     from segplat.models.fusion.spec import FusionSpec
@@ -64,11 +65,12 @@ def check_model_fusion(cfg: DictConfig) -> FusionSpec | None:
     group = cfg.get("fusion")
     given = cfg.model.get("fusion") if "fusion" in cfg.model else None
     if group is not None and "fusion" not in cfg.model and resolve_fusion(group) != FusionSpec():
-        raise ConfigError(f"model {target} takes no model.fusion, so fusion={_plain(group)} would be ignored; use "
+        raise ConfigError(f"model {target} takes no model.fusion, so fusion={to_plain(group)} would be ignored; use "
                           "fusion=early or give the preset `fusion: ${fusion}`.")
-    if group is not None and given is not None and _plain(given) != _plain(group):
-        raise ConfigError(f"model.fusion={_plain(given)} differs from the fusion group ({_plain(group)}), which the "
-                          "preset would ignore; presets take `fusion: ${fusion}` and fusion is chosen with fusion=...")
+    if group is not None and given is not None and to_plain(given) != to_plain(group):
+        raise ConfigError(f"model.fusion={to_plain(given)} differs from the fusion group ({to_plain(group)}), "
+                          "which the preset would ignore; presets take `fusion: ${fusion}` and fusion is chosen with "
+                          "fusion=...")
     check = getattr(model_cls, "check_fusion", None)
     if check is None or given is None:
         return None
@@ -79,5 +81,3 @@ def check_model_fusion(cfg: DictConfig) -> FusionSpec | None:
     return check(spec, len(modalities) if modalities else None, num_stages)
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node

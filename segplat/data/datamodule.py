@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
 from segplat.data.augment_copy_paste import StoreDonor
@@ -41,6 +41,7 @@ from segplat.data.store_location import StoreLocation, check_access
 from segplat.data.transforms import build_augment
 from segplat.errors import ConfigError, DataError
 from segplat.utils.io import atomic_write_json
+from segplat.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -346,8 +347,7 @@ class DataModule:
         assert self.info is not None, "call setup() first"
         augment = None
         if train and self.augment_cfg:
-            cfg = {k: (OmegaConf.to_container(v) if isinstance(v, DictConfig | ListConfig) else v)
-                   for k, v in self.augment_cfg.items()}
+            cfg = {k: to_plain(v) for k, v in self.augment_cfg.items()}
             donor = StoreDonor(self.location, split, list(self.info.modalities), self.patch_size) \
                 if cfg.get("copy_paste") else None
             augment = build_augment(cfg, self.info.specs, self.info.ignore_index, donor)

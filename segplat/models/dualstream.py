@@ -38,6 +38,7 @@ from segplat.models.fusion import FusionSpec
 from segplat.models.fusion.cross_attention import CrossAttentionFusion
 from segplat.models.fusion.film_gate import FiLMGateFusion
 from segplat.models.segmenter import SegmentationHead
+from segplat.utils.plain import to_plain
 
 
 def _plain(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -46,14 +47,7 @@ def _plain(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
         return {}
     if not hasattr(cfg, "items"):
         raise ConfigError(f"expected a mapping of options, got {cfg!r}.")
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(cfg)
+    return dict(to_plain(cfg))
 
 
 def _default_vision_encoder(in_chans: int, pretrained: str | None = None) -> nn.Module:

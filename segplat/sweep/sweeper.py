@@ -30,7 +30,7 @@ from typing import Any
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from segplat.engine.loggers import STUDY_ENV, TRIAL_ENV
@@ -57,6 +57,7 @@ from segplat.sweep.study import (
     trial_id,
 )
 from segplat.sweep.validate import SpaceChecker
+from segplat.utils.plain import to_plain
 
 log = logging.getLogger("segplat.sweep")
 OK_STATUSES = ("completed", "stopped_early", "stopped")
@@ -66,8 +67,6 @@ class SweepInterrupted(KeyboardInterrupt):
     """SIGTERM turned into an exception, so the running trial is stopped and recorded."""
 
 
-def _container(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
 
 
 class OptunaSweeper:
@@ -91,19 +90,19 @@ class OptunaSweeper:
         self.n_trials = n_trials
         self.worker_trials = worker_trials
         self.direction = direction
-        self.objectives_spec = _container(objectives)
-        self.sampler_spec = dict(_container(sampler) or {"name": "tpe"})
-        self.pruner_spec = dict(_container(pruner) or {"name": "none"})
+        self.objectives_spec = to_plain(objectives)
+        self.sampler_spec = dict(to_plain(sampler) or {"name": "tpe"})
+        self.pruner_spec = dict(to_plain(pruner) or {"name": "none"})
         self.params_spec = dict(params or {})
-        self.baselines = list(_container(baselines) or [])
-        self.launcher_cmd = [str(x) for x in (_container(launcher_cmd) or [])] or None
+        self.baselines = list(to_plain(baselines) or [])
+        self.launcher_cmd = [str(x) for x in (to_plain(launcher_cmd) or [])] or None
         self.task_module = task_module
         self.max_failure_rate = float(max_failure_rate)
         self.trial_timeout = trial_timeout
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
         self.retry_failed = int(retry_failed or 0)
-        self.env = {str(k): str(v) for k, v in (_container(env) or {}).items()}
+        self.env = {str(k): str(v) for k, v in (to_plain(env) or {}).items()}
         self.stderr_lines = int(stderr_lines)
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
@@ -210,7 +209,7 @@ class OptunaSweeper:
                                   "use another hydra.sweeper.study_name or the original objectives.") from None
         if created:
             study.set_user_attr("segplat_objectives", [k for k, _ in self.objectives()])
-            study.set_user_attr("segplat_params", {str(k): str(_container(v)) for k, v in self.params_spec.items()})
+            study.set_user_attr("segplat_params", {str(k): str(to_plain(v)) for k, v in self.params_spec.items()})
             for i, fixed in enumerate(baselines):
                 study.enqueue_trial(fixed, user_attrs={"baseline": i}, skip_if_exists=True)
         return study, created

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from segplat.errors import ConfigError
+from segplat.utils.plain import to_plain
 
 # keys Hydra reads itself; a layout never sees them as arguments
 HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_", "_args_")
@@ -204,13 +205,6 @@ def hash_split(ids: Sequence[str], val_fraction: float, seed: int) -> dict[str, 
 
 
 # -- config helpers -------------------------------------------------------------------------------------
-def plain(obj: Any) -> Any:
-    """OmegaConf containers to plain Python (layouts get DictConfig nodes with `_recursive_: false`)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(obj, DictConfig | ListConfig):
-        return OmegaConf.to_container(obj, resolve=True)
-    return obj
 
 
 def check_keys(given: Iterable[str], valid: Sequence[str], where: str, what: str) -> None:
@@ -223,7 +217,7 @@ def check_keys(given: Iterable[str], valid: Sequence[str], where: str, what: str
 
 def config_section(cls: type[C], cfg: Mapping[str, Any] | None, where: str, what: str) -> C:
     """A dataclass from one nested config section (e.g. one modality), refusing unknown keys."""
-    cfg = dict(plain(cfg) or {})
+    cfg = dict(to_plain(cfg) or {})
     check_keys(cfg, [f.name for f in fields(cls)], where, what)  # type: ignore[arg-type]
     return cls(**cfg)
 
@@ -233,7 +227,7 @@ def band_names(select: Sequence[str | int] | None, documented: Sequence[str], ke
     if select is None:
         return tuple(documented)
     out = []
-    for item in plain(select):
+    for item in to_plain(select):
         if isinstance(item, int) and not isinstance(item, bool) and 1 <= item <= len(documented):
             out.append(documented[item - 1])
         elif isinstance(item, str) and item in documented:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from rasterio.warp import Resampling
 
-from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef, config_section, hash_split, plain
+from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef, config_section, hash_split
 from segplat.data.raster import (
     Grid,
     decode_colour_label,
@@ -42,6 +42,7 @@ from segplat.data.raster import (
     warp_to_grid,
 )
 from segplat.errors import ConfigError, DataError
+from segplat.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class GeoTiffLayout(Layout):
     ) -> None:
         super().__init__(root)
         self.modality_cfg: dict[str, ModalityConfig] = {}
-        for name, m in (plain(modalities) or {}).items():
+        for name, m in (to_plain(modalities) or {}).items():
             cfg = config_section(ModalityConfig, m, f"dataset.layout.modalities.{name}", self.name)
             glob = _globbed(cfg.glob, cfg.folder, cfg.pattern)
             bands = tuple(str(b) for b in (cfg.bands or ()))
@@ -135,22 +136,23 @@ class GeoTiffLayout(Layout):
         if not self.label_cfg.colour and (self.label_cfg.tolerance or self.label_cfg.ignore_colours):
             raise ConfigError("dataset.layout.label.tolerance and ignore_colours apply to colour labels only; remove "
                               "them or set label.colour=true.")
-        self.classes = tuple(plain(classes) or ())
+        self.classes = tuple(to_plain(classes) or ())
         if not self.classes:
             raise ConfigError("dataset.layout.classes is empty; list the class names in label-index order.")
-        self.palette = tuple(tuple(int(v) for v in c) for c in (plain(palette) or _default_palette(len(self.classes))))
+        colours = to_plain(palette) or _default_palette(len(self.classes))
+        self.palette = tuple(tuple(int(v) for v in c) for c in colours)
         if len(self.palette) != len(self.classes):
             raise ConfigError(f"dataset.layout.palette has {len(self.palette)} colours for {len(self.classes)} "
                               "classes; give one RGB triple per class or leave it null.")
         self.ignore_index = int(ignore_index)
         self.value_map = {int(k): (self.ignore_index if str(v) == "ignore" else int(v))
-                          for k, v in (plain(value_map) or {}).items()}
+                          for k, v in (to_plain(value_map) or {}).items()}
         try:
             self.stem_regex = re.compile(stem_regex)
         except re.error as err:
             raise ConfigError(f"dataset.layout.stem_regex={stem_regex!r} is not a valid regex ({err}).") from err
-        self.split_globs = plain(splits) or {}
-        self.split_files = plain(split_files) or {}
+        self.split_globs = to_plain(splits) or {}
+        self.split_files = to_plain(split_files) or {}
         if self.split_globs and self.split_files:
             raise ConfigError("dataset.layout.splits and dataset.layout.split_files are both set; keep one of them "
                               "(the other would be ignored).")

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 from rasterio.warp import Resampling
 
-from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef, band_names, plain
+from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef, band_names
 from segplat.data.raster import (
     Grid,
     decode_colour_label,
@@ -41,6 +41,7 @@ from segplat.data.raster import (
     warp_to_grid,
 )
 from segplat.errors import ConfigError, DataError
+from segplat.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class _ISPRSLayout(Layout):
                               f"choose one of {', '.join(self.SPLITS)}.")
         self.image, self.elevation, self.eroded, self.split = image, elevation, bool(eroded), split
         self.colour_tolerance = int(colour_tolerance)
-        self.val_tiles = tuple(str(t) for t in (plain(val_tiles) or ()))
+        self.val_tiles = tuple(str(t) for t in (to_plain(val_tiles) or ()))
         outside = [t for t in self.val_tiles if t not in self.SPLITS[split]["train"]]
         if outside:
             raise ConfigError(f"dataset.layout.val_tiles names {outside}, which are not training tiles of the "

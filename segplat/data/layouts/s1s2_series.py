@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef, band_names, check_keys, plain
+from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef, band_names, check_keys
 from segplat.errors import ConfigError, DataError
+from segplat.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,8 @@ class S1S2SeriesLayout(Layout):
                  bands: Mapping[str, Sequence[str | int] | None] | None = None) -> None:
         super().__init__(root)
         for key, table in (("max_time", max_time), ("nodata", nodata), ("bands", bands)):
-            check_keys(plain(table) or {}, ("s2", "s1"), f"dataset.layout.{key}", self.name)
-        picks = dict(plain(bands) or {})
+            check_keys(to_plain(table) or {}, ("s2", "s1"), f"dataset.layout.{key}", self.name)
+        picks = dict(to_plain(bands) or {})
         self.bands = {"s2": band_names(picks.get("s2"), S2_BANDS, "dataset.layout.bands.s2", "PASTIS-R S2"),
                       "s1": band_names(picks.get("s1"), S1_BANDS, "dataset.layout.bands.s1", "PASTIS-R S1")}
         folds = folds if folds is not None else {"train": [1, 2, 3], "val": [4], "test": [5]}

@@ -31,6 +31,7 @@ from torch import nn
 
 from segplat.config import CONF_DIR
 from segplat.errors import ConfigError
+from segplat.utils.plain import to_plain
 
 LEVELS = ("early", "mid", "late")
 SPEC_KEYS = ("level", "type", "stages", "module")
@@ -154,7 +155,7 @@ def resolve_fusion(fusion: Any) -> FusionSpec | None:
         if not isinstance(spec, FusionSpec):
             raise ConfigError(f"fusion._target_={fusion['_target_']} must build a segplat.models.fusion.FusionSpec.")
         return spec
-    plain = OmegaConf.to_container(fusion, resolve=True) if isinstance(fusion, DictConfig) else dict(fusion)
+    plain = dict(to_plain(fusion))
     unknown = sorted(set(plain) - set(SPEC_KEYS))
     if unknown:
         raise ConfigError(f"fusion has unknown key(s) {unknown}; a fusion entry takes {', '.join(SPEC_KEYS)}.")
