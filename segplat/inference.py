@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -26,6 +25,7 @@ from segplat.data.layouts.base import ModalitySpec
 from segplat.data.preprocess import Preprocessor
 from segplat.engine.checkpoint import check_belongs_to_run, find_checkpoint, inference_config, load_checkpoint
 from segplat.errors import CheckpointError, ConfigError
+from segplat.models.build import build_model
 
 
 @dataclass
@@ -61,7 +61,7 @@ def load_for_inference(location: str | Path, device: str | torch.device = "cpu",
     check_belongs_to_run(location, path, cfg)
     specs = {m: ModalitySpec.from_attrs(a) for m, a in data["modalities"].items()}
     modalities = {m: len(s.bands) for m, s in specs.items()}
-    model = instantiate(cfg.model, modalities=modalities, num_classes=len(data["classes"]))
+    model = build_model(cfg.model, modalities, len(data["classes"]), {m: s.bands for m, s in specs.items()})
     model.load_state_dict(state["model"])
     model.eval().to(device)
     pre = Preprocessor(specs, data["stats"], list(specs))

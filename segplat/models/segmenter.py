@@ -12,7 +12,8 @@ the fusion modules.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -27,6 +28,15 @@ from segplat.models.fusion.concat import ConcatFusion
 FUSION_MODULES: dict[str, type[nn.Module]] = {"concat": ConcatFusion, "attention": AttentionFusion}
 
 
+def build_encoder(factory: Callable[..., nn.Module], in_chans: int,
+                  bands: Mapping[str, Sequence[str]] | None) -> nn.Module:
+    """Only encoders that declare a `bands` keyword (geo-foundation models, which map the dataset's band names onto
+    their pretrained bands) get the stream's band names: {modality: names}, in channel order."""
+    if "bands" in inspect.signature(factory).parameters:
+        return factory(in_chans=in_chans, bands=bands)
+    return factory(in_chans=in_chans)
+
+
 class SegmentationHead(nn.Sequential):
     def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.0) -> None:
         super().__init__(nn.Dropout2d(dropout) if dropout else nn.Identity(), nn.Conv2d(in_channels, num_classes, 1))
@@ -37,15 +47,18 @@ class Segmenter(SegmentationModel):
         "early": ("concat",), "mid": ("concat", "attention"), "late": ("concat",)}
 
     def __init__(self, modalities: Mapping[str, int], num_classes: int, encoder: Callable[..., nn.Module],
-                 decoder: Callable[..., nn.Module], fusion: Any = None, head_dropout: float = 0.0) -> None:
+                 decoder: Callable[..., nn.Module], fusion: Any = None, head_dropout: float = 0.0,
+                 bands: Mapping[str, Sequence[str]] | None = None) -> None:
         super().__init__(modalities, num_classes)
         f = self.check_fusion(fusion, len(self.modalities))
         self.level = f["level"]
         names = list(self.modalities)
         if self.level == "early":
-            self.encoders = nn.ModuleDict({"stack": encoder(in_chans=sum(self.modalities.values()))})
+            self.encoders = nn.ModuleDict({"stack": build_encoder(
+                encoder, sum(self.modalities.values()), bands and {m: bands[m] for m in names})})
         else:
-            self.encoders = nn.ModuleDict({m: encoder(in_chans=c) for m, c in self.modalities.items()})
+            self.encoders = nn.ModuleDict({m: build_encoder(encoder, c, bands and {m: bands[m]})
+                                           for m, c in self.modalities.items()})
         first = self.encoders[next(iter(self.encoders))]
         channels, reductions = list(first.out_channels), list(first.reductions)
         n_stages = len(channels)
@@ -73,8 +86,10 @@ class Segmenter(SegmentationModel):
 
     def param_group(self, name: str) -> str:
         head = name.split(".", 1)[0]
-        if head == "encoders":
-            return "encoder"
+        if head == "encoders":  # an encoder's randomly initialised parts (a GFM's neck) train with the decoder
+            parts = name.split(".", 3)
+            heads = getattr(self.encoders[parts[1]], "head_modules", ()) if len(parts) > 2 else ()
+            return "decoder" if heads and parts[2] in heads else "encoder"
         if head == "fusion":
             return "fusion"
         return "decoder"
