@@ -42,6 +42,14 @@ BAND_ALIASES: dict[str, str] = {
 }
 
 
+_S2_ID = {v: k for k, v in _S2.items()}
+
+
+def describe_band(canonical: str) -> str:
+    """A pretrained band with the Sentinel-2 band that carries it, when there is one (SWIR_2 (B12))."""
+    return f"{canonical} ({_S2_ID[canonical]})" if canonical in _S2_ID else canonical
+
+
 def canonical_band(name: str, band_map: Mapping[str, str] | None = None) -> str:
     """A dataset band name as a GFM band name: the user's band_map first, then the alias table, else upper-cased."""
     if band_map:
@@ -92,24 +100,31 @@ def map_bands(gfm: str, input_name: str, pretrained: Sequence[str], dataset_band
     pretrained = [str(b).upper() for b in pretrained]
     by_canonical: dict[str, tuple[int, str, str]] = {}
     extras: list[tuple[int, str, str]] = []
+    clashes: list[str] = []
     for channel, modality, band in dataset_bands:
         canon = canonical_band(band, band_map)
         if canon in pretrained:
             if canon in by_canonical:
                 other = by_canonical[canon]
-                raise ConfigError(f"model.encoder: dataset bands {other[1]}.{other[2]} and {modality}.{band} both map "
-                                  f"to {gfm}'s {input_name} band {canon}; keep one (dataset.modalities / the layout's "
-                                  "bands) or fix model.encoder.band_map.")
-            by_canonical[canon] = (channel, modality, band)
+                clashes.append(f"{other[1]}.{other[2]} and {modality}.{band} to {canon}")
+            else:
+                by_canonical[canon] = (channel, modality, band)
         else:
             extras.append((channel, modality, band))
+    if clashes:
+        raise ConfigError(f"model.encoder: several dataset bands map to one band of {gfm}'s {input_name} input "
+                          f"({'; '.join(clashes)}); keep one of each (dataset.modalities / the layout's bands) or fix "
+                          "model.encoder.band_map.")
     missing = [b for b in pretrained if b not in by_canonical]
     if missing and missing_bands == "error":
         have = ", ".join(f"{m}.{b}" for _, m, b in dataset_bands) or "none"
         raise ConfigError(f"model.encoder: {gfm}'s {input_name} input was pretrained on {', '.join(pretrained)} but "
-                          f"the dataset has no band for {', '.join(missing)} (it has {have}); add them to the "
-                          "dataset, name them in model.encoder.band_map, or set model.encoder.missing_bands=zero "
-                          "to feed zeros.")
+                          f"the dataset has no band for {', '.join(map(describe_band, missing))} (it has {have}); "
+                          "add them to the dataset, name them in model.encoder.band_map, or set "
+                          "model.encoder.missing_bands=zero to feed zeros.")
+    if missing:
+        log.info("model.encoder: %s's %s input gets zeros for %s, which the dataset lacks (missing_bands=zero)", gfm,
+                 input_name, ", ".join(map(describe_band, missing)))
     if extra_bands == "learn":
         learn = extras
     elif extra_bands == "drop":
