@@ -284,11 +284,17 @@ def test_comparison_preset_trains_on_fake_sen1floods11_and_predicts_from_its_che
     common = ["experiment=sen1floods11_gfm", f"dataset.root={root}", "debug=fast", "logger=none",
               "dataset.tile_size=64", "dataset.patch_size=64", "dataset.batch_size=4", "dataset.val_batch_size=4",
               "trainer=cpu", "callbacks.visuals=null", "callbacks.report=null"]
+    from tests.test_finetune import Probe
+
     runs = {
-        "terramind": ["model=terramind", "model.encoder.name=terramind_v1_tiny"],
+        # encoder frozen for 2 epochs, then fine-tuned (callbacks=finetune, as for timm encoders)
+        "terramind": ["model=terramind", "model.encoder.name=terramind_v1_tiny", "callbacks=finetune",
+                      "trainer.max_epochs=3", "callbacks.finetune.patience=null", "callbacks.finetune.unfreeze_epoch=3",
+                      "callbacks.finetune.encoder_lr=1e-5", "+callbacks.probe._target_=tests.test_finetune.Probe"],
         "prithvi_s1": ["model=prithvi", "model.encoder.name=prithvi_eo_v2_tiny_tl", "dataset.modalities=[s1]",
                        "model.encoder.missing_bands=zero", "model.encoder.extra_bands=[VV,VH]"],
     }
+    Probe.log.clear()
     for name, overrides in runs.items():
         score = train(compose_train([*common, *overrides], output_dir=tmp_path / name))
         assert score == score  # a number, not NaN
@@ -299,6 +305,10 @@ def test_comparison_preset_trains_on_fake_sen1floods11_and_predicts_from_its_che
             assert loaded.model(x)["out"].shape == (1, 2, 40, 40)
         if name == "terramind":
             assert list(encoder.input_bands) == ["S2L1C", "S1GRD"]
+            log = list(Probe.log)
+            assert [e["enc_in_opt"] for e in log] == [False, False, True]
+            assert log[0]["enc_sum"] == log[1]["enc_sum"] != log[2]["enc_sum"]  # frozen, frozen, fine-tuned
+            assert "encoder" not in log[1]["lrs"] and {"encoder", "encoder_no_decay"} <= set(log[2]["lrs"])
         else:
             assert encoder.input_bands["image"][-2:] == ("s1.VV", "s1.VH")
     script = REPO / "benchmarks" / "gfm_comparison.py"
