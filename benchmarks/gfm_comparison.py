@@ -183,8 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     atomic_write_text(out / "comparison.md", text)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(header + ["run"])
-    writer.writerows(row + [r["run"]] for row, r in zip(body, rows))
+    writer.writerow([*header, "run"])
+    writer.writerows([*row, r["run"]] for row, r in zip(body, rows))
     atomic_write_text(out / "comparison.csv", buf.getvalue())
     if any(r.get("iou") for r in rows):
         plot(rows, classes, out / "comparison.png", args.title)
