@@ -110,6 +110,11 @@ def test_missing_and_extra_band_refused_then_zero_filled_and_dropped(caplog):
     assert fed == [1, 2, 3, 4, 5, 0]  # B2 B3 B4 B8A B11, zeros for B12; B9 and S1 not fed
 
 
+def test_an_input_of_zeros_only_is_refused():
+    with pytest.raises(ConfigError, match=r"no dataset band reaches Prithvi prithvi_eo_v2_tiny_tl's image input"):
+        Segmenter({"s1": 2}, 3, functools.partial(PRITHVI, missing_bands="zero"), DECODER, bands={"s1": S1})
+
+
 def test_terramind_takes_each_modality_as_its_own_input_with_exact_bands():
     model = segmenter(TERRAMIND, {"s2": 13, "s1": 2}).eval()
     seen = capture_inputs(model)
@@ -151,6 +156,18 @@ def test_out_indices_and_interpolate_neck():
     assert enc.out_indices == [3, 7, 11, 11] and enc.out_channels == [16] * 4 and enc.reductions == [4, 8, 16, 32]
     with pytest.raises(ConfigError, match="out_indices=\\[1, 2\\] must name 4 blocks"):
         segmenter(PRITHVI, {"s2": 13}, out_indices=[1, 2])
+
+
+@pytest.mark.parametrize("encoder, fusion", [
+    (PRITHVI, {"level": "early"}),  # a _tl variant: its time/location encodings would get no gradient
+    (functools.partial(TERRAMIND, merge="concat"), {"level": "early"}),  # concat's missing-input token neither
+    (TERRAMIND, {"level": "late"}),
+], ids=["prithvi_tl", "terramind_concat", "terramind_late"])
+def test_every_parameter_gets_a_gradient(encoder, fusion):
+    """DDP runs with find_unused_parameters=False: a parameter the forward never uses would stall it."""
+    model = segmenter(encoder, {"s2": 13, "s1": 2}, fusion)
+    model({"s2": torch.randn(1, 13, 32, 32), "s1": torch.randn(1, 2, 32, 32)})["out"].sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
 # -- weights --------------------------------------------------------------------------------------------------------

@@ -91,9 +91,11 @@ class GFMEncoder(nn.Module):
         stacked = stacked_bands(bands, in_chans, f"{self.family} {self.name}")
         band_map = dict(band_map or {})
         self.mappings = self.map_inputs(stacked, band_map, missing_bands, extra_bands)
-        if not any(m.sources for m in self.mappings):
-            raise ConfigError(f"model.encoder: no dataset band reaches {self.family} {self.name}; check "
-                              "model.encoder.band_map and dataset.modalities.")
+        empty = [m.name for m in self.mappings if all(src < 0 for src in m.sources)]
+        if empty:
+            raise ConfigError(f"model.encoder: no dataset band reaches {self.family} {self.name}'s {', '.join(empty)} "
+                              "input (every band would be zeros); map bands with model.encoder.band_map or learn the "
+                              "dataset's bands with model.encoder.extra_bands=learn.")
         self.in_chans = int(in_chans)
         self.backbone = self.build_backbone(registry, float(drop_path_rate))
         weights = resolve_weights(pretrained, *self.published_weights())
@@ -217,8 +219,11 @@ class PrithviEncoder(GFMEncoder):
 
     def build_backbone(self, registry: Any, drop_path_rate: float) -> nn.Module:
         mapping = self.mappings[0]
+        # segplat feeds no acquisition dates or coordinates, so the _tl variants are built without their time and
+        # location encodings (their weights are skipped on load): parameters that never get a gradient would stall
+        # DDP and decay for nothing
         model = registry.build(f"terratorch_{self.name}", pretrained=False, bands=list(mapping.bands), num_frames=1,
-                               drop_path=drop_path_rate)
+                               drop_path=drop_path_rate, coords_encoding=[])
         self.depth = len(model.blocks)
         self.embed_dim = int(model.embed_dim)
         patch = model.patch_embed.patch_size
@@ -325,6 +330,8 @@ class TerraMindEncoder(GFMEncoder):
     def build_backbone(self, registry: Any, drop_path_rate: float) -> nn.Module:
         model = registry.build(f"terratorch_{self.name}", pretrained=False, merge_method=self.merge,
                                modalities=[m.name for m in self.mappings], drop_path_rate=drop_path_rate)
+        if hasattr(model, "missing_mod_token"):  # concat's stand-in for absent inputs: every input is always fed here
+            del model.missing_mod_token
         self.depth = len(model.encoder)
         self.embed_dim = int(model.out_channels[0])
         patches = {tuple(model.encoder_embeddings[model.mod_name_mapping[m.name]].patch_size) for m in self.mappings}
