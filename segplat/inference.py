@@ -20,7 +20,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -29,6 +28,7 @@ from segplat.data.layouts.base import ModalitySpec
 from segplat.data.preprocess import Preprocessor
 from segplat.engine.checkpoint import check_belongs_to_run, find_checkpoint, inference_config, load_checkpoint
 from segplat.errors import CheckpointError, ConfigError, DataError
+from segplat.models.build import build_model
 
 
 @dataclass
@@ -64,7 +64,7 @@ def load_for_inference(location: str | Path, device: str | torch.device = "cpu",
     check_belongs_to_run(location, path, cfg)
     specs = {m: ModalitySpec.from_attrs(a) for m, a in data["modalities"].items()}
     modalities = {m: len(s.bands) for m, s in specs.items()}
-    model = instantiate(cfg.model, modalities=modalities, num_classes=len(data["classes"]))
+    model = build_model(cfg.model, modalities, len(data["classes"]), {m: s.bands for m, s in specs.items()})
     model.load_state_dict(state["model"])
     model.eval().to(device)
     pre = Preprocessor(specs, data["stats"], list(specs))

@@ -18,6 +18,7 @@ from segplat.config import check_config, register_resolvers
 from segplat.engine.checkpoint import RunFacts
 from segplat.engine.loggers import Tracker
 from segplat.errors import ConfigError
+from segplat.models.build import build_model
 from segplat.utils.seed import seed_everything
 from segplat.utils.task import CONF_DIR, run_dir_of, save_resolved_config, task_wrapper, with_config_hints
 
@@ -58,7 +59,7 @@ def train(cfg: DictConfig) -> float:
     datamodule = instantiate(cfg.dataset)
     info = datamodule.setup(acc)
     model_cls = get_class(cfg.model._target_)
-    model = instantiate(cfg.model, modalities=info.modalities, num_classes=info.num_classes)
+    model = build_model(cfg.model, info.modalities, info.num_classes, {m: s.bands for m, s in info.specs.items()})
     loss = instantiate(cfg.loss)
     loss.set_ignore_index(info.ignore_index)
     if acc.is_main_process:

@@ -20,6 +20,11 @@ MODEL_INPUTS = {
     "unet3d": {"s2": 10, "s1": 3},
     "ms2mnet": {"image": 3, "dsm": 1},
 }
+# geo-foundation models (the gfm extra): their smallest size, built from Sentinel-1/-2 band names
+GFM_PRESETS = {"prithvi": "model.encoder.name=prithvi_eo_v2_tiny_tl",
+               "terramind": "model.encoder.name=terramind_v1_tiny"}
+S1S2_BANDS = {"s2": ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"],
+              "s1": ["VV", "VH"]}
 
 
 def options(group: str) -> list[str]:
@@ -46,9 +51,18 @@ def _tiny_model(modalities, num_classes, cfg):
 
 @pytest.mark.parametrize("group, option", CASES, ids=[f"{g}={o}" for g, o in CASES])
 def test_option_composes_and_instantiates(group: str, option: str, tmp_path: Path) -> None:
-    cfg = compose_train([f"{group}={option}"], output_dir=tmp_path)
+    gfm = group == "model" and option in GFM_PRESETS
+    if gfm:
+        pytest.importorskip("terratorch", reason='the gfm extra is not installed (pip install -e ".[gfm]")')
+    cfg = compose_train([f"{group}={option}", *([GFM_PRESETS[option]] if gfm else [])], output_dir=tmp_path)
     OmegaConf.resolve(cfg)  # every interpolation resolves
-    if group == "model":
+    if gfm:
+        from segplat.models.build import build_model
+
+        check_config(cfg)
+        model = build_model(cfg.model, {"s2": 13, "s1": 2}, 2, S1S2_BANDS)
+        assert sum(p.numel() for p in model.parameters()) > 0
+    elif group == "model":
         check_config(cfg)
         mods = MODEL_INPUTS.get(option, {"rgb": 3, "nir": 1})
         model = _tiny_model(mods, 4, cfg)

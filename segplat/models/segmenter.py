@@ -15,11 +15,12 @@ the fusion modules.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
@@ -29,11 +30,25 @@ from segplat.models.base import SegmentationModel
 
 @functools.lru_cache(maxsize=16)
 def _pyramid_depth(encoder_yaml: str) -> int:
+    """An encoder class that knows its depth from its config alone says so (`pyramid_depth(config)`: GFMs, which
+    cannot be built without band names); any other is probed with one input channel and no weights."""
     encoder = OmegaConf.create(encoder_yaml)
+    declared = getattr(get_class(encoder._target_), "pyramid_depth", None)
+    if declared is not None:
+        return int(declared(encoder))
     encoder._partial_ = True
     if "pretrained" in encoder:
         encoder.pretrained = None
     return len(instantiate(encoder)(in_chans=1).out_channels)
+
+
+def build_encoder(factory: Callable[..., nn.Module], in_chans: int,
+                  bands: Mapping[str, Sequence[str]] | None) -> nn.Module:
+    """Only encoders that declare a `bands` keyword (geo-foundation models, which map the dataset's band names onto
+    their pretrained bands) get the stream's band names: {modality: names}, in channel order."""
+    if "bands" in inspect.signature(factory).parameters:
+        return factory(in_chans=in_chans, bands=bands)
+    return factory(in_chans=in_chans)
 
 
 class SegmentationHead(nn.Sequential):
@@ -48,15 +63,18 @@ class Segmenter(SegmentationModel):
         "early": ("concat",), "mid": None, "late": ("concat",)}
 
     def __init__(self, modalities: Mapping[str, int], num_classes: int, encoder: Callable[..., nn.Module],
-                 decoder: Callable[..., nn.Module], fusion: Any = None, head_dropout: float = 0.0) -> None:
+                 decoder: Callable[..., nn.Module], fusion: Any = None, head_dropout: float = 0.0,
+                 bands: Mapping[str, Sequence[str]] | None = None) -> None:
         super().__init__(modalities, num_classes)
         f = self.check_fusion(fusion, len(self.modalities))
         self.level = f.level
         names = list(self.modalities)
         if self.level == "early":
-            self.encoders = nn.ModuleDict({"stack": encoder(in_chans=sum(self.modalities.values()))})
+            self.encoders = nn.ModuleDict({"stack": build_encoder(
+                encoder, sum(self.modalities.values()), bands and {m: bands[m] for m in names})})
         else:
-            self.encoders = nn.ModuleDict({m: encoder(in_chans=c) for m, c in self.modalities.items()})
+            self.encoders = nn.ModuleDict({m: build_encoder(encoder, c, bands and {m: bands[m]})
+                                           for m, c in self.modalities.items()})
         first = self.encoders[next(iter(self.encoders))]
         channels, reductions = list(first.out_channels), list(first.reductions)
         n_stages = len(channels)
@@ -86,8 +104,10 @@ class Segmenter(SegmentationModel):
 
     def param_group(self, name: str) -> str:
         head = name.split(".", 1)[0]
-        if head == "encoders":
-            return "encoder"
+        if head == "encoders":  # an encoder's randomly initialised parts (a GFM's neck) train with the decoder
+            parts = name.split(".", 3)
+            heads = getattr(self.encoders[parts[1]], "head_modules", ()) if len(parts) > 2 else ()
+            return "decoder" if heads and parts[2] in heads else "encoder"
         if head == "fusion":
             return "fusion"
         return "decoder"

@@ -1,7 +1,7 @@
 """`python -m segplat.models.summary model=NAME [dataset=NAME] [input_size=256]`: a model's size and shapes.
 
-Builds the model exactly as `segplat.train` would (`instantiate(cfg.model, modalities=...,
-num_classes=...)`) but without reading any data: the band counts, scales and time lengths come from
+Builds the model exactly as `segplat.train` would (`build_model(cfg.model, modalities, num_classes,
+bands)`) but without reading any data: the band counts, scales and time lengths come from
 the dataset layout's `modalities` (the layout is built with root=None), or from `channels={rgb:3,...}`
 when a layout needs its files for that. Prints the parameters (total and per optimiser group
 encoder / fusion / decoder), the forward FLOPs at `input_size` (torch's FlopCounterMode; one
@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from segplat.config import CONF_DIR, check_config, register_resolvers
 from segplat.errors import ConfigError, SegplatError
+from segplat.models.build import build_model
 
 register_resolvers()
 DEFAULT_TIME_STEPS = 6
@@ -54,7 +55,8 @@ def stream_specs(cfg: DictConfig) -> tuple[dict[str, dict[str, Any]], int]:
             temporal = bool(time_steps) or bool(spec is not None and spec.temporal)
             t = int(time_steps or (spec.max_time if spec is not None and spec.max_time else DEFAULT_TIME_STEPS))
             streams[m] = {"channels": int(channels[m]), "scale": spec.scale if spec is not None else 1.0,
-                          "time": t if temporal else None}
+                          "time": t if temporal else None,
+                          "bands": spec.bands if spec is not None and len(spec.bands) == int(channels[m]) else None}
     elif specs is None:
         raise ConfigError(f"dataset.layout of {cfg.dataset.get('name')} cannot describe its modalities without "
                           f"its data ({layout_err}); pass channels={{name:bands,...}} (and time_steps=T for series), "
@@ -65,7 +67,7 @@ def stream_specs(cfg: DictConfig) -> tuple[dict[str, dict[str, Any]], int]:
         if unknown:
             raise ConfigError(f"dataset.modalities names {unknown}, which the layout does not have; choose from "
                               f"{list(specs)}.")
-        streams = {m: {"channels": len(specs[m].bands), "scale": specs[m].scale,
+        streams = {m: {"channels": len(specs[m].bands), "scale": specs[m].scale, "bands": specs[m].bands,
                        "time": (int(time_steps or specs[m].max_time or DEFAULT_TIME_STEPS)
                                 if specs[m].temporal else None)} for m in names}
     num_classes = cfg.get("num_classes") or (len(layout.classes) if layout is not None and layout.classes else None)
@@ -124,7 +126,8 @@ def build(cfg: DictConfig) -> tuple[nn.Module, dict[str, dict[str, Any]], int]:
     check_config(cfg)
     streams, num_classes = stream_specs(cfg)
     modalities = {m: s["channels"] for m, s in streams.items()}
-    model = instantiate(cfg.model, modalities=modalities, num_classes=num_classes)
+    bands = {m: s["bands"] for m, s in streams.items() if s.get("bands")}
+    model = build_model(cfg.model, modalities, num_classes, bands if len(bands) == len(streams) else None)
     return model, streams, num_classes
 
 

@@ -193,6 +193,15 @@ def _filtered_kwargs(cls: type, kwargs: Mapping[str, Any], what: str) -> dict[st
     return out
 
 
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """GridSampler for the sweeper's ask/tell loop: optuna's `after_trial` calls `study.stop()` when the grid is used
+    up, which optuna allows only inside `study.optimize` (outside it the last `tell` raises after storing the result);
+    the loop stops on `is_exhausted()` itself."""
+
+    def after_trial(self, study: optuna.Study, trial: Any, state: Any, values: Any) -> None:
+        return None
+
+
 def build_sampler(spec: Mapping[str, Any], seed: int | None,
                   grid: dict[str, list[Any]] | None = None) -> optuna.samplers.BaseSampler:
     """`{name: tpe|random|gp|cmaes|grid|nsga2|qmc, seed: ..., <constructor options>}`."""
@@ -208,7 +217,7 @@ def build_sampler(spec: Mapping[str, Any], seed: int | None,
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"hydra.sweeper.sampler.name={name} needs the {module} package; "
                               f"pip install {module}, or choose tpe or random.")
-    cls = getattr(optuna.samplers, SAMPLERS[name])
+    cls = AskTellGridSampler if name == "grid" else getattr(optuna.samplers, SAMPLERS[name])
     kwargs = _filtered_kwargs(cls, spec, "hydra.sweeper.sampler")
     if name == "grid":
         kwargs["search_space"] = grid or {}

@@ -30,10 +30,34 @@ TINY: dict[str, tuple[list[str], dict[str, int]]] = {
                     "model.air.depths=[1,1,1,1]", "model.decoder.channels=[32,16,16]",
                     "model.decoder.aspp_channels=32"], {"image": 4, "air": 6}),
     "unet3d": (["model.widths=[8,16,16]", "model.heads=2"], {"s2": 4, "s1": 2}),
+    # geo-foundation models (the gfm extra): band names are part of the build; Prithvi has no SAR bands, so its
+    # S1 stream learns VV/VH as new channels and zero-fills the optical ones (the Sen1Floods11 sweep's setting)
+    "prithvi": (["model.encoder.name=prithvi_eo_v2_tiny_tl", "model.decoder.channels=[16,16,16,16]",
+                 "model.encoder.missing_bands=zero", "model.encoder.extra_bands=learn"], {"s2": 6, "s1": 2}),
+    "terramind": (["model.encoder.name=terramind_v1_tiny", "model.decoder.channels=[16,16,16,16]"],
+                  {"s2": 13, "s1": 2}),
     "ms2mnet": (["model.backbone=resnet10t", "model.decode_channels=32", "model.state_dims=[4,4,4,4]",
                  "model.vfe_mlp_ratio=1.0"],
                 {"image": 3, "dsm": 1}),
 }
+
+
+_S2_6 = ["B02", "B03", "B04", "B8A", "B11", "B12"]
+BANDS: dict[str, dict[str, list[str]]] = {
+    "prithvi": {"s2": _S2_6, "s1": ["VV", "VH"]},
+    "terramind": {"s2": ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"],
+                  "s1": ["VV", "VH"]},
+}
+GFM_PRESETS = frozenset(BANDS)
+
+
+def tiny_build(cfg: DictConfig, preset: str) -> nn.Module:
+    """Build as the train task does (band names passed to the models that take them)."""
+    from segplat.models.build import build_model
+
+    modalities = TINY[preset][1]
+    bands = {m: BANDS[preset][m] for m in modalities} if preset in BANDS else None
+    return build_model(cfg.model, modalities, 3, bands)
 
 
 def tiny_overrides(preset: str) -> list[str]:

@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 import pytest
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from segplat.config import check_config
@@ -21,12 +21,14 @@ from segplat.models.fusion import resolve_fusion
 from tests.conftest import CONF_DIR, compose_train
 from tests.models.fusion_helpers import (
     FUSION_OPTIONS,
+    GFM_PRESETS,
     MODEL_PRESETS,
     TINY,
     built_fusion,
     named_fusion,
     pyramid_depth,
     stream_encoders,
+    tiny_build,
     tiny_overrides,
 )
 
@@ -34,7 +36,8 @@ from tests.models.fusion_helpers import (
 # covered without editing this file: presets with a fixed fusion take their own entry only; the others take
 # early/concat, and any entry with a stage module at the levels where they build stage modules
 OWN_ENTRY = {"cmx": "frm_ffm", "dualstream": "film_cross_attention", "ms2mnet": "wase_vfe"}
-STAGE_MODULE_LEVELS = {"unet": {"mid"}, "deeplabv3plus": {"mid"}, "unet3d": {"mid", "late"}, "segformer": set()}
+STAGE_MODULE_LEVELS = {"unet": {"mid"}, "deeplabv3plus": {"mid"}, "unet3d": {"mid", "late"}, "segformer": set(),
+                       "prithvi": {"mid"}, "terramind": {"mid"}}
 PAIRS = [(m, f) for m in MODEL_PRESETS for f in FUSION_OPTIONS]
 
 
@@ -57,7 +60,9 @@ def config_error(err: BaseException) -> ConfigError | None:
 
 
 def build(cfg: DictConfig, preset: str):
-    return instantiate(cfg.model, modalities=TINY[preset][1], num_classes=3)
+    if preset in GFM_PRESETS:
+        pytest.importorskip("terratorch", reason='the gfm extra is not installed (pip install -e ".[gfm]")')
+    return tiny_build(cfg, preset)
 
 
 def assert_built_as_named(cfg: DictConfig, model) -> None:
@@ -98,6 +103,8 @@ def test_every_preset_and_option_is_covered() -> None:
     assert table == {"unet": {"early", "mid", "late", "mid_attention"},
                      "deeplabv3plus": {"early", "mid", "late", "mid_attention"},
                      "unet3d": {"early", "mid", "late", "mid_attention"}, "segformer": {"early"},
+                     "prithvi": {"early", "mid", "late", "mid_attention"},
+                     "terramind": {"early", "mid", "late", "mid_attention"},
                      "cmx": {"frm_ffm"}, "dualstream": {"film_cross_attention"}, "ms2mnet": {"wase_vfe"}}
 
 

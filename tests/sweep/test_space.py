@@ -103,6 +103,16 @@ def test_grid_and_factories() -> None:
         build_pruner({"name": "early"})
 
 
+def test_grid_sampler_runs_ask_and_tell_to_the_last_point() -> None:
+    """optuna's GridSampler stops the study after the last point, which raised outside study.optimize."""
+    study = optuna.create_study(sampler=build_sampler({"name": "grid"}, 0, {"a": [1, 2]}))
+    for _ in range(2):
+        trial = study.ask()
+        trial.suggest_categorical("a", [1, 2])
+        study.tell(trial, 1.0)
+    assert study.sampler.is_exhausted(study) and [t.state.name for t in study.trials] == ["COMPLETE"] * 2
+
+
 def test_budget_holds_when_two_workers_pass_the_check_at_once(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 's.db'}"
     sa, sb = make_storage(url), make_storage(url)

@@ -1,0 +1,21 @@
+"""`build_model`: the one way the tasks build a model from its config and the dataset's facts."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from hydra.utils import get_object, instantiate
+from torch import nn
+
+
+def build_model(model_cfg: Any, modalities: Mapping[str, int], num_classes: int,
+                bands: Mapping[str, Sequence[str]] | None = None) -> nn.Module:
+    """`instantiate(model_cfg, modalities=..., num_classes=...)`; models that take a `bands` keyword (the generic
+    Segmenter, for geo-foundation-model encoders that map band names onto their pretrained bands) also get the
+    dataset's band names per modality. Other models never see the keyword."""
+    kwargs: dict[str, Any] = {}
+    if bands is not None and "bands" in inspect.signature(get_object(model_cfg._target_)).parameters:
+        kwargs["bands"] = {m: [str(b) for b in bands[m]] for m in modalities if m in bands}
+    return instantiate(model_cfg, modalities=dict(modalities), num_classes=num_classes, **kwargs)
