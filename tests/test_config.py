@@ -10,6 +10,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from segplat.config import check_config
+from segplat.data.layouts.base import Layout
 from segplat.models.fusion import FusionSpec
 from tests.conftest import CONF_DIR, compose_train
 
@@ -45,6 +46,14 @@ def test_experiment_presets_are_global_packages():
         assert f.read_text().lstrip().startswith("# @package _global_"), f"{f} must start with # @package _global_"
 
 
+def assert_built_as_configured(model, cfg) -> None:
+    """The preset builds the class it names, with an encoder and a decoder parameter group of its own (what
+    `optimizer.encoder_lr` / `decoder_lr` and `callbacks=finetune` act on)."""
+    assert type(model) is get_class(cfg.model._target_)
+    groups = model.grouped_parameters()
+    assert groups["encoder"] and groups["decoder"], {g: len(v) for g, v in groups.items()}
+
+
 def _tiny_model(modalities, num_classes, cfg):
     return instantiate(cfg.model, modalities=modalities, num_classes=num_classes)
 
@@ -61,16 +70,19 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path: Pat
 
         check_config(cfg)
         model = build_model(cfg.model, {"s2": 13, "s1": 2}, 2, S1S2_BANDS)
-        assert sum(p.numel() for p in model.parameters()) > 0
+        assert_built_as_configured(model, cfg)
     elif group == "model":
         check_config(cfg)
         mods = MODEL_INPUTS.get(option, {"rgb": 3, "nir": 1})
         model = _tiny_model(mods, 4, cfg)
-        assert sum(p.numel() for p in model.parameters()) > 0
+        assert_built_as_configured(model, cfg)
     elif group == "dataset":
         dm = instantiate(cfg.dataset)
+        assert (dm.patch_size, dm.tile_size) == (cfg.dataset.patch_size, cfg.dataset.tile_size)
         assert dm.patch_size <= dm.tile_size
-        assert get_class(cfg.dataset.layout._target_) is not None  # the layout class imports
+        layout_cls = get_class(cfg.dataset.layout._target_)
+        assert issubclass(layout_cls, Layout)
+        layout_cls.check_config(cfg.dataset.layout)  # the YAML holds only keys the layout takes
     elif group in ("loss",):
         loss = instantiate(cfg.loss)
         loss.set_ignore_index(255)
@@ -87,7 +99,7 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path: Pat
         assert all(g["lr"] > 0 for g in opt.param_groups)
     elif group == "trainer":
         trainer = instantiate(cfg.trainer)
-        assert trainer.max_epochs > 0
+        assert trainer.max_epochs == cfg.trainer.max_epochs  # the key takes effect
     elif group == "callbacks":
         for key, node in cfg.callbacks.items():
             if key not in ("monitor", "mode") and node is not None:

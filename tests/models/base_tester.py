@@ -23,8 +23,8 @@ class ModelTester:
     size: int = 64
     batch: int = 2
     num_classes: int = 4
-    #: expected (min, max) parameters of the default build, to catch a wrong configuration
-    param_range: tuple[int, int] = (1, 10**9)
+    #: expected (min, max) parameters of the default build, to catch a wrong configuration (every tester sets it)
+    param_range: tuple[int, int] | None = None
     #: output keys besides "out" the model must return in training mode
     aux_keys: tuple[str, ...] = ()
     #: fusion configs to run the shape/backward tests under (None = the model's default)
@@ -77,6 +77,7 @@ class ModelTester:
     def test_parameter_count_in_range(self) -> None:
         model = self.build(self.modalities, self.num_classes, self.fusions[0])
         n = sum(p.numel() for p in model.parameters())
+        assert self.param_range is not None, f"{type(self).__name__} must set param_range to the build's expected size"
         lo, hi = self.param_range
         assert lo <= n <= hi, f"{type(model).__name__} has {n} parameters, expected {lo}..{hi}"
 
