@@ -530,7 +530,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--batches", default=None, help="batch sizes (default 8,16; dry run 2)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--size", type=int, default=None, help="input side (default 512; dry run 64)")
+    ap.add_argument("--size", type=int, default=None, help="input side (default 512; dry run 32)")
     ap.add_argument("--workers", default=None, help="loader worker counts (default 1,2,4,8,12 up to the CPUs)")
     ap.add_argument("--budget-s", type=float, default=380.0,
                     help="seconds this script may take; compiled settings that would not fit are skipped")
@@ -552,7 +552,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if unknown:
             ap.error(f"{key}: unknown {unknown}; choose from {', '.join(known)}")
     args.batches = [int(b) for b in (args.batches or ("2" if dry else "8,16")).split(",")]
-    args.size = args.size or (64 if dry else 512)
+    args.size = args.size or (32 if dry else 512)
     cpus = os.cpu_count() or 1
     args.workers = [int(w) for w in args.workers.split(",")] if args.workers else \
         ([0, 1] if dry else [w for w in (1, 2, 4, 8, 12) if w <= cpus])
