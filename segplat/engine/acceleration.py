@@ -1,7 +1,9 @@
 """`trainer.compile` and `trainer.channels_last`: the two opt-in speed switches of the training step.
 
-Both are applied to the model before Accelerate wraps it, and the inputs follow the model's memory format:
+Both are checked when the trainer is built (before any data is read), applied to the model before Accelerate wraps
+it, and the inputs follow the model's memory format:
 
+    check_acceleration(compile, channels_last, device)                      # Trainer.__init__
     model = prepare_model(model, compile=self.compile, channels_last=self.channels_last, device=acc.device)
     inputs = prepare_inputs(inputs, channels_last=self.channels_last)       # after the preprocessor
 
@@ -53,6 +55,18 @@ def compile_unavailable_reason(device: torch.device | str | None = None) -> str 
     return None  # other backends (mps, xpu): let torch decide at the first step
 
 
+def check_acceleration(compile: Any, channels_last: Any, device: torch.device | str | None = None,
+                       compile_options: Mapping[str, Any] | None = None) -> None:
+    """Refuse impossible `trainer.compile` / `trainer.channels_last` values; cheap, so the trainer can call it in its
+    constructor, before any data is read (`prepare_model` calls it again)."""
+    compile = _check_flag("trainer.compile", compile)
+    _check_flag("trainer.channels_last", channels_last)
+    if compile and dict(compile_options or {}).get("backend", "inductor") == "inductor":
+        reason = compile_unavailable_reason(device)
+        if reason is not None:
+            raise ConfigError(f"trainer.compile=true cannot run here: {reason}; or set trainer.compile=false.")
+
+
 def to_channels_last(model: nn.Module) -> nn.Module:
     """4-D parameters and buffers to channels_last, in place. (`model.to(memory_format=...)` refuses a model
     with any 5-D tensor, e.g. the Conv3d of unet3d, which keeps its layout here.)"""
@@ -70,17 +84,11 @@ def prepare_model(model: nn.Module, compile: bool = False, channels_last: bool =
 
     `compile_options` go to `torch.compile` (e.g. `{"mode": "max-autotune"}`, or `{"backend": "eager"}` to trace
     without code generation). Call it before `accelerator.prepare`, after any module surgery (SyncBatchNorm)."""
-    compile = _check_flag("trainer.compile", compile)
-    channels_last = _check_flag("trainer.channels_last", channels_last)
-    options = dict(compile_options or {})
-    if compile and options.get("backend", "inductor") == "inductor":
-        reason = compile_unavailable_reason(device)
-        if reason is not None:
-            raise ConfigError(f"trainer.compile=true cannot run here: {reason}; or set trainer.compile=false.")
+    check_acceleration(compile, channels_last, device, compile_options)
     if channels_last:
         to_channels_last(model)
     if compile:
-        model.compile(**options)
+        model.compile(**dict(compile_options or {}))
     return model
 
 
