@@ -116,8 +116,9 @@ def random_batch(modalities: Mapping[str, int], size: int, batch: int, num_class
 
 def forward_flops(model: nn.Module, modalities: Mapping[str, int], size: int, num_classes: int,
                   device: torch.device | str = "cpu") -> int:
-    """Forward FLOPs of one image in training mode, counted by torch's FlopCounterMode as `segplat.models.summary`
-    counts them (one multiply-add = 2 FLOPs; the count does not depend on the precision).
+    """Forward FLOPs of one image, counted by torch's FlopCounterMode as `segplat.models.summary` counts them (one
+    multiply-add = 2 FLOPs; it counts matmuls and convolutions, which do not depend on the precision or on train /
+    eval mode; eval mode lets one image pass BatchNorm at any size).
 
     A training step is taken as 3x this (backward = 2x forward, the usual MFU convention): the counter's own
     figure for backward is not used because it overcounts grouped convolutions (MiT's depthwise 3x3 in Mix-FFN:
@@ -126,7 +127,7 @@ def forward_flops(model: nn.Module, modalities: Mapping[str, int], size: int, nu
 
     inputs, _ = random_batch(modalities, size, 1, num_classes, device)
     was_training = model.training
-    model.train()
+    model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(inputs)
     model.train(was_training)

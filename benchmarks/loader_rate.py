@@ -41,7 +41,7 @@ def datamodules(store_dir: Path, clouds_root: Path | None) -> dict[str, object]:
         with open_dict(cfg):
             cfg.dataset.store_dir = str(store_dir)
         out["clouds/CMX (fake clouds, patch 512, batch 8)"] = instantiate(cfg.dataset)
-    cfg = bench_clouds_config(store_dir, ["dataset.patches_per_tile=16"], num_train=16)
+    cfg = bench_clouds_config(store_dir, ["dataset.patches_per_tile=16"], num_train=32)
     out["clouds/CMX (BenchClouds 512² scenes, patch 512, batch 8)"] = instantiate(cfg.dataset)
     return out
 

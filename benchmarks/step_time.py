@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiny", action="store_true", help="the tiny models of the tests (a quick check)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # inductor compiles in this process: its default pool of compile-worker processes starts in the background and,
+    # on a 2-core machine, slowed every variant (eager included) several-fold for tens of seconds after a compile
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1
     presets = TINY_MODELS if args.tiny else MODELS
     variants = args.variants.split(",")
     print(f"# {machine_line()}")

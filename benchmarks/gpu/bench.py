@@ -177,7 +177,7 @@ def render_markdown(data: dict[str, Any]) -> str:
 
 # -- 1. training steps ----------------------------------------------------------------------------------------
 def time_steps(step: TrainStep, inputs: dict[str, torch.Tensor], label: torch.Tensor, device: torch.device,
-               warmup: int, steps: int, min_seconds: float) -> tuple[float, float, float]:
+               warmup: int, steps: int, min_seconds: float) -> tuple[float, float, int | None]:
     """(first step s, seconds per step, peak memory bytes): the first step (compile happens there) and the
     other warm-up steps are not timed; then `steps` steps, more while under `min_seconds`."""
     cuda = device.type == "cuda"
@@ -199,7 +199,7 @@ def time_steps(step: TrainStep, inputs: dict[str, torch.Tensor], label: torch.Te
             sync()
     sync()
     per_step = (time.perf_counter() - t0) / n
-    peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None  # not measured on CPU
     return first, per_step, peak
 
 
@@ -260,7 +260,8 @@ def run_steps(args: argparse.Namespace, device: torch.device, report: Report, st
                 row["error"] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
                 traceback.print_exc()
         else:
-            row.update(img_s=batch / per_step, ms_step=1000 * per_step, peak_mem_gib=peak / 2**30,
+            row.update(img_s=batch / per_step, ms_step=1000 * per_step,
+                       peak_mem_gib=peak / 2**30 if peak is not None else None,
                        compile_s=first - per_step if compiled else first)
             if compiled:
                 compile_cost[model_name] = max(compile_cost.get(model_name, 0.0), first + 15 * per_step)
@@ -434,7 +435,7 @@ def bench_loader(args: argparse.Namespace, datamodule: Any) -> dict[str, Any]:
 def workers_needed(rates: list[dict[str, Any]], img_s: float) -> tuple[Any, str]:
     for r in sorted(rates, key=lambda r: r["workers"]):
         if r["workers"] > 0 and r["patches_per_s"] >= img_s:
-            return r["workers"], f"measured: {r['workers']} workers give {r['patches_per_s']:.0f} patches/s"
+            return r["workers"], f"measured: {r['workers']} worker(s) give {r['patches_per_s']:.0f} patches/s"
     top = max((r for r in rates if r["workers"] > 0), key=lambda r: r["workers"], default=None)
     if top is None:
         return "-", "no worker count measured"
