@@ -45,5 +45,12 @@ log="$site/install.txt"
 echo "$how in $seconds s (python $("$py" -c 'import sys; print(sys.version.split()[0])'))" | tee "$log"
 # the bench plans its compiled settings within --budget-s (380 s); this hard limit (SIGTERM: the setting in progress
 # is reported as stopped, everything measured is kept) keeps the whole run under 8 minutes
-exec timeout --signal=TERM --kill-after=20 "${SEGPLAT_GPU_TIME_LIMIT:-450}" \
-    "$py" -m benchmarks.gpu.bench --install-log "$log" "$@"
+rc=0
+timeout --signal=TERM --kill-after=20 "${SEGPLAT_GPU_TIME_LIMIT:-450}" \
+    "$py" -m benchmarks.gpu.bench --install-log "$log" "$@" || rc=$?
+if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    # not 124: a caller (the device run tool) would read that as its own time-out
+    echo "run.sh: the bench reached its time limit (${SEGPLAT_GPU_TIME_LIMIT:-450} s); what it measured is in gpu.md" >&2
+    exit 3
+fi
+exit "$rc"
