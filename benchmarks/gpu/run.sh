@@ -14,7 +14,7 @@ cd "$(dirname "$0")/../.."
 repo=$(pwd)
 wheels="$repo/benchmarks/gpu/wheelhouse"
 site="${SEGPLAT_GPU_SITE:-$repo/.gpu-site}"
-py="${PYTHON:-python}"
+py="${PYTHON:-$(command -v python || command -v python3)}"
 started=$(date +%s.%N)
 mkdir -p "$site"
 export PYTHONPATH="$site:$repo${PYTHONPATH:+:$PYTHONPATH}"
