@@ -16,7 +16,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 
 from segplat.data.store import PatchStore
@@ -111,6 +110,8 @@ class CopyPaste:
         if src["label"].shape != label.shape:
             return sample
         mask = np.isin(src["label"], self.classes).astype(np.uint8)
+        import cv2  # only copy-paste needs OpenCV here: the loader imports without it
+
         n, comp, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
         ids = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= self.min_area]
         if not ids:

@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 
 from segplat.errors import ConfigError
@@ -91,6 +90,8 @@ class GeometricAugment:
             scale = float(rng.uniform(1 - self.scale_limit, 1 + self.scale_limit))
             dx, dy = (float(v) * size for v in rng.uniform(-self.shift_limit, self.shift_limit, 2))
             c = (size - 1) / 2.0
+            import cv2  # imported where resampling needs it: flips/rot90 run without OpenCV (bare GPU images)
+
             m = np.vstack([cv2.getRotationMatrix2D((c, c), angle, scale), [0, 0, 1]])
             m[0, 2] += dx
             m[1, 2] += dy
@@ -140,6 +141,8 @@ def _invalid(arr: np.ndarray, nodata: float | None) -> np.ndarray:
 
 def _warp_planes(planes: np.ndarray, m: np.ndarray, flags: int, border_mode: int, border: float) -> np.ndarray:
     """(N, h, w) -> (N, h, w) through cv2 in chunks (cv2 wants (h, w, channels))."""
+    import cv2
+
     n, h, w = planes.shape
     out = np.empty_like(planes)
     for i in range(0, n, MAX_CV_CHANNELS):
@@ -157,6 +160,8 @@ def warp(arr: np.ndarray, affine: np.ndarray, scale: float, nearest: bool, borde
     no-data value (or the outside) takes the nearest-neighbour value instead, so no-data is never
     blended into valid values (a 0-nodata band would otherwise darken every edge it touches).
     """
+    import cv2
+
     m = modality_affine(affine, scale)[:2].astype(np.float64)
     lead, (h, w) = arr.shape[:-2], arr.shape[-2:]
     planes = arr.reshape(-1, h, w)
