@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
@@ -43,6 +44,12 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} must be a positive number.")
     if cfg.callbacks.get("mode") not in ("max", "min"):
         raise ConfigError(f"callbacks.mode={cfg.callbacks.get('mode')} must be max or min.")
+    if "trainer" in cfg:
+        from segplat.engine.acceleration import check_acceleration
+
+        cpu = bool(cfg.trainer.get("cpu", False)) or not torch.cuda.is_available()
+        check_acceleration(cfg.trainer.get("compile", False), cfg.trainer.get("channels_last", False),
+                           "cpu" if cpu else "cuda")
     check_model_fusion(cfg)
 
 

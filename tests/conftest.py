@@ -15,6 +15,20 @@ REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# torch's process-wide float32 precision as the session starts: no import and no test may change it (TerraTorch's
+# import sets "medium", bf16 matmuls on CPU, which once made unrelated tolerance tests fail in the full run)
+FP32_PRECISION = torch.get_float32_matmul_precision(), torch.backends.mkldnn.matmul.fp32_precision
+
+
+@pytest.fixture(autouse=True)
+def _fp32_precision_unchanged(request: pytest.FixtureRequest) -> Iterator[None]:
+    assert (torch.get_float32_matmul_precision(), torch.backends.mkldnn.matmul.fp32_precision) == FP32_PRECISION, (
+        f"float32 matmul precision changed before {request.node.nodeid} (at collection or by an earlier test)")
+    yield
+    now = torch.get_float32_matmul_precision(), torch.backends.mkldnn.matmul.fp32_precision
+    torch.set_float32_matmul_precision(FP32_PRECISION[0])
+    torch.backends.mkldnn.matmul.fp32_precision = FP32_PRECISION[1]
+    assert now == FP32_PRECISION, f"{request.node.nodeid} changed torch's float32 matmul precision to {now}"
 
 
 @pytest.fixture(scope="session", autouse=True)

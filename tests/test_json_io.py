@@ -11,7 +11,7 @@ import numpy as np
 import zarr
 
 from segplat.data.layouts.base import ModalitySpec
-from segplat.engine.loggers import JsonlLogger
+from segplat.engine.loggers import JsonlLogger, RunInfo
 from segplat.plots import plot_curves
 from segplat.utils.io import atomic_write_json, dumps_json, loads_json, read_jsonl
 from tests.conftest import REPO
@@ -41,8 +41,9 @@ def test_nan_and_infinities_are_written_as_null_and_read_back_as_nan(tmp_path: P
 
 
 def test_metrics_jsonl_is_strict_and_plots_read_old_and_new_lines(tmp_path: Path) -> None:
-    logger = JsonlLogger(tmp_path)
-    logger.log({"epoch": 1, "train/loss": 1.0, "val/loss": 0.9, "val/miou": 0.2, "val/iou_x": float("nan")})
+    logger = JsonlLogger()
+    logger.start(RunInfo(run_dir=tmp_path, name="t"))
+    logger.log_metrics({"epoch": 1, "train/loss": 1.0, "val/loss": 0.9, "val/miou": 0.2, "val/iou_x": float("nan")}, 1)
     with open(tmp_path / "metrics.jsonl", "a") as fh:  # a line from an older run: bare NaN
         fh.write('{"epoch": 2, "train/loss": 0.8, "val/loss": 0.7, "val/miou": 0.3, "val/iou_x": NaN}\n')
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()

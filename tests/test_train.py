@@ -64,6 +64,25 @@ def test_train_returns_the_monitored_score(tmp_path: Path) -> None:
     assert score == pytest.approx(summary["best_score"]) and score == pytest.approx(summary["val_loss"])
 
 
+def test_channels_last_trains_the_same_model(tmp_path: Path) -> None:
+    """trainer.channels_last takes effect (the model's weights are channels_last) and changes nothing but the memory
+    layout: the same losses to float tolerance, the same checkpoint keys."""
+    runs = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        train(compose_train([*TINY, "trainer.max_epochs=1", "callbacks.visuals=null", "callbacks.report=null",
+                             f"trainer.channels_last={flag}"], output_dir=out))
+        runs[flag] = (json.loads((out / "metrics.jsonl").read_text().splitlines()[-1]),
+                      load_checkpoint(out / "checkpoints" / "last.ckpt")["model"])
+    (plain, plain_weights), (cl, cl_weights) = runs["false"], runs["true"]
+    assert plain_weights.keys() == cl_weights.keys()
+    conv = next(k for k, v in cl_weights.items() if v.ndim == 4)
+    assert cl_weights[conv].is_contiguous(memory_format=torch.channels_last)
+    assert not plain_weights[conv].is_contiguous(memory_format=torch.channels_last)
+    assert cl["train/loss"] == pytest.approx(plain["train/loss"], rel=1e-4)
+    assert cl["val/loss"] == pytest.approx(plain["val/loss"], rel=1e-4)
+
+
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path: Path) -> None:
     """Uninterrupted 4 epochs == killed after epoch 2 (SIGKILL) + resumed to epoch 4, to 1e-6; the killed run's
@@ -133,6 +152,8 @@ def test_missing_dataset_root_stops_at_once_with_a_hint(tmp_path: Path) -> None:
     ("dataset.patch_size=128", "dataset.patch_size"),
     ("fusion.level=sideways", "fusion.level"),
     ("callbacks.monitor=val/nonsense", "callbacks.monitor"),
+    ("trainer.compile=sometimes", "trainer.compile"),
+    ("trainer.channels_last=2", "trainer.channels_last"),
 ])
 def test_bad_config_values_stop_with_one_sentence(override: str, key: str, tmp_path: Path) -> None:
     cfg = compose_train([*TINY, "trainer.max_epochs=1", override], output_dir=tmp_path)

@@ -68,7 +68,7 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         if isinstance(value, Mapping) and value:
             flat.update(flatten(value, f"{name}."))
         elif isinstance(value, list | tuple | Mapping):
-            flat[name] = json.dumps(value, default=str)
+            flat[name] = dumps_json(value, default=str)
         else:
             flat[name] = value
     return flat
@@ -258,11 +258,12 @@ class TensorBoardLogger(Tracker):
     def _write_config(self, run: RunInfo) -> None:
         from torch.utils.tensorboard.summary import hparams
 
-        params = {k: v if isinstance(v, int | float | str | bool) else json.dumps(v) for k, v in run.params.items()}
+        params = {k: v if isinstance(v, int | float | str | bool) else dumps_json(v, default=str)
+                  for k, v in run.params.items()}
         params.update({f"sweep.{k}": v for k, v in run.sweep.items()})
         for summary in hparams(params, {run.monitor: math.nan, "val/loss": math.nan}):
             self.writer.file_writer.add_summary(summary)
-        self.writer.add_text("config", "```\n" + json.dumps(run.config, indent=2, default=str) + "\n```", 0)
+        self.writer.add_text("config", "```\n" + dumps_json(run.config, default=str, indent=2) + "\n```", 0)
         if run.tags:
             self.writer.add_text("tags", ", ".join(run.tags), 0)
         if run.sweep:

@@ -27,6 +27,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from segplat.engine.acceleration import check_acceleration, prepare_inputs, prepare_model
 from segplat.engine.callbacks import Callback, improved
 from segplat.engine.checkpoint import (
     BEST,
@@ -39,9 +40,10 @@ from segplat.engine.checkpoint import (
     training_state,
 )
 from segplat.engine.checkpoint import save_checkpoint as write_checkpoint
+from segplat.engine.forward import forward_batch
+from segplat.engine.loader_watch import LoaderWatch
 from segplat.engine.loggers import JsonlLogger, RunInfo, Tracker, format_metrics, sweep_facts
 from segplat.errors import CheckpointError, ConfigError
-from segplat.inference import forward_batch
 from segplat.metrics import ConfusionMatrix, flatten_metrics
 from segplat.utils.io import atomic_write_json
 from segplat.utils.seed import rng_state, set_rng_state
@@ -96,7 +98,8 @@ class Trainer:
                  gradient_clip_val: float | None = 1.0, val_every_n_epochs: int = 1, resume: str | None = None,
                  overwrite: bool = False, progress: bool = True, limit_train_batches: int | None = None,
                  limit_val_batches: int | None = None, sync_batchnorm: str | bool = "auto", cpu: bool = False,
-                 backend: str = "auto", rendezvous_timeout: float = 120.0, dist_timeout: float = 1800.0) -> None:
+                 backend: str = "auto", rendezvous_timeout: float = 120.0, dist_timeout: float = 1800.0,
+                 compile: bool = False, channels_last: bool = False) -> None:
         for key, value in (("trainer.max_epochs", max_epochs), ("trainer.accumulate_grad_batches",
                            accumulate_grad_batches), ("trainer.val_every_n_epochs", val_every_n_epochs)):
             if not isinstance(value, int) or value <= 0:
@@ -108,6 +111,8 @@ class Trainer:
         if gradient_clip_val is not None and gradient_clip_val < 0:
             raise ConfigError(f"trainer.gradient_clip_val={gradient_clip_val} must be >= 0 or null.")
         resolve_sync_batchnorm(sync_batchnorm, 1, False)  # the value itself, before anything starts
+        check_acceleration(compile, channels_last, "cuda" if torch.cuda.is_available() and not cpu else "cpu")
+        self.compile, self.channels_last = bool(compile), bool(channels_last)
         self.max_epochs = max_epochs
         self.mixed_precision = resolve_mixed_precision(mixed_precision, cpu)
         self.accumulate = accumulate_grad_batches
@@ -210,11 +215,14 @@ class Trainer:
         self.ignore_index = datamodule.info.ignore_index
         if self.use_sync_batchnorm:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # in place, after any module surgery and before DDP wraps it: checkpoint keys stay the model's own
+        model = prepare_model(model, compile=self.compile, channels_last=self.channels_last, device=acc.device)
         self.raw_model = model
         self.optimizer_factory = optimizer_factory
         optimizer = optimizer_factory(model)
         self.train_loader = datamodule.train_loader(acc.process_index, acc.num_processes)
         self.val_loader = datamodule.val_loader(acc.process_index, acc.num_processes)
+        self.loader_watch = LoaderWatch(acc.device, num_workers=getattr(datamodule, "num_workers", None))
         n_batches = len(self.train_loader)
         if self.limit_train:
             n_batches = min(n_batches, self.limit_train)
@@ -261,7 +269,7 @@ class Trainer:
         bar = tqdm(total=n, desc=f"train {epoch}/{self.max_epochs}", disable=not show, leave=False, dynamic_ncols=True)
         started = time.time()
         group_start = 0
-        for i, batch in enumerate(self.train_loader):
+        for i, batch in enumerate(self.loader_watch.wrap(self.train_loader)):  # says once when data is the limit
             if i >= n:
                 break
             if i % self.accumulate == 0:
@@ -271,6 +279,7 @@ class Trainer:
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             # a distinct augmentation stream per rank (equal to step=i on one process)
             inputs = self.preprocess(batch, train=True, epoch=epoch, step=i * acc.num_processes + acc.process_index)
+            inputs = prepare_inputs(inputs, self.channels_last)
             ctx = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else nullcontext()
             with ctx, acc.autocast():
                 outputs = self.model(inputs)

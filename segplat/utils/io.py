@@ -54,30 +54,33 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, dumps_json(obj, indent=2) + "\n")
 
 
-def json_safe(obj: Any) -> Any:
+def json_safe(obj: Any, default: Callable[[Any], Any] | None = None) -> Any:
     """`obj` as plain JSON values: NaN and infinities become None; arrays, tensors and numpy scalars become
-    lists and numbers; paths become strings."""
+    lists and numbers; paths become strings; anything else is `default(obj)`, or refused without one."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Mapping):
-        return {str(k) if not isinstance(k, str | int | float | bool) and k is not None else k: json_safe(v)
+        return {str(k) if not isinstance(k, str | int | float | bool) and k is not None else k: json_safe(v, default)
                 for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
+        return [json_safe(v, default) for v in obj]
     if obj is None or isinstance(obj, str | bool | int):
         return obj
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
-        return json_safe(obj.tolist())
+        return json_safe(obj.tolist(), default)
     if hasattr(obj, "item"):
-        return json_safe(obj.item())
+        return json_safe(obj.item(), default)
+    if default is not None:
+        return json_safe(default(obj))
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
 
 
-def dumps_json(obj: Any, **kwargs: Any) -> str:
-    """Strict JSON text of `obj` (non-finite floats as null; `allow_nan=False` proves no bare NaN is left)."""
-    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+def dumps_json(obj: Any, default: Callable[[Any], Any] | None = None, **kwargs: Any) -> str:
+    """Strict JSON text of `obj` (non-finite floats as null; `allow_nan=False` proves no bare NaN is left);
+    `default` converts what JSON has no type for (e.g. `str`), as in `json.dumps`."""
+    return json.dumps(json_safe(obj, default), allow_nan=False, **kwargs)
 
 
 def loads_json(text: str, null_as_nan: bool = False) -> Any:

@@ -32,6 +32,7 @@ class TestAttentionFusionSegmenter(ModelTester):
     fusions = ({"level": "mid", "type": "attention"}, {"level": "mid", "type": "attention", "stages": [0, 3]})
     other_channels = (2,)
     require_groups = ("encoder", "fusion", "decoder")
+    param_range = (10_000_000, 13_000_000)  # two resnet10t streams (~4.9M each) + attention fusion + decoder
 
     def build(self, modalities, num_classes, fusion=None):
         return build(modalities, num_classes, fusion)

@@ -6,18 +6,27 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import subprocess
+import sys
 from typing import ClassVar
 
 import pytest
 import torch
 
-pytest.importorskip("terratorch", reason='the gfm extra is not installed (pip install -e ".[gfm]")')
-
 from segplat.errors import CheckpointError, ConfigError
+from segplat.models.encoders.gfm.encoders import import_terratorch
+
+try:
+    import_terratorch()  # through segplat's import: TerraTorch's own import changes torch's fp32 precision
+except ConfigError:
+    pytest.skip('the gfm extra is not installed (pip install -e ".[gfm]")', allow_module_level=True)
+
 from segplat.models import Segmenter
 from segplat.models.decoders import UNetDecoder
 from segplat.models.encoders.gfm import PrithviEncoder, TerraMindEncoder
 from segplat.optim import build_optimizer
+from tests.conftest import REPO
 from tests.models.base_tester import ModelTester
 
 S2 = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
@@ -292,7 +301,7 @@ def test_comparison_preset_trains_on_fake_sen1floods11_and_predicts_from_its_che
     import subprocess
     import sys
 
-    from segplat.data.layouts.sen1floods11 import write_fake
+    from segplat.data.fake.sen1floods11 import write_fake
     from segplat.inference import load_for_inference
     from segplat.train import train
     from tests.conftest import REPO, compose_train
@@ -335,3 +344,19 @@ def test_comparison_preset_trains_on_fake_sen1floods11_and_predicts_from_its_che
     table = (tmp_path / "comparison.md").read_text()
     assert "| Prithvi prithvi_eo_v2_tiny_tl | s1 |" in table and "| TerraMind terramind_v1_tiny | s2+s1 |" in table
     assert "IoU water | IoU dry" in table
+
+
+def test_importing_terratorch_keeps_torchs_float32_precision() -> None:
+    """TerraTorch's import calls torch.set_float32_matmul_precision("medium") (bf16 matmuls on CPU); segplat's
+    import puts it back. In a fresh process, since this one has imported TerraTorch already."""
+    code = ("import torch, importlib\n"
+            "from segplat.models.encoders.gfm.encoders import terratorch_registry\n"
+            "terratorch_registry()\n"
+            "import terratorch\n"
+            "print(torch.get_float32_matmul_precision(), torch.backends.mkldnn.matmul.fp32_precision)\n"
+            "importlib.reload(importlib.import_module('terratorch.models.backbones.clay_v15.model'))\n"
+            "print(torch.get_float32_matmul_precision())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.split("\n")
+    assert out[0] == "highest none"
+    assert out[1] == "medium"  # what TerraTorch's module does without segplat's guard: the guard is needed

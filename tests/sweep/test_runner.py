@@ -20,7 +20,8 @@ def test_command_with_a_launcher() -> None:
 
 def test_summary_crash_and_stale_summary(tmp_path: Path) -> None:
     ok = run_trial(["ok"], tmp_path / "t", ENV, module="tests.sweep.fake_task")
-    assert ok.returncode == 0 and ok.summary == {"status": "completed", "best_score": 0.5}
+    assert ok.returncode == 0 and ok.summary is not None
+    assert (ok.summary["status"], ok.summary["best_score"]) == ("completed", 0.5)
     # a crash in the same folder must not be read as the old success
     bad = run_trial(["crash"], tmp_path / "t", ENV, module="tests.sweep.fake_task", stderr_lines=5)
     assert bad.returncode == 2 and bad.summary is None and "dataset.root" in bad.stderr_tail

@@ -17,9 +17,11 @@ size and the pyramid is cropped back, so any input size works.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
@@ -35,16 +37,38 @@ from segplat.models.weights import load_state_file
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install -e ".[gfm]"'
+TERRAMIND_REGISTER = "terratorch.models.backbones.terramind.model.terramind_register"
+
+
+def _fp32_switches() -> dict[str, Any]:
+    b = torch.backends
+    return {"mkldnn.matmul": b.mkldnn.matmul, "mkldnn.conv": b.mkldnn.conv, "cuda.matmul": b.cuda.matmul,
+            "cudnn.conv": b.cudnn.conv}
+
+
+def import_terratorch(module: str = "terratorch.registry") -> ModuleType:
+    """Import a TerraTorch module, or one sentence saying how to install the extra.
+
+    Importing TerraTorch (1.2) runs `torch.set_float32_matmul_precision("medium")` (in its clay_v15 backbone):
+    from then on every float32 matmul of the process runs in bf16 on CPU and TF32 on CUDA, a silent change of
+    the user's numerics (1e-4 relative errors where fp32 gives 1e-7). The switches are put back as they were."""
+    switches = _fp32_switches()
+    saved = torch.get_float32_matmul_precision(), {k: s.fp32_precision for k, s in switches.items()}
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ConfigError(f"model.encoder: the geo-foundation-model encoders need TerraTorch, which is not installed "
+                          f"({err}); install the extra with {INSTALL_HINT}.") from err
+    finally:
+        if (torch.get_float32_matmul_precision(), {k: s.fp32_precision for k, s in switches.items()}) != saved:
+            torch.set_float32_matmul_precision(saved[0])
+            for key, switch in switches.items():
+                switch.fp32_precision = saved[1][key]
 
 
 def terratorch_registry() -> Any:
     """TerraTorch's backbone registry, or one sentence saying how to install the extra."""
-    try:
-        from terratorch.registry import BACKBONE_REGISTRY
-    except ImportError as err:
-        raise ConfigError(f"model.encoder: the geo-foundation-model encoders need TerraTorch, which is not installed "
-                          f"({err}); install the extra with {INSTALL_HINT}.") from err
-    return BACKBONE_REGISTRY
+    return import_terratorch().BACKBONE_REGISTRY
 
 
 def _few(keys: Sequence[str], n: int = 5) -> str:
@@ -207,7 +231,7 @@ class PrithviEncoder(GFMEncoder):
 
     @staticmethod
     def variants() -> dict[str, Any]:
-        from terratorch.models.backbones.prithvi_vit import prithvi_cfgs
+        prithvi_cfgs = import_terratorch("terratorch.models.backbones.prithvi_vit").prithvi_cfgs
 
         return prithvi_cfgs
 
@@ -238,7 +262,7 @@ class PrithviEncoder(GFMEncoder):
         return model
 
     def published_weights(self) -> tuple[str | None, str | None]:
-        from terratorch.models.backbones.prithvi_vit import pretrained_weights
+        pretrained_weights = import_terratorch("terratorch.models.backbones.prithvi_vit").pretrained_weights
 
         entry = pretrained_weights.get(self.name) or {}
         return entry.get("hf_hub_id"), entry.get("hf_hub_filename")
@@ -303,7 +327,7 @@ class TerraMindEncoder(GFMEncoder):
                          missing_bands, extra_bands, drop_path_rate)
 
     def check_name(self, registry: Any) -> None:
-        from terratorch.models.backbones.terramind.model.terramind_register import pretrained_weights
+        pretrained_weights = import_terratorch(TERRAMIND_REGISTER).pretrained_weights
 
         names = [n for n in pretrained_weights if n.startswith("terramind_v1_") and f"terratorch_{n}" in registry]
         if self.name not in names:
@@ -311,7 +335,7 @@ class TerraMindEncoder(GFMEncoder):
                               f"choose one of {', '.join(names)}.")
 
     def map_inputs(self, stacked, band_map, missing_bands, extra_bands) -> list[InputMapping]:
-        from terratorch.models.backbones.terramind.model.terramind_register import PRETRAINED_BANDS
+        PRETRAINED_BANDS = import_terratorch(TERRAMIND_REGISTER).PRETRAINED_BANDS
 
         modalities = list(dict.fromkeys(m for _, m, _ in stacked))
         unmapped = [m for m in modalities if m not in self.modality_map]
@@ -347,7 +371,7 @@ class TerraMindEncoder(GFMEncoder):
         return model
 
     def published_weights(self) -> tuple[str | None, str | None]:
-        from terratorch.models.backbones.terramind.model.terramind_register import pretrained_weights
+        pretrained_weights = import_terratorch(TERRAMIND_REGISTER).pretrained_weights
 
         entry = pretrained_weights.get(self.name) or {}
         return entry.get("hf_hub_id"), entry.get("hf_hub_filename")
