@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from segplat.data.layouts.base import ModalitySpec
 from segplat.data.preprocess import Preprocessor
+from segplat.data.windows import window_starts
 from segplat.engine.checkpoint import check_belongs_to_run, find_checkpoint, inference_config, load_checkpoint
 from segplat.engine.forward import TTAView, forward_batch
 from segplat.errors import CheckpointError, ConfigError, DataError
@@ -73,18 +74,6 @@ def load_for_inference(location: str | Path, device: str | torch.device = "cpu",
 
 
 # -- window geometry -------------------------------------------------------------------------------------
-def window_starts(length: int, window: int, stride: int) -> list[int]:
-    """Start offsets of `window`-pixel windows every `stride` pixels that cover [0, length); the last window ends
-    at `length` instead of running past it. The one owner of this rule: the predictor's sliding windows and
-    PatchDataset's validation grid (stride = window) both call it."""
-    if length <= window:
-        return [0]
-    starts = list(range(0, length - window + 1, stride))
-    if starts[-1] != length - window:
-        starts.append(length - window)
-    return starts
-
-
 def blend_weights(size: int, kind: str = "cosine") -> np.ndarray:
     """Window weights that fall towards the borders, so overlapping windows blend without seams."""
     if kind == "uniform":

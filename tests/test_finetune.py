@@ -57,6 +57,7 @@ def poly(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * (1 - (step - warmup) / (total - warmup)) ** 0.9
 
 
+@pytest.mark.slow
 def test_switch_after_patience_then_resume(tmp_path):
     run_dir = tmp_path / "run"
     # min_delta huge: only the first validation "improves", so patience=1 switches at validation 2
@@ -94,6 +95,7 @@ def test_switch_after_patience_then_resume(tmp_path):
     assert recs[3]["lr/decoder"] == pytest.approx(1e-3 * poly(8, total, warmup, 0.05), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_switch_at_unfreeze_epoch_with_encoder_lr(tmp_path):
     Probe.log.clear()
     train(compose_train([*FAST, "trainer.max_epochs=2", "callbacks=finetune", "callbacks.finetune.patience=null",
@@ -113,6 +115,7 @@ def test_finetune_config_errors():
 
 
 @pytest.mark.parametrize("monitor,mode", [("val/loss", "min"), ("val/iou_thin_cloud", "max")])
+@pytest.mark.slow
 def test_monitor_any_validation_metric(tmp_path, monitor, mode):
     run_dir = tmp_path / "run"
     # min_delta huge: early stopping fires at the second validation whatever the values

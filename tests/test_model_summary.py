@@ -21,6 +21,7 @@ def compose_summary(overrides: list[str]):
         return compose(config_name="summary", overrides=overrides)
 
 
+@pytest.mark.slow
 def test_cli_on_synthetic_unet(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     args = ["model=unet", "dataset=synthetic", "input_size=64", "model.encoder.name=resnet10t"]

@@ -134,6 +134,7 @@ def test_plateau_reduces_on_the_monitored_metric_with_a_late_group():
 
 
 # ---- a real short run: warmup + poly, gradient accumulation, encoder / head learning rates -------
+@pytest.mark.slow
 def test_learning_rates_per_optimiser_step_in_a_real_run(tmp_path, monkeypatch):
     from segplat.train import train
 

@@ -55,6 +55,7 @@ def test_cli_run_writes_the_run_folder(tmp_path: Path) -> None:
     assert state["trainer"]["epoch"] == 2 and state["data"]["classes"][2] == "thin_cloud"
 
 
+@pytest.mark.slow
 def test_train_returns_the_monitored_score(tmp_path: Path) -> None:
     cfg = compose_train([*TINY, "trainer.max_epochs=1", "callbacks.monitor=val/loss", "callbacks.mode=min"],
                         output_dir=tmp_path)
@@ -64,6 +65,7 @@ def test_train_returns_the_monitored_score(tmp_path: Path) -> None:
     assert score == pytest.approx(summary["best_score"]) and score == pytest.approx(summary["val_loss"])
 
 
+@pytest.mark.slow
 def test_channels_last_trains_the_same_model(tmp_path: Path) -> None:
     """trainer.channels_last takes effect (the model's weights are channels_last) and changes nothing but the memory
     layout: the same losses to float tolerance, the same checkpoint keys."""
@@ -135,6 +137,7 @@ def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path: Path) -> None:
     assert run.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_missing_dataset_root_stops_at_once_with_a_hint(tmp_path: Path) -> None:
     """How fast it stops is benchmarks/cli_errors.py's measure, not an assertion here."""
     proc = run_cli(["model=cmx", "dataset=clouds", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path, timeout=120)
@@ -163,6 +166,7 @@ def test_bad_config_values_stop_with_one_sentence(override: str, key: str, tmp_p
     assert not (tmp_path / "checkpoints").exists(), "nothing may be trained before the check"
 
 
+@pytest.mark.slow
 def test_unknown_option_lists_the_valid_ones(tmp_path: Path) -> None:
     proc = run_cli(["model=nosuchmodel", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
@@ -170,6 +174,7 @@ def test_unknown_option_lists_the_valid_ones(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines()[-1].startswith("error: model=nosuchmodel is not an option of model")
 
 
+@pytest.mark.slow
 def test_a_near_miss_key_gets_a_did_you_mean(tmp_path: Path) -> None:
     proc = run_cli(["trainer.max_epoch=3", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
@@ -180,6 +185,7 @@ def test_a_near_miss_key_gets_a_did_you_mean(tmp_path: Path) -> None:
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_reused_run_folder_is_never_trained_into_from_scratch(tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(compose_train([*TINY, "trainer.max_epochs=1", "callbacks.visuals=null"], output_dir=run))
@@ -219,6 +225,7 @@ def test_resume_path_without_checkpoint_is_refused(tmp_path: Path) -> None:
         train(cfg)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_a_different_model_is_refused(tmp_path: Path) -> None:
     first = tmp_path / "first"
     train(compose_train([*TINY, "trainer.max_epochs=1"], output_dir=first))
@@ -242,6 +249,7 @@ def test_gradient_accumulation_makes_one_optimiser_step_per_group(tmp_path: Path
     assert state["trainer"]["global_step"] == 1, "two micro-batches make one optimiser step"
 
 
+@pytest.mark.slow
 def test_wandb_runs_offline_and_resume_keeps_its_run(tmp_path: Path) -> None:
     """The default logger writes an offline wandb run in the run folder; a resume continues that run."""
     run = tmp_path / "run"

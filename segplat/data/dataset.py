@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from segplat.data.layouts.base import ModalitySpec
 from segplat.data.store import PatchStore, label_value_error
 from segplat.data.store_location import StoreLocation
+from segplat.data.windows import window_starts
 from segplat.errors import ConfigError
 
 
@@ -106,9 +107,6 @@ class PatchDataset(Dataset):
         if self.train:
             self.index = [(t, None) for t in self.tiles for _ in range(self.patches_per_tile)]
         else:
-            # the predictor's window rule, stride = patch (a local import: segplat.inference imports segplat.data)
-            from segplat.inference import window_starts
-
             offs = window_starts(self.tile_size, self.patch_size, self.patch_size)
             self.index = [(t, (y, x)) for t in self.tiles for y in offs for x in offs]
         self._store: PatchStore | None = store  # reused by this process's first _open (opening costs requests remotely)

@@ -61,6 +61,7 @@ from segplat.models.encoders.temporal import (
     resample_time,
     safe_mask,
 )
+from segplat.models.layers import conv_bn_act
 
 Stream = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (B, C, T, H, W), mask (B, T), positions (B, T)
 
@@ -94,14 +95,9 @@ class TemporalEncoder(nn.Module):
         return skips
 
 
-class ConvBlock2d(nn.Sequential):
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
+def conv_block_2d(in_channels: int, out_channels: int) -> nn.Sequential:
+    """Two 3x3 conv-BN-ReLU (keys 0..5, as the block always had)."""
+    return nn.Sequential(*conv_bn_act(in_channels, out_channels, 3), *conv_bn_act(out_channels, out_channels, 3))
 
 
 class UNetDecoder2d(nn.Module):
@@ -109,7 +105,7 @@ class UNetDecoder2d(nn.Module):
 
     def __init__(self, widths: Sequence[int]) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(ConvBlock2d(widths[i + 1] + widths[i], widths[i]) for i in range(len(widths) - 1))
+        self.blocks = nn.ModuleList(conv_block_2d(widths[i + 1] + widths[i], widths[i]) for i in range(len(widths) - 1))
         self.out_channels = widths[0]
 
     def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -108,6 +108,7 @@ def test_inductor_compile_gives_the_same_step(name: str) -> None:
     assert_same(ref, step(model, channels_last=False))
 
 
+@pytest.mark.slow
 def test_compile_in_place_keeps_checkpoint_keys() -> None:
     model = build("unet")
     keys = list(model.state_dict())

@@ -118,6 +118,7 @@ def test_prepare_keeps_both_grids_and_skips_a_sample_missing_a_companion(tmp_pat
         PatchDataset(str(path), "train", 60, train=True)
 
 
+@pytest.mark.slow
 def test_one_training_epoch(tmp_path: Path) -> None:
     from segplat.train import train
 

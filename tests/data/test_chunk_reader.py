@@ -242,6 +242,7 @@ def test_patch_dataset_memmap_equals_zarr_path(raw_store: Path) -> None:
             _check_same(fast[i], slow[i])
 
 
+@pytest.mark.slow
 def test_patch_dataset_pickles_and_loads_with_two_workers(raw_store: Path) -> None:
     ds = PatchDataset(str(raw_store), "train", 16, train=True, patches_per_tile=2)
     ds[0]  # opens maps in this process: they must not travel to the workers

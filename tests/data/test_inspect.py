@@ -38,6 +38,7 @@ def test_inspect_synthetic(tmp_path: Path) -> None:
     assert band["valid"] == picked.size and band["mean"] == float(picked.astype(np.float64).mean())
 
 
+@pytest.mark.slow
 def test_inspect_series_plots_dates(tmp_path: Path) -> None:
     root = write_fake(tmp_path / "pastis", num_patches=10, size=32)
     out = tmp_path / "insp"
@@ -55,6 +56,7 @@ def test_inspect_reports_a_missing_root(capsys) -> None:
     assert "dataset.root" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_histograms_count_only_the_stores_valid_pixels_and_go_under_logs(tmp_path: Path, monkeypatch) -> None:
     """Scenes smaller than the tile: the padding around them is neither a histogram value nor `valid`."""
     root = write_clouds(tmp_path / "clouds", num_train=7, num_test=0)

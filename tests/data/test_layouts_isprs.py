@@ -118,6 +118,7 @@ def test_potsdam_irrg_ndsm_eroded(potsdam_root: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["vaihingen", "potsdam"])
+@pytest.mark.slow
 def test_one_training_epoch(name: str, vaihingen_root: Path, potsdam_root: Path, tmp_path: Path) -> None:
     train_one_epoch(name, vaihingen_root if name == "vaihingen" else potsdam_root, tmp_path)
 

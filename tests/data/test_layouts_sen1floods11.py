@@ -29,6 +29,7 @@ def _read(path: str, bands: list[int] | None = None) -> np.ndarray:
         return src.read(bands)
 
 
+@pytest.mark.slow
 def test_store_keeps_bands_nodata_labels_and_georeferencing(s1f_root: Path) -> None:
     bands = ["B2", "B3", "B4", "B8"]
     _, store = prepared("sen1floods11", s1f_root, f"dataset.layout.output_bands=[{','.join(bands)}]")
@@ -67,6 +68,7 @@ def test_store_keeps_bands_nodata_labels_and_georeferencing(s1f_root: Path) -> N
     assert_stats(store, "s1", np.concatenate(s1_vals, axis=1))
 
 
+@pytest.mark.slow
 def test_one_training_epoch(s1f_root: Path, tmp_path: Path) -> None:
     train_one_epoch("sen1floods11", s1f_root, tmp_path, "dataset.layout.output_bands=[B4,B3,B2,B8]")
 

@@ -27,6 +27,7 @@ def run_prepare(args: list[str], cache: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_prepares_then_verifies(tmp_path: Path) -> None:
     root = tmp_path / "clouds"
     assert fake_main(["clouds", str(root)]) == 0
@@ -189,6 +190,7 @@ def instantiate_dm(dataset_cfg):
     return instantiate(dataset_cfg)
 
 
+@pytest.mark.slow
 def test_files_changed_under_the_root_give_a_new_store_never_a_stale_one(tmp_path: Path) -> None:
     """Rewriting, adding or removing a source file changes the fingerprint, so training re-prepares."""
     import shutil

@@ -99,6 +99,7 @@ def test_store_and_batches_pad_time_with_a_mask(tmp_path: Path, fake_root: Path)
     assert sample.dates["s2"][0] == full.dates["s2"][0] and sample.dates["s2"][-1] == full.dates["s2"][-1]
 
 
+@pytest.mark.slow
 def test_one_training_epoch(tmp_path: Path, fake_root: Path) -> None:
     pytest.importorskip("segplat.models.unet3d")
     if not (REPO / "conf" / "model" / "unet3d.yaml").is_file():

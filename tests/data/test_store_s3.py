@@ -38,6 +38,7 @@ def _same_stores(a: PatchStore, b: PatchStore) -> None:
 
 
 @pytest.mark.parametrize("client", ["fsspec", "obstore"])
+@pytest.mark.slow
 def test_prepare_to_s3_reads_like_a_local_store(s3_env: S3Server, tmp_path: Path, client: str) -> None:
     uri = s3_env.uri("syn")
     location = StoreLocation.parse(uri, client)
@@ -56,6 +57,7 @@ def test_prepare_to_s3_reads_like_a_local_store(s3_env: S3Server, tmp_path: Path
     assert verify_store(remote, deep=True) == []
 
 
+@pytest.mark.slow
 def test_cached_reads_equal_remote_reads_and_fill_the_cache_once(s3_env: S3Server, tmp_path: Path) -> None:
     uri = s3_env.uri("syn")
     prepare_store(_layout(), uri, 32, tiles_per_shard=8, progress=False)
@@ -76,6 +78,7 @@ def test_cached_reads_equal_remote_reads_and_fill_the_cache_once(s3_env: S3Serve
     assert {"zarr.json", "train/zarr.json", "train/rgb/zarr.json", "train/label/zarr.json"} <= set(files)
 
 
+@pytest.mark.slow
 def test_interrupted_prepare_on_s3_resumes_without_rewriting(s3_env: S3Server, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     class Crashing(SyntheticClouds):
@@ -116,6 +119,7 @@ def _objects(server: S3Server, prefix: str) -> dict[str, dict]:
     return {o["Key"]: o for page in pages for o in page.get("Contents", [])}
 
 
+@pytest.mark.slow
 def test_a_store_without_its_marker_is_never_complete(s3_env: S3Server) -> None:
     uri = s3_env.uri("syn")
     location = StoreLocation.parse(uri)
@@ -143,6 +147,7 @@ def _closed_port() -> int:
 
 
 @pytest.mark.parametrize("client", ["fsspec", "obstore"])
+@pytest.mark.slow
 def test_access_errors_are_one_sentence_before_any_work(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch,
                                                         client: str) -> None:
     cases = {
@@ -165,6 +170,7 @@ def test_access_errors_are_one_sentence_before_any_work(s3_env: S3Server, monkey
             assert s3_env.secret not in text and dm.store is None, name
 
 
+@pytest.mark.slow
 def test_obstore_loader_workers_start_by_forkserver(s3_env: S3Server) -> None:
     """obstore's runtime does not survive a fork, and the main process has used it: workers must not be forked."""
     dm = _dm(s3_env.uri("syn"), store_client="obstore")

@@ -18,6 +18,7 @@ from tests.distributed.launch_utils import BASE, env_for, free_port, plain_cmd, 
 pytestmark = pytest.mark.distributed
 
 
+@pytest.mark.slow
 def test_global_batch_not_divisible_is_refused_before_the_store_is_prepared(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     env = env_for(tmp_path / "logs", SEGPLAT_CACHE=str(cache))
@@ -47,6 +48,7 @@ def test_nccl_without_gpus_falls_back_to_gloo(monkeypatch: pytest.MonkeyPatch) -
         dist.resolve_backend("mpi")
 
 
+@pytest.mark.slow
 def test_unreachable_rendezvous_times_out_naming_the_address(monkeypatch: pytest.MonkeyPatch) -> None:
     port = free_port()  # nobody listens there
     for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
@@ -57,6 +59,7 @@ def test_unreachable_rendezvous_times_out_naming_the_address(monkeypatch: pytest
     assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.slow
 def test_unreachable_rendezvous_from_the_cli_exits_2(tmp_path: Path) -> None:
     """No run_name: the error comes from the run-name resolver, before Hydra creates any folder."""
     port = free_port()

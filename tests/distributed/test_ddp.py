@@ -23,6 +23,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
     """2 x b on gloo == 1 x 2b: same sample order per step, averaged gradients, exact summed metrics.
     Accumulation over 2 micro-batches exercises no_sync; 27 validation patches (odd) leave one rank a
@@ -50,6 +51,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Pa
     assert [r["train/loss"] for r in lb] == pytest.approx([r["train/loss"] for r in la], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_share_one_run_directory(tmp_path: Path) -> None:
     """Node 0 and node 1 (one process each, c10d rendezvous) with no run_name given: one folder, one
     summary.json, .hydra written once; NCCL asked for without GPUs falls back to gloo with a warning."""
@@ -82,6 +84,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_ddp_run_killed_mid_way_resumes_on_another_process_count(tmp_path: Path) -> None:
     """SIGKILL the whole torchrun group after epoch 1's checkpoint; `trainer.resume=auto` with the same
     run_name continues on 1 process (a different count: the data order does not depend on it)."""
@@ -129,6 +132,7 @@ def _bn_weights_differ(runs: Path, a: str, b: str) -> float:
     return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa if wa[k].is_floating_point())
 
 
+@pytest.mark.slow
 def test_batchnorm_on_cpu_processes_normalises_per_process(tmp_path: Path) -> None:
     """What the docs state for CPU: `auto` leaves BatchNorm per process (2 x b differs from 1 x 2b), and `true`
     is refused in one sentence before any data is read."""

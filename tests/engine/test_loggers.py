@@ -88,6 +88,7 @@ def store(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("mlflow_store")
 
 
+@pytest.mark.slow
 def test_mlflow_local_store_holds_params_metrics_images_and_tags(store, tmp_path):
     run_dir = tmp_path / "exp1"
     run_dir.mkdir()
@@ -118,6 +119,7 @@ def test_mlflow_local_store_holds_params_metrics_images_and_tags(store, tmp_path
     assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(store / "mlartifacts")
 
 
+@pytest.mark.slow
 def test_mlflow_resume_continues_the_run_with_each_step_once(store, tmp_path):
     run_dir = tmp_path / "killed"
     run_dir.mkdir()
@@ -249,6 +251,7 @@ def test_tensorboard_fresh_start_hides_an_earlier_attempt(tmp_path):
 
 
 # -- wandb -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_wandb_offline_run_and_its_resume_id(tmp_path):
     lg = WandbLogger(mode="offline", project="unit")
     lg.start(run_info(tmp_path, sweep={"study_name": "s", "trial_number": 1}))

@@ -27,6 +27,7 @@ def compose_eval(overrides: list[str], output_dir: Path):
     return cfg
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_validation_metrics(tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(compose_train([*TINY, "trainer.max_epochs=1"], output_dir=run))
@@ -47,6 +48,7 @@ def test_evaluate_reproduces_the_validation_metrics(tmp_path: Path) -> None:
         evaluate(compose_eval([f"ckpt={run}", "exclude_classes=[fog]"], tmp_path / "e3"))
 
 
+@pytest.mark.slow
 def test_isprs_protocol_uses_eroded_labels_and_leaves_clutter_out(tmp_path: Path) -> None:
     from segplat.data.fake import write_fake
 

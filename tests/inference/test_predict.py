@@ -53,6 +53,7 @@ def test_window_geometry():
     assert w.shape == (16, 16) and w[8, 8] > w[0, 0] > 0
 
 
+@pytest.mark.slow
 def test_prediction_keeps_crs_transform_size_and_nodata(trained_run: Path, tmp_path: Path):
     paths = write_scene(tmp_path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -132,6 +133,7 @@ def test_output_names_strip_one_raster_suffix():
     assert output_stem("scene.v2") == "scene.v2"  # not a raster suffix: kept
 
 
+@pytest.mark.slow
 def test_failed_predict_names_the_key_and_leaves_no_run_folder(tmp_path: Path):
     out = tmp_path / "pred"
     proc = subprocess.run([sys.executable, "-m", "segplat.predict", f"ckpt={tmp_path / 'missing.ckpt'}",

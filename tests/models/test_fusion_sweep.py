@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -42,6 +43,7 @@ def fusion_draws(n_trials: int, seed: int) -> list[tuple[tuple[str, str], ...]]:
     return draws
 
 
+@pytest.mark.slow
 def test_distinct_fusion_draws_build_distinct_models(tmp_path: Path) -> None:
     draws = fusion_draws(60, seed=0)
     assert len(draws) >= 4, f"the sweep file searches too little fusion: {draws}"

@@ -346,6 +346,7 @@ def test_comparison_preset_trains_on_fake_sen1floods11_and_predicts_from_its_che
     assert "IoU water | IoU dry" in table
 
 
+@pytest.mark.slow
 def test_importing_terratorch_keeps_torchs_float32_precision() -> None:
     """TerraTorch's import calls torch.set_float32_matmul_precision("medium") (bf16 matmuls on CPU); segplat's
     import puts it back. In a fresh process, since this one has imported TerraTorch already."""

@@ -82,6 +82,7 @@ def test_a_released_state_dict_loads_with_every_tensor_in_place(preset: MS2MNet)
         torch.testing.assert_close(own[k], released[k])
 
 
+@pytest.mark.slow
 def test_release_files_load_through_pretrained(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     released = released_state_dict()
     torch.save(released, tmp_path / "MS2MNet_vaihingen.pth")

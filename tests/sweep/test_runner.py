@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from segplat.sweep.runner import run_trial, trial_command
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,6 +30,7 @@ def test_summary_crash_and_stale_summary(tmp_path: Path) -> None:
     assert (tmp_path / "t" / "command.txt").read_text().split()[-1] == f"hydra.run.dir={tmp_path / 't'}"
 
 
+@pytest.mark.slow
 def test_time_limit_kills_the_trial_and_heartbeats_run(tmp_path: Path) -> None:
     beats: list[float] = []
     start = time.monotonic()

@@ -132,6 +132,7 @@ def test_budget_holds_when_two_workers_pass_the_check_at_once(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("retry", [0, 1])
+@pytest.mark.slow
 def test_trial_of_a_dead_worker_is_failed_or_retried(tmp_path: Path, retry: int) -> None:
     """A RUNNING trial whose heartbeat stops is FAILED by the next worker; with retries it is re-queued
     (same parameters) and the failed attempt gives its budget slot to the retry."""

@@ -72,6 +72,7 @@ def test_a_trial_asked_and_not_run_is_failed_at_once_and_its_baseline_requeued(t
     assert not (tmp_path / "trial_0000").exists()
 
 
+@pytest.mark.slow
 def test_a_sigterm_during_a_baseline_trial_requeues_the_baseline(tmp_path: Path) -> None:
     sweeper, study, parsed = sweeper_with_study(tmp_path, {"x": "choice(1, 2)"}, baselines=[{"x": 1}, {"x": 2}])
     old = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SweepInterrupted()))

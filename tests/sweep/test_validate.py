@@ -45,6 +45,7 @@ def fusion_of(cfg: DictConfig) -> tuple[str, str, Any]:
     return cfg.fusion.level, cfg.fusion.type, tuple(stages) if stages else None
 
 
+@pytest.mark.slow
 def test_the_production_space_is_checked_draw_by_draw() -> None:
     seen: list[DictConfig] = []
     checker = check_space(dict(PRODUCTION.params), baselines=OmegaConf.to_container(PRODUCTION.baselines), seen=seen)
