@@ -15,9 +15,10 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from segplat.config import check_config, register_resolvers
+from segplat.data.datamodule import DataInfo
 from segplat.engine.checkpoint import RunFacts
 from segplat.engine.loggers import Tracker
-from segplat.errors import ConfigError
+from segplat.errors import ConfigError, DataError
 from segplat.models.build import build_model
 from segplat.utils.seed import seed_everything
 from segplat.utils.task import CONF_DIR, run_dir_of, save_resolved_config, task_wrapper, with_config_hints
@@ -48,6 +49,10 @@ def build_loggers(cfg: DictConfig) -> list[Tracker]:
     return trackers
 
 
+def band_names(info: DataInfo) -> dict[str, list[str]]:
+    return {m: [str(b) for b in s.bands] for m, s in info.specs.items()}
+
+
 def train(cfg: DictConfig) -> float:
     check_config(cfg)
     run_dir = run_dir_of(cfg)
@@ -57,9 +62,17 @@ def train(cfg: DictConfig) -> float:
     loggers = build_loggers(cfg)
     acc = trainer.accelerator
     datamodule = instantiate(cfg.dataset)
+    # the model is built from the layout's description first, so that a model refusing the data (a GFM encoder
+    # that cannot map the bands, a stream count its fusion does not take) stops before a store is prepared
+    expected = datamodule.describe()
+    model = build_model(cfg.model, expected.modalities, expected.num_classes, band_names(expected))
     info = datamodule.setup(acc)
+    if (info.modalities, band_names(info), info.classes) != (expected.modalities, band_names(expected),
+                                                            expected.classes):
+        raise DataError(f"the store {datamodule.store_path} holds {band_names(info)} and classes {info.classes}, "
+                        f"but the {datamodule.name} layout describes {band_names(expected)} and "
+                        f"{expected.classes}; prepare it again (python -m segplat.prepare ... force=true).")
     model_cls = get_class(cfg.model._target_)
-    model = build_model(cfg.model, info.modalities, info.num_classes, {m: s.bands for m, s in info.specs.items()})
     loss = instantiate(cfg.loss)
     loss.set_ignore_index(info.ignore_index)
     if acc.is_main_process:

@@ -197,6 +197,7 @@ class DataModule:
         if self.cache_dir and not (self.store_uri and str(self.store_uri).startswith("s3://")):
             raise ConfigError(f"dataset.cache_dir={self.cache_dir} caches remote stores only, but "
                               f"dataset.store_uri={self.store_uri} is local; unset dataset.cache_dir.")
+        self._layout: Layout | None = None
         self._store_location()  # a malformed URI or client stops here, before anything is read
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -215,13 +216,37 @@ class DataModule:
                               f"({self.root_hint}).")
 
     def build_layout(self) -> Layout:
+        """The layout, built once per data module (its file listing is then scanned once, too)."""
+        if self._layout is not None:
+            return self._layout
         cfg = self.layout_cfg
         if isinstance(cfg, Layout):
+            self._layout = cfg
             return cfg
         if not isinstance(cfg, DictConfig):
             cfg = OmegaConf.create(dict(cfg))
         root = str(Path(self.root).expanduser()) if self.root else None
-        return build_layout(cfg, root)  # unknown keys stop here, before any file is read
+        self._layout = build_layout(cfg, root)  # unknown keys stop here, before any file is read
+        return self._layout
+
+    def describe(self) -> DataInfo:
+        """What the data will give the model (modalities, band names, classes), from the layout alone: no store is
+        prepared or opened, so a model that refuses these inputs stops before any data work (statistics empty)."""
+        self.check_root()
+        layout = self.build_layout()
+        specs = self._selected(layout.modalities)
+        return DataInfo(modalities={m: len(s.bands) for m, s in specs.items()}, specs=specs,
+                        classes=list(layout.classes), palette=[list(c) for c in layout.palette],
+                        ignore_index=layout.ignore_index)
+
+    def _selected(self, specs: Mapping[str, ModalitySpec]) -> dict[str, ModalitySpec]:
+        """`dataset.modalities` (default: all, in the data's order) picked out of `specs`, or one sentence."""
+        names = self.modality_names or list(specs)
+        unknown = [m for m in names if m not in specs]
+        if unknown:
+            raise ConfigError(f"dataset.modalities names {unknown}, which {self.name} does not have; "
+                              f"choose from {list(specs)}.")
+        return {m: specs[m] for m in names}
 
     def _store_location(self, fingerprint: str | None = None) -> StoreLocation | None:
         """The configured store_uri parsed (None when the store is named by its fingerprint under store_dir)."""
@@ -315,12 +340,8 @@ class DataModule:
         self.store_path = location.uri if location.remote else str(location.path)
         self.store = PatchStore(location)
         self._verify_once(accelerator)
-        specs = self.store.modalities
-        names = self.modality_names or list(specs)
-        unknown = [m for m in names if m not in specs]
-        if unknown:
-            raise ConfigError(f"dataset.modalities names {unknown}, which {self.name} does not have; "
-                              f"choose from {list(specs)}.")
+        specs = self._selected(self.store.modalities)
+        names = list(specs)
         check_patch_size(self.patch_size, self.store.tile_size, {m: specs[m] for m in names}, self.name)
         if self.store.ignore_index != self.ignore_index:
             raise ConfigError(f"dataset.ignore_index={self.ignore_index} differs from the store's "

@@ -6,8 +6,11 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from torch import nn
+
+from segplat.errors import SegplatError
 
 
 def build_model(model_cfg: Any, modalities: Mapping[str, int], num_classes: int,
@@ -18,4 +21,9 @@ def build_model(model_cfg: Any, modalities: Mapping[str, int], num_classes: int,
     kwargs: dict[str, Any] = {}
     if bands is not None and "bands" in inspect.signature(get_object(model_cfg._target_)).parameters:
         kwargs["bands"] = {m: [str(b) for b in bands[m]] for m in modalities if m in bands}
-    return instantiate(model_cfg, modalities=dict(modalities), num_classes=num_classes, **kwargs)
+    try:
+        return instantiate(model_cfg, modalities=dict(modalities), num_classes=num_classes, **kwargs)
+    except InstantiationException as err:  # a model's own one-sentence refusal, not Hydra's wrapper around it
+        if isinstance(err.__cause__, SegplatError):
+            raise err.__cause__ from None
+        raise

@@ -361,3 +361,19 @@ def test_importing_terratorch_keeps_torchs_float32_precision() -> None:
                          env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.split("\n")
     assert out[0] == "highest none"
     assert out[1] == "medium"  # what TerraTorch's module does without segplat's guard: the guard is needed
+
+
+def test_bands_a_gfm_cannot_map_stop_training_before_the_store_is_prepared(tmp_path, monkeypatch):
+    """The model is built from the layout's description (band names) before any data work: Prithvi on the synthetic
+    RGB + NIR data with missing_bands=error (no SWIR) is refused in one sentence and no store is written."""
+    from segplat.train import train
+    from tests.conftest import compose_train
+
+    monkeypatch.setenv("SEGPLAT_CACHE", str(tmp_path / "cache"))
+    cfg = compose_train(["model=prithvi", "model.encoder.name=prithvi_eo_v2_tiny_tl",
+                         "model.encoder.band_map={nir: NIR_NARROW}", f"paths.store_dir={tmp_path / 'stores'}",
+                         "logger=none"], output_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match="SWIR_1") as err:
+        train(cfg)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "stores").exists() or not any((tmp_path / "stores").iterdir())
