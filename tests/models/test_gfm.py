@@ -347,20 +347,25 @@ def test_comparison_preset_trains_on_fake_sen1floods11_and_predicts_from_its_che
 
 
 @pytest.mark.slow
-def test_importing_terratorch_keeps_torchs_float32_precision() -> None:
-    """TerraTorch's import calls torch.set_float32_matmul_precision("medium") (bf16 matmuls on CPU); segplat's
-    import puts it back. In a fresh process, since this one has imported TerraTorch already."""
+def test_importing_terratorch_leaves_the_process_as_it_was() -> None:
+    """TerraTorch's import calls torch.set_float32_matmul_precision("medium") (bf16 matmuls on CPU), sets
+    TORCH_CUDNN_V8_API_DISABLED and hides warnings; segplat's import puts all back. In a fresh process, since
+    this one has imported TerraTorch already."""
     code = ("import torch, importlib\n"
             "from segplat.models.encoders.gfm.encoders import terratorch_registry\n"
             "terratorch_registry()\n"
             "import terratorch\n"
             "print(torch.get_float32_matmul_precision(), torch.backends.mkldnn.matmul.fp32_precision)\n"
+            "import os, warnings\n"
+            "print(os.environ.get('TORCH_CUDNN_V8_API_DISABLED'), "
+            "any(f[2].__name__ == 'NotGeoreferencedWarning' for f in warnings.filters))\n"
             "importlib.reload(importlib.import_module('terratorch.models.backbones.clay_v15.model'))\n"
             "print(torch.get_float32_matmul_precision())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.split("\n")
     assert out[0] == "highest none"
-    assert out[1] == "medium"  # what TerraTorch's module does without segplat's guard: the guard is needed
+    assert out[1] == "None False"  # no environment variable and no warning filter left behind
+    assert out[2] == "medium"  # what TerraTorch's module does without segplat's guard: the guard is needed
 
 
 def test_bands_a_gfm_cannot_map_stop_training_before_the_store_is_prepared(tmp_path, monkeypatch):

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -47,15 +49,19 @@ def _fp32_switches() -> dict[str, Any]:
 
 
 def import_terratorch(module: str = "terratorch.registry") -> ModuleType:
-    """Import a TerraTorch module, or one sentence saying how to install the extra.
+    """Import a TerraTorch module, or one sentence saying how to install the extra; the process is left as it was.
 
-    Importing TerraTorch (1.2) runs `torch.set_float32_matmul_precision("medium")` (in its clay_v15 backbone):
-    from then on every float32 matmul of the process runs in bf16 on CPU and TF32 on CUDA, a silent change of
-    the user's numerics (1e-4 relative errors where fp32 gives 1e-7). The switches are put back as they were."""
+    Importing TerraTorch 1.2 changes process-wide state: it runs `torch.set_float32_matmul_precision("medium")` (in
+    its clay_v15 backbone: from then on every float32 matmul runs in bf16 on CPU and TF32 on CUDA, 1e-4 relative
+    errors where fp32 gives 1e-7), sets `TORCH_CUDNN_V8_API_DISABLED=1` (inherited by every worker and child),
+    and adds warning filters that hide, among others, rasterio's NotGeoreferencedWarning and the LR scheduler's
+    warnings. The precision switches, the environment and the warning filters are put back."""
     switches = _fp32_switches()
     saved = torch.get_float32_matmul_precision(), {k: s.fp32_precision for k, s in switches.items()}
+    environ = dict(os.environ)
     try:
-        return importlib.import_module(module)
+        with warnings.catch_warnings():  # restores the filters on exit
+            return importlib.import_module(module)
     except ImportError as err:
         raise ConfigError(f"model.encoder: the geo-foundation-model encoders need TerraTorch, which is not installed "
                           f"({err}); install the extra with {INSTALL_HINT}.") from err
@@ -64,6 +70,9 @@ def import_terratorch(module: str = "terratorch.registry") -> ModuleType:
             torch.set_float32_matmul_precision(saved[0])
             for key, switch in switches.items():
                 switch.fp32_precision = saved[1][key]
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
 
 
 def terratorch_registry() -> Any:
