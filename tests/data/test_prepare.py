@@ -220,3 +220,21 @@ def test_files_changed_under_the_root_give_a_new_store_never_a_stale_one(tmp_pat
         shutil.move(victim, tmp_path / f"{sub}_{victim.name}")
     _, removed = prepared("clouds", root)
     assert removed.location.uri not in (first.location.uri, rewritten.location.uri)
+
+
+@pytest.mark.slow
+def test_two_nodes_sharing_a_store_folder_prepare_it_once(tmp_path: Path) -> None:
+    """Each node's first process prepares a local store; on a shared file system two nodes meet in one folder. The
+    lock beside the store lets one prepare (slowed to 2 s) while the other waits, then finds it complete."""
+    count = tmp_path / "prepares.txt"
+    env = {**os.environ, "SEGPLAT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.data.node_preparer", str(tmp_path / "stores"), str(count),
+                               str(rank)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert len(count.read_text().split()) == 1  # prepared once, by whichever node took the lock first
+    builds = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(builds) == 1  # both nodes read the same store
+    stores = [p for p in (tmp_path / "stores").iterdir() if p.suffix == ".zarr"]
+    assert len(stores) == 1 and is_complete(stores[0], stores[0].name.rsplit("-", 1)[1].removesuffix(".zarr"))
