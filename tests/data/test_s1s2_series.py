@@ -137,3 +137,39 @@ def test_band_selection_and_messages_that_say_the_fix(fake_root: Path, tmp_path:
                                         r'\{"0": 20180924, ...\}, one date per frame\) or leave s2 out of '
                                         r"dataset.layout.sensors"):
         S1S2SeriesLayout(str(root)).modalities  # noqa: B018
+
+
+def test_patches_are_georeferenced_from_their_footprints_or_not_at_all(tmp_path: Path, fake_root: Path) -> None:
+    """metadata.geojson's crs member and each patch's footprint give the store's CRS and transform (10 m pixels,
+    the footprint's north-west corner); no CRS, or a footprint that is not an axis-aligned rectangle, gives none."""
+    path = prepare_store(S1S2SeriesLayout(str(fake_root)), tmp_path / "s.zarr", tile_size=32, progress=False)
+    doc = json.loads((fake_root / "metadata.geojson").read_text())
+    footprints = {str(f["properties"]["ID_PATCH"]): f["geometry"]["coordinates"][0] for f in doc["features"]}
+    tiles = PatchStore(path).tiles_meta("train")
+    assert tiles and all(t["crs"] == "EPSG:2154" for t in tiles)
+    for tile in tiles:
+        ring = np.array(footprints[Path(tile["source"]).stem.removeprefix("TARGET_")])
+        a, b, c, d, e, f = tile["transform"][:6]
+        assert (a, b, d, e) == (10.0, 0.0, 0.0, -10.0)
+        assert (c, f) == (ring[:, 0].min(), ring[:, 1].max())
+    # without a crs member, or with a rotated footprint: no georeference, and the store says how many
+    other = tmp_path / "other"
+    write_fake(other, num_patches=10, size=32)
+    doc = json.loads((other / "metadata.geojson").read_text())
+    del doc["crs"]
+    (other / "metadata.geojson").write_text(json.dumps(doc))
+    layout = S1S2SeriesLayout(str(other))
+    sample = layout.read(layout.scan()["train"][0])
+    assert sample.crs is None and sample.transform is None
+    assert any("without georeference (metadata.geojson names no CRS)" in n for n in layout.notes)
+    doc["crs"] = {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::2154"}}
+    doc["features"][0]["geometry"]["coordinates"][0][1][1] += 5.0  # one corner moved: not a rectangle
+    (other / "metadata.geojson").write_text(json.dumps(doc))
+    layout = S1S2SeriesLayout(str(other))
+    first = str(doc["features"][0]["properties"]["ID_PATCH"])
+    ref = next(r for refs in layout.scan().values() for r in refs if r.id == first)
+    assert layout.read(ref).transform is None and layout.not_georeferenced == 1
+    doc["crs"] = {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::999999"}}
+    (other / "metadata.geojson").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"EPSG::999999.*not known"):
+        S1S2SeriesLayout(str(other)).scan()

@@ -23,8 +23,9 @@ SIGNATURE = np.array([[0, 1, 0, -1, 1, 2, 2, 1, -1, 0], [1, 0, 1, 0, -1, 0, 1, 2
 def write_fake(out: str | Path, num_patches: int = 40, size: int = 32, s2_times: tuple[int, int] = (5, 8),
                s1_times: tuple[int, int] = (6, 9), seed: int = 0) -> Path:
     """A tiny PASTIS-R tree: int16 S2 and float32 S1A/S1D .npy stacks, TARGET .npy with void pixels,
-    metadata.geojson with folds 1-5 (40 patches: 24 train, 8 val, 8 test with the default folds) and date
-    dicts; one S2 date per patch is all no-data (a cloud-masked acquisition), so date dropping is exercised.
+    metadata.geojson (EPSG:2154, one 10 m footprint per patch) with folds 1-5 (40 patches: 24 train, 8 val,
+    8 test with the default folds) and date dicts; one S2 date per patch is all no-data (a cloud-masked
+    acquisition), so date dropping is exercised.
     Four crops in large parcels differ in their spectral signature and NDVI-like time profile, so a small
     model learns them within a few epochs."""
     out = Path(out)
@@ -61,7 +62,12 @@ def write_fake(out: str | Path, num_patches: int = 40, size: int = 32, s2_times:
             np.save(out / f"DATA_{sensor}" / f"{sensor}_{pid}.npy", arr)
             props[f"dates-{sensor}"] = {str(k): int((base + dt.timedelta(days=int(d))).strftime("%Y%m%d"))
                                         for k, d in enumerate(days)}
-        feats.append({"type": "Feature", "properties": props,
-                      "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]]}})
-    (out / "metadata.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+        # the patch footprint as PASTIS-R gives it: a square of 10 m pixels in Lambert-93, patches side by side
+        west, north = 600_000 + (i % 8) * size * 10, 6_800_000 - (i // 8) * size * 10
+        east, south = west + size * 10, north - size * 10
+        feats.append({"type": "Feature", "properties": props, "geometry": {"type": "Polygon", "coordinates": [
+            [[west, north], [east, north], [east, south], [west, south], [west, north]]]}})
+    (out / "metadata.geojson").write_text(json.dumps({
+        "type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::2154"}},
+        "features": feats}))
     return out

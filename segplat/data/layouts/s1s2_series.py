@@ -15,7 +15,10 @@ length, and longer series are subsampled evenly (logged) rather than refused. `b
 sensor by name or 1-based index.
 
 Grids: the .npy stacks carry no georeferencing; S2, S1 and the label of a patch are paired only when
-their frames have the label's size (PASTIS-R resamples S1 onto the S2 grid), otherwise refused.
+their frames have the label's size (PASTIS-R resamples S1 onto the S2 grid), otherwise refused. A patch's CRS and
+transform come from its footprint in metadata.geojson (the file's `crs` member and the polygon's bounds over the
+label's size); a file without a CRS, or a footprint that is not an axis-aligned rectangle, leaves the patch
+without georeference (counted in the store's notes), never with an invented one.
 """
 
 from __future__ import annotations
@@ -65,6 +68,42 @@ def _is_nodata(frame: np.ndarray, nodata: float | None) -> np.ndarray:
     return bad
 
 
+
+def geojson_crs(doc: Mapping[str, Any], path: Path) -> str | None:
+    """The CRS a GeoJSON file names in its (2008-spec) `crs` member, e.g. PASTIS-R's urn:ogc:def:crs:EPSG::2154, as
+    an authority string; None when it names none (RFC 7946's implied lon/lat cannot place a metric patch)."""
+    member = doc.get("crs")
+    if not member:
+        return None
+    name = (member.get("properties") or {}).get("name") if isinstance(member, Mapping) else None
+    if not name:
+        raise DataError(f"{path}: its crs member {member!r} has no properties.name; fix metadata.geojson.")
+    from rasterio.crs import CRS
+    from rasterio.errors import CRSError
+
+    try:
+        crs = CRS.from_user_input(str(name))
+    except CRSError as err:
+        raise DataError(f"{path}: CRS {name!r} is not known to PROJ; fix metadata.geojson.") from err
+    return crs.to_string()
+
+
+def rectangle_bounds(geometry: Mapping[str, Any] | None) -> tuple[float, float, float, float] | None:
+    """(west, south, east, north) of a Polygon footprint that is an axis-aligned rectangle, else None."""
+    if not isinstance(geometry, Mapping) or geometry.get("type") != "Polygon" or not geometry.get("coordinates"):
+        return None
+    points = np.asarray(geometry["coordinates"][0], dtype=np.float64)
+    if points.ndim != 2 or points.shape[0] < 4:
+        return None
+    west, south = points[:, 0].min(), points[:, 1].min()
+    east, north = points[:, 0].max(), points[:, 1].max()
+    tol = 1e-6 * max(east - west, north - south)
+    on_edge = (np.minimum(abs(points[:, 0] - west), abs(points[:, 0] - east)) <= tol) & \
+              (np.minimum(abs(points[:, 1] - south), abs(points[:, 1] - north)) <= tol)
+    if east - west <= 0 or north - south <= 0 or not on_edge.all():
+        return None
+    return float(west), float(south), float(east), float(north)
+
 class S1S2SeriesLayout(Layout):
     """PASTIS-R-style reader; modalities `s2` and `s1`, both temporal."""
 
@@ -111,8 +150,11 @@ class S1S2SeriesLayout(Layout):
         self.nodata: dict[str, float | None] = {k: (None if v is None else float(v)) for k, v in nd.items()}
         self.drop_nodata_dates = bool(drop_nodata_dates)
         self._meta: dict[str, dict[str, Any]] | None = None
+        self._bounds: dict[str, tuple[float, float, float, float] | None] = {}
+        self.crs: str | None = None
         self.dropped_dates = 0
         self.subsampled = 0
+        self.not_georeferenced = 0
 
     @property
     def notes(self) -> list[str]:
@@ -122,6 +164,9 @@ class S1S2SeriesLayout(Layout):
             out.append(f"{self.dropped_dates} all-no-data date(s) dropped")
         if self.subsampled:
             out.append(f"{self.subsampled} series longer than max_time subsampled evenly")
+        if self.not_georeferenced:
+            why = "metadata.geojson names no CRS" if self.crs is None else "footprints not axis-aligned rectangles"
+            out.append(f"{self.not_georeferenced} patch(es) without georeference ({why})")
         return out
 
     # -- metadata -------------------------------------------------------------------------------
@@ -145,13 +190,26 @@ class S1S2SeriesLayout(Layout):
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
             raise DataError(f"{path}: not a GeoJSON FeatureCollection ({err}); re-download it.") from err
         meta = {}
+        self.crs = geojson_crs(doc, path)
         for k, feat in enumerate(feats):
             props = feat.get("properties") or {}
             if "ID_PATCH" not in props or "Fold" not in props:
                 raise DataError(f"{path}: feature {k} lacks ID_PATCH or Fold; the file is not PASTIS-R metadata.")
             meta[str(props["ID_PATCH"])] = props
+            self._bounds[str(props["ID_PATCH"])] = rectangle_bounds(feat.get("geometry"))
         self._meta = meta
         return meta
+
+    def georeference(self, patch: str, height: int, width: int) -> tuple[str | None, tuple[float, ...] | None]:
+        """(CRS, affine transform) of a patch from its footprint in metadata.geojson (PASTIS-R: EPSG:2154, 128 px
+        of 10 m); (None, None), counted in the store's notes, when the file names no CRS or the footprint is not
+        an axis-aligned rectangle, so that nothing downstream invents a location."""
+        bounds = self._bounds.get(patch)
+        if self.crs is None or bounds is None:
+            self.not_georeferenced += 1
+            return None, None
+        west, south, east, north = bounds
+        return self.crs, ((east - west) / width, 0.0, west, 0.0, -(north - south) / height, north)
 
     def _dates(self, props: Mapping[str, Any], sensor: str, where: str) -> list[dt.date]:
         key = "dates-S2" if sensor == "s2" else f"dates-{self.s1_orbit}"
@@ -187,7 +245,7 @@ class S1S2SeriesLayout(Layout):
         return {**super().fingerprint_params(), "folds": self.folds, "s1_orbit": self.s1_orbit,
                 "sensors": self.sensors, "max_time": {s: self.max_time(s) for s in self.sensors},
                 "reference": self.reference.isoformat(), "nodata": {k: str(v) for k, v in self.nodata.items()},
-                "drop": self.drop_nodata_dates, "bands": self.bands, "version": 2}
+                "drop": self.drop_nodata_dates, "bands": self.bands, "version": 3}  # 3: georeference
 
     # -- scan / read ----------------------------------------------------------------------------
     def scan(self) -> dict[str, list[SampleRef]]:
@@ -279,4 +337,6 @@ class S1S2SeriesLayout(Layout):
                 stack, offsets = stack[pick], offsets[pick]
             arrays[sensor] = np.ascontiguousarray(stack.astype(spec.dtype, copy=False))
             dates[sensor] = offsets.astype(np.int32)
-        return Sample(arrays=arrays, label=label, source=ref.files["label"], dates=dates)
+        crs, transform = self.georeference(ref.id, *label.shape)
+        return Sample(arrays=arrays, label=label, source=ref.files["label"], dates=dates, crs=crs,
+                      transform=transform)
