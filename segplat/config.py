@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
@@ -45,11 +44,10 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.callbacks.get("mode") not in ("max", "min"):
         raise ConfigError(f"callbacks.mode={cfg.callbacks.get('mode')} must be max or min.")
     if "trainer" in cfg:
-        from segplat.engine.acceleration import check_acceleration
+        from segplat.engine.acceleration import check_acceleration, run_device
 
-        cpu = bool(cfg.trainer.get("cpu", False)) or not torch.cuda.is_available()
         check_acceleration(cfg.trainer.get("compile", False), cfg.trainer.get("channels_last", False),
-                           "cpu" if cpu else "cuda")
+                           run_device(bool(cfg.trainer.get("cpu", False))))
     check_model_fusion(cfg)
 
 

@@ -15,7 +15,6 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from segplat.config import check_config, register_resolvers
-from segplat.data.datamodule import DataInfo
 from segplat.engine.checkpoint import RunFacts
 from segplat.engine.loggers import Tracker
 from segplat.errors import ConfigError, DataError
@@ -49,10 +48,6 @@ def build_loggers(cfg: DictConfig) -> list[Tracker]:
     return trackers
 
 
-def band_names(info: DataInfo) -> dict[str, list[str]]:
-    return {m: [str(b) for b in s.bands] for m, s in info.specs.items()}
-
-
 def train(cfg: DictConfig) -> float:
     check_config(cfg)
     run_dir = run_dir_of(cfg)
@@ -65,12 +60,11 @@ def train(cfg: DictConfig) -> float:
     # the model is built from the layout's description first, so that a model refusing the data (a GFM encoder
     # that cannot map the bands, a stream count its fusion does not take) stops before a store is prepared
     expected = datamodule.describe()
-    model = build_model(cfg.model, expected.modalities, expected.num_classes, band_names(expected))
+    model = build_model(cfg.model, expected.modalities, expected.num_classes, expected.bands)
     info = datamodule.setup(acc)
-    if (info.modalities, band_names(info), info.classes) != (expected.modalities, band_names(expected),
-                                                            expected.classes):
-        raise DataError(f"the store {datamodule.store_path} holds {band_names(info)} and classes {info.classes}, "
-                        f"but the {datamodule.name} layout describes {band_names(expected)} and "
+    if (list(info.bands.items()), info.classes) != (list(expected.bands.items()), expected.classes):  # in order
+        raise DataError(f"the store {datamodule.store_path} holds {info.bands} and classes {info.classes}, "
+                        f"but the {datamodule.name} layout describes {expected.bands} and "
                         f"{expected.classes}; prepare it again (python -m segplat.prepare ... force=true).")
     model_cls = get_class(cfg.model._target_)
     loss = instantiate(cfg.loss)

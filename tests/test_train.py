@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from segplat.engine.checkpoint import load_checkpoint
-from segplat.errors import CheckpointError, ConfigError
+from segplat.errors import CheckpointError, ConfigError, DataError
 from segplat.train import train
 from tests.conftest import TINY, compose_train
 
@@ -259,3 +259,25 @@ def test_wandb_runs_offline_and_resume_keeps_its_run(tmp_path: Path) -> None:
     assert first and list((run / "wandb").glob(f"offline-run-*-{first}"))
     train(compose_train([*wandb_on, "trainer.max_epochs=2", "trainer.resume=auto"], output_dir=run))
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["loggers"]["wandb"]["run_id"] == first
+
+
+def test_a_store_that_disagrees_with_its_layout_is_refused_before_training(tmp_path: Path, monkeypatch) -> None:
+    """The model is built from the layout's description; a store whose modalities come in another order (or with
+    other bands or classes) is refused in one sentence instead of feeding the model the wrong streams."""
+    from segplat.data.datamodule import DataModule
+
+    describe = DataModule.describe
+
+    def reordered(self):
+        info = describe(self)
+        info.specs = dict(reversed(list(info.specs.items())))
+        info.modalities = {m: len(s.bands) for m, s in info.specs.items()}
+        return info
+
+    monkeypatch.setattr(DataModule, "describe", reordered)
+    out = tmp_path / "run"
+    refusal = r"the store .* holds .* but the synthetic layout describes .*force=true"
+    with pytest.raises(DataError, match=refusal) as err:
+        train(compose_train([*TINY, "trainer.max_epochs=1", "fusion=mid"], output_dir=out))
+    assert "\n" not in str(err.value)
+    assert not (out / "checkpoints").exists()

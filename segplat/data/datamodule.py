@@ -61,6 +61,11 @@ class DataInfo:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def bands(self) -> dict[str, list[str]]:
+        """Band names per modality, in channel order (what GFM encoders map onto their pretrained bands)."""
+        return {m: [str(b) for b in s.bands] for m, s in self.specs.items()}
+
 
 class ShardSampler(Sampler[int]):
     """Each rank's share of the indices. Training: a fresh permutation per epoch (seed + epoch), padded

@@ -55,6 +55,11 @@ def compile_unavailable_reason(device: torch.device | str | None = None) -> str 
     return None  # other backends (mps, xpu): let torch decide at the first step
 
 
+def run_device(cpu: bool) -> str:
+    """The device type a training run will use: CUDA when this machine has it, unless `trainer.cpu=true`."""
+    return "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+
+
 def check_acceleration(compile: Any, channels_last: Any, device: torch.device | str | None = None,
                        compile_options: Mapping[str, Any] | None = None) -> None:
     """Refuse impossible `trainer.compile` / `trainer.channels_last` values; cheap, so the trainer can call it in its

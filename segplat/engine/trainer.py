@@ -27,7 +27,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from segplat.engine.acceleration import check_acceleration, prepare_inputs, prepare_model
+from segplat.engine.acceleration import check_acceleration, prepare_inputs, prepare_model, run_device
 from segplat.engine.callbacks import Callback, improved
 from segplat.engine.checkpoint import (
     BEST,
@@ -111,7 +111,7 @@ class Trainer:
         if gradient_clip_val is not None and gradient_clip_val < 0:
             raise ConfigError(f"trainer.gradient_clip_val={gradient_clip_val} must be >= 0 or null.")
         resolve_sync_batchnorm(sync_batchnorm, 1, False)  # the value itself, before anything starts
-        check_acceleration(compile, channels_last, "cuda" if torch.cuda.is_available() and not cpu else "cpu")
+        check_acceleration(compile, channels_last, run_device(cpu))
         self.compile, self.channels_last = bool(compile), bool(channels_last)
         self.max_epochs = max_epochs
         self.mixed_precision = resolve_mixed_precision(mixed_precision, cpu)
