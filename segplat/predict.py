@@ -263,6 +263,19 @@ def open_input(path: str | Path) -> Iterator[Any]:
         yield src
 
 
+def read_class_raster(path: Path, out_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Band 1 of a class raster this module wrote; one without georeference (its input had none, as the
+    clouds PNGs) is read without GDAL's warning, which the scene's log line already says once."""
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path) as src:
+            return src.read(1, out_shape=out_shape, resampling=Resampling.nearest)
+
+
 class RasterSource:
     """One modality of a scene, read window by window from its file (on its own grid)."""
 
@@ -507,13 +520,9 @@ class SceneWriter:
         """`_colour.png` (the palette, nodata transparent; from the class COG's overviews) and `_overlay.png` (over
         the primary modality as sampled during the stream), at most `output.preview_size` pixels on their long
         side, each with a class legend."""
-        import rasterio
-        from rasterio.enums import Resampling
-
         files, loaded, sampler = self.files, self.loaded, self.preview
         h, w = sampler.height, sampler.width
-        with rasterio.open(files.partial(files.classes.name)) as src:
-            classes = src.read(1, out_shape=(h, w), resampling=Resampling.nearest)
+        classes = read_class_raster(files.partial(files.classes.name), out_shape=(h, w))
         rgb = colourise(classes, loaded.palette, NODATA_CLASS)
         data = classes != NODATA_CLASS
         colour = np.dstack([rgb, np.where(data, 255, 0).astype(np.uint8)])
@@ -696,6 +705,7 @@ def predict_scenes(cfg: DictConfig, loaded: LoadedModel, predictor: SlidingWindo
                     height, width = predictor.check_shapes({m: s.shape for m, s in opened.sources.items()},
                                                            opened.names)
                     windows = predictor.grid(height, width).num_windows
+                    georeferenced = opened.crs is not None
                     writer = SceneWriter(files, height, width, opened.crs, opened.transform, loaded, cfg.output)
                     for band in predictor.stream(opened.sources, opened.nodata, desc=scene.stem, names=opened.names,
                                                  observe=writer.preview):
@@ -709,8 +719,9 @@ def predict_scenes(cfg: DictConfig, loaded: LoadedModel, predictor: SlidingWindo
             seconds = time.perf_counter() - t0
             tally.predicted.append(scene.stem)
             tally.windows += windows
-            log.info("%s: %dx%d px, %d windows in %.1f s (%.1f windows/s)", scene.stem, width, height, windows,
-                     seconds, windows / max(seconds, 1e-9))
+            log.info("%s: %dx%d px, %d windows in %.1f s (%.1f windows/s)%s", scene.stem, width, height, windows,
+                     seconds, windows / max(seconds, 1e-9),
+                     "" if georeferenced else "; the input has no georeference, so neither have its outputs")
             bar.update(1)
             bar.set_postfix(windows=tally.windows)
     tally.seconds = time.perf_counter() - started
@@ -719,14 +730,11 @@ def predict_scenes(cfg: DictConfig, loaded: LoadedModel, predictor: SlidingWindo
 
 def write_submission_csv(cfg: DictConfig, scenes: Sequence[Scene], out_dir: Path) -> Path:
     """submission.csv from the class rasters on disk, so scenes of every process and of earlier runs count."""
-    import rasterio
-
     from segplat.submission import write_submission
 
     def rows() -> Iterator[tuple[str, np.ndarray]]:
         for scene in scenes:
-            with rasterio.open(out_dir / f"{scene.stem}_classes.tif") as src:
-                classes = src.read(1)
+            classes = read_class_raster(out_dir / f"{scene.stem}_classes.tif")
             yield scene.name, np.where(classes == NODATA_CLASS, 0, classes)
 
     return write_submission(rows(), out_dir / "submission.csv", per_class=cfg.submission == "clouds_per_class")

@@ -3,12 +3,15 @@ the clouds submission written through the same path), and the one-sentence refus
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
 from omegaconf import OmegaConf
+from rasterio.errors import NotGeoreferencedWarning
 
 from segplat.data.fake import write_fake
 from segplat.data.layouts.clouds import MODALITIES as CLOUDS_MODALITIES
@@ -85,20 +88,28 @@ def test_a_folder_of_rasters_for_a_single_modality_model(tmp_path: Path):
     assert stems(str(listing), loaded) == ["s2_rgb"]
 
 
-def test_clouds_layout_folder_and_submission_go_through_the_same_path(tmp_path: Path):
+def test_clouds_layout_folder_and_submission_go_through_the_same_path(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture):
     root = write_fake("clouds", tmp_path / "clouds", num_train=2, num_test=3)
     layout = {"name": "clouds", "layout": {"_target_": "segplat.data.layouts.clouds.CloudsLayout"}}
     ckpt = write_checkpoint(tmp_path / "clouds.ckpt", dict(CLOUDS_MODALITIES), classes=CLOUDS_CLASSES,
                             palette=PALETTE, dataset=layout, patch_size=32)
     out = tmp_path / "out"
-    predict(compose_predict([f"ckpt={ckpt}", f"input={root}", "split=test", "submission=clouds", "progress=false"],
-                            out))
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="segplat"):
+        warnings.simplefilter("always")
+        predict(compose_predict([f"ckpt={ckpt}", f"input={root}", "split=test", "submission=clouds",
+                                 "progress=false"], out))
+    # PNG scenes have no georeference: said once per scene in its log line, not as one GDAL warning per file read
+    assert not [w for w in caught if issubclass(w.category, NotGeoreferencedWarning)]
+    assert sum("has no georeference" in r.getMessage() for r in caplog.records) == 3
     table = read_submission(out / "submission.csv")
     assert list(table) == ["test_0000.png", "test_0001.png", "test_0002.png"]
     for name, encoded in table.items():
-        with rasterio.open(out / f"{name[:-4]}_classes.tif") as src:
-            classes = src.read(1)
-            assert src.crs is None and src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(out / f"{name[:-4]}_classes.tif") as src:
+                classes = src.read(1)
+                assert src.crs is None and src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
         assert np.array_equal(decode_colour_prediction(encoded, *classes.shape), classes)
         assert (out / f"{name[:-4]}_overlay.png").is_file()
     per_class = tmp_path / "per_class"
