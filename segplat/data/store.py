@@ -755,19 +755,11 @@ def verify_store(store: PatchStore, deep: bool = True, limit: int = 10) -> list[
 
     for split in store.splits:
         group = store.split(split)
-        n = group["label"].shape[0]
         names = [name for name in group.array_keys() if name != "done"]
-        for name in [*store.modalities, "valid"]:
-            if name not in names or group[name].shape[0] != n:
-                problems.append(f"{split}/{name} is missing or does not have {n} tiles")
-        done = np.asarray(group["done"][:])
-        if not done.all():
-            problems.append(f"{split}: {int((~done).sum())} samples were never written")
         meta = store.tiles_meta(split)
-        if len(meta) != n:
-            problems.append(f"{split}: the tile table does not match the {n} tiles")
-        if problems:
-            return problems[:limit]
+        structure = _split_structure_problems(store, split, group, names, len(meta))
+        if structure:  # chunks of a split whose arrays or tile table are wrong are not worth reading
+            return (problems + structure)[:limit]
         written = [i for i, m in enumerate(meta) if m is not None]
         for name in names:
             reader = crop_reader(group[name], store.object_source(cache=False), uri, verify=True)
@@ -785,6 +777,20 @@ def verify_store(store: PatchStore, deep: bool = True, limit: int = 10) -> list[
                     problems.append(problem)
                     if len(problems) >= limit:
                         return problems
+    return problems
+
+
+def _split_structure_problems(store: PatchStore, split: str, group: Any, names: list[str], num_tiles: int
+                              ) -> list[str]:
+    """What a split lacks before any chunk is read: every array with every tile of the tile table, every sample
+    written."""
+    problems = [f"{split}/{name} is missing or does not have {num_tiles} tiles"
+                for name in [*store.modalities, "label", "valid"]
+                if name not in names or group[name].shape[0] != num_tiles]
+    if "done" not in group.array_keys():
+        problems.append(f"{split}/done (which samples were written) is missing")
+    elif not (done := np.asarray(group["done"][:])).all():
+        problems.append(f"{split}: {int((~done).sum())} samples were never written")
     return problems
 
 

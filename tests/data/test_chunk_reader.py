@@ -5,6 +5,7 @@ naming the store, array and tile; unknown layouts fall back to zarr."""
 from __future__ import annotations
 
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +224,17 @@ def test_label_values_out_of_range_stop_with_the_tile(tmp_path: Path) -> None:
         [ds[i] for i in range(len(ds))]
     problems = verify_store(PatchStore(path), deep=True)
     assert len(problems) == 1 and "train/label tile 2 holds the value 9" in problems[0]
+
+
+def test_a_store_with_unwritten_samples_is_named_before_its_chunks_are_read(tmp_path: Path) -> None:
+    path = prepare_store(_TinyLayout(str(tmp_path)), tmp_path / "s.zarr", 32, "none", progress=False)
+    done = zarr.open_array(str(path / "train" / "done"), mode="r+")
+    flags = np.asarray(done[:]).copy()
+    flags[1] = False  # a preparer killed before its last sample, with the marker written by hand
+    done[:] = flags
+    shutil.rmtree(path / "train" / "label")  # and an array gone: no chunk of this split is read
+    problems = verify_store(PatchStore(path), deep=True)
+    assert problems == ["train/label is missing or does not have 8 tiles", "train: 1 samples were never written"]
 
 
 def _check_same(a: dict, b: dict) -> None:
