@@ -91,7 +91,6 @@ def inspect_store(store_path: str | Path, out: str | Path, split: str = "train",
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from segplat.data.store import PatchStore
 
@@ -99,17 +98,41 @@ def inspect_store(store_path: str | Path, out: str | Path, split: str = "train",
     group = store.split(split)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    specs, stats = store.modalities, store.stats
     tiles = [i for i, m in enumerate(store.tiles_meta(split)) if m is not None]
     if not tiles:
         raise ConfigError(f"split={split} of {store.path} holds no tiles; choose one of {store.splits}.")
     rng = np.random.default_rng(seed)
     pick = sorted(rng.choice(tiles, size=min(num, len(tiles)), replace=False).tolist())
-    classes, ignore = store.classes, store.ignore_index
     palette = np.array(store.palette, dtype=np.float64)
-    files: list[str] = []
+    freq = _plot_class_frequencies(store, group, split, tiles, palette, out / "class_frequencies.png")
+    files = ["class_frequencies.png"]
+    summary: dict[str, Any] = {"store": str(store.path), "split": split, "tiles": len(tiles), "patches": pick,
+                               "class_pixels": freq, "modalities": {}}
+    for name, spec in store.modalities.items():
+        data = [np.asarray(group[name][i]) for i in pick]
+        masks = [_valid_on(group, i, d.shape[-2:]) for i, d in zip(pick, data)]
+        dates = [np.asarray(group[f"{name}_dates"][i]) for i in pick] if spec.temporal else None
+        if dates is not None:  # padded dates are not data either
+            masks = [m[None] & (d >= 0)[:, None, None] for m, d in zip(masks, dates)]
+        mod_summary: dict[str, Any] = {"shape": list(group[name].shape)}
+        mod_summary["bands"] = _plot_histograms(name, spec, data, masks, out / f"histograms_{name}.png")
+        _plot_patch_grid(name, spec, store, group, pick, data, dates, palette, out / f"patches_{name}.png")
+        files += [f"histograms_{name}.png", f"patches_{name}.png"]
+        if dates is not None:
+            mod_summary["dates_per_tile"] = _plot_series(name, spec, data, masks, dates, out / f"series_{name}.png")
+            files.append(f"series_{name}.png")
+        summary["modalities"][name] = mod_summary
+    summary["files"] = files
+    atomic_write_json(out / "summary.json", summary)
+    return summary
 
-    # class frequencies over the whole split (labels are small: one uint8 per pixel)
+
+def _plot_class_frequencies(store: Any, group: Any, split: str, tiles: list[int], palette: np.ndarray,
+                            path: Path) -> dict[str, int]:
+    """Pixels per class over the whole split (labels are small: one uint8 per pixel), plotted as fractions."""
+    import matplotlib.pyplot as plt
+
+    classes, ignore = store.classes, store.ignore_index
     counts = np.zeros(256, np.int64)
     for i in tiles:
         counts += np.bincount(np.asarray(group["label"][i]).ravel(), minlength=256)
@@ -123,92 +146,90 @@ def inspect_store(store_path: str | Path, out: str | Path, split: str = "train",
     ax.set_ylabel("pixel fraction (valid)")
     ax.set_title(f"{store.meta['dataset']} {split}: class frequencies")
     fig.tight_layout()
-    fig.savefig(out / "class_frequencies.png", dpi=80)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
-    files.append("class_frequencies.png")
+    return freq
 
-    summary: dict[str, Any] = {"store": str(store.path), "split": split, "tiles": len(tiles), "patches": pick,
-                               "class_pixels": freq, "modalities": {}}
-    for name, spec in specs.items():
-        nb = len(spec.bands)
-        # histograms over the valid pixels of the picked tiles
-        cols = min(nb, 4)
-        rows = math.ceil(nb / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.2 * rows), squeeze=False)
-        band_summary = {}
-        data = [np.asarray(group[name][i]) for i in pick]
-        masks = [_valid_on(group, i, d.shape[-2:]) for i, d in zip(pick, data)]
-        if spec.temporal:  # padded dates are not data either
-            masks = [m[None] & (np.asarray(group[f"{name}_dates"][i]) >= 0)[:, None, None] for i, m in zip(pick, masks)]
-        for b, band in enumerate(spec.bands):
-            vals = np.concatenate([_valid_values(d[..., b, :, :], spec.nodata, m) for d, m in zip(data, masks)])
-            ax = axes[b // cols][b % cols]
-            if vals.size:
-                ax.hist(vals, bins=64, color="steelblue")
-                band_summary[band] = {"min": float(vals.min()), "max": float(vals.max()), "mean": float(vals.mean()),
-                                      "valid": int(vals.size)}
-            else:
-                band_summary[band] = {"valid": 0}
-            ax.set_title(band, fontsize=8)
-            ax.tick_params(labelsize=6)
-        for k in range(nb, rows * cols):
-            axes[k // cols][k % cols].axis("off")
-        fig.suptitle(f"{name}: per-band histograms (valid pixels, {len(pick)} tiles)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out / f"histograms_{name}.png", dpi=70)
-        plt.close(fig)
-        files.append(f"histograms_{name}.png")
 
-        # patch grid with the label overlaid
-        n = len(pick)
-        fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
-        for j, (i, d) in enumerate(zip(pick, data)):
-            frame = d
-            if spec.temporal:
-                dates = np.asarray(group[f"{name}_dates"][i])
-                real = np.nonzero(dates >= 0)[0]
-                t = int(real[len(real) // 2]) if len(real) else 0
-                frame = d[t]
-            label = np.asarray(group["label"][i])
-            img = _display(frame, stats[name], spec.nodata)
-            extent = (0, label.shape[1], label.shape[0], 0)  # coarse grids are shown on the label's extent
-            axes[0][j].imshow(img, cmap=None if img.ndim == 3 else "gray", extent=extent, interpolation="nearest")
-            axes[1][j].imshow(img, cmap=None if img.ndim == 3 else "gray", extent=extent, interpolation="nearest")
-            axes[1][j].imshow(_overlay(label, palette, ignore), extent=extent, interpolation="nearest")
-            axes[0][j].set_title(f"tile {i}", fontsize=7)
-            for a in (axes[0][j], axes[1][j]):
-                a.axis("off")
-        fig.suptitle(f"{name} ({', '.join(spec.bands[:3])}) and label", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out / f"patches_{name}.png", dpi=70)
-        plt.close(fig)
-        files.append(f"patches_{name}.png")
+def _plot_histograms(name: str, spec: Any, data: list[np.ndarray], masks: list[np.ndarray],
+                     path: Path) -> dict[str, dict[str, float | int]]:
+    """Per-band histograms over the valid pixels of the picked tiles; returns min/max/mean/count per band."""
+    import matplotlib.pyplot as plt
 
-        mod_summary: dict[str, Any] = {"bands": band_summary, "shape": list(group[name].shape)}
-        if spec.temporal:
-            fig, axes = plt.subplots(1, min(nb, 4), figsize=(3.2 * min(nb, 4), 2.6), squeeze=False)
-            lengths = []
-            for i, d, m in zip(pick, data, masks):
-                dates = np.asarray(group[f"{name}_dates"][i])
-                real = dates >= 0
-                lengths.append(int(real.sum()))
-                for b in range(min(nb, 4)):
-                    values = [_valid_values(d[t, b], spec.nodata, m[t]) for t in np.nonzero(real)[0]]
-                    axes[0][b].plot(dates[real], [v.mean() if v.size else np.nan for v in values], marker=".", lw=0.8)
-            for b in range(min(nb, 4)):
-                axes[0][b].set_title(spec.bands[b], fontsize=8)
-                axes[0][b].set_xlabel("day offset", fontsize=7)
-                axes[0][b].tick_params(labelsize=6)
-            fig.suptitle(f"{name}: band mean over valid pixels per date ({len(pick)} tiles)", fontsize=9)
-            fig.tight_layout()
-            fig.savefig(out / f"series_{name}.png", dpi=70)
-            plt.close(fig)
-            files.append(f"series_{name}.png")
-            mod_summary["dates_per_tile"] = lengths
-        summary["modalities"][name] = mod_summary
-    summary["files"] = files
-    atomic_write_json(out / "summary.json", summary)
-    return summary
+    nb = len(spec.bands)
+    cols = min(nb, 4)
+    rows = math.ceil(nb / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.2 * rows), squeeze=False)
+    band_summary: dict[str, dict[str, float | int]] = {}
+    for b, band in enumerate(spec.bands):
+        vals = np.concatenate([_valid_values(d[..., b, :, :], spec.nodata, m) for d, m in zip(data, masks)])
+        ax = axes[b // cols][b % cols]
+        if vals.size:
+            ax.hist(vals, bins=64, color="steelblue")
+            band_summary[band] = {"min": float(vals.min()), "max": float(vals.max()), "mean": float(vals.mean()),
+                                  "valid": int(vals.size)}
+        else:
+            band_summary[band] = {"valid": 0}
+        ax.set_title(band, fontsize=8)
+        ax.tick_params(labelsize=6)
+    for k in range(nb, rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    fig.suptitle(f"{name}: per-band histograms (valid pixels, {len(data)} tiles)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+    return band_summary
+
+
+def _plot_patch_grid(name: str, spec: Any, store: Any, group: Any, pick: list[int], data: list[np.ndarray],
+                     dates: list[np.ndarray] | None, palette: np.ndarray, path: Path) -> None:
+    """The picked tiles (a series at its middle real date) above the same with the label overlaid."""
+    import matplotlib.pyplot as plt
+
+    n = len(pick)
+    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
+    for j, (i, frame) in enumerate(zip(pick, data)):
+        if dates is not None:
+            real = np.nonzero(dates[j] >= 0)[0]
+            frame = frame[int(real[len(real) // 2]) if len(real) else 0]
+        label = np.asarray(group["label"][i])
+        img = _display(frame, store.stats[name], spec.nodata)
+        extent = (0, label.shape[1], label.shape[0], 0)  # coarse grids are shown on the label's extent
+        axes[0][j].imshow(img, cmap=None if img.ndim == 3 else "gray", extent=extent, interpolation="nearest")
+        axes[1][j].imshow(img, cmap=None if img.ndim == 3 else "gray", extent=extent, interpolation="nearest")
+        axes[1][j].imshow(_overlay(label, palette, store.ignore_index), extent=extent, interpolation="nearest")
+        axes[0][j].set_title(f"tile {i}", fontsize=7)
+        for a in (axes[0][j], axes[1][j]):
+            a.axis("off")
+    fig.suptitle(f"{name} ({', '.join(spec.bands[:3])}) and label", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+def _plot_series(name: str, spec: Any, data: list[np.ndarray], masks: list[np.ndarray], dates: list[np.ndarray],
+                 path: Path) -> list[int]:
+    """Band means over valid pixels per date, one line per picked tile; returns the real dates per tile."""
+    import matplotlib.pyplot as plt
+
+    nb = min(len(spec.bands), 4)
+    fig, axes = plt.subplots(1, nb, figsize=(3.2 * nb, 2.6), squeeze=False)
+    lengths = []
+    for d, m, when in zip(data, masks, dates):
+        real = when >= 0
+        lengths.append(int(real.sum()))
+        for b in range(nb):
+            values = [_valid_values(d[t, b], spec.nodata, m[t]) for t in np.nonzero(real)[0]]
+            axes[0][b].plot(when[real], [v.mean() if v.size else np.nan for v in values], marker=".", lw=0.8)
+    for b in range(nb):
+        axes[0][b].set_title(spec.bands[b], fontsize=8)
+        axes[0][b].set_xlabel("day offset", fontsize=7)
+        axes[0][b].tick_params(labelsize=6)
+    fig.suptitle(f"{name}: band mean over valid pixels per date ({len(data)} tiles)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+    return lengths
 
 
 def main(argv: Sequence[str] | None = None) -> int:
