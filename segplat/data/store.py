@@ -348,7 +348,9 @@ class StoreWriter:
         group.create_array("done", shape=(n_samples,), chunks=(n_samples,), dtype="bool", fill_value=False)
         group.attrs["tiles"] = [None] * n_tiles
 
-    def _write_split(self, root: zarr.Group, split: str, refs: list[SampleRef]) -> None:
+    def _scan_shapes(self, root: zarr.Group, split: str, refs: list[SampleRef]) -> list[list[int]]:
+        """Each sample's label shape, scanned once and kept in the store's attributes so a resumed prepare plans
+        the same tiles; an unreadable file skips its sample (shape 0 x 0), not the whole prepare."""
         shapes_path = f"{split}_shapes"
         shapes = root.attrs.get(shapes_path)
         if shapes is None:
@@ -356,11 +358,15 @@ class StoreWriter:
             for ref in tqdm(refs, desc=f"scan {split}", disable=not self.progress, leave=False):
                 try:
                     shapes.append(list(self._sample_shape(ref)))
-                except DataError as err:  # an unreadable file skips its sample, not the whole prepare
+                except DataError as err:
                     self.skipped.append(str(err))
                     log.warning("skipped: %s", err)
                     shapes.append([0, 0])
             root.attrs[shapes_path] = shapes
+        return list(shapes)
+
+    def _write_split(self, root: zarr.Group, split: str, refs: list[SampleRef]) -> None:
+        shapes = self._scan_shapes(root, split, refs)
         plans = self._plan(refs, [tuple(s) for s in shapes])
         n_tiles = plans[-1].start + len(plans[-1].windows)
         if n_tiles == 0:
