@@ -64,7 +64,7 @@ def test_pixels_masks_and_georeferencing_survive(gt_root: Path) -> None:
                 continue
             assert m["crs"] == crs.to_string() == "EPSG:32633"
             y, x, h, w = m["window"]
-            tile_transform = rasterio.Affine(*m["transform"]) * rasterio.Affine.translation(x, y)
+            tile_transform = rasterio.Affine(*m["transform"]) @ rasterio.Affine.translation(x, y)
             assert tile_transform.c == pytest.approx(transform.c + 10.0 * x)
             assert tile_transform.f == pytest.approx(transform.f - 10.0 * y)
             with rasterio.open(src.replace("/label/", "/optical/")) as r:
