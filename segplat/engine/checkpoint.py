@@ -324,6 +324,9 @@ def check_buildable(node: Any, where: str, source: str | Path, trusted: frozense
     if isinstance(node, dict):
         for key, value in node.items():
             path = f"{where}.{key}"
+            if isinstance(key, int) and not isinstance(key, bool):  # a value table ({90: 0}): never a Hydra key
+                check_buildable(value, path, source, trusted)
+                continue
             if not isinstance(key, str):
                 raise refuse(f"has a non-text key {key!r} under {where}")
             if key == "_target_":

@@ -105,6 +105,21 @@ def test_other_hydra_keys_and_interpolations_are_refused(clean_state, tmp_path):
         load_for_inference(ckpt)
 
 
+def test_value_tables_with_number_keys_are_data_not_refused(clean_state, tmp_path):
+    """airquality's `mask_values: {90: 0, 10: 1}` (and geotiff's value_map) reach the checkpoint with int keys:
+    a number is never a Hydra key, so the table is plain data and its keys stay numbers."""
+    table = {90: 0, 10: 1}
+    ckpt = crafted(clean_state, tmp_path, lambda cfg: cfg["dataset"].__setitem__(
+        "layout", {"_target_": "segplat.data.layouts.airquality.AirQualityLayout", "mask_values": table}))
+    cfg = inference_config(load_checkpoint(ckpt), ckpt)
+    assert dict(cfg.dataset.layout.mask_values) == table
+    load_for_inference(ckpt)
+    nested = {90: {"_target_": "builtins.open", "file": str(tmp_path / "victim"), "mode": "w"}}
+    ckpt = crafted(clean_state, tmp_path, lambda cfg: cfg["dataset"].__setitem__("layout", {"mask_values": nested}))
+    with pytest.raises(CheckpointError, match=r"names dataset.layout.mask_values.90._target_='builtins.open'"):
+        load_for_inference(ckpt)
+
+
 class WritesOnUnpickle:
     def __init__(self, victim: Path) -> None:
         self.victim = victim
