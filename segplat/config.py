@@ -7,8 +7,10 @@ sweeper calls it on each configuration a search space can draw, before the first
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
@@ -31,8 +33,69 @@ def register_resolvers() -> None:
     register_dist_resolvers()
 
 
+@functools.cache
+def flag_names() -> frozenset[str]:
+    """Key names that are true/false wherever the shipped configs set them (overwrite, force, flips, progress, ...).
+
+    A word given for one (`trainer.overwrite=no`) reaches Python as the text "no", which is true: the check
+    below refuses it instead of deleting a run folder."""
+    import yaml
+
+    flags: set[str] = set()
+    other: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(key, str) and not key.startswith("_"):
+                    if isinstance(value, bool):
+                        flags.add(key)
+                    elif value is not None and not isinstance(value, dict | list) and not str(value).startswith("${"):
+                        other.add(key)
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for file in CONF_DIR.rglob("*.yaml"):
+        walk(yaml.safe_load(file.read_text()))
+    return frozenset(flags - other)
+
+
+def _leaves(node: Any, where: str) -> Iterator[tuple[str, str, Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{where}.{key}" if where else str(key)
+            if isinstance(value, dict | list):
+                yield from _leaves(value, path)
+            else:
+                yield path, str(key), value
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _leaves(value, f"{where}[{i}]")
+
+
+REQUIRED_HINTS = {"ckpt": "a training run folder or a .ckpt file",
+                  "input": "a raster, a folder of rasters, a list file, or a dataset root with split="}
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Every task, before anything else: required keys given, and true/false keys given true or false."""
+    names = flag_names()
+    plain = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)  # "???" marks a missing value
+    for path, key, value in _leaves({k: v for k, v in plain.items() if k != "hydra"}, ""):
+        if value == "???":
+            hint = f" ({REQUIRED_HINTS[path]})" if path in REQUIRED_HINTS else ""
+            raise ConfigError(f"{path} is required: add {path}=...{hint} to the command.")
+        if key in names and value is not None and not isinstance(value, bool):
+            if isinstance(value, str) and value.startswith("${"):
+                continue  # an interpolation: its target is checked where it is set
+            raise ConfigError(f"{path}={value} must be true or false.")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Refuse, in one sentence naming the key, what would fail or be ignored later; reads no data."""
+    check_values(cfg)
     for key in ("dataset.batch_size", "dataset.patch_size", "trainer.max_epochs"):
         value = OmegaConf.select(cfg, key)
         if value is not None and (not isinstance(value, int) or value <= 0):

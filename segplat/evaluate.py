@@ -15,14 +15,15 @@ from typing import Any
 
 import hydra
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
+from segplat.config import check_values
 from segplat.errors import ConfigError
 from segplat.inference import forward_batch, load_for_inference
 from segplat.metrics import ConfusionMatrix, metrics_from_confusion
 from segplat.plots import plot_confusion
+from segplat.predict import choose_device
 from segplat.utils.io import atomic_write, atomic_write_json
 from segplat.utils.task import CONF_DIR, run_dir_of, task_wrapper, with_config_hints
 
@@ -39,9 +40,10 @@ def means_without(metrics: dict[str, Any], exclude: Sequence[str]) -> dict[str, 
 
 
 def evaluate(cfg: DictConfig) -> float:
+    check_values(cfg)
     if cfg.protocol not in ("standard", "isprs"):
         raise ConfigError(f"protocol={cfg.protocol} is not known; use standard or isprs.")
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = choose_device(cfg.device)
     loaded = load_for_inference(cfg.ckpt, device=device)
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if v is not None}
     # where stores are written comes from this machine's paths, never from the checkpoint

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 import warnings
@@ -48,6 +49,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from segplat.config import check_values
 from segplat.data.layouts.base import SampleRef
 from segplat.errors import ConfigError, DataError, SegplatError
 from segplat.inference import (
@@ -636,6 +638,7 @@ class Workers:
 # -- the task ----------------------------------------------------------------------------------------------
 def check_predict_config(cfg: DictConfig) -> None:
     """Every key this task reads, checked before the checkpoint is loaded."""
+    check_values(cfg)
     if cfg.probabilities is not None and cfg.probabilities not in PROBABILITY_FORMATS:
         shown = str(cfg.probabilities).lower() if isinstance(cfg.probabilities, bool) else cfg.probabilities
         raise ConfigError(f"probabilities={shown} is not a format; use uint8 (probability x "
@@ -654,8 +657,7 @@ def check_predict_config(cfg: DictConfig) -> None:
         raise ConfigError(f"gdal_cache_mb={cfg.gdal_cache_mb} must be a positive number of megabytes.")
     if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
         raise ConfigError(f"limit={cfg.limit} must be a positive number of scenes, or null for all.")
-    if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
-        raise ConfigError(f"device={cfg.device} is not known; use auto, cpu or cuda.")
+    choose_device(cfg.device)
 
 
 def check_submission_classes(cfg: DictConfig, loaded: LoadedModel) -> None:
@@ -668,12 +670,24 @@ def check_submission_classes(cfg: DictConfig, loaded: LoadedModel) -> None:
 
 
 def choose_device(name: str) -> str:
+    """`device=` as a torch device: auto is this process's GPU when there is one; a GPU asked for on a machine
+    without one (or an index past the last) is refused in one sentence instead of CUDA's driver error."""
     from segplat.utils.dist import local_rank
 
+    name = str(name)
+    if name not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+        raise ConfigError(f"device={name} is not known; use auto, cpu, cuda or cuda:N.")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank() % max(1, torch.cuda.device_count())}"
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device={name}: this machine has no CUDA GPU that torch can use; use device=cpu "
+                              "(or auto).")
+        if name == "cuda":
+            name = f"cuda:{local_rank() % count}"
+        elif int(name.split(":")[1]) >= count:
+            raise ConfigError(f"device={name}: this machine has {count} GPU(s) (cuda:0 to cuda:{count - 1}).")
     return name
 
 

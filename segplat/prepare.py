@@ -22,7 +22,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from segplat.config import register_resolvers
+from segplat.config import check_values, register_resolvers
 from segplat.data.store import COMPLETE_MARKER, PatchStore, is_complete, read_marker, verify_store
 from segplat.data.store_location import ObjectAccess, check_access
 from segplat.errors import ConfigError, DataError, SegplatError
@@ -46,6 +46,7 @@ def summarise(store: PatchStore) -> dict[str, Any]:
 
 def prepare(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     """Prepare or verify the store of `cfg.dataset`; returns its path (or URI) and a summary."""
+    check_values(cfg)
     verify = str(cfg.get("verify", "deep"))
     if verify not in ("deep", "quick"):
         raise ConfigError(f"verify={verify} is not known; use deep (every checksum and label value) or quick.")

@@ -125,3 +125,37 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path: Pat
         assert option in ("default", "none", "jsonl") or option.split("_")[0] in [t.name for t in trackers]
     elif group == "paths":
         assert cfg.paths.cache_dir
+
+
+@pytest.mark.parametrize(("override", "key"), [("trainer.overwrite=no", "trainer.overwrite"),
+                                               ("trainer.channels_last=yes", "trainer.channels_last"),
+                                               ("callbacks.checkpoint.save_best=1", "callbacks.checkpoint.save_best")])
+def test_a_word_for_a_true_false_key_is_refused(override: str, key: str) -> None:
+    """`trainer.overwrite=no` reaches Python as the text "no", which is true: it cleared the run folder."""
+    with pytest.raises(ConfigError, match=rf"^{key}=\S+ must be true or false\.$"):
+        check_config(compose_train([override]))
+    check_config(compose_train([f"{key}=false"]))
+
+
+def test_flag_names_come_from_the_shipped_configs() -> None:
+    from segplat.config import flag_names
+
+    names = flag_names()
+    assert {"overwrite", "force", "flips", "progress", "resample", "channels_last"} <= names
+    assert not names & {"name", "lr", "kind", "monitor", "root", "compile_options"}
+
+
+def test_a_missing_required_key_and_a_gpu_that_is_not_there_are_one_sentence(tmp_path: Path) -> None:
+    from segplat.predict import choose_device, predict
+    from tests.inference.test_predict_streaming import compose_predict
+
+    with pytest.raises(ConfigError, match=r"^ckpt is required: add ckpt=\.\.\. \(a training run folder"):
+        predict(compose_predict(["input=x.tif"], tmp_path))
+    with pytest.raises(ConfigError, match=r"^tta\.flips=no must be true or false"):
+        predict(compose_predict(["ckpt=x.ckpt", "input=x.tif", "tta.flips=no"], tmp_path))
+    with pytest.raises(ConfigError, match=r"device=gpu is not known"):
+        choose_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"device=cuda: this machine has no CUDA GPU"):
+            choose_device("cuda")
+    assert choose_device("cpu") == "cpu"

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from segplat.config import CONF_DIR
+from segplat.config import CONF_DIR, check_values
 from segplat.errors import SegplatError
 from segplat.utils.dist import is_main_process
 
@@ -53,6 +53,7 @@ def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
         if not is_main_process():
             logging.getLogger().setLevel(logging.WARNING)
         try:
+            check_values(cfg)  # required keys and true/false keys, for every task before its own checks
             result = fn(cfg)
         except Exception as err:
             user_error = user_error_in(err)
