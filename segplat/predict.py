@@ -66,6 +66,7 @@ from segplat.inference import (
     scene_size,
 )
 from segplat.utils.io import atomic_write, atomic_write_json, atomic_write_text
+from segplat.utils.plain import to_plain
 from segplat.utils.task import CONF_DIR, run_dir_of, task_wrapper, with_config_hints
 
 log = logging.getLogger("segplat")
@@ -758,7 +759,7 @@ def remove_if_no_results(out_dir: Path) -> None:
     """A run folder that holds only Hydra's files (config, log) after a failure is removed, not left empty."""
     if not out_dir.is_dir():
         return
-    hydra_only = {".hydra", PARTIAL, "predict.log"}
+    hydra_only = {".hydra", PARTIAL, "predict.log", SETTINGS_FILE}
     if all(p.name in hydra_only for p in out_dir.iterdir()) and not any((out_dir / PARTIAL).glob("*")):
         shutil.rmtree(out_dir, ignore_errors=True)
 
@@ -770,6 +771,37 @@ def predict(cfg: DictConfig) -> Path:
     except BaseException:
         remove_if_no_results(out_dir)
         raise
+
+
+SETTINGS_FILE = "prediction.json"
+
+
+def prediction_settings(cfg: DictConfig, loaded: LoadedModel, window: int) -> dict[str, Any]:
+    """What decides the bytes of a scene's outputs: the checkpoint file, the input and the predictor's settings
+    (not batch size, device, progress or limit)."""
+    ckpt = Path(loaded.checkpoint).resolve()
+    stat = ckpt.stat()
+    return {"checkpoint": str(ckpt), "checkpoint_bytes": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns,
+            "input": to_plain(cfg.input), "split": cfg.split, "window": window, "overlap": cfg.overlap,
+            "tta": to_plain(cfg.tta), "probabilities": cfg.probabilities, "output": to_plain(cfg.output)}
+
+
+def claim_run_folder(out_dir: Path, settings: dict[str, Any]) -> None:
+    """A run folder resumes only the prediction it holds: its complete scenes are skipped, so predicting into it
+    with another checkpoint, input or settings would keep the old outputs under the new summary."""
+    import json
+
+    path = out_dir / SETTINGS_FILE
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = [k for k in settings if before.get(k) != settings[k]]
+        if changed:
+            shown = "; ".join(f"{k}: {before.get(k)!r} now {settings[k]!r}" for k in changed[:3])
+            raise ConfigError(f"run folder {out_dir} holds predictions made with other settings ({shown}); its "
+                              "scenes would be kept as they are, so give a new run_name (or delete the folder).")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, settings)
 
 
 def run_prediction(cfg: DictConfig, out_dir: Path) -> Path:
@@ -789,6 +821,7 @@ def run_prediction(cfg: DictConfig, out_dir: Path) -> Path:
             return scenes[:cfg.limit] if cfg.limit is not None else scenes
 
         scenes = workers.share(listing)
+        workers.share(lambda: claim_run_folder(out_dir, prediction_settings(cfg, loaded, predictor.window)))
         layout = None
         if any(not s.files for s in scenes):
             layout = build_layout(loaded, Path(str(cfg.input)).expanduser())

@@ -3,6 +3,7 @@ the clouds submission written through the same path), and the one-sentence refus
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -145,3 +146,23 @@ def test_a_damaged_scene_is_named_and_leaves_no_work_files(checkpoint: Path, tmp
         predict(compose_predict([f"ckpt={checkpoint}", f"input={{rgb: '{damaged}', coarse: "
                                  f"'{root / 'coarse' / 'b.tif'}'}}", "window=64", "progress=false"], first))
     assert not first.exists()  # nothing but Hydra's files would be left: no run folder
+
+
+def test_a_run_folder_resumes_only_the_prediction_it_holds(checkpoint: Path, tmp_path: Path):
+    """Complete scenes are skipped on a re-run: with another checkpoint or settings the old outputs would stay
+    under a summary naming the new ones, so that is refused; the same command resumes."""
+    root = tmp_path / "scenes"
+    write_geotiffs(root, scene_arrays(70, 60), stem="a", by_folder=True)
+    out = tmp_path / "out"
+    base = [f"ckpt={checkpoint}", f"input={root}", "window=32", "progress=false"]
+    predict(compose_predict(base, out))
+    before = (out / "a_classes.tif").read_bytes()
+    predict(compose_predict(base, out))  # the same prediction: resumed, nothing to do
+    assert json.loads((out / "summary.json").read_text())["skipped_complete"] == 1
+    for change in ("tta.flips=true", "overlap=0.5", "window=64"):
+        with pytest.raises(ConfigError, match=rf"run folder {out} holds predictions made with other settings \("):
+            predict(compose_predict([*base, change], out))
+    other = write_checkpoint(tmp_path / "other.ckpt", SPECS, seed=3)
+    with pytest.raises(ConfigError, match=r"other settings \(checkpoint: "):
+        predict(compose_predict([f"ckpt={other}", *base[1:]], out))
+    assert (out / "a_classes.tif").read_bytes() == before

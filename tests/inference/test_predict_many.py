@@ -46,9 +46,9 @@ def run_predict(cmd: list[str], log_dir: Path) -> subprocess.CompletedProcess:
 
 
 def outputs(folder: Path) -> dict[str, bytes]:
-    """Every prediction output (not Hydra's files or the run's summary), by name."""
+    """Every prediction output (not Hydra's files, the run's summary or its settings), by name."""
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
-            if p.is_file() and p.name not in ("summary.json", "predict.log")}
+            if p.is_file() and p.name not in ("summary.json", "predict.log", "prediction.json")}
 
 
 def summary(folder: Path) -> dict:
