@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
+from segplat.errors import ConfigError
 from segplat.models.base import SegmentationModel
 
 
@@ -78,12 +79,6 @@ class Segmenter(SegmentationModel):
         first = self.encoders[next(iter(self.encoders))]
         channels, reductions = list(first.out_channels), list(first.reductions)
         n_stages = len(channels)
-        if self.level == "mid":
-            self.fused_stages = f.fused_stages(n_stages, "the encoder's pyramid")
-            self.fusion = nn.ModuleDict({
-                str(s): f.build([self.encoders[m].out_channels[s] for m in names], channels[s])
-                for s in self.fused_stages
-            })
         if self.level == "late":
             self.decoders = nn.ModuleDict({m: decoder(encoder_channels=self.encoders[m].out_channels,
                                                       reductions=self.encoders[m].reductions) for m in names})
@@ -92,7 +87,30 @@ class Segmenter(SegmentationModel):
         else:
             self.decoder = decoder(encoder_channels=channels, reductions=reductions)
             width = self.decoder.out_channels
+        if self.level == "mid":
+            self.fused_stages = self._stages_to_fuse(f, n_stages, first)
+            self.fusion = nn.ModuleDict({
+                str(s): f.build([self.encoders[m].out_channels[s] for m in names], channels[s])
+                for s in self.fused_stages
+            })
         self.head = SegmentationHead(width, num_classes, head_dropout)
+
+    def _stages_to_fuse(self, f: Any, n_stages: int, encoder: nn.Module) -> list[int]:
+        """The fused stages, every one of which is used: only levels the decoder reads (DeepLabV3+ reads two), and
+        with an encoder whose levels are made side by side (a GFM's neck) every level the decoder reads."""
+        stages = f.fused_stages(n_stages, "the encoder's pyramid")
+        read = sorted(getattr(self.decoder, "levels_read", range(n_stages)))
+        decoder_name = type(self.decoder).__name__
+        if f.stages is None:
+            stages = read
+        elif unread := [s for s in stages if s not in read]:
+            raise ConfigError(f"fusion.stages={list(f.stages)} fuses stage(s) {unread}, which {decoder_name} never "
+                              f"reads (it reads {read}); list stages among those, or null for all of them.")
+        if getattr(encoder, "parallel_levels", False) and sorted(stages) != read:
+            raise ConfigError(f"fusion.stages={list(f.stages)}: {type(encoder).__name__} makes its levels side by "
+                              f"side, so a second stream's level that is not fused is never used; fuse every level "
+                              f"{decoder_name} reads ({read}): fusion.stages=null.")
+        return stages
 
     @classmethod
     def fusion_stage_count(cls, config: Mapping[str, Any]) -> int | None:

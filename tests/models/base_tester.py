@@ -68,6 +68,9 @@ class ModelTester:
             loss.backward()
             grads = [p.grad for p in model.parameters() if p.requires_grad]
             assert any(g is not None and g.abs().sum() > 0 for g in grads), f"no gradient (fusion {fusion})"
+            # a parameter outside the graph never trains, and DDP stops on it (find_unused_parameters=False)
+            unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+            assert not unused, f"{len(unused)} parameters get no gradient (fusion {fusion}): {unused[:5]}"
 
     def test_eval_mode_output(self) -> None:
         model = self.build(self.modalities, self.num_classes, self.fusions[0]).eval()

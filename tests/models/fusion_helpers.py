@@ -103,6 +103,11 @@ def named_fusion(cfg: DictConfig, model: nn.Module, pyramid_depth: int) -> dict[
     stages = list(range(pyramid_depth)) if f["stages"] is None else sorted(set(f["stages"]))
     if f["level"] == "early":
         return {}
+    decoder = str(OmegaConf.select(cfg, "model.decoder._target_", default=""))
+    if f["level"] == "mid" and f["stages"] is None and decoder.endswith("DeepLabV3PlusDecoder"):
+        # it reads two levels (the low-level one and the last): only those are fused
+        reductions = list(next(iter(model.encoders.values())).reductions)
+        stages = [reductions.index(cfg.model.decoder.low_level_stride), pyramid_depth - 1]
     if isinstance(model, CMX):
         return {**{f"frm{s}": "FeatureRectifyModule" for s in stages},
                 **{f"ffm{s}": "FeatureFusionModule" for s in stages}}

@@ -88,13 +88,13 @@ def test_fusion_learns_away_from_identity():
 def test_mit_stream_is_fused_inside_the_encoder():
     """With MiT the stage-1 fused map feeds stage 2: perturbing only FiLM at stage 0 changes the deepest map."""
     torch.manual_seed(0)
-    model = small_model(fusion={"level": "mid", "type": "film_cross_attention", "stages": [0]}).eval()
-    assert model.interleave and list(model.fusion) == ["0"]
-    torch.nn.init.normal_(model.fusion["0"].beta.weight, std=0.5)
+    model = small_model(fusion={"level": "mid", "type": "film_cross_attention", "stages": [0, 3]}).eval()
+    assert model.interleave and list(model.fusion) == ["0", "3"]
     x = inputs(1)
     with torch.no_grad():
         a = model.encode(x["image"], x["air"])
-        b = model.encode(x["image"], torch.randn_like(x["air"]))
+        torch.nn.init.normal_(model.fusion["0"].beta.weight, std=0.5)
+        b = model.encode(x["image"], x["air"])
     assert not torch.allclose(a[3], b[3])
 
 

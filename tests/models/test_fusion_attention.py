@@ -29,7 +29,7 @@ class TestAttentionFusionSegmenter(ModelTester):
     modalities: ClassVar[dict[str, int]] = {"image": 4, "grid": 6}
     sizes: ClassVar[dict[str, tuple[int, int]]] = {"image": (32, 32), "grid": (8, 8)}
     size = 32
-    fusions = ({"level": "mid", "type": "attention"}, {"level": "mid", "type": "attention", "stages": [0, 3]})
+    fusions = ({"level": "mid", "type": "attention"}, {"level": "mid", "type": "attention", "stages": [0, 4]})
     other_channels = (2,)
     require_groups = ("encoder", "fusion", "decoder")
     param_range = (10_000_000, 13_000_000)  # two resnet10t streams (~4.9M each) + attention fusion + decoder

@@ -175,6 +175,33 @@ def test_random_fusion_keys_take_effect_or_are_refused(preset: str, tmp_path: Pa
             assert_refused(cfg, preset)
             outcomes.append("refused")
             continue
-        assert_built_as_named(cfg, build(cfg, preset))
+        try:
+            model = build(cfg, preset)
+        except Exception as err:  # what only the built model knows (the levels its decoder reads, a GFM's neck)
+            message = str(config_error(err))
+            assert message.startswith("fusion.stages=") and "never" in message, f"{err!r}"
+            outcomes.append("refused when built")
+            continue
+        assert_built_as_named(cfg, model)
         outcomes.append("built")
     assert outcomes  # (both outcomes occur across the presets; each draw is checked either way)
+
+
+@pytest.mark.parametrize("preset", ["unet", "cmx", "unet3d"])
+def test_a_stage_subset_that_leaves_a_stream_unused_is_refused_before_data(preset: str, tmp_path: Path) -> None:
+    """Mid fusion without the last stage: the second stream's deeper stages run for nothing, never train, and
+    stop DDP (find_unused_parameters=False) after the data is prepared."""
+    option = {"cmx": "frm_ffm"}.get(preset, "mid")
+    cfg = compose_train([*tiny_overrides(preset), f"fusion={option}", "fusion.stages=[0]"], tmp_path)
+    message = assert_refused(cfg, preset)
+    assert "never used" in message and "include the last stage" in message, message
+
+
+def test_deeplabv3plus_fuses_the_levels_its_decoder_reads(tmp_path: Path) -> None:
+    cfg = compose_train([*tiny_overrides("deeplabv3plus"), "fusion=mid"], tmp_path)
+    model = build(cfg, "deeplabv3plus")
+    assert sorted(model.fusion, key=int) == [str(s) for s in model.decoder.levels_read]
+    cfg = compose_train([*tiny_overrides("deeplabv3plus"), "fusion=mid", "fusion.stages=[0,4]"], tmp_path)
+    with pytest.raises(Exception) as err:
+        build(cfg, "deeplabv3plus")
+    assert "fuses stage(s) [0], which DeepLabV3PlusDecoder never reads" in str(config_error(err.value))

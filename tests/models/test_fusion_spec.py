@@ -134,7 +134,7 @@ def test_unet3d_fuses_only_the_listed_levels() -> None:
     with torch.no_grad():
         assert not torch.allclose(model(x)["out"], model(y)["out"], atol=1e-4)
     assert sorted(unet3d({"level": "mid"}, cross_attention=False).fusion) == ["0", "1", "2"]
-    assert sorted(unet3d({"level": "mid", "stages": [0, 1]}).fusion) == ["0", "1", "x1_s1", "x1_s2"]
+    assert sorted(unet3d({"level": "mid", "stages": [0, 2]}).fusion) == ["0", "2", "x2_s1", "x2_s2"]
 
 
 def test_unet3d_refuses_cross_attention_where_nothing_is_exchanged() -> None:

@@ -51,7 +51,7 @@ class GFMTester(ModelTester):
     modalities: ClassVar[dict[str, int]] = {"s2": 13, "s1": 2}
     size = 32
     num_classes = 3
-    fusions = ({"level": "early"}, {"level": "mid", "stages": [1, 3]})
+    fusions = ({"level": "early"}, {"level": "mid"})
     other_channels = (3,)
     require_groups = ("encoder", "decoder")
     encoder = None

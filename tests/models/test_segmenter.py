@@ -21,7 +21,7 @@ def build_segmenter(modalities, num_classes, fusion=None):
 
 
 class TestSegmenter(ModelTester):
-    fusions = ({"level": "early"}, {"level": "mid", "stages": [1, 3]}, {"level": "late"})
+    fusions = ({"level": "early"}, {"level": "mid", "stages": [1, 4]}, {"level": "late"})
     param_range = (4_000_000, 6_000_000)  # resnet10t (~4.9M) + a small decoder, early fusion
 
     def build(self, modalities, num_classes, fusion=None):

@@ -45,6 +45,8 @@ class DeepLabV3PlusDecoder(nn.Module):
             raise ConfigError(f"model.decoder.low_level_stride={low_level_stride} is not a level of the encoder "
                               f"pyramid (reductions {reductions}); choose one of {sorted(set(reductions[:-1]))}.")
         self.low_index = reductions.index(low_level_stride)
+        # the only pyramid levels it reads: a mid fusion elsewhere would build modules that never run
+        self.levels_read = (self.low_index, len(reductions) - 1)
         self.aspp = ASPP(encoder_channels[-1], width, rates, dropout=aspp_dropout, separable=separable)
         self.low_project = conv_bn_act(encoder_channels[self.low_index], low_level_channels, 1)
         self.fuse = nn.Sequential(conv_bn_act(width + low_level_channels, width, 3, separable=separable),

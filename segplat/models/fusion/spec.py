@@ -141,6 +141,14 @@ class FusionSpec:
         if bad:
             raise ConfigError(f"fusion.stages={list(self.stages)} names stage(s) {bad} outside 0..{num_stages - 1} "
                               f"of {pyramid}; list stages among those, or null for every stage.")
+        last = num_stages - 1
+        if self.level == "mid" and self.stages and last not in self.stages:
+            # the second stream runs every stage up to the deepest fused one; past it nothing reads its features
+            unused = f"{max(self.stages) + 1}..{last}" if max(self.stages) + 1 < last else str(last)
+            raise ConfigError(f"fusion.stages={list(self.stages)} leaves stage(s) {unused} of {pyramid} in the "
+                              f"second stream computed but never used (those weights never train, and DDP stops on "
+                              f"them); "
+                              f"include the last stage {last}, e.g. fusion.stages={sorted({*self.stages, last})}.")
         return list(self.stages)
 
 

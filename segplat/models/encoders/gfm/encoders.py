@@ -110,6 +110,9 @@ class GFMEncoder(nn.Module):
     family: ClassVar[str] = "GFM"
     #: submodules that start from random and train with the decoder (Segmenter.param_group reads this)
     head_modules: ClassVar[tuple[str, ...]] = ("neck",)
+    # the neck makes each level from the ViT's tokens side by side (not each from the one before), so a level of
+    # a second stream that is not fused is never used
+    parallel_levels: ClassVar[bool] = True
 
     @classmethod
     def pyramid_depth(cls, config: Mapping[str, Any]) -> int:
