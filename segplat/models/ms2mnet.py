@@ -362,7 +362,7 @@ class HFPDecoder(nn.Module):
     """The release's decoder; `forward(f1, f2, f3, f4)` -> (logits at stride 2, aux at 8, aux at 4)."""
 
     def __init__(self, encode_channels: Sequence[int], decode_channels: int, num_classes: int, dropout: float = 0.1,
-                 fc_ratio: int = 4, aux_channels: int = 256) -> None:
+                 fc_ratio: int = 4, aux_channels: int = 256, aux_heads: bool = True) -> None:
         super().__init__()
         c1, c2, c3, c4 = (int(c) for c in encode_channels)
         dec = int(decode_channels)
@@ -378,19 +378,21 @@ class HFPDecoder(nn.Module):
         self.Conv3 = conv_bn_act(dec, c1, 1, act=None)
         self.p1 = ASAFFusion(c1)
         self.seg_head = MAF(c1, fc_ratio, DILATIONS[3], dropout, num_classes)
-        self.aux_head3 = nn.Sequential(conv_bn_relu6(dec, aux_channels, 3), nn.Dropout2d(dropout),
-                                       nn.Conv2d(aux_channels, num_classes, 1))
-        self.aux_head2 = nn.Sequential(conv_bn_relu6(dec, aux_channels, 3), nn.Dropout2d(dropout),
-                                       nn.Conv2d(aux_channels, num_classes, 1))
+        self.aux_head3 = self.aux_head2 = None  # without aux heads none is built: unused weights stop DDP
+        if aux_heads:
+            self.aux_head3 = nn.Sequential(conv_bn_relu6(dec, aux_channels, 3), nn.Dropout2d(dropout),
+                                           nn.Conv2d(aux_channels, num_classes, 1))
+            self.aux_head2 = nn.Sequential(conv_bn_relu6(dec, aux_channels, 3), nn.Dropout2d(dropout),
+                                           nn.Conv2d(aux_channels, num_classes, 1))
 
     def forward(self, res1: torch.Tensor, res2: torch.Tensor, res3: torch.Tensor, res4: torch.Tensor,
                 aux: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         x = self.p3(self.b4(self.Conv1(res4)), self.Conv2(res3))
-        aux3 = self.aux_head3(x) if aux else None
+        aux3 = self.aux_head3(x) if aux and self.aux_head3 is not None else None
         if hasattr(self, "res2_proj"):
             res2 = self.res2_proj(res2)
         x = self.p2(self.b3(x), res2)
-        aux2 = self.aux_head2(x) if aux else None
+        aux2 = self.aux_head2(x) if aux and self.aux_head2 is not None else None
         x = self.p1(self.Conv3(self.b2(x)), res1)
         return self.seg_head(x), aux3, aux2
 
@@ -429,8 +431,8 @@ class MS2MNet(SegmentationModel):
             setattr(self, f"waseFusion{i}", WASEFusion(c))
             setattr(self, f"vfeBlock{i}", VFE(c, int(n), vfe_mlp_ratio))
         self.residual_rate = float(residual_rate)
-        self.decoder = HFPDecoder(chans, decode_channels, num_classes, dropout)
         self.aux_heads = bool(aux_heads)
+        self.decoder = HFPDecoder(chans, decode_channels, num_classes, dropout, aux_heads=self.aux_heads)
         if pretrained:
             from segplat.models.convert.ms2mnet import load_ms2mnet_pretrained
 

@@ -164,6 +164,19 @@ def test_aux_heads_at_strides_8_and_4_only_in_training() -> None:
         assert set(model({"irrg": torch.randn(1, 3, 64, 64), "dsm": torch.randn(1, 1, 64, 64)})) == {"out"}
 
 
+def test_without_aux_heads_none_is_built_and_every_weight_trains() -> None:
+    """aux_heads=false used to build both heads anyway: 1.2 M weights that never trained and stopped DDP."""
+    with_aux = build({"irrg": 3, "dsm": 1}, 5)
+    model = build({"irrg": 3, "dsm": 1}, 5, aux_heads=False).train()
+    assert model.decoder.aux_head3 is None and model.decoder.aux_head2 is None
+    assert n_params(with_aux) - n_params(model) == n_params(with_aux.decoder.aux_head3) + n_params(
+        with_aux.decoder.aux_head2)
+    out = model({"irrg": torch.randn(2, 3, 64, 64), "dsm": torch.randn(2, 1, 64, 64)})
+    assert set(out) == {"out"}
+    out["out"].mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
 # ------------------------------------------------------------------ figure-based parts
 def test_mssm_is_the_hidden_state_mixer_of_the_figure() -> None:
     """H = X (softmax_L(Delta + A) * B)^T, channel attention, H' * SiLU(Z) * gamma, readout by C: checked

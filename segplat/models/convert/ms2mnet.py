@@ -77,7 +77,8 @@ def load_imagenet_streams(model: MS2MNet, state: Mapping[str, torch.Tensor], pat
 def load_ms2mnet_state(model: MS2MNet, state: Mapping[str, torch.Tensor], path: str | Path) -> dict[str, list[str]]:
     """A whole-model state dict under the release's names (the release's own, or segplat's)."""
     own = model.state_dict()
-    dropped = sorted(k for k in state if RELEASE_UNUSED.match(k))
+    dropped = sorted(k for k in state if RELEASE_UNUSED.match(k)
+                     or (not model.aux_heads and k.startswith(("decoder.aux_head3.", "decoder.aux_head2."))))
     state = {k: v for k, v in state.items() if k not in dropped}
     for stream in (model.rgb_backbone, model.dsm_backbone):
         key = f"{'rgb' if stream is model.rgb_backbone else 'dsm'}_backbone.{_first_conv_key(stream)}"
@@ -98,7 +99,8 @@ def load_ms2mnet_state(model: MS2MNet, state: Mapping[str, torch.Tensor], path: 
                               "model.decode_channels against the checkpoint's.")
     model.load_state_dict(state, strict=False)
     if dropped:
-        log.info("MS2MNet: dropped %d tensors of the release's unused layer4 from %s", len(dropped), path)
+        log.info("MS2MNet: dropped %d tensors this model does not run (the release's unused layer4; aux heads when "
+                 "model.aux_heads=false) from %s", len(dropped), path)
     if not_released:
         modules = sorted({k.split(".")[0] if not k.startswith("decoder.") else ".".join(k.split(".")[:2])
                           for k in not_released})
