@@ -19,11 +19,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 from segplat.config import check_values
-from segplat.errors import ConfigError
+from segplat.errors import ConfigError, DataError
 from segplat.inference import forward_batch, load_for_inference
 from segplat.metrics import ConfusionMatrix, metrics_from_confusion
 from segplat.plots import plot_confusion
-from segplat.predict import choose_device
+from segplat.predict import choose_device, remove_if_no_results
 from segplat.utils.io import atomic_write, atomic_write_json
 from segplat.utils.task import CONF_DIR, run_dir_of, task_wrapper, with_config_hints
 
@@ -40,6 +40,15 @@ def means_without(metrics: dict[str, Any], exclude: Sequence[str]) -> dict[str, 
 
 
 def evaluate(cfg: DictConfig) -> float:
+    """Score a checkpoint on a split; a refused or failed evaluation leaves no run folder behind."""
+    try:
+        return run_evaluation(cfg)
+    except BaseException:
+        remove_if_no_results(run_dir_of(cfg), "evaluate")
+        raise
+
+
+def run_evaluation(cfg: DictConfig) -> float:
     check_values(cfg)
     if cfg.protocol not in ("standard", "isprs"):
         raise ConfigError(f"protocol={cfg.protocol} is not known; use standard or isprs.")
@@ -47,7 +56,8 @@ def evaluate(cfg: DictConfig) -> float:
     loaded = load_for_inference(cfg.ckpt, device=device)
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if v is not None}
     # where stores are written comes from this machine's paths, never from the checkpoint
-    ds_cfg = OmegaConf.merge(loaded.config.dataset, {"store_dir": cfg.paths.store_dir}, overrides)
+    ds_cfg = OmegaConf.merge(loaded.config.dataset, {"store_dir": cfg.paths.store_dir, "progress": cfg.progress},
+                             overrides)
     exclude = list(cfg.exclude_classes)
     if cfg.protocol == "isprs":
         if OmegaConf.select(ds_cfg, "layout.eroded") is None:
@@ -69,11 +79,17 @@ def evaluate(cfg: DictConfig) -> float:
     for batch in tqdm(loader, desc=f"evaluate {split}", disable=not cfg.progress):
         logits = forward_batch(loaded.model, loaded.preprocessor, batch, device)
         cm.update(logits, batch["label"].to(device))
+    if int(cm.matrix.sum()) == 0:
+        raise DataError(f"split {split} of {ds_cfg.name} has no labelled pixels (a test split without labels, or "
+                        f"every label ignored), so there is nothing to score; evaluate a labelled split, e.g. "
+                        f"split={datamodule.val_split}.")
     metrics = metrics_from_confusion(cm.matrix, loaded.classes)
-    result: dict[str, Any] = {"checkpoint": str(loaded.checkpoint), "split": split, "protocol": cfg.protocol,
-                              **{k: v for k, v in metrics.items() if k != "confusion_matrix"}}
+    result: dict[str, Any] = {"checkpoint": str(Path(loaded.checkpoint).resolve()), "split": split,
+                              "protocol": cfg.protocol, **{k: v for k, v in metrics.items() if k != "confusion_matrix"}}
     if exclude:
         result["excluding"] = {"classes_left_out": exclude, **means_without(metrics, exclude)}
+    # what the protocol reports (and a sweep or script should read): `miou` is the mean over every class
+    result["headline_miou"] = result["excluding"]["miou"] if exclude else metrics["miou"]
     out = run_dir_of(cfg)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", result)
@@ -87,11 +103,13 @@ def evaluate(cfg: DictConfig) -> float:
                 w.writerow([name, *row])
 
     atomic_write(out / "confusion_matrix.csv", write_csv)
-    plot_confusion(matrix, loaded.classes, out / "confusion_matrix.png",
-                   f"{ds_cfg.name} {split}: mIoU {metrics['miou']:.3f}")
+    # the figure the protocol reports comes first (ISPRS: without clutter); the all-class mean beside it
     headline = result["excluding"]["miou"] if exclude else metrics["miou"]
-    print(f"mIoU {metrics['miou']:.4f} | pixel accuracy {metrics['pixel_accuracy']:.4f} | mean F1 "
-          f"{metrics['mean_f1']:.4f}" + (f" | without {', '.join(exclude)}: mIoU {headline:.4f}" if exclude else ""))
+    without = f" without {', '.join(exclude)}" if exclude else ""
+    plot_confusion(matrix, loaded.classes, out / "confusion_matrix.png",
+                   f"{ds_cfg.name} {split}: mIoU{without} {headline:.3f}")
+    print(f"mIoU{without} {headline:.4f} | pixel accuracy {metrics['pixel_accuracy']:.4f} | mean F1 "
+          f"{metrics['mean_f1']:.4f}" + (f" | all classes: mIoU {metrics['miou']:.4f}" if exclude else ""))
     for name in loaded.classes:
         print(f"  {name:<24} IoU {metrics['per_class_iou'][name]:.4f}  F1 {metrics['per_class_f1'][name]:.4f}")
     return float(headline)

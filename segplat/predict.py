@@ -755,11 +755,11 @@ def write_submission_csv(cfg: DictConfig, scenes: Sequence[Scene], out_dir: Path
     return write_submission(rows(), out_dir / "submission.csv", per_class=cfg.submission == "clouds_per_class")
 
 
-def remove_if_no_results(out_dir: Path) -> None:
+def remove_if_no_results(out_dir: Path, task: str = "predict") -> None:
     """A run folder that holds only Hydra's files (config, log) after a failure is removed, not left empty."""
     if not out_dir.is_dir():
         return
-    hydra_only = {".hydra", PARTIAL, "predict.log", SETTINGS_FILE}
+    hydra_only = {".hydra", PARTIAL, f"{task}.log", SETTINGS_FILE}
     if all(p.name in hydra_only for p in out_dir.iterdir()) and not any((out_dir / PARTIAL).glob("*")):
         shutil.rmtree(out_dir, ignore_errors=True)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import open_dict
 
-from segplat.errors import ConfigError
+from segplat.errors import ConfigError, DataError
 from segplat.evaluate import evaluate
 from segplat.train import train
 from tests.conftest import TINY, compose_train
@@ -49,7 +49,7 @@ def test_evaluate_reproduces_the_validation_metrics(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_isprs_protocol_uses_eroded_labels_and_leaves_clutter_out(tmp_path: Path) -> None:
+def test_isprs_protocol_uses_eroded_labels_and_leaves_clutter_out(tmp_path: Path, capsys) -> None:
     from segplat.data.fake import write_fake
 
     root = tmp_path / "vaihingen"
@@ -58,13 +58,19 @@ def test_isprs_protocol_uses_eroded_labels_and_leaves_clutter_out(tmp_path: Path
     small = [o for o in TINY if not o.startswith("dataset.layout")]
     train(compose_train(["dataset=vaihingen", f"dataset.root={root}", *small, "trainer.max_epochs=1"], output_dir=run))
     evaluate(compose_eval([f"ckpt={run}", f"dataset.root={root}", "progress=false"], tmp_path / "std"))
-    evaluate(compose_eval([f"ckpt={run}", f"dataset.root={root}", "protocol=isprs", "progress=false"],
-                          tmp_path / "isprs"))
+    capsys.readouterr()
+    score = evaluate(compose_eval([f"ckpt={run}", f"dataset.root={root}", "protocol=isprs", "progress=false"],
+                                  tmp_path / "isprs"))
+    printed = capsys.readouterr().out.splitlines()[0]
     standard = json.loads((tmp_path / "std" / "metrics.json").read_text())
     isprs = json.loads((tmp_path / "isprs" / "metrics.json").read_text())
     assert "excluding" not in standard
     assert isprs["excluding"]["classes_left_out"] == ["clutter"]
     assert "clutter" not in isprs["excluding"]["classes"] and len(isprs["excluding"]["classes"]) == 5
+    # the protocol's figure is the one shown first, returned, and read as headline_miou
+    assert isprs["headline_miou"] == isprs["excluding"]["miou"] == pytest.approx(score)
+    assert printed.startswith(f"mIoU without clutter {score:.4f} |") and "all classes: mIoU" in printed
+    assert standard["headline_miou"] == standard["miou"]
 
     def labelled_pixels(folder: Path) -> int:
         with open(folder / "confusion_matrix.csv") as fh:
@@ -72,3 +78,18 @@ def test_isprs_protocol_uses_eroded_labels_and_leaves_clutter_out(tmp_path: Path
 
     # the eroded labels ignore the class boundaries: fewer pixels count
     assert 0 < labelled_pixels(tmp_path / "isprs") < labelled_pixels(tmp_path / "std")
+
+
+@pytest.mark.slow
+def test_a_split_without_labels_is_refused_not_scored_nan(tmp_path: Path) -> None:
+    from segplat.data.fake import write_fake
+
+    root = tmp_path / "clouds"
+    write_fake("clouds", root)
+    run = tmp_path / "run"
+    small = [o for o in TINY if not o.startswith("dataset.layout")]
+    train(compose_train(["dataset=clouds", f"dataset.root={root}", *small, "trainer.max_epochs=1"], output_dir=run))
+    out = tmp_path / "test"
+    with pytest.raises(DataError, match=r"split test of clouds has no labelled pixels .* e\.g\. split=val\.$"):
+        evaluate(compose_eval([f"ckpt={run}", f"dataset.root={root}", "split=test", "progress=false"], out))
+    assert not (out / "metrics.json").exists()
