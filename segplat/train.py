@@ -15,7 +15,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from segplat.config import check_config, register_resolvers
-from segplat.engine.checkpoint import RunFacts
+from segplat.engine.checkpoint import RunFacts, check_resumed_config
 from segplat.engine.loggers import Tracker
 from segplat.errors import ConfigError, DataError
 from segplat.models.build import build_model
@@ -53,7 +53,9 @@ def train(cfg: DictConfig) -> float:
     run_dir = run_dir_of(cfg)
     seed_everything(int(cfg.seed))
     trainer = instantiate(cfg.trainer)
-    trainer.prepare_run(run_dir).load()  # the run-folder rule and the resume checkpoint, before any data is read
+    start = trainer.prepare_run(run_dir)  # the run-folder rule and the resume checkpoint, before any data is read
+    if (resumed := start.load()) is not None:
+        check_resumed_config(resumed, cfg, start.path)
     loggers = build_loggers(cfg)
     acc = trainer.accelerator
     datamodule = instantiate(cfg.dataset)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from omegaconf import OmegaConf
 
 from segplat.engine.checkpoint import (
     INFERENCE_KEYS,
@@ -131,3 +133,22 @@ def test_only_the_main_process_changes_files(tmp_path):
     (run / "checkpoints" / ".last.ckpt.x.tmp").write_bytes(b"x")
     assert resume_point(run, "auto", main_process=False).path is None  # the same decision ...
     assert (run / "metrics.jsonl").exists() and (run / "checkpoints" / ".last.ckpt.x.tmp").exists()  # ... no writes
+
+
+def test_a_resume_refuses_optimiser_and_schedule_changes_it_would_not_apply(tmp_path):
+    """The optimiser's param groups and the schedule come back from last.ckpt: a new optimizer.lr was written to
+    config.yaml but trained with the old one. Keys that follow trainer.max_epochs may change (extending a run)."""
+    from segplat.engine.checkpoint import check_resumed_config
+    from tests.conftest import compose_train
+
+    run_cfg = compose_train(["trainer.max_epochs=4"], tmp_path)
+    stored = yaml.safe_dump({k: OmegaConf.to_container(run_cfg[k], resolve=True)
+                             for k in ("optimizer", "scheduler", "trainer")})
+    state = {**full_state(), "config": stored}  # two epochs done
+    check_resumed_config(state, compose_train(["trainer.max_epochs=9"], tmp_path), "last.ckpt")
+    with pytest.raises(ConfigError, match=r"^trainer\.resume: optimizer\.lr=1e-05 \(the run's: 0\.002\) differ"):
+        check_resumed_config(state, compose_train(["trainer.max_epochs=4", "optimizer.lr=1e-5"], tmp_path), "x")
+    with pytest.raises(ConfigError, match=r"scheduler\.kind=cosine \(the run's: \w+\)"):
+        check_resumed_config(state, compose_train(["trainer.max_epochs=4", "scheduler.kind=cosine"], tmp_path), "x")
+    with pytest.raises(ConfigError, match=r"trainer\.max_epochs=1 but the run in x has already completed 2 epochs"):
+        check_resumed_config(state, compose_train(["trainer.max_epochs=1"], tmp_path), "x")
