@@ -96,10 +96,12 @@ def test_switch_after_patience_then_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_switch_at_unfreeze_epoch_with_encoder_lr(tmp_path):
+@pytest.mark.parametrize("key", ["callbacks.finetune.encoder_lr", "optimizer.encoder_lr"])
+def test_switch_at_unfreeze_epoch_with_encoder_lr(tmp_path, key):
+    """Either key sets the unfrozen encoder's rate (optimizer.encoder_lr was ignored: lr_factor x head won)."""
     Probe.log.clear()
     train(compose_train([*FAST, "trainer.max_epochs=2", "callbacks=finetune", "callbacks.finetune.patience=null",
-                                "callbacks.finetune.unfreeze_epoch=2", "callbacks.finetune.encoder_lr=2e-5",
+                                "callbacks.finetune.unfreeze_epoch=2", f"{key}=2e-5",
                                 "scheduler=cosine", "+callbacks.probe._target_=tests.test_finetune.Probe"],
                         output_dir=tmp_path / "run"))
     assert [e["enc_in_opt"] for e in Probe.log] == [False, True]
