@@ -279,12 +279,26 @@ def read_class_raster(path: Path, out_shape: tuple[int, int] | None = None) -> n
             return src.read(1, out_shape=out_shape, resampling=Resampling.nearest)
 
 
-class RasterSource:
-    """One modality of a scene, read window by window from its file (on its own grid)."""
+def bands_by_description(src: Any, bands: Sequence[str]) -> list[int] | None:
+    """The 1-based bands to read, in the model's order, when the file's band descriptions name every band the model
+    was trained on (a 13-band Sentinel-2 file for a 4-band model, or blue-green-red for red-green-blue); None to
+    read the file as it is (no descriptions, or names the model does not use)."""
+    described = [(d or "").strip().lower() for d in src.descriptions]
+    wanted = [b.strip().lower() for b in bands]
+    if not all(described) or len(set(described)) != len(described) or not set(wanted) <= set(described):
+        return None
+    indexes = [described.index(b) + 1 for b in wanted]
+    return None if indexes == list(range(1, src.count + 1)) else indexes
 
-    def __init__(self, dataset: Any) -> None:
+
+class RasterSource:
+    """One modality of a scene, read window by window from its file (on its own grid); `indexes` picks and orders
+    its bands (1-based), all of them in file order when None."""
+
+    def __init__(self, dataset: Any, indexes: list[int] | None = None) -> None:
         self.dataset = dataset
-        self.shape = (dataset.count, dataset.height, dataset.width)
+        self.indexes = indexes
+        self.shape = (len(indexes) if indexes else dataset.count, dataset.height, dataset.width)
         self.dtype = np.dtype(dataset.dtypes[0])
 
     def read(self, row: int, col: int, height: int, width: int, fill: float) -> np.ndarray:
@@ -295,7 +309,7 @@ class RasterSource:
         from rasterio.windows import Window
 
         try:
-            return self.dataset.read(window=Window(c0, r0, c1 - c0, r1 - r0))
+            return self.dataset.read(self.indexes, window=Window(c0, r0, c1 - c0, r1 - r0))
         except RasterioError as err:
             cause = str(err.__cause__ or err).strip().rstrip(".")
             raise DataError(f"{self.dataset.name}: rows {r0}-{r1 - 1}, columns {c0}-{c1 - 1} could not be read "
@@ -338,6 +352,9 @@ def check_scene_files(scene: Scene, loaded: LoadedModel) -> Scene:
     for m, path in scene.files:
         with open_input(path) as src:
             profiles[m] = header(src)
+            picked = bands_by_description(src, loaded.specs[m].bands)
+            if picked is not None:  # the count the model sees
+                profiles[m]["count"] = len(picked)
     shapes = {m: (p["count"], p["height"], p["width"]) for m, p in profiles.items()}
     size = scene_size(loaded, shapes, {m: p["path"] for m, p in profiles.items()})  # bands and sizes first
     check_scene_alignment(profiles, loaded)
@@ -369,7 +386,11 @@ def open_scene(scene: Scene, loaded: LoadedModel, layout: Any = None) -> Iterato
         sources, nodata, names, profiles = {}, {}, {}, {}
         for m, path in scene.files:
             src = stack.enter_context(open_input(path))
-            sources[m], profiles[m], names[m] = RasterSource(src), header(src), str(path)
+            picked = bands_by_description(src, loaded.specs[m].bands)
+            if picked is not None:
+                log.info("%s: bands %s by their descriptions, for the model's %s", path, picked,
+                         ", ".join(loaded.specs[m].bands))
+            sources[m], profiles[m], names[m] = RasterSource(src, picked), header(src), str(path)
             nodata[m] = src.nodata if src.nodata is not None else loaded.specs[m].nodata
             if np.dtype(src.dtypes[0]) != np.dtype(loaded.specs[m].dtype):
                 log.warning("%s is %s but the model was trained on %s for %s; its values are normalised with the "

@@ -166,3 +166,30 @@ def test_a_run_folder_resumes_only_the_prediction_it_holds(checkpoint: Path, tmp
     with pytest.raises(ConfigError, match=r"other settings \(checkpoint: "):
         predict(compose_predict([f"ckpt={other}", *base[1:]], out))
     assert (out / "a_classes.tif").read_bytes() == before
+
+
+def test_bands_are_read_by_their_descriptions(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """A file whose band descriptions name the model's bands is read by name: in another order (blue, green, red
+    for a red-green-blue model) or among more bands (all of a sensor's for a model trained on some)."""
+    ckpt = write_checkpoint(tmp_path / "rgb.ckpt", {"rgb": SPECS["rgb"]})
+    rgb = scene_arrays(66, 80)["rgb"]
+    plain = write_geotiffs(tmp_path / "plain", {"rgb": rgb})["rgb"]
+    files = {}
+    for name, order, extra in (("swapped", [2, 1, 0], 0), ("more", [0, 1, 2], 2)):
+        path = tmp_path / name / "scene_rgb.tif"
+        path.parent.mkdir()
+        with rasterio.open(plain) as src:
+            profile = {**src.profile, "count": 3 + extra}
+        stack = np.concatenate([rgb[order], np.full((extra, *rgb.shape[1:]), 7, rgb.dtype)]) if extra else rgb[order]
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(stack)
+            dst.descriptions = (*[SPECS["rgb"].bands[i] for i in order], *[f"extra{k}" for k in range(extra)])
+        files[name] = path
+    outputs = {}
+    for name, path in {"plain": plain, **files}.items():
+        with caplog.at_level(logging.INFO, logger="segplat"):
+            predict(compose_predict([f"ckpt={ckpt}", f"input={path}", "progress=false"], tmp_path / f"out_{name}"))
+        with rasterio.open(tmp_path / f"out_{name}" / "scene_rgb_classes.tif") as src:
+            outputs[name] = src.read(1)
+    assert np.array_equal(outputs["swapped"], outputs["plain"]) and np.array_equal(outputs["more"], outputs["plain"])
+    assert any("bands [3, 2, 1] by their descriptions" in r.getMessage() for r in caplog.records)
