@@ -70,3 +70,24 @@ def flatten_metrics(metrics: dict[str, object], prefix: str = "val/") -> dict[st
         elif isinstance(value, int | float):
             flat[f"{prefix}{key}"] = float(value)
     return flat
+
+
+def validation_metric_names(class_names: Sequence[str]) -> list[str]:
+    """Every key a validation logs (what `callbacks.monitor` may name), known from the classes before any data."""
+    k = len(class_names)
+    names = list(flatten_metrics(metrics_from_confusion(torch.eye(k, dtype=torch.int64), class_names)))
+    return [*names, "val/loss"]
+
+
+def check_monitor(monitor: str, class_names: Sequence[str]) -> None:
+    """`callbacks.monitor` must be a metric validation logs; refused in one sentence with the nearest one."""
+    import difflib
+
+    from segplat.errors import ConfigError
+
+    names = validation_metric_names(class_names)
+    if monitor not in names:
+        near = difflib.get_close_matches(monitor, names, n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise ConfigError(f"callbacks.monitor={monitor} is not a metric validation logs; {hint}choose one of "
+                          f"{', '.join(names)}.")

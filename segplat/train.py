@@ -18,6 +18,7 @@ from segplat.config import check_config, register_resolvers
 from segplat.engine.checkpoint import RunFacts, check_resumed_config
 from segplat.engine.loggers import Tracker
 from segplat.errors import ConfigError, DataError
+from segplat.metrics import check_monitor
 from segplat.models.build import build_model
 from segplat.utils.seed import seed_everything
 from segplat.utils.task import CONF_DIR, run_dir_of, save_resolved_config, task_wrapper, with_config_hints
@@ -62,6 +63,7 @@ def train(cfg: DictConfig) -> float:
     # the model is built from the layout's description first, so that a model refusing the data (a GFM encoder
     # that cannot map the bands, a stream count its fusion does not take) stops before a store is prepared
     expected = datamodule.describe()
+    check_monitor(str(cfg.callbacks.monitor), expected.classes)  # a typo stops here, not after the first epoch
     model = build_model(cfg.model, expected.modalities, expected.num_classes, expected.bands)
     info = datamodule.setup(acc)
     if (list(info.bands.items()), info.classes) != (list(expected.bands.items()), expected.classes):  # in order

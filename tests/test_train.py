@@ -281,3 +281,13 @@ def test_a_store_that_disagrees_with_its_layout_is_refused_before_training(tmp_p
         train(compose_train([*TINY, "trainer.max_epochs=1", "fusion=mid"], output_dir=out))
     assert "\n" not in str(err.value)
     assert not (out / "checkpoints").exists()
+
+
+def test_a_monitor_that_validation_never_logs_is_refused_before_data(tmp_path: Path) -> None:
+    """It was refused after the store was prepared and one epoch trained (in a sweep: every trial)."""
+    stores = tmp_path / "stores"
+    cfg = compose_train([*TINY, "callbacks.monitor=val/iou_thin", f"paths.store_dir={stores}"], tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"^callbacks\.monitor=val/iou_thin is not a metric validation logs; did "
+                                          r"you mean val/iou_thin_cloud\? choose one of val/miou, "):
+        train(cfg)
+    assert not stores.exists() or not any(stores.iterdir())

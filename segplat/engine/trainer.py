@@ -44,7 +44,7 @@ from segplat.engine.forward import forward_batch
 from segplat.engine.loader_watch import LoaderWatch
 from segplat.engine.loggers import JsonlLogger, RunInfo, Tracker, format_metrics, sweep_facts
 from segplat.errors import CheckpointError, ConfigError
-from segplat.metrics import ConfusionMatrix, flatten_metrics
+from segplat.metrics import ConfusionMatrix, check_monitor, flatten_metrics
 from segplat.utils.io import atomic_write_json
 from segplat.utils.seed import rng_state, set_rng_state
 
@@ -344,8 +344,8 @@ class Trainer:
         for g in self.optimizer.param_groups:
             record[f"lr/{g.get('name', 'group')}"] = g["lr"]
         if self.monitor not in record:
-            raise ConfigError(f"callbacks.monitor={self.monitor} is not a metric validation logs; choose one of "
-                              f"{', '.join(k for k in record if k.startswith('val/'))}.")
+            check_monitor(self.monitor, self.class_names)  # the sentence with the valid names
+            raise ConfigError(f"callbacks.monitor={self.monitor} was not logged by this validation.")
         value = record[self.monitor]
         if improved(value, self.state.best_score, self.mode):
             self.state.best_score, self.state.best_epoch = float(value), epoch
