@@ -203,6 +203,10 @@ def _ring(start: int, length: int, size: int) -> list[tuple[slice, slice]]:
     return [(slice(first, size), slice(0, head)), (slice(0, length - head), slice(head, length))]
 
 
+# one window is one model input; beyond this a window's blend weights and logits alone need gigabytes
+MAX_WINDOW = 8192
+
+
 class SlidingWindowPredictor:
     """Class probabilities of scenes of any size, window by window, with bounded memory.
 
@@ -225,6 +229,11 @@ class SlidingWindowPredictor:
         if self.window < 1:
             raise ConfigError(f"window={window} must be a positive number of pixels (or null for the training "
                               "patch size).")
+        if self.window > MAX_WINDOW:
+            per_window = self.window ** 2 * (len(loaded.classes) + 2) * 4 / 2**30
+            raise ConfigError(f"window={self.window} is larger than {MAX_WINDOW} px: one window's weights and logits "
+                              f"alone would take {per_window:.1f} GiB; scenes of any size are tiled, so use a window "
+                              f"near the training patch size ({loaded.patch_size}).")
         self.align = grid_alignment(loaded.specs)
         if self.window % self.align:
             coarse = [f"{m} (scale {s.scale:g})" for m, s in loaded.specs.items() if (self.window * s.scale) % 1]

@@ -193,3 +193,14 @@ def test_bands_are_read_by_their_descriptions(tmp_path: Path, caplog: pytest.Log
             outputs[name] = src.read(1)
     assert np.array_equal(outputs["swapped"], outputs["plain"]) and np.array_equal(outputs["more"], outputs["plain"])
     assert any("bands [3, 2, 1] by their descriptions" in r.getMessage() for r in caplog.records)
+
+
+def test_a_window_of_gigabytes_is_refused_in_one_sentence(checkpoint: Path, tmp_path: Path):
+    """window=100000 tried to allocate 74.5 GiB of blend weights (a numpy MemoryError traceback)."""
+    from segplat.inference import MAX_WINDOW, SlidingWindowPredictor
+
+    loaded = load_for_inference(checkpoint)
+    with pytest.raises(ConfigError, match=r"^window=100000 is larger than 8192 px: one window's weights and logits "
+                                          r"alone would take \d+\.\d GiB; .* patch size \(\d+\)\.$"):
+        SlidingWindowPredictor(loaded, window=100000)
+    assert MAX_WINDOW == 8192 and SlidingWindowPredictor(loaded, window=1024).window == 1024
