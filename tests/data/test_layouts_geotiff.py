@@ -169,3 +169,8 @@ def test_label_classes_out_of_range_and_config_errors(tmp_path: Path) -> None:
         layout(root, stem_regex="(")
     with pytest.raises(DataError, match="no files match optical glob"):
         layout(tmp_path / "empty").scan()
+    bad_nodata = {**MODS, "optical": {**MODS["optical"], "nodata": "abc"}}
+    with pytest.raises(ConfigError, match=r"^dataset\.layout\.modalities\.optical\.nodata=abc is not a nodata value"):
+        layout(root, modalities=bad_nodata)
+    with pytest.raises(ConfigError, match=r"^dataset\.layout\.label\.nodata=none is not a nodata value"):
+        layout(root, label={**LABEL, "nodata": "none"})

@@ -122,11 +122,13 @@ class GeoTiffLayout(Layout):
                 if bad or len(select) != len(bands):
                     raise ConfigError(f"dataset.layout.modalities.{name}.source_bands={list(select)} must list one "
                                       f"1-based band index or band description per name in bands ({len(bands)}).")
+            _check_nodata(cfg.nodata, f"dataset.layout.modalities.{name}.nodata")
             self.modality_cfg[name] = ModalityConfig(glob=glob, bands=bands, source_bands=select, nodata=cfg.nodata,
                                                      dtype=cfg.dtype, optical=bool(cfg.optical))
         if not self.modality_cfg:
             raise ConfigError("dataset.layout.modalities is empty; list at least one modality with a glob and bands.")
         lab = config_section(LabelConfig, label, "dataset.layout.label", self.name)
+        _check_nodata(lab.nodata, "dataset.layout.label.nodata")
         self.label_cfg = LabelConfig(**{**asdict(lab), "glob": _globbed(lab.glob, lab.folder, lab.pattern),
                                         "folder": None, "pattern": None,
                                         "ignore_colours": tuple(tuple(c) for c in lab.ignore_colours or ())})
@@ -390,3 +392,14 @@ def _default_palette(n: int) -> list[tuple[int, int, int]]:
     while len(base) < n:
         base.append(tuple(int(v) for v in rng.integers(0, 256, 3)))
     return base[:n]
+
+
+def _check_nodata(value: Any, key: str) -> None:
+    """A nodata value is a number, .nan, null or "file"; anything else was a float() traceback at the first file."""
+    if value is None or value == "file" or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value} is not a nodata value; give a number, .nan, null (none) or file (each "
+                          "file's own nodata tag).") from None
