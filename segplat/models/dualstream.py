@@ -91,6 +91,11 @@ class DualStream(SegmentationModel):
         self.encoders = nn.ModuleDict({"vision": vis, "air": air_stream})
         film = {int(s) for s in film_stages}
         self.fused_stages = f.fused_stages(n, "the vision encoder's pyramid")
+        if unfused := sorted(film - set(self.fused_stages)):
+            where = f"outside 0..{n - 1}" if any(not 0 <= s < n for s in unfused) else "not fused"
+            raise ConfigError(f"model.film_stages={sorted(film)} names stage(s) {unfused} {where} (fused stages: "
+                              f"{self.fused_stages}), where FiLM would never run; list fused stages, or [] for "
+                              "cross-attention everywhere.")
         self.fusion = nn.ModuleDict({
             str(s): (FiLMGateFusion(vis_channels[s], air_stream.out_channels[s]) if s in film else
                      CrossAttentionFusion(vis_channels[s], air_stream.out_channels[s], heads=heads))

@@ -160,6 +160,10 @@ class UNet3D(SegmentationModel):
             fusion_mods: dict[str, nn.Module] = {str(i): f.build([self.widths[i]] * len(names), self.widths[i])
                                                  for i in self.fused_stages}
             self.exchange_levels = [i for i in levels if i in self.fused_stages] if cross_attention is not False else []
+            if cross_attention and not self.exchange_levels:
+                raise ConfigError(f"model.cross_attention=true exchanges dates at fused levels of model.attn_levels, "
+                                  f"but attn_levels={levels} and fusion.stages={self.fused_stages} share none, so it "
+                                  "would do nothing; fuse one of those levels or set model.cross_attention=null.")
             for i in self.exchange_levels:
                 for m in names:
                     fusion_mods[f"x{i}_{m}"] = TemporalCrossAttention(self.widths[i], self.widths[i], heads)

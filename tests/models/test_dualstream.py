@@ -88,8 +88,8 @@ def test_fusion_learns_away_from_identity():
 def test_mit_stream_is_fused_inside_the_encoder():
     """With MiT the stage-1 fused map feeds stage 2: perturbing only FiLM at stage 0 changes the deepest map."""
     torch.manual_seed(0)
-    model = small_model(fusion={"level": "mid", "type": "film_cross_attention", "stages": [0, 3]}).eval()
-    assert model.interleave and list(model.fusion) == ["0", "3"]
+    model = small_model(fusion={"level": "mid", "type": "film_cross_attention", "stages": [0, 1, 3]}).eval()
+    assert model.interleave and list(model.fusion) == ["0", "1", "3"]
     x = inputs(1)
     with torch.no_grad():
         a = model.encode(x["image"], x["air"])
@@ -175,3 +175,12 @@ def test_preset_composes_and_builds(tmp_path):
     assert isinstance(model, DualStream) and model.encoders["air"].stem[0].in_channels == 48
     out = model(inputs())
     assert set(out) == {"out", "f2", "f3"} and out["out"].shape == (2, 5, 64, 64)
+
+
+def test_film_stages_must_be_fused_stages():
+    """film_stages=[5] on a 4-stage pyramid silently made every stage cross-attention."""
+    with pytest.raises(ConfigError, match=r"model\.film_stages=\[5\] names stage\(s\) \[5\] outside 0\.\.3"):
+        small_model(film_stages=[5])
+    with pytest.raises(ConfigError, match=r"names stage\(s\) \[0, 1\] not fused \(fused stages: \[2, 3\]\)"):
+        small_model(fusion={"level": "mid", "type": "film_cross_attention", "stages": [2, 3]})
+    assert {type(m).__name__ for m in small_model(film_stages=[]).fusion.values()} == {"CrossAttentionFusion"}

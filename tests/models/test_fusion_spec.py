@@ -141,6 +141,9 @@ def test_unet3d_refuses_cross_attention_where_nothing_is_exchanged() -> None:
     with pytest.raises(ConfigError, match=r"model\.cross_attention=true .* fusion\.level=late"):
         unet3d({"level": "late"}, cross_attention=True)
     assert "x1_s1" not in unet3d({"level": "late"}).fusion  # null: off outside mid fusion
+    with pytest.raises(ConfigError, match=r"attn_levels=\[\] and fusion\.stages=\[0, 1, 2\] share none"):
+        unet3d({"level": "mid"}, cross_attention=True, attn_levels=[])
+    assert not [k for k in unet3d({"level": "mid"}, attn_levels=[]).fusion if k.startswith("x")]  # null: quietly off
 
 
 def test_unet3d_late_fusion_uses_the_named_module() -> None:

@@ -21,7 +21,8 @@ import importlib
 import logging
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
@@ -56,15 +57,24 @@ def import_terratorch(module: str = "terratorch.registry") -> ModuleType:
     errors where fp32 gives 1e-7), sets `TORCH_CUDNN_V8_API_DISABLED=1` (inherited by every worker and child),
     and adds warning filters that hide, among others, rasterio's NotGeoreferencedWarning and the LR scheduler's
     warnings. The precision switches, the environment and the warning filters are put back."""
+    try:
+        with terratorch_leaves_the_process_as_it_was():
+            return importlib.import_module(module)
+    except ImportError as err:
+        raise ConfigError(f"model.encoder: the geo-foundation-model encoders need TerraTorch, which is not installed "
+                          f"({err}); install the extra with {INSTALL_HINT}.") from err
+
+
+@contextmanager
+def terratorch_leaves_the_process_as_it_was() -> Iterator[None]:
+    """Anything that may import a TerraTorch module (an import, and the registry's lookups and builds, which import
+    backbone modules lazily): fp32 precision switches, environment and warning filters are put back after it."""
     switches = _fp32_switches()
     saved = torch.get_float32_matmul_precision(), {k: s.fp32_precision for k, s in switches.items()}
     environ = dict(os.environ)
     try:
         with warnings.catch_warnings():  # restores the filters on exit
-            return importlib.import_module(module)
-    except ImportError as err:
-        raise ConfigError(f"model.encoder: the geo-foundation-model encoders need TerraTorch, which is not installed "
-                          f"({err}); install the extra with {INSTALL_HINT}.") from err
+            yield
     finally:
         if (torch.get_float32_matmul_precision(), {k: s.fp32_precision for k, s in switches.items()}) != saved:
             torch.set_float32_matmul_precision(saved[0])
@@ -128,7 +138,8 @@ class GFMEncoder(nn.Module):
         self.name = str(name)
         check_policies(missing_bands, extra_bands)
         registry = terratorch_registry()
-        self.check_name(registry)
+        with terratorch_leaves_the_process_as_it_was():
+            self.check_name(registry)
         stacked = stacked_bands(bands, in_chans, f"{self.family} {self.name}")
         band_map = dict(band_map or {})
         self.mappings = self.map_inputs(stacked, band_map, missing_bands, extra_bands)
@@ -138,7 +149,8 @@ class GFMEncoder(nn.Module):
                               "input (every band would be zeros); map bands with model.encoder.band_map or learn the "
                               "dataset's bands with model.encoder.extra_bands=learn.")
         self.in_chans = int(in_chans)
-        self.backbone = self.build_backbone(registry, float(drop_path_rate))
+        with terratorch_leaves_the_process_as_it_was():
+            self.backbone = self.build_backbone(registry, float(drop_path_rate))
         weights = resolve_weights(pretrained, *self.published_weights())
         if weights is not None:
             self.load_weights(weights)
