@@ -291,3 +291,22 @@ def test_a_monitor_that_validation_never_logs_is_refused_before_data(tmp_path: P
                                           r"you mean val/iou_thin_cloud\? choose one of val/miou, "):
         train(cfg)
     assert not stores.exists() or not any(stores.iterdir())
+
+
+@pytest.mark.slow
+def test_resuming_an_early_stopped_run_trains_nothing_unless_patience_allows(tmp_path: Path) -> None:
+    """A requeue that always passes trainer.resume=auto trained a finished run one more epoch."""
+    run = tmp_path / "run"
+    stop = ["trainer.max_epochs=4", "callbacks.early_stopping.patience=1", "callbacks.early_stopping.min_delta=1e9",
+            "callbacks.visuals=null"]
+    train(compose_train([*TINY, *stop], run))
+
+    def epochs() -> list[int]:
+        return [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert epochs() == [1, 2]
+    train(compose_train([*TINY, *stop, "trainer.resume=auto"], run))
+    assert epochs() == [1, 2] and json.loads((run / "summary.json").read_text())["status"] == "stopped_early"
+    patient = [*stop[:1], "callbacks.early_stopping.patience=5", *stop[2:], "trainer.resume=auto"]
+    train(compose_train([*TINY, *patient], run))
+    assert epochs() == [1, 2, 3, 4]

@@ -240,6 +240,11 @@ class Trainer:
 
     def run_epochs(self) -> str:
         """Epochs until max_epochs, an early stop or a StopTraining; returns the run's status."""
+        if self.state.stopped_reason:  # a resumed run that had stopped early: nothing to train
+            if self.accelerator.is_main_process:
+                log.info("the run stopped early at epoch %d (%s); nothing to train: raise "
+                         "callbacks.early_stopping.patience to go on", self.state.epoch, self.state.stopped_reason)
+            return "stopped_early"
         try:
             while self.state.epoch < self.max_epochs:
                 epoch = self.state.epoch + 1
@@ -451,11 +456,15 @@ class Trainer:
             acc.scaler.load_state_dict(state["scaler"])
         for key, value in state["trainer"].items():
             setattr(self.state, key, value)
-        self.state.stopped_reason = None
         cb_states = state.get("callbacks", {})
         for cb in self.callbacks:
             if cb.name in cb_states:
                 cb.load_state_dict(cb_states[cb.name])
+        # an early-stopped run stays stopped unless early stopping would now let it go on (a larger patience);
+        # a requeue that always passes trainer.resume=auto must not train a finished run further
+        if not (self.state.stopped_reason and self.state.stopped_reason.startswith("early stopping") and any(
+                getattr(cb, "wait", 0) >= getattr(cb, "patience", float("inf")) for cb in self.callbacks)):
+            self.state.stopped_reason = None
         set_rng_state(state["rng"])
         self.resumed = True
         if acc.is_main_process:
