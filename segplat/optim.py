@@ -8,6 +8,7 @@ stepped by the trainer once per optimiser step (not per micro-batch, not per pro
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from segplat.errors import ConfigError
+
+log = logging.getLogger("segplat")
 
 # Parameter-name tokens (the parts between dots) that never get weight decay: position
 # embeddings, class/mask tokens, relative-position tables, layer-scale and temperature parameters.
@@ -223,16 +226,20 @@ class PlateauSchedule:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, kind: str = "poly",
-                    warmup_steps: int = 0, warmup_epochs: float = 0.0, steps_per_epoch: int = 1,
+                    warmup_steps: int | None = None, warmup_epochs: float = 0.0, steps_per_epoch: int = 1,
                     power: float = 0.9, min_lr_ratio: float = 0.0, warmup_ratio: float = 1e-6,
                     mode: str = "max", factor: float = 0.5, patience: int = 2, min_lr: float = 0.0,
                     threshold: float = 1e-4, cooldown: int = 0) -> Schedule | PlateauSchedule:
-    """`warmup_steps` (optimiser steps) wins over `warmup_epochs` (converted with steps_per_epoch,
-    i.e. after gradient accumulation)."""
+    """`warmup_steps` (optimiser steps; 0 = no warmup) wins over `warmup_epochs` (converted with steps_per_epoch,
+    i.e. after gradient accumulation) when it is set."""
     if kind == "plateau":
         return PlateauSchedule(optimizer, mode=mode, factor=factor, patience=patience, min_lr=min_lr,
                                threshold=threshold, cooldown=cooldown)
-    if warmup_steps < 0 or warmup_epochs < 0:
+    if (warmup_steps is not None and warmup_steps < 0) or warmup_epochs < 0:
         raise ConfigError(f"scheduler.warmup_steps={warmup_steps} / warmup_epochs={warmup_epochs} must be >= 0.")
-    warmup = warmup_steps or round(warmup_epochs * steps_per_epoch)
+    warmup = int(warmup_steps) if warmup_steps is not None else round(warmup_epochs * steps_per_epoch)
+    if 0 < total_steps <= warmup:
+        log.warning("scheduler: the warmup (%d steps) is as long as the run (%d steps), so the learning rate never "
+                    "reaches its base value; lower scheduler.warmup_epochs / warmup_steps or train longer",
+                    warmup, total_steps)
     return Schedule(optimizer, total_steps, warmup, kind, power, min_lr_ratio, warmup_ratio)

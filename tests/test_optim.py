@@ -169,3 +169,14 @@ def test_learning_rates_per_optimiser_step_in_a_real_run(tmp_path, monkeypatch):
         for name in ("encoder", "decoder"):
             expected = base[name] * closed_form(r["step"], total, 2, "poly", power=1.0)
             assert r[f"lr/{name}"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_warmup_steps_zero_turns_warmup_off_and_a_warmup_as_long_as_the_run_is_said(caplog) -> None:
+    """warmup_steps=0 fell back to warmup_epochs (`0 or ...`); only warmup_epochs=0 turned warmup off."""
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    assert build_scheduler(opt, total_steps=40, warmup_steps=0, warmup_epochs=1, steps_per_epoch=4).warmup == 0
+    assert build_scheduler(opt, total_steps=40, warmup_steps=None, warmup_epochs=1, steps_per_epoch=4).warmup == 4
+    assert build_scheduler(opt, total_steps=40, warmup_steps=3, warmup_epochs=1, steps_per_epoch=4).warmup == 3
+    assert not caplog.records
+    build_scheduler(opt, total_steps=8, warmup_steps=None, warmup_epochs=2, steps_per_epoch=4)
+    assert "never reaches its base value" in caplog.text
