@@ -234,7 +234,10 @@ def scenes_from_folder(path: Path, cfg: DictConfig, loaded: LoadedModel) -> list
     for ref in splits[cfg.split]:
         first = next(iter(ref.files.values()), None) if ref.files else None
         name = Path(first).name if first else ref.id
-        scenes.append(Scene(name, output_stem(name), ref=ref))
+        # outputs are named after the sample (Spain_226704, not its Spain_226704_LabelHand.tif; 10004, not
+        # TARGET_10004.npy); the name (the first file's) is what a submission and the messages show
+        stem = re.sub(r"[^\w.-]+", "_", ref.id.rsplit("/", 1)[-1]) or output_stem(name)
+        scenes.append(Scene(name, stem, ref=ref))
     return scenes
 
 

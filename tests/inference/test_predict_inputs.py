@@ -204,3 +204,22 @@ def test_a_window_of_gigabytes_is_refused_in_one_sentence(checkpoint: Path, tmp_
                                           r"alone would take \d+\.\d GiB; .* patch size \(\d+\)\.$"):
         SlidingWindowPredictor(loaded, window=100000)
     assert MAX_WINDOW == 8192 and SlidingWindowPredictor(loaded, window=1024).window == 1024
+
+
+def test_layout_scenes_are_named_after_the_sample_not_its_label_file(tmp_path: Path):
+    """Sen1Floods11 through its layout wrote Spain_226704_LabelHand_classes.tif (the label file's name)."""
+    from segplat.data.layouts.sen1floods11 import Sen1Floods11Layout
+
+    root = write_fake("sen1floods11", tmp_path / "s1f")
+    layout = Sen1Floods11Layout(str(root))
+    layout_cfg = {"name": "sen1floods11",
+                  "layout": {"_target_": "segplat.data.layouts.sen1floods11.Sen1Floods11Layout"}}
+    ckpt = write_checkpoint(tmp_path / "s1f.ckpt", layout.modalities, classes=layout.classes, palette=PALETTE[:2],
+                            dataset=layout_cfg, patch_size=32)
+    split = next(iter(layout.scan()))
+    out = tmp_path / "out"
+    predict(compose_predict([f"ckpt={ckpt}", f"input={root}", f"split={split}", "progress=false", "limit=2",
+                             "output.preview_size=0"], out))
+    made = sorted(p.name for p in out.glob("*_classes.tif"))
+    assert made and not [n for n in made if "LabelHand" in n]
+    assert all(n[:-len("_classes.tif")] in {r.id for r in layout.scan()[split]} for n in made), made
