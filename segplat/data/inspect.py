@@ -43,6 +43,16 @@ def parse_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     return own, overrides
 
 
+def _whole_number(own: dict[str, str], key: str, default: int, least: int) -> int:
+    try:
+        value = int(own.get(key, default))
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise ConfigError(f"{key}={own[key]} must be a whole number of at least {least}.")
+    return value
+
+
 def _valid_values(arr: np.ndarray, nodata: float | None, valid: np.ndarray | None = None) -> np.ndarray:
     """The values of `arr` (..., h, w) that are data: inside the store's `valid` mask (h, w), finite, not nodata."""
     a = arr.astype(np.float64)
@@ -238,16 +248,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from segplat.config import register_resolvers
 
-    own, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return 0
+    own, overrides = parse_args(args)
     try:
+        num, seed = _whole_number(own, "num", 8, 1), _whole_number(own, "seed", 0, 0)
         register_resolvers()
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=overrides)
+        try:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                cfg = compose(config_name="train", overrides=overrides)
+        except Exception as err:  # Hydra refused an override: the sentence train gives, with the nearest key
+            from segplat.utils.task import config_error_hint
+
+            hint = config_error_hint("train", overrides)
+            if hint is None:
+                raise
+            raise ConfigError(hint) from err
         dm = instantiate(cfg.dataset)
         dm.setup()
         out = Path(own.get("out") or Path(cfg.paths.log_dir) / "inspect" / str(cfg.run_name))
-        summary = inspect_store(dm.store_path, out, own.get("split", dm.train_split), int(own.get("num", 8)),
-                                int(own.get("seed", 0)))
+        summary = inspect_store(dm.store_path, out, own.get("split", dm.train_split), num, seed)
     except Exception as err:
         user_error = user_error_in(err)
         if user_error is None:

@@ -76,3 +76,13 @@ def test_histograms_count_only_the_stores_valid_pixels_and_go_under_logs(tmp_pat
     assert summary["modalities"]["rgb"]["bands"]["red"]["mean"] == pytest.approx(red.mean())
     assert summary["modalities"]["nir"]["bands"]["nir"]["valid"] == inside
     assert (out / "histograms_rgb.png").stat().st_size > 1000
+
+
+def test_help_typos_and_bad_own_keys_are_one_line_not_a_traceback(capsys) -> None:
+    assert main(["--help"]) == 0 and "per-band" in capsys.readouterr().out
+    assert main(["dataset=synthetic", "dataset.tile_sise=64"]) == 2
+    assert capsys.readouterr().err.strip().endswith("did you mean dataset.tile_size? (add keys on purpose with "
+                                                    "+dataset.tile_sise=...)")
+    for bad in ("num=0", "num=many", "seed=-1"):
+        assert main(["dataset=synthetic", bad]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {bad} must be a whole number")
