@@ -248,6 +248,22 @@ class OptunaSweeper:
             print(f"error: {storage_error(self.url, err)}", file=sys.stderr, flush=True)  # the database went away
             sys.exit(2)
 
+    def check_space_matches(self, study: optuna.Study, params: Sequence[sp.Param], url: str) -> None:
+        """A resumed study keeps the choices its trials drew from: Optuna refuses another set of choices for a key
+        only when that key is next suggested, after a trial has started and is marked FAIL."""
+        now = {p.key: p.distribution for p in params if p.distribution is not None}
+        for trial in study.get_trials(deepcopy=False):
+            for key, before in trial.distributions.items():
+                if key not in now:
+                    continue
+                try:
+                    optuna.distributions.check_distribution_compatibility(before, now[key])
+                except ValueError:
+                    raise ConfigError(
+                        f"study {self.study_name!r} in {redact(url)} searched {key} over {_shown(before)}, not "
+                        f"{_shown(now[key])}; keep the study's space, or start another study with "
+                        "hydra.sweeper.study_name=NEW (or a new hydra.sweep.dir).") from None
+
     def _sweep(self, arguments: list[str]) -> list[dict[str, Any]]:
         assert self.config is not None
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -284,6 +300,8 @@ class OptunaSweeper:
         if not self.storage_url:
             sweep_dir.mkdir(parents=True, exist_ok=True)
         study, created = self.open_study(url, directions, pruner, baselines)
+        if not created:
+            self.check_space_matches(study, searched, url)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if seed is not None and not created:  # a joining or resuming worker must not replay the first one's draws
             sampler = build_sampler(self.sampler_spec, (int(seed) + 7919 * budget_used(study) + os.getpid()) % 2**31,
@@ -454,3 +472,9 @@ class OptunaSweeper:
 
 class SweepFailed(SegplatError):
     """Too many trials failed: the sweep stops (the study keeps everything for a rerun)."""
+
+
+def _shown(distribution: optuna.distributions.BaseDistribution) -> str:
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return f"choice{tuple(distribution.choices)}"
+    return f"[{distribution.low}, {distribution.high}]"  # type: ignore[attr-defined]

@@ -146,6 +146,8 @@ def config_error_hint(config_name: str, argv: Sequence[str]) -> str | None:
     except OverrideParseException as err:
         return f"an override could not be parsed ({str(err).strip().splitlines()[0]}); see Hydra's message above."
     except Exception as err:
+        if "requires --multirun" in str(err):  # a sweep's line composes under --multirun: something else failed
+            return None
         found = re.search(r"Could not override '([^']+)'", str(err))
         if found is None:
             return f"the command line was refused ({str(err).strip().splitlines()[0]}); see Hydra's message above."
