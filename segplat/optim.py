@@ -51,6 +51,12 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, group_lrs: di
     if unknown:
         raise ConfigError(f"frozen groups {sorted(unknown)} are not parameter groups of the model "
                           f"({', '.join(groups_of)}).")
+    absent = [g for g, g_lr in group_lrs.items() if g_lr is not None and not groups_of.get(g)]
+    if absent:
+        have = ", ".join(g for g, named in groups_of.items() if named)
+        raise ConfigError(f"optimizer.{absent[0]}_lr={group_lrs[absent[0]]} sets the {absent[0]} parameters' rate, "
+                          f"but this model has none (its groups: {have}; early fusion has no fusion modules); "
+                          f"leave optimizer.{absent[0]}_lr=null.")
     extra = _model_no_decay_names(model)
     out = []
     for group, named in groups_of.items():

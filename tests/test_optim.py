@@ -180,3 +180,15 @@ def test_warmup_steps_zero_turns_warmup_off_and_a_warmup_as_long_as_the_run_is_s
     assert not caplog.records
     build_scheduler(opt, total_steps=8, warmup_steps=None, warmup_epochs=2, steps_per_epoch=4)
     assert "never reaches its base value" in caplog.text
+
+
+def test_a_rate_for_a_group_the_model_does_not_have_is_refused() -> None:
+    """optimizer.fusion_lr with early fusion trained without a word (no fusion group exists)."""
+    from tests.conftest import compose_train
+
+    cfg = compose_train(["model.encoder.name=resnet10t", "model.decoder.channels=[16,16,16,16]"])
+    model = instantiate(cfg.model, modalities={"rgb": 3, "nir": 1}, num_classes=4)
+    with pytest.raises(ConfigError, match=r"^optimizer\.fusion_lr=0\.0001 sets the fusion parameters' rate, but this "
+                                          r"model has none \(its groups: encoder, decoder"):
+        build_optimizer(model, lr=1e-3, fusion_lr=1e-4)
+    assert build_optimizer(model, lr=1e-3, encoder_lr=1e-4).param_groups[0]["lr"] == 1e-4
