@@ -371,6 +371,16 @@ class OpenScene:
     names: dict[str, str]  # what each modality is read from, for messages
     crs: Any = None
     transform: Any = None  # of the label grid; None without georeferencing
+    gcps: int = 0  # ground control points of the primary file (georeferenced by GCPs only: not carried over)
+
+    def georeference_note(self) -> str:
+        """What the scene's log line says when the outputs carry no georeference."""
+        if self.crs is not None:
+            return ""
+        if self.gcps:
+            return (f"; the input is georeferenced by {self.gcps} ground control points, which the outputs do not "
+                    "carry (warp it first, e.g. gdalwarp -tps, for georeferenced outputs)")
+        return "; the input has no georeference, so neither have its outputs"
 
 
 @contextmanager
@@ -394,6 +404,7 @@ def open_scene(scene: Scene, loaded: LoadedModel, layout: Any = None) -> Iterato
                 log.info("%s: bands %s by their descriptions, for the model's %s", path, picked,
                          ", ".join(loaded.specs[m].bands))
             sources[m], profiles[m], names[m] = RasterSource(src, picked), header(src), str(path)
+            profiles[m]["gcps"] = len(src.gcps[0])
             nodata[m] = src.nodata if src.nodata is not None else loaded.specs[m].nodata
             if np.dtype(src.dtypes[0]) != np.dtype(loaded.specs[m].dtype):
                 log.warning("%s is %s but the model was trained on %s for %s; its values are normalised with the "
@@ -401,8 +412,9 @@ def open_scene(scene: Scene, loaded: LoadedModel, layout: Any = None) -> Iterato
         primary = profiles[loaded.modalities[0]]
         transform = primary["transform"] @ Affine.scale(loaded.specs[loaded.modalities[0]].scale)
         georeferenced = primary["crs"] is not None
+        gcps = 0 if georeferenced else profiles[loaded.modalities[0]]["gcps"]
         yield OpenScene(sources, nodata, names, primary["crs"] if georeferenced else None,
-                        transform if georeferenced else None)
+                        transform if georeferenced else None, gcps)
 
 
 # -- writing -----------------------------------------------------------------------------------------------
@@ -744,7 +756,7 @@ def predict_scenes(cfg: DictConfig, loaded: LoadedModel, predictor: SlidingWindo
                     height, width = predictor.check_shapes({m: s.shape for m, s in opened.sources.items()},
                                                            opened.names)
                     windows = predictor.grid(height, width).num_windows
-                    georeferenced = opened.crs is not None
+                    note = opened.georeference_note()
                     writer = SceneWriter(files, height, width, opened.crs, opened.transform, loaded, cfg.output)
                     for band in predictor.stream(opened.sources, opened.nodata, desc=scene.stem, names=opened.names,
                                                  observe=writer.preview):
@@ -759,8 +771,7 @@ def predict_scenes(cfg: DictConfig, loaded: LoadedModel, predictor: SlidingWindo
             tally.predicted.append(scene.stem)
             tally.windows += windows
             log.info("%s: %dx%d px, %d windows in %.1f s (%.1f windows/s)%s", scene.stem, width, height, windows,
-                     seconds, windows / max(seconds, 1e-9),
-                     "" if georeferenced else "; the input has no georeference, so neither have its outputs")
+                     seconds, windows / max(seconds, 1e-9), note)
             bar.update(1)
             bar.set_postfix(windows=tally.windows)
     tally.seconds = time.perf_counter() - started

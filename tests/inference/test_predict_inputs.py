@@ -223,3 +223,20 @@ def test_layout_scenes_are_named_after_the_sample_not_its_label_file(tmp_path: P
     made = sorted(p.name for p in out.glob("*_classes.tif"))
     assert made and not [n for n in made if "LabelHand" in n]
     assert all(n[:-len("_classes.tif")] in {r.id for r in layout.scan()[split]} for n in made), made
+
+
+def test_an_input_georeferenced_by_gcps_says_its_outputs_are_not(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """It was logged as 'no georeference' (raw S1 GRD and L1 products ship with GCPs only)."""
+    from rasterio.control import GroundControlPoint
+
+    ckpt = write_checkpoint(tmp_path / "rgb.ckpt", {"rgb": SPECS["rgb"]})
+    rgb = scene_arrays(66, 80)["rgb"]
+    gcps = [GroundControlPoint(r, c, 10.0 + c / 800, 50.0 - r / 660) for r in (0, 66) for c in (0, 80)]
+    path = tmp_path / "grd.tif"
+    with rasterio.open(path, "w", driver="GTiff", height=66, width=80, count=3, dtype="uint16", gcps=gcps,
+                       crs="EPSG:4326") as dst:
+        dst.write(rgb)
+    with caplog.at_level(logging.INFO, logger="segplat"):
+        predict(compose_predict([f"ckpt={ckpt}", f"input={path}", "progress=false"], tmp_path / "out"))
+    assert any("georeferenced by 4 ground control points, which the outputs do not carry" in r.getMessage()
+               for r in caplog.records)
