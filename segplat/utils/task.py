@@ -190,9 +190,19 @@ def _unknown_key(key: str, config_name: str, other_overrides: Sequence[str]) -> 
     wrong = parts[len(known)]
     group = "/".join(known)
     if known and (CONF_DIR / group / f"{wrong}.yaml").is_file():  # e.g. logger.mlflow.tracking_uri without mlflow
+        top = known[0]
+        if len(known) > 1:  # a nested group (loss/terms) is chosen through its parent's presets
+            presets = sorted(f.stem for f in (CONF_DIR / top).glob("*.yaml") if wrong in f.stem.split("_"))
+            choose = " or ".join(f"{top}={p}" for p in presets) or f"a {top} preset that uses it"
+            return f"{key}: {wrong} is not part of this run's {top}; select it with {choose}."
         several = f" or, beside others, {group}=[jsonl,{wrong}]" if group == "logger" else ""
         return f"{key}: {wrong} is an option of {group} that this run does not select; select it with {group}={wrong}" \
             f"{several}."
+    if OmegaConf.is_dict(node) and wrong in node:  # it exists but holds a value, not keys (null: nothing chosen)
+        value = OmegaConf.to_container(node, resolve=False).get(wrong)
+        shown = "null" if value is None else repr(value)
+        return (f"{key}: {'.'.join([*known, wrong])} is {shown} here, not a section with keys; set it whole "
+                f"(see its config) or add keys on purpose with +{key}=...")
     candidates = [str(k) for k in node] if OmegaConf.is_dict(node) else []
     near = difflib.get_close_matches(wrong, candidates, n=1, cutoff=0.5)
     parent = ".".join(known) or "the config"

@@ -16,6 +16,10 @@ from segplat.utils.task import config_error_hint, overrides_of
     (["optimizer=adamw", "--cfg", "job", "trainer.max_epoch=1"], "did you mean trainer.max_epochs?"),
     (["logger.mlflow.tracking_uri=http://h:5000"], "mlflow is an option of logger that this run does not select; "
                                                    "select it with logger=mlflow"),
+    # a nested group is chosen through its parent's presets (it advised loss/terms=ohem, itself refused)
+    (["loss.terms.ohem.thres=0.5"], "ohem is not part of this run's loss; select it with loss=ohem or loss=ohem_dice"),
+    # a key under a value (null here) is not a typo of that value (it suggested the same key again)
+    (["dataset.photometric.foo=1"], "dataset.photometric is null here, not a section with keys"),
 ])
 def test_near_misses_get_a_suggestion(argv, hint):
     assert hint in config_error_hint("train", argv)
