@@ -139,13 +139,15 @@ def inspect_store(store_path: str | Path, out: str | Path, split: str = "train",
 
 def _plot_class_frequencies(store: Any, group: Any, split: str, tiles: list[int], palette: np.ndarray,
                             path: Path) -> dict[str, int]:
-    """Pixels per class over the whole split (labels are small: one uint8 per pixel), plotted as fractions."""
+    """Pixels per class over the whole split's valid pixels (labels are small: one uint8 per pixel; the padding of
+    scenes smaller than a tile never counts, as <ignore> or otherwise), plotted as fractions."""
     import matplotlib.pyplot as plt
 
     classes, ignore = store.classes, store.ignore_index
     counts = np.zeros(256, np.int64)
     for i in tiles:
-        counts += np.bincount(np.asarray(group["label"][i]).ravel(), minlength=256)
+        label = np.asarray(group["label"][i])
+        counts += np.bincount(label[_valid_on(group, i, label.shape)].ravel(), minlength=256)
     freq = {c: int(counts[k]) for k, c in enumerate(classes)}
     freq["<ignore>"] = int(counts[ignore])
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(classes) + 2), 3.5))

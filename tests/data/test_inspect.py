@@ -76,6 +76,8 @@ def test_histograms_count_only_the_stores_valid_pixels_and_go_under_logs(tmp_pat
     assert summary["modalities"]["rgb"]["bands"]["red"]["mean"] == pytest.approx(red.mean())
     assert summary["modalities"]["nir"]["bands"]["nir"]["valid"] == inside
     assert (out / "histograms_rgb.png").stat().st_size > 1000
+    # the class counts leave the padding out too (it was counted as <ignore>): all 7 tiles were picked
+    assert sum(summary["class_pixels"].values()) == inside
 
 
 def test_help_typos_and_bad_own_keys_are_one_line_not_a_traceback(capsys) -> None:
