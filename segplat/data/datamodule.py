@@ -192,6 +192,10 @@ class DataModule:
                 raise ConfigError(f"{key}={value} must be a positive integer.")
         if self.num_workers < 0:
             raise ConfigError(f"dataset.num_workers={self.num_workers} must be 0 or more.")
+        if not 0.0 <= self.class_balanced <= 1.0:
+            raise ConfigError(f"dataset.class_balanced={self.class_balanced:g} is the probability that a training "
+                              "crop is centred on a pixel of a class drawn evenly from those in its tile; give a value "
+                              "from 0 (off) to 1 (always).")
         if self.tiles_per_shard < 0:
             raise ConfigError(f"dataset.tiles_per_shard={self.tiles_per_shard} must be 0 (one object per tile) or a "
                               "positive number of tiles per shard.")

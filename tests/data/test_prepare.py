@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from segplat.data import store as store_module
+from segplat.data.datamodule import DataModule
 from segplat.data.fake import WRITERS, writer
 from segplat.data.fake import main as fake_main
 from segplat.data.fake.clouds import write_fake
@@ -238,3 +239,11 @@ def test_two_nodes_sharing_a_store_folder_prepare_it_once(tmp_path: Path) -> Non
     assert len(builds) == 1  # both nodes read the same store
     stores = [p for p in (tmp_path / "stores").iterdir() if p.suffix == ".zarr"]
     assert len(stores) == 1 and is_complete(stores[0], stores[0].name.rsplit("-", 1)[1].removesuffix(".zarr"))
+
+
+@pytest.mark.parametrize("value", [2, -0.5])
+def test_class_balanced_outside_a_probability_is_refused(value: float) -> None:
+    """It is compared with a uniform draw, so 2 acted as 1 and -0.5 as 0 without a word."""
+    with pytest.raises(ConfigError, match=rf"^dataset\.class_balanced={value:g} is the probability .* from 0 \(off\)"):
+        DataModule(name="x", layout={}, requires_root=False, class_balanced=value)
+    assert DataModule(name="x", layout={}, requires_root=False, class_balanced=1.0).class_balanced == 1.0

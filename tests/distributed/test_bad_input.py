@@ -80,3 +80,4 @@ def test_run_name_is_cached_per_config_and_rank_zero_settings(monkeypatch: pytes
     assert dist.rank_zero_value(".hydra") is None
     monkeypatch.setenv("RANK", "0")
     assert dist.rank_zero_value("a", "b") == "a"
+
