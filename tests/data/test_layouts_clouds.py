@@ -132,3 +132,25 @@ def test_missing_root_and_tree(tmp_path: Path) -> None:
         datamodule("clouds", tmp_path / "nope").check_root()
     with pytest.raises(DataError, match=r"train/rgb is missing"):
         CloudsLayout(str(tmp_path)).scan()
+
+
+def test_images_that_are_not_8_bit_colour_are_refused_not_converted(clouds_root: Path, tmp_path: Path) -> None:
+    """cv2.IMREAD_COLOR copied a grey PNG into three channels: a grey rgb image trained as colour, and a class-index
+    label (0..3) decoded as all background, since every grey level lay within the tolerance of black."""
+    root = _copy(clouds_root, tmp_path / "grey")
+    layout = CloudsLayout(str(root), val_fraction=0.0)
+    refs = layout.scan()["train"]
+    expected = layout.read(refs[0])
+    rgb, ngr, lab = (Path(refs[i].files[k]) for i, k in ((0, "rgb"), (1, "ngr"), (2, "label")))
+    cv2.imwrite(str(rgb), cv2.imread(str(rgb), cv2.IMREAD_GRAYSCALE))
+    with pytest.raises(DataError, match=rf"{rgb}: is a 1-channel image, but every clouds rgb image is a 3-channel"):
+        layout.read(refs[0])
+    cv2.imwrite(str(lab), np.random.default_rng(0).integers(0, 4, cv2.imread(str(lab)).shape[:2], dtype=np.uint8))
+    with pytest.raises(DataError, match=rf"{lab}: is a 1-channel image, but every clouds label .* is a 3-channel"):
+        layout.read(refs[2])
+    cv2.imwrite(str(ngr), cv2.imread(str(ngr)).astype(np.uint16) * 257)
+    with pytest.raises(DataError, match=rf"{ngr}: holds uint16 pixels, but clouds images are 8-bit"):
+        layout.read(refs[1])
+    bgra = cv2.cvtColor(cv2.imread(str(clouds_root / "train" / "rgb" / rgb.name)), cv2.COLOR_BGR2BGRA)
+    cv2.imwrite(str(rgb), bgra)  # an alpha channel carries no data: read as the colour image it holds
+    np.testing.assert_array_equal(layout.read(refs[0]).arrays["rgb"], expected.arrays["rgb"])

@@ -56,6 +56,20 @@ def imread(path: str | Path, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
     return img
 
 
+def imread_colour(path: str | Path, what: str) -> np.ndarray:
+    """An 8-bit 3-channel BGR image, or one sentence: cv2.IMREAD_COLOR would silently copy a grayscale PNG into
+    three channels (a grey rgb image, an index label decoded as all background) and scale 16-bit PNGs down."""
+    img = imread(path)
+    channels = 1 if img.ndim == 2 else img.shape[2]
+    if channels not in (3, 4):
+        raise DataError(f"{path}: is a {channels}-channel image, but every clouds {what} is a 3-channel colour PNG; "
+                        "replace it with the colour file from the Kaggle download.")
+    if img.dtype != np.uint8:
+        raise DataError(f"{path}: holds {img.dtype} pixels, but clouds images are 8-bit; convert it to an 8-bit "
+                        "PNG or replace it with the file from the Kaggle download.")
+    return img[:, :, :3]  # an alpha channel carries no data
+
+
 class CloudsLayout(Layout):
     name = "clouds"
     classes = CLASSES
@@ -114,8 +128,8 @@ class CloudsLayout(Layout):
 
     def read(self, ref: SampleRef) -> Sample:
         rgb_path, ngr_path = ref.files["rgb"], ref.files["ngr"]
-        bgr = imread(rgb_path, cv2.IMREAD_COLOR)
-        ngr = imread(ngr_path, cv2.IMREAD_COLOR)
+        bgr = imread_colour(rgb_path, "rgb image")
+        ngr = imread_colour(ngr_path, "ngr image (NIR in its red channel)")
         if ngr.shape[:2] != bgr.shape[:2]:
             raise DataError(f"{ngr_path}: is {ngr.shape[1]}x{ngr.shape[0]} but {rgb_path} is "
                             f"{bgr.shape[1]}x{bgr.shape[0]}; the modalities' sizes disagree.")
@@ -123,7 +137,7 @@ class CloudsLayout(Layout):
         nir = np.ascontiguousarray(ngr[:, :, 2][None])  # NGR's red channel is NIR
         if "label" in ref.files:
             lab_path = ref.files["label"]
-            lab_bgr = imread(lab_path, cv2.IMREAD_COLOR)
+            lab_bgr = imread_colour(lab_path, "label (black, red, green, yellow)")
             if lab_bgr.shape[:2] != bgr.shape[:2]:
                 raise DataError(f"{lab_path}: is {lab_bgr.shape[1]}x{lab_bgr.shape[0]} but {rgb_path} is "
                                 f"{bgr.shape[1]}x{bgr.shape[0]}; the label and image sizes disagree.")
