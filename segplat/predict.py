@@ -879,7 +879,8 @@ def run_prediction(cfg: DictConfig, out_dir: Path) -> Path:
                "seconds": round(seconds, 3), "scenes_per_s": predicted / max(seconds, 1e-9),
                "windows_per_s": windows / max(seconds, 1e-9), "processes": workers.world,
                "by_process": {str(r): t.predicted for r, t in enumerate(tallies)},
-               "checkpoint": str(loaded.checkpoint), "submission": str(submission) if submission else None}
+               "checkpoint": str(Path(loaded.checkpoint).resolve()),  # a relative ckpt= means nothing elsewhere
+               "submission": str(submission) if submission else None}
     atomic_write_json(out_dir / "summary.json", summary)
     if submission:
         log.info("wrote %s (%d images)", submission, len(scenes))

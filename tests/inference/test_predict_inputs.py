@@ -148,7 +148,8 @@ def test_a_damaged_scene_is_named_and_leaves_no_work_files(checkpoint: Path, tmp
     assert not first.exists()  # nothing but Hydra's files would be left: no run folder
 
 
-def test_a_run_folder_resumes_only_the_prediction_it_holds(checkpoint: Path, tmp_path: Path):
+def test_a_run_folder_resumes_only_the_prediction_it_holds(checkpoint: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch):
     """Complete scenes are skipped on a re-run: with another checkpoint or settings the old outputs would stay
     under a summary naming the new ones, so that is refused; the same command resumes."""
     root = tmp_path / "scenes"
@@ -159,6 +160,9 @@ def test_a_run_folder_resumes_only_the_prediction_it_holds(checkpoint: Path, tmp
     before = (out / "a_classes.tif").read_bytes()
     predict(compose_predict(base, out))  # the same prediction: resumed, nothing to do
     assert json.loads((out / "summary.json").read_text())["skipped_complete"] == 1
+    monkeypatch.chdir(checkpoint.parent)  # a relative ckpt= is stored absolute: it means nothing from elsewhere
+    predict(compose_predict([f"ckpt={checkpoint.name}", *base[1:]], out))
+    assert json.loads((out / "summary.json").read_text())["checkpoint"] == str(checkpoint.resolve())
     for change in ("tta.flips=true", "overlap=0.5", "window=64"):
         with pytest.raises(ConfigError, match=rf"run folder {out} holds predictions made with other settings \("):
             predict(compose_predict([*base, change], out))
