@@ -4,6 +4,8 @@ monitored metric of checkpointing / early stopping (val/loss min, val/iou_<class
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any, ClassVar
 
 import pytest
@@ -107,6 +109,18 @@ def test_switch_at_unfreeze_epoch_with_encoder_lr(tmp_path, key):
     assert [e["enc_in_opt"] for e in Probe.log] == [False, True]
     cfg_lr = Probe.log[1]["lrs"]
     assert cfg_lr["encoder"] / 2e-5 == pytest.approx(cfg_lr["decoder"] / 2e-3, rel=1e-9)  # same cosine factor
+
+
+@pytest.mark.slow
+def test_the_switch_is_printed_once_and_kept_in_the_run_log(tmp_path):
+    cmd = [sys.executable, "-m", "segplat.train", "debug=fast", "callbacks=finetune", "trainer.max_epochs=2",
+           "callbacks.finetune.unfreeze_epoch=2", f"paths.log_dir={tmp_path}", "run_name=ft"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    said = "fine-tuning: encoder unfrozen after epoch 1 (unfreeze_epoch=2)"
+    assert (res.stdout + res.stderr).count(said) == 1, res.stdout
+    (log,) = tmp_path.rglob("train.log")
+    assert log.read_text().count(said) == 1
 
 
 def test_finetune_config_errors():

@@ -156,11 +156,7 @@ class EncoderFineTuning(Callback):
         self.best, self.wait = None, 0
         msg = (f"fine-tuning: {self.group} unfrozen after epoch {self.switch_epoch} ({reason}); it trains from "
                f"epoch {self.switch_epoch + 1} at lr {lr:.3g}")
-        log.info(msg)
-        if trainer.accelerator.is_main_process:
-            from tqdm.auto import tqdm
-
-            tqdm.write(msg)
+        log.info(msg)  # Hydra's job logging prints it and keeps it in the run's log (tqdm.write printed it twice)
 
     # -- hooks -----------------------------------------------------------------------------------
     def before_optimizer_restore(self, trainer: Trainer, state: dict[str, Any]) -> None:
