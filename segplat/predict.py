@@ -81,6 +81,7 @@ RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2", ".png", ".jpg", ".jp
 LIST_SUFFIXES = (".txt", ".csv", ".lst")
 PARTIAL = ".partial"
 STREAM_STRIP_ROWS = 16  # rows per strip of the intermediate GeoTIFFs the stream writes into
+DEFAULT_SPLIT = "test"  # the split a dataset-layout input is predicted from when split= is not given
 
 
 # -- scenes ----------------------------------------------------------------------------------------------
@@ -145,6 +146,10 @@ def list_scenes(cfg: DictConfig, loaded: LoadedModel) -> list[Scene]:
         else:
             raise ConfigError(f"input={inp} does not exist; give a raster, a folder, a list file or "
                               "{modality: FILE}.")
+    split = OmegaConf.select(cfg, "split", default=None)
+    if split is not None and scenes and all(s.ref is None for s in scenes):
+        raise ConfigError(f"split={split} picks a split of a dataset-layout folder, but input={inp} names raster "
+                          "files, which are all predicted; drop split=.")
     scenes = [check_scene_files(s, loaded) if s.files else s for s in scenes]
     seen: dict[str, Scene] = {}
     for s in scenes:
@@ -228,10 +233,11 @@ def scenes_from_folder(path: Path, cfg: DictConfig, loaded: LoadedModel) -> list
         return [raster_scene({modalities[0]: p}) for p in rasters]
     layout = build_layout(loaded, path)
     splits = layout.scan()
-    if cfg.split not in splits:
-        raise ConfigError(f"split={cfg.split} is not in {path}; it has {', '.join(splits)}.")
+    split = layout_split(cfg)
+    if split not in splits:
+        raise ConfigError(f"split={split} is not in {path}; it has {', '.join(splits)}.")
     scenes = []
-    for ref in splits[cfg.split]:
+    for ref in splits[split]:
         first = next(iter(ref.files.values()), None) if ref.files else None
         name = Path(first).name if first else ref.id
         # outputs are named after the sample (Spain_226704, not its Spain_226704_LabelHand.tif; 10004, not
@@ -239,6 +245,11 @@ def scenes_from_folder(path: Path, cfg: DictConfig, loaded: LoadedModel) -> list
         stem = re.sub(r"[^\w.-]+", "_", ref.id.rsplit("/", 1)[-1]) or output_stem(name)
         scenes.append(Scene(name, stem, ref=ref))
     return scenes
+
+
+def layout_split(cfg: DictConfig) -> str:
+    """The split of a dataset-layout input: `split`, else the test split."""
+    return str(OmegaConf.select(cfg, "split", default=None) or DEFAULT_SPLIT)
 
 
 def build_layout(loaded: LoadedModel, root: Path) -> Any:
@@ -817,7 +828,7 @@ def prediction_settings(cfg: DictConfig, loaded: LoadedModel, window: int) -> di
     ckpt = Path(loaded.checkpoint).resolve()
     stat = ckpt.stat()
     return {"checkpoint": str(ckpt), "checkpoint_bytes": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns,
-            "input": to_plain(cfg.input), "split": cfg.split, "window": window, "overlap": cfg.overlap,
+            "input": to_plain(cfg.input), "split": layout_split(cfg), "window": window, "overlap": cfg.overlap,
             "tta": to_plain(cfg.tta), "probabilities": cfg.probabilities, "output": to_plain(cfg.output)}
 
 

@@ -110,16 +110,16 @@ def test_bad_inputs_are_named(trained_run: Path, tmp_path: Path):
     b_dir = tmp_path / "b"
     b_dir.mkdir()
     b = write_scene(b_dir, crs="EPSG:32633")
-    cfg = OmegaConf.create({"input": {"rgb": str(a["rgb"]), "nir": str(b["nir"])}, "split": "test"})
+    cfg = OmegaConf.create({"input": {"rgb": str(a["rgb"]), "nir": str(b["nir"])}, "split": None})
     with pytest.raises(DataError, match="EPSG:32633"):
         list_scenes(cfg, loaded)
     c_dir = tmp_path / "c"
     c_dir.mkdir()
     c = write_scene(c_dir, shift=500.0)
-    cfg = OmegaConf.create({"input": {"rgb": str(a["rgb"]), "nir": str(c["nir"])}, "split": "test"})
+    cfg = OmegaConf.create({"input": {"rgb": str(a["rgb"]), "nir": str(c["nir"])}, "split": None})
     with pytest.raises(DataError, match=r"not on the same grid \(origin .*: \+50.00 px across"):
         list_scenes(cfg, loaded)
-    cfg = OmegaConf.create({"input": {"rgb": str(a["rgb"])}, "split": "test"})
+    cfg = OmegaConf.create({"input": {"rgb": str(a["rgb"])}, "split": None})
     with pytest.raises(ConfigError, match=r"input\.nir"):
         list_scenes(cfg, loaded)
 

@@ -31,7 +31,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def stems(cfg_input, loaded) -> list[str]:
-    return [s.stem for s in list_scenes(OmegaConf.create({"input": cfg_input, "split": "test"}), loaded)]
+    return [s.stem for s in list_scenes(OmegaConf.create({"input": cfg_input, "split": None}), loaded)]
 
 
 def test_folders_lists_and_mappings_name_the_same_scenes(checkpoint: Path, tmp_path: Path):
@@ -41,12 +41,16 @@ def test_folders_lists_and_mappings_name_the_same_scenes(checkpoint: Path, tmp_p
         write_geotiffs(root, scene_arrays(70 + 2 * i, 90), stem=stem, by_folder=True)
     assert stems(str(root), loaded) == ["a", "b", "c.v2"]
     assert stems({"rgb": str(root / "rgb"), "coarse": str(root / "coarse")}, loaded) == ["a", "b", "c.v2"]
-    scenes = list_scenes(OmegaConf.create({"input": str(root), "split": "test"}), loaded)
+    scenes = list_scenes(OmegaConf.create({"input": str(root), "split": None}), loaded)
     assert [s.size for s in scenes] == [(72, 90), (70, 90), (74, 90)]  # headers read at listing, pixels not
     listing = tmp_path / "scenes.csv"
     listing.write_text("# two scenes\nrgb,coarse\nscenes/rgb/c.v2.tif,scenes/coarse/c.v2.tif\n\n"
                        f"{root / 'rgb' / 'a.tif'},{root / 'coarse' / 'a.tif'}\n")
     assert stems(str(listing), loaded) == ["c.v2", "a"]
+    for given in (str(root), str(listing)):  # split= picks nothing there: it was ignored without a word
+        with pytest.raises(ConfigError, match=r"^split=val picks a split of a dataset-layout folder, but input=.* "
+                                              r"names raster files, which are all predicted; drop split=\.$"):
+            list_scenes(OmegaConf.create({"input": given, "split": "val"}), loaded)
 
     (root / "coarse" / "b.tif").unlink()
     with pytest.raises(DataError, match=r"b\.tif has no coarse file of the same name"):
