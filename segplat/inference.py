@@ -178,7 +178,7 @@ def scene_size(loaded: LoadedModel, shapes: Mapping[str, Sequence[int]], names: 
         want = (round(height * spec.scale), round(width * spec.scale))
         have = tuple(shapes[m][-2:])
         if have != want:
-            raise DataError(f"{names[m]} is {have[0]}x{have[1]} pixels but the model expects {want[0]}x{want[1]} "
+            raise DataError(f"{names[m]} is {have[1]}x{have[0]} pixels but the model expects {want[1]}x{want[0]} "
                             f"for {m} next to {names[primary]}; resample it to the trained grid.")
     return height, width
 

@@ -356,8 +356,8 @@ def check_scene_alignment(profiles: Mapping[str, dict[str, Any]], loaded: Loaded
                       resample_key=None)
         have = (profiles[m]["height"], profiles[m]["width"])
         if have != want:
-            raise DataError(f"{profiles[m]['path']} is {have[0]}x{have[1]} pixels but the model expects {want[0]}x"
-                            f"{want[1]} for {m} next to {profiles[primary]['path']}; resample it to the trained grid.")
+            raise DataError(f"{profiles[m]['path']} is {have[1]}x{have[0]} pixels but the model expects {want[1]}x"
+                            f"{want[0]} for {m} next to {profiles[primary]['path']}; resample it to the trained grid.")
 
 
 def check_scene_files(scene: Scene, loaded: LoadedModel) -> Scene:

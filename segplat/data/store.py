@@ -437,8 +437,8 @@ class StoreWriter:
             arr = sample.arrays[name]
             want = (round(shape[0] * spec.scale), round(shape[1] * spec.scale))
             if tuple(arr.shape[-2:]) != want:
-                raise DataError(f"{sample.source}: {name} is {arr.shape[-2]}x{arr.shape[-1]} pixels but the "
-                                f"label grid needs {want[0]}x{want[1]}; the modalities' sizes disagree.")
+                raise DataError(f"{sample.source}: {name} is {arr.shape[-1]}x{arr.shape[-2]} pixels but the "
+                                f"label grid needs {want[1]}x{want[0]}; the modalities' sizes disagree.")
             if arr.shape[-3] != len(spec.bands):
                 raise DataError(f"{sample.source}: {name} has {arr.shape[-3]} bands, expected {len(spec.bands)} "
                                 f"({', '.join(spec.bands)}).")

@@ -75,8 +75,8 @@ def test_folders_lists_and_mappings_name_the_same_scenes(checkpoint: Path, tmp_p
     with rasterio.open(flat / "x_rgb.tif") as src:
         profile = {**src.profile, "count": 2}
     with rasterio.open(flat / "fine.tif", "w", **profile) as dst:  # the coarse bands at the fine grid
-        dst.write(np.ones((2, 70, 90), np.uint16))
-    with pytest.raises(DataError, match=r"fine\.tif is 70x90 pixels but the model expects 35x45 for coarse"):
+        dst.write(np.ones((2, 70, 90), np.uint16))  # 90 wide, 70 high: sizes are width x height
+    with pytest.raises(DataError, match=r"fine\.tif is 90x70 pixels but the model expects 45x35 for coarse"):
         stems({"rgb": str(flat / "x_rgb.tif"), "coarse": str(flat / "fine.tif")}, loaded)
 
 

@@ -212,7 +212,7 @@ class AirQualityLayout(Layout):
             raise DataError(f"{path}: the image has {header['count']} bands but airquality images have 4 "
                             "(R, G, B, NIR); check the file or pick bands with dataset.layout.image_bands.")
         if (header["height"], header["width"]) != (self.image_size, self.image_size):
-            raise DataError(f"{path}: the image is {header['height']}x{header['width']} but dataset.layout.image_size="
+            raise DataError(f"{path}: the image is {header['width']}x{header['height']} but dataset.layout.image_size="
                             f"{self.image_size}; set image_size to the chips' size.")
         bands = None if self.image_bands == IMAGE_BANDS else self.image_bands
         arr, header = read_raster(path, bands, "dataset.layout.image_bands", IMAGE_BANDS)
@@ -230,8 +230,8 @@ class AirQualityLayout(Layout):
         self.plain_pairs += relation == "plain"
         raw = raw[0]
         if relation != "warp" and raw.shape != (image.height, image.width):
-            raise DataError(f"{path}: the mask is {raw.shape[0]}x{raw.shape[1]} but its image is "
-                            f"{image.height}x{image.width}; the mask does not belong to the image.")
+            raise DataError(f"{path}: the mask is {raw.shape[1]}x{raw.shape[0]} but its image is "
+                            f"{image.width}x{image.height}; the mask does not belong to the image.")
         if raw.min() < 0 or raw.max() > 255:
             raise DataError(f"{path}: mask values {int(raw.min())}..{int(raw.max())} are outside 0..255; "
                             "check the file.")

@@ -311,8 +311,8 @@ class S1S2SeriesLayout(Layout):
             if spec.bands != documented:
                 stack = stack[:, [documented.index(b) for b in spec.bands]]
             if stack.shape[-2:] != label.shape:
-                raise DataError(f"{path}: frames are {stack.shape[-2]}x{stack.shape[-1]} but the label is "
-                                f"{label.shape[0]}x{label.shape[1]}; the modalities' sizes disagree.")
+                raise DataError(f"{path}: frames are {stack.shape[-1]}x{stack.shape[-2]} but the label is "
+                                f"{label.shape[1]}x{label.shape[0]}; the modalities' sizes disagree.")
             if not np.can_cast(stack.dtype, spec.dtype, casting="same_kind"):
                 raise DataError(f"{path}: dtype {stack.dtype} cannot hold {sensor} as {spec.dtype}; check the file.")
             when = self._dates(props, sensor, path)
