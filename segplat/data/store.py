@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import time
 import uuid
@@ -50,6 +51,9 @@ from segplat.errors import DataError
 from segplat.utils.io import atomic_write_json, dumps_json
 
 log = logging.getLogger(__name__)
+# samples skipped in a row, from the first one, for one reason naming a config key before the prepare stops: such a
+# reason is most likely the configuration's, which would skip every sample, one warning each, before the same error
+CONFIG_SKIPS_TO_STOP = 5
 
 STORE_FORMAT_VERSION = 2  # 2: crc32c on every chunk, written-empty chunks, optional sharding
 COMPLETE_MARKER = "_SEGPLAT_COMPLETE.json"
@@ -78,6 +82,10 @@ def store_fingerprint(layout: Layout, tile_size: int, compressor: str | None = "
     if int(tiles_per_shard) > 1:
         extra["tiles_per_shard"] = int(tiles_per_shard)
     return layout.fingerprint(extra)
+
+
+class _ConfigSkips(DataError):
+    """The first samples were all refused for one config-key reason: the prepare stops (see `_skip`)."""
 
 
 @dataclass
@@ -205,6 +213,8 @@ class StoreWriter:
         self.fingerprint = store_fingerprint(layout, self.tile_size, compressor, self.tiles_per_shard)
         self.progress = progress
         self.skipped: list[str] = []
+        self._read_ok = False  # some sample has been read: a repeated skip is then the files', not the config's
+        self._same_reason: tuple[str, int] = ("", 0)
         # where the tiles are written: a local partial folder renamed at the end, or the remote prefix itself
         self.target = self.location if self.location.remote else self.location.with_suffix(".partial")
 
@@ -233,9 +243,15 @@ class StoreWriter:
             raise DataError(f"no samples found under {self.layout.root} for dataset {self.layout.name}; "
                             "check dataset.root.")
         root = self._open_partial()
-        for split, refs in splits.items():
-            if refs:
-                self._write_split(root, split, refs)
+        try:
+            for split, refs in splits.items():
+                if refs:
+                    self._write_split(root, split, refs)
+        except _ConfigSkips as err:
+            if not self.location.remote and not any(
+                    s in root and any(m is not None for m in root[s].attrs["tiles"]) for s in splits):
+                shutil.rmtree(self.partial, ignore_errors=True)  # nothing in it is worth resuming
+            raise DataError(str(err)) from None
         written = [s for s in splits if s in root and any(m is not None for m in root[s].attrs["tiles"])]
         if not written:
             shutil.rmtree(self.partial, ignore_errors=True)  # nothing in it is worth resuming
@@ -348,6 +364,19 @@ class StoreWriter:
         group.create_array("done", shape=(n_samples,), chunks=(n_samples,), dtype="bool", fill_value=False)
         group.attrs["tiles"] = [None] * n_tiles
 
+    def _skip(self, err: DataError) -> None:
+        """Skip one sample, logged; stop when the first samples all fail for one reason that names a config key."""
+        self.skipped.append(str(err))
+        log.warning("skipped: %s", err)
+        reason = re.sub(r"^\S+: ", "", str(err))  # the message without the file it names
+        if self._read_ok or "dataset." not in reason:
+            return
+        count = self._same_reason[1] + 1 if reason == self._same_reason[0] else 1
+        self._same_reason = (reason, count)
+        if count >= CONFIG_SKIPS_TO_STOP:
+            raise _ConfigSkips(f"the first {count} samples of dataset {self.layout.name} were all refused for the "
+                               f"same reason, which names a config key; stopped before reading the rest: {err}")
+
     def _scan_shapes(self, root: zarr.Group, split: str, refs: list[SampleRef]) -> list[list[int]]:
         """Each sample's label shape, scanned once and kept in the store's attributes so a resumed prepare plans
         the same tiles; an unreadable file skips its sample (shape 0 x 0), not the whole prepare."""
@@ -359,8 +388,7 @@ class StoreWriter:
                 try:
                     shapes.append(list(self._sample_shape(ref)))
                 except DataError as err:
-                    self.skipped.append(str(err))
-                    log.warning("skipped: %s", err)
+                    self._skip(err)
                     shapes.append([0, 0])
             root.attrs[shapes_path] = shapes
         return list(shapes)
@@ -406,10 +434,10 @@ class StoreWriter:
                 sample = self.layout.read(plan.ref)
                 self._validate(sample, tuple(shapes[i]), plan.ref)
             except DataError as err:
-                self.skipped.append(str(err))
-                log.warning("skipped: %s", err)
+                self._skip(err)
                 done[i] = True
                 continue
+            self._read_ok = True
             for k, window in enumerate(plan.windows):
                 idx = plan.start + k
                 tiles_meta[idx] = self._write_tile(sink, idx, sample, window)

@@ -174,3 +174,24 @@ def test_label_classes_out_of_range_and_config_errors(tmp_path: Path) -> None:
         layout(root, modalities=bad_nodata)
     with pytest.raises(ConfigError, match=r"^dataset\.layout\.label\.nodata=none is not a nodata value"):
         layout(root, label={**LABEL, "nodata": "none"})
+
+
+def test_a_config_key_refused_by_the_first_samples_stops_the_prepare(tmp_path: Path, caplog) -> None:
+    """source_bands naming a band no file has was one warning per sample, then the same error after a full pass."""
+    root = write_fake(tmp_path / "fake", seed=7, per_split=4)
+    fifth = {"x": {"glob": "*/optical/*.tif", "bands": ["x"], "source_bands": [5]}}  # the files have 4 bands
+    with caplog.at_level("WARNING"), pytest.raises(DataError, match=r"^the first 5 samples of dataset geotiff were "
+                                                   r"all refused for the same reason, which names a config key; "
+                                                   r"stopped before reading the rest: .*source_bands asks for band 5"):
+        prepare_store(layout(root, modalities=fifth), tmp_path / "s.zarr", 64, progress=False)
+    assert sum(r.getMessage().startswith("skipped: ") for r in caplog.records) == 5  # of 8 samples
+    assert not (tmp_path / "s.zarr").exists() and not (tmp_path / "s.partial").exists()
+    # once one sample has been read, a refusal is that file's: it is skipped and the rest are still read
+    first = sorted(root.glob("train/optical/*.tif"))[0]
+    with rasterio.open(first) as src:
+        data, profile = src.read(), src.profile
+    with rasterio.open(first, "w", **{**profile, "count": 5}) as dst:
+        dst.write(np.concatenate([data, data[:1]]))
+    store = PatchStore(prepare_store(layout(root, modalities=fifth), tmp_path / "s.zarr", 64, progress=False))
+    assert len(store.meta["skipped"]) == 7
+    assert {m["source"] for m in store.tiles_meta("train") if m} == {str(root / "train/label/scene_00.tif")}
