@@ -568,8 +568,8 @@ class SceneWriter:
 
     def write_previews(self) -> None:
         """`_colour.png` (the palette, nodata transparent; from the class COG's overviews) and `_overlay.png` (over
-        the primary modality as sampled during the stream), at most `output.preview_size` pixels on their long
-        side, each with a class legend."""
+        the primary modality as sampled during the stream): the map at most `output.preview_size` pixels on its
+        long side, the class legend in a strip below it."""
         files, loaded, sampler = self.files, self.loaded, self.preview
         h, w = sampler.height, sampler.width
         classes = read_class_raster(files.partial(files.classes.name), out_shape=(h, w))
