@@ -84,6 +84,7 @@ class TrainStep:
 
         self.model = model
         self.loss_fn = instantiate(cfg.loss)
+        self.loss_fn.bind_aux_outputs(model.aux_outputs, type(model).__name__)
         self.loss_fn.set_ignore_index(ignore_index)
         self.optimizer = instantiate(cfg.optimizer)(model)
         self.clip = cfg.trainer.gradient_clip_val

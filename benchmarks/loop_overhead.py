@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     info = datamodule.setup(trainer.accelerator)
     model = instantiate(cfg.model, modalities=info.modalities, num_classes=info.num_classes)
     loss = instantiate(cfg.loss)
+    loss.bind_aux_outputs(model.aux_outputs, type(model).__name__)
     loss.set_ignore_index(info.ignore_index)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     (tmp / "run").mkdir(parents=True)  # as segplat.train does before fit

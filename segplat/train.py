@@ -65,21 +65,25 @@ def train(cfg: DictConfig) -> float:
     expected = datamodule.describe()
     check_monitor(str(cfg.callbacks.monitor), expected.classes)  # a typo stops here, not after the first epoch
     model = build_model(cfg.model, expected.modalities, expected.num_classes, expected.bands)
+    # loss, optimiser, schedule and callbacks too: a refused key stops here, before the store is prepared
+    loss = instantiate(cfg.loss)
+    loss.bind_aux_outputs(model.aux_outputs, type(model).__name__)
+    optimizer_factory = instantiate(cfg.optimizer)
+    scheduler_factory = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    callbacks = build_callbacks(cfg)
     info = datamodule.setup(acc)
     if (list(info.bands.items()), info.classes) != (list(expected.bands.items()), expected.classes):  # in order
         raise DataError(f"the store {datamodule.store_path} holds {info.bands} and classes {info.classes}, "
                         f"but the {datamodule.name} layout describes {expected.bands} and "
                         f"{expected.classes}; prepare it again (python -m segplat.prepare ... force=true).")
     model_cls = get_class(cfg.model._target_)
-    loss = instantiate(cfg.loss)
     loss.set_ignore_index(info.ignore_index)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(cfg, run_dir)
     return trainer.fit(
-        model, datamodule, loss, instantiate(cfg.optimizer),
-        instantiate(cfg.scheduler) if cfg.get("scheduler") else None, run_dir,
-        callbacks=build_callbacks(cfg), monitor=cfg.callbacks.monitor, mode=cfg.callbacks.mode,
+        model, datamodule, loss, optimizer_factory, scheduler_factory, run_dir, callbacks=callbacks,
+        monitor=cfg.callbacks.monitor, mode=cfg.callbacks.mode,
         loggers=loggers, facts=RunFacts.of_run(cfg, model_cls, info, datamodule),
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 from segplat.engine.checkpoint import load_checkpoint
 from segplat.errors import CheckpointError, ConfigError, DataError
 from segplat.train import train
+from segplat.utils.task import user_error_in
 from tests.conftest import TINY, compose_train
 
 
@@ -281,6 +283,23 @@ def test_a_store_that_disagrees_with_its_layout_is_refused_before_training(tmp_p
         train(compose_train([*TINY, "trainer.max_epochs=1", "fusion=mid"], output_dir=out))
     assert "\n" not in str(err.value)
     assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.aux_weights={f2: 0.5}", r"^loss\.aux_weights names \['f2'\], but model Segmenter returns no auxiliary "),
+    ("callbacks.visuals.every_n_epochs=0", r"^callbacks\.visuals\.every_n_epochs=0 must be 1 or more"),
+    ("callbacks.early_stopping.patience=0", r"^callbacks\.early_stopping\.patience=0 must be 1 or more"),
+    ("loss.terms.ce.label_smoothing=2", r"^loss label_smoothing=2 must be in \[0, 1\)"),
+])
+def test_loss_and_callback_keys_are_checked_before_data(tmp_path: Path, override: str, message: str) -> None:
+    """These were checked after the store was prepared (loss, callbacks), at the first step (aux weights of outputs
+    the model lacks: never; 0 every_n_epochs / patience were taken as 1)."""
+    stores = tmp_path / "stores"
+    cfg = compose_train([*TINY, override, f"paths.store_dir={stores}"], tmp_path / "run")
+    with pytest.raises(Exception) as err:  # Hydra wraps an error raised in a constructor; the CLI unwraps it
+        train(cfg)
+    assert re.match(message, str(user_error_in(err.value))), err.value
+    assert not stores.exists() or not any(stores.iterdir())
 
 
 def test_a_monitor_that_validation_never_logs_is_refused_before_data(tmp_path: Path) -> None:

@@ -104,14 +104,31 @@ class PatchDataset(Dataset):
         self.num_classes = len(store.classes)
         meta = store.tiles_meta(split)
         self.tiles = [i for i, m in enumerate(meta) if m is not None]  # skipped samples leave empty tiles
+        # the scene's part of each tile (rows, columns from the top left); the rest is padding, never cropped alone
+        self.valid_size = {t: tuple(int(v) for v in meta[t].get("window", [0, 0, self.tile_size,
+                                                                           self.tile_size])[2:4])
+                           for t in self.tiles}
+        # validation: windows over the scene's part only, each label pixel scored once (`owned` rows and columns)
+        self.owned: list[tuple[int, int]] = []
         if self.train:
             self.index = [(t, None) for t in self.tiles for _ in range(self.patches_per_tile)]
         else:
-            offs = window_starts(self.tile_size, self.patch_size, self.patch_size)
-            self.index = [(t, (y, x)) for t in self.tiles for y in offs for x in offs]
+            self.index = []
+            for t in self.tiles:
+                ys, xs = (self._grid(n) for n in self.valid_size[t])
+                self.index += [(t, (y, x)) for y, _ in ys for x, _ in xs]
+                self.owned += [(oy, ox) for _, oy in ys for _, ox in xs]
         self._store: PatchStore | None = store  # reused by this process's first _open (opening costs requests remotely)
         self._group = None
         self._pid: int | None = os.getpid()
+
+    def _grid(self, length: int) -> list[tuple[int, int]]:
+        """(start, first owned pixel within the window) of validation windows covering `length` scene pixels: the
+        last start snaps up to the coarsest grid's pixels (it stays inside the tile, whose size is a multiple), and
+        the rows it shares with the window before it are scored there, not twice."""
+        p, a = self.patch_size, self.align
+        starts = sorted({min(-(-y // a) * a, self.tile_size - p) for y in window_starts(length, p, p)})
+        return [(y, 0 if k == 0 else max(0, starts[k - 1] + p - y)) for k, y in enumerate(starts)]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -135,9 +152,10 @@ class PatchDataset(Dataset):
         return self._group
 
     def _choose_offset(self, group, tile: int, rng: np.random.Generator) -> tuple[int, int]:
-        span = self.tile_size - self.patch_size
-        if span <= 0:
-            return 0, 0
+        """A random crop inside the scene's part of the tile: a border tile's padding is never most of a crop (a
+        scene smaller than the patch is cropped whole, with its padding)."""
+        height, width = self.valid_size[tile]
+        span_y, span_x = max(0, height - self.patch_size), max(0, width - self.patch_size)
         if self.class_balanced > 0 and rng.random() < self.class_balanced:
             label = np.asarray(group["label"][tile])
             present = [c for c in np.unique(label) if c != self.ignore_index]
@@ -146,8 +164,8 @@ class PatchDataset(Dataset):
                 ys, xs = np.nonzero(label == cls)
                 k = rng.integers(len(ys))
                 half = self.patch_size // 2
-                return (int(np.clip(ys[k] - half, 0, span)), int(np.clip(xs[k] - half, 0, span)))
-        return int(rng.integers(0, span + 1)), int(rng.integers(0, span + 1))
+                return (int(np.clip(ys[k] - half, 0, span_y)), int(np.clip(xs[k] - half, 0, span_x)))
+        return int(rng.integers(0, span_y + 1)), int(rng.integers(0, span_x + 1))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         group = self._open()
@@ -166,6 +184,10 @@ class PatchDataset(Dataset):
                 sample[f"{m}_dates"] = dates
                 sample[f"{m}_time_mask"] = dates >= 0
         label = np.asarray(group["label"][tile, y:y + p, x:x + p])
+        if self.owned and any(own := self.owned[i]):  # scored by the window before this one
+            label = label.copy()
+            label[:own[0]] = self.ignore_index
+            label[:, :own[1]] = self.ignore_index
         if label.size and int(label.max()) >= self.num_classes:  # cheap common case: every value is a class
             bad = label[(label >= self.num_classes) & (label != self.ignore_index)]
             if bad.size:

@@ -14,8 +14,8 @@ from segplat.errors import ConfigError
 class SegLoss(nn.Module):
     """`terms`: name -> loss term module; `weights`: name -> weight (default 1);
     `aux_weights`: output key -> weight ("out" is the main head, weight 1 unless given; "final" is
-    accepted as another name for it; absent aux outputs are skipped, aux outputs with no weight
-    are an error so a typo cannot silently drop a head)."""
+    accepted as another name for it); `bind_aux_outputs` adds the model's default weights and refuses a weight
+    for an output the model lacks; an output with no weight is an error, so a head is never dropped silently."""
 
     def __init__(self, terms: Mapping[str, nn.Module], weights: Mapping[str, float] | None = None,
                  aux_weights: Mapping[str, float] | None = None, ignore_index: int = 255) -> None:
@@ -32,6 +32,23 @@ class SegLoss(nn.Module):
             raise ConfigError("loss.aux_weights names both final and out, which are the same head; keep one.")
         self.aux_weights = {"out": 1.0, **aux}
         self.set_ignore_index(ignore_index)
+
+    def bind_aux_outputs(self, aux_outputs: Mapping[str, float | None], model_name: str) -> None:
+        """Weigh the auxiliary outputs a model returns (`SegmentationModel.aux_outputs`: name -> default weight):
+        `loss.aux_weights` over the model's defaults. A weight for an output the model does not return would
+        never be used, and an output with no weight would fail at the first step: both are refused here."""
+        given = {k: v for k, v in self.aux_weights.items() if k != "out"}
+        unknown = sorted(k for k in given if k not in aux_outputs)
+        if unknown:
+            has = f"returns only {sorted(aux_outputs)}" if aux_outputs else "returns no auxiliary outputs"
+            raise ConfigError(f"loss.aux_weights names {unknown}, but model {model_name} {has}, so those weights "
+                              f"would do nothing; remove them (loss.aux_weights=null keeps the model's defaults).")
+        unweighted = [k for k, w in aux_outputs.items() if w is None and k not in given]
+        if unweighted:
+            raise ConfigError(f"model {model_name} returns the auxiliary output {unweighted[0]}, which has no default "
+                              f"weight; give one with loss.aux_weights={{{unweighted[0]}: 0.1}} (0 leaves it out).")
+        self.aux_weights = {"out": self.aux_weights["out"],
+                            **{k: float(w) for k, w in aux_outputs.items() if w is not None}, **given}
 
     def set_ignore_index(self, ignore_index: int) -> None:
         self.ignore_index = int(ignore_index)

@@ -4,7 +4,8 @@
   in input order (the first is the primary stream: the output has its spatial size).
 - `forward(inputs: dict[str, Tensor]) -> dict[str, Tensor]`: key "out" holds the main logits
   (B, num_classes, H, W) at the primary input's size; other keys are auxiliary logits at any
-  size (the loss resizes them), named as the loss's `aux_weights` name them ("f2", "f3", ...).
+  size (the loss resizes them), named as the loss's `aux_weights` name them ("f2", "f3", ...) and listed with
+  their default weights in `aux_outputs`, so that a weight for an output the model lacks is refused before data.
 - `param_group(name)` tells the optimiser whether a parameter belongs to the "encoder", the
   "fusion" or the "decoder" (decoder + heads), for separate learning rates and freezing.
 - `supported_fusion` lists the fusion levels and types the model accepts (None: any type with a per-stage
@@ -58,6 +59,12 @@ class SegmentationModel(nn.Module):
     @property
     def primary(self) -> str:
         return next(iter(self.modalities))
+
+    @property
+    def aux_outputs(self) -> dict[str, float | None]:
+        """The auxiliary outputs `forward` returns in training (beside "out"), each with the weight the loss gives
+        it unless `loss.aux_weights` says otherwise (None: no default, the loss must name it). None here."""
+        return {}
 
     @classmethod
     def check_fusion(cls, fusion: Any, num_modalities: int | None = None,

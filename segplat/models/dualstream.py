@@ -40,6 +40,9 @@ from segplat.models.fusion.film_gate import FiLMGateFusion
 from segplat.models.segmenter import SegmentationHead
 from segplat.utils.plain import to_plain
 
+# the loss weights of the auxiliary heads unless loss.aux_weights says otherwise (the final head weighs 1)
+AUX_DEFAULT_WEIGHTS = {"f2": 0.3, "f3": 0.15}
+
 
 def _plain(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     """A DictConfig/dict of constructor options as plain Python (lists for sequences)."""
@@ -115,6 +118,11 @@ class DualStream(SegmentationModel):
         self.aux_levels = levels
         self.aux_heads = nn.ModuleDict({
             f"f{a}": SegmentationHead(self.decoder.stage_channels[-a], num_classes, head_dropout) for a in levels})
+
+    @property
+    def aux_outputs(self) -> dict[str, float | None]:
+        """f2 0.3 and f3 0.15 by default; a deeper level (model.aux_levels) has no default weight."""
+        return {f"f{a}": AUX_DEFAULT_WEIGHTS.get(f"f{a}") for a in self.aux_levels}
 
     @classmethod
     def fusion_stage_count(cls, config: Mapping[str, Any]) -> int | None:

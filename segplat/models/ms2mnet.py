@@ -24,7 +24,8 @@ As released (module names in brackets):
   [`Conv3`] before the last; the MAF head [`seg_head`] at stride 2 (three dilated depth-wise branches,
   channel and spatial attention, separable conv, bias-free 1x1 classifier). Aux heads (3x3 ConvBNReLU6 to
   256, dropout, 1x1) after `p3` (stride 8, output "f3") and after `p2` (stride 4, output "f2"), in training.
-  The release's Vaihingen recipe weighs them 0.3 and 0.2: `loss.aux_weights={f3: 0.3, f2: 0.2}`.
+  They weigh 0.3 and 0.2 by default (`aux_outputs`), the release's Vaihingen recipe; its Potsdam one is
+  `loss.aux_weights={f3: 0.4, f2: 0.2}`.
 
 From the figures (the release references these modules but does not define them); every choice a figure
 leaves open is listed with the figure it fills:
@@ -437,6 +438,11 @@ class MS2MNet(SegmentationModel):
             from segplat.models.convert.ms2mnet import load_ms2mnet_pretrained
 
             self.load_report = load_ms2mnet_pretrained(self, pretrained)
+
+    @property
+    def aux_outputs(self) -> dict[str, float | None]:
+        """The release's Vaihingen weights: f3 (stride 8) 0.3, f2 (stride 4) 0.2; none when aux_heads=false."""
+        return {"f3": 0.3, "f2": 0.2} if self.aux_heads else {}
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.check_inputs(inputs)

@@ -195,3 +195,33 @@ def test_a_config_key_refused_by_the_first_samples_stops_the_prepare(tmp_path: P
     store = PatchStore(prepare_store(layout(root, modalities=fifth), tmp_path / "s.zarr", 64, progress=False))
     assert len(store.meta["skipped"]) == 7
     assert {m["source"] for m in store.tiles_meta("train") if m} == {str(root / "train/label/scene_00.tif")}
+
+
+def test_crops_stay_on_the_scene_and_validation_scores_each_pixel_once(tmp_path: Path) -> None:
+    """Training crops were drawn anywhere in a tile, so a border tile gave crops of padding only (all ignore: a
+    zero loss averaged in); validation windows overlapped when the patch did not divide the tile, scoring the
+    shared rows twice, and covered padding-only windows."""
+    from segplat.data.dataset import PatchDataset
+
+    t = rasterio.transform.from_origin(500_000, 5_000_000, 10, 10)
+    labels = np.random.default_rng(0).integers(0, 3, (1, 70, 100), dtype=np.uint8)
+    write_geotiff(tmp_path / "raw/train/optical/a.tif", np.ones((1, 70, 100), np.uint16), "EPSG:32633", t)
+    write_geotiff(tmp_path / "raw/train/label/a.tif", labels, "EPSG:32633", t)
+    lay = layout(tmp_path / "raw", modalities={"optical": {"glob": "*/optical/*.tif", "bands": ["x"]}},
+                 splits={"train": "train/*"})
+    store = prepare_store(lay, tmp_path / "s.zarr", 64, progress=False)  # tiles 64x64, 64x36, 6x64, 6x36
+    scene_part = {i: m["window"][2:] for i, m in enumerate(PatchStore(store).tiles_meta("train"))}  # rows, columns
+    train = PatchDataset(store, "train", 24, train=True, patches_per_tile=20)
+    for i in range(len(train)):
+        sample = train[i]
+        tile, (y, x) = int(sample["tile"]), sample["offset"]
+        height, width = scene_part[tile]
+        assert (y == 0 if height < 24 else y + 24 <= height) and x + 24 <= width, (tile, y, x)
+        rows = min(height, 24)  # a 6-row tile is cropped whole: its 6 rows, then padding
+        assert (sample["label"][:rows] != 255).all() and (sample["label"][rows:] == 255).all()
+    val = PatchDataset(store, "train", 24, train=False)  # the validation grid, here over the train split
+    counts = np.zeros(3, np.int64)
+    for i in range(len(val)):
+        lab = val[i]["label"]
+        counts += np.bincount(lab[lab != 255], minlength=3)
+    np.testing.assert_array_equal(counts, np.bincount(labels.ravel(), minlength=3))  # every pixel once

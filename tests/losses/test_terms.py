@@ -279,6 +279,25 @@ def test_segloss_weights_terms_and_aux_heads():
         SegLoss({"ce": ce})({"out": logits, "f3": aux}, target)
 
 
+def test_aux_weights_bind_to_the_outputs_the_model_returns():
+    """A weight for an output the model lacks did nothing without a word (unet with loss.aux_weights.f2)."""
+    ce = CrossEntropyLoss(ignore_index=IGNORE)
+    loss = SegLoss({"ce": ce}, aux_weights={"f2": 0.5})
+    loss.bind_aux_outputs({"f3": 0.3, "f2": 0.2}, "MS2MNet")  # the given weight over the model's defaults
+    assert loss.aux_weights == {"out": 1.0, "f3": 0.3, "f2": 0.5}
+    with pytest.raises(ConfigError, match=r"^loss\.aux_weights names \['f2'\], but model Segmenter returns no "
+                                          r"auxiliary outputs, so those weights would do nothing; remove them"):
+        SegLoss({"ce": ce}, aux_weights={"f2": 0.5}).bind_aux_outputs({}, "Segmenter")
+    with pytest.raises(ConfigError, match=r"returns only \['f2', 'f3'\]"):
+        SegLoss({"ce": ce}, aux_weights={"f4": 0.1}).bind_aux_outputs({"f2": 0.3, "f3": 0.15}, "DualStream")
+    with pytest.raises(ConfigError, match=r"auxiliary output f4, which has no default weight; give one with "
+                                          r"loss\.aux_weights=\{f4: 0\.1\}"):
+        SegLoss({"ce": ce}).bind_aux_outputs({"f2": 0.3, "f4": None}, "DualStream")
+    plain = SegLoss({"ce": ce}, aux_weights={"final": 2.0})
+    plain.bind_aux_outputs({}, "Segmenter")  # the main head's weight is always allowed
+    assert plain.aux_weights == {"out": 2.0}
+
+
 @pytest.mark.parametrize("name,weights", [("ce", {"ce": 1.0}), ("ohem", {"ohem": 1.0}), ("dice", {"dice": 1.0}),
                                           ("focal", {"focal": 1.0}), ("lovasz", {"lovasz": 1.0}),
                                           ("ohem_dice", {"ohem": 1.0, "dice": 1.0}),
