@@ -152,6 +152,25 @@ def test_a_damaged_scene_is_named_and_leaves_no_work_files(checkpoint: Path, tmp
     assert not first.exists()  # nothing but Hydra's files would be left: no run folder
 
 
+@pytest.mark.slow
+def test_the_cli_names_a_damaged_file_once_without_gdal_lines(checkpoint: Path, tmp_path: Path):
+    """rasterio logs GDAL's error lines at INFO: they were printed above segplat's own sentence, which quotes them."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "scenes"
+    write_geotiffs(root, scene_arrays(202, 170), stem="b", by_folder=True)
+    damaged = root / "rgb" / "b.tif"
+    with open(damaged, "r+b") as fh:
+        fh.truncate(damaged.stat().st_size // 2)
+    res = subprocess.run([sys.executable, "-m", "segplat.predict", f"ckpt={checkpoint}", f"input={root}", "window=64",
+                          "progress=false", f"paths.log_dir={tmp_path / 'logs'}"], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    said = res.stdout + res.stderr
+    assert res.returncode == 2 and said.count("error: ") == 1 and "could not be read" in said, said[-3000:]
+    assert "GDAL signalled" not in said and "rasterio._err" not in said, said[-3000:]
+
+
 def test_a_run_folder_resumes_only_the_prediction_it_holds(checkpoint: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch):
     """Complete scenes are skipped on a re-run: with another checkpoint or settings the old outputs would stay
