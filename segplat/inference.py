@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from segplat.data.layouts.base import ModalitySpec
@@ -169,8 +169,12 @@ def scene_size(loaded: LoadedModel, shapes: Mapping[str, Sequence[int]], names: 
     names = names or {m: m for m in shapes}
     for m, spec in loaded.specs.items():
         if shapes[m][-3] != len(spec.bands):
+            dataset = OmegaConf.select(loaded.config, "dataset.name", default=None)
+            layout = (f" (files in the {dataset} dataset's own layout, e.g. an image holding more than {m}, are read "
+                      f"as in training with input=<the dataset's root> split=...)" if dataset else "")
             raise ConfigError(f"input {names[m]} has {shapes[m][-3]} bands but the model was trained on "
-                              f"{len(spec.bands)} for {m} ({', '.join(spec.bands)}); give those bands in that order.")
+                              f"{len(spec.bands)} for {m} ({', '.join(spec.bands)}); give those bands in that "
+                              f"order{layout}.")
     primary = loaded.modalities[0]
     scale = loaded.specs[primary].scale
     height, width = round(shapes[primary][-2] / scale), round(shapes[primary][-1] / scale)

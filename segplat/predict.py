@@ -81,6 +81,7 @@ RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2", ".png", ".jpg", ".jp
 LIST_SUFFIXES = (".txt", ".csv", ".lst")
 PARTIAL = ".partial"
 STREAM_STRIP_ROWS = 16  # rows per strip of the intermediate GeoTIFFs the stream writes into
+ID_SEPARATORS = "_-."  # where a folder's shared prefix or suffix may be cut off a file name to pair modalities
 DEFAULT_SPLIT = "test"  # the split a dataset-layout input is predicted from when split= is not given
 
 
@@ -166,29 +167,71 @@ def _where(scene: Scene) -> str:
     return scene.files[0][1] if scene.files else (scene.ref.id if scene.ref else scene.name)
 
 
-def raster_scene(paths: Mapping[str, Path]) -> Scene:
+def raster_scene(paths: Mapping[str, Path], stem: str | None = None) -> Scene:
     first = Path(next(iter(paths.values())))
-    return Scene(first.name, output_stem(first.name), tuple((m, str(p)) for m, p in paths.items()))
+    return Scene(first.name, stem or output_stem(first.name), tuple((m, str(p)) for m, p in paths.items()))
+
+
+def common_start(texts: Sequence[str]) -> str:
+    """The longest string every text starts with."""
+    first, last = min(texts), max(texts)  # the sorted extremes differ first where any two do
+    n = next((i for i, (a, b) in enumerate(zip(first, last)) if a != b), min(len(first), len(last)))
+    return first[:n]
+
+
+def scene_ids(stems: Sequence[str], front: bool = True, back: bool = True) -> dict[str, str]:
+    """stem -> scene id: the stem without the prefix (`front`) and suffix (`back`) that every stem of the folder
+    shares, cut at a separator (`Spain_226704_S1Hand` -> `Spain_226704` in a folder of `*_S1Hand` files), so that
+    folders whose files are named per modality pair up; stems unchanged where that leaves an id empty or not
+    unique."""
+    if len(stems) < 2:
+        return {s: s for s in stems}
+    prefix = common_start(stems) if front else ""
+    suffix = common_start([s[::-1] for s in stems])[::-1] if back else ""
+    cut_front = max((prefix.rfind(c) + 1 for c in ID_SEPARATORS), default=0)
+    starts = [suffix.find(c) for c in ID_SEPARATORS if c in suffix]
+    cut_back = len(suffix) - min(starts) if starts else 0
+    ids = {s: s[cut_front:len(s) - cut_back] for s in stems}
+    if any(not i for i in ids.values()) or len(set(ids.values())) != len(ids):
+        return {s: s for s in stems}
+    return ids
 
 
 def scenes_from_folders(folders: Mapping[str, Path]) -> list[Scene]:
-    """Scenes of one folder per modality, matched by output stem (`a.tif` in rgb/ with `a.tif` in nir/)."""
+    """Scenes of one folder per modality, matched by output stem (`a.tif` in rgb/ with `a.tif` in nir/), else by
+    the stems without each folder's shared affixes (`X_S1Hand.tif` in S1Hand/ with `X_S2Hand.tif` in S2Hand/)."""
     by_modality = {m: {output_stem(p.name): p for p in sorted(d.iterdir()) if p.is_file() and is_raster_name(p)}
                    for m, d in folders.items()}
     names = list(folders)
-    primary = by_modality[names[0]]
-    if not primary:
+    if not by_modality[names[0]]:
         raise DataError(f"{folders[names[0]]} holds no raster files ({', '.join(RASTER_SUFFIXES)}).")
+
+    def unpaired(files: Mapping[str, Mapping[str, Path]]) -> int:
+        return sum(s not in files[m] for m in names[1:] for s in files[names[0]])
+
+    # exact names first, then the least cut off that pairs every scene (or, failing that, the most scenes)
+    candidates = [by_modality]
+    for front, back in ((False, True), (True, False), (True, True)):
+        ids = {m: scene_ids(list(files), front, back) for m, files in by_modality.items()}
+        candidates.append({m: {ids[m][s]: p for s, p in files.items()} for m, files in by_modality.items()})
+    chosen = min(candidates, key=unpaired)  # the first of the best
+    if chosen is not by_modality and not unpaired(chosen):
+        example = next(iter(chosen[names[0]]))
+        log.info("scenes matched by file name without each folder's shared prefix or suffix: %s is %s",
+                 example, " + ".join(chosen[m][example].name for m in names))
+    by_modality = chosen
+    primary = by_modality[names[0]]
     for m in names[1:]:
         lacking = [s for s in primary if s not in by_modality[m]]
         if lacking:
             raise DataError(f"{folders[names[0]] / primary[lacking[0]].name} has no {m} file of the same name in "
-                            f"{folders[m]} ({len(lacking)} scene(s) lack one); add them or remove the scenes.")
+                            f"{folders[m]}, nor one that differs only by a prefix or suffix all files of each folder "
+                            f"share ({len(lacking)} scene(s) lack one); add them or remove the scenes.")
         extra = [s for s in by_modality[m] if s not in primary]
         if extra:
             log.warning("%d file(s) in %s have no %s partner in %s and are left out (e.g. %s)", len(extra),
                         folders[m], names[0], folders[names[0]], by_modality[m][extra[0]].name)
-    return [raster_scene({m: by_modality[m][stem] for m in names}) for stem in primary]
+    return [raster_scene({m: by_modality[m][stem] for m in names}, stem) for stem in primary]
 
 
 def scenes_from_list(path: Path, loaded: LoadedModel) -> list[Scene]:

@@ -70,7 +70,8 @@ def test_folders_lists_and_mappings_name_the_same_scenes(checkpoint: Path, tmp_p
     write_geotiffs(flat, scene_arrays(70, 90), stem="x")
     with pytest.raises(ConfigError, match="holds raster files but the model takes"):
         stems(str(flat), loaded)
-    with pytest.raises(ConfigError, match="has 3 bands but the model was trained on 2 for coarse"):
+    with pytest.raises(ConfigError, match=r"has 3 bands but the model was trained on 2 for coarse .* order \(files "
+                                          r"in the synthetic dataset.s own layout, .* input=<the dataset.s root> "):
         stems({"rgb": str(flat / "x_rgb.tif"), "coarse": str(flat / "x_rgb.tif")}, loaded)
     with rasterio.open(flat / "x_rgb.tif") as src:
         profile = {**src.profile, "count": 2}
@@ -267,3 +268,20 @@ def test_an_input_georeferenced_by_gcps_says_its_outputs_are_not(tmp_path: Path,
         predict(compose_predict([f"ckpt={ckpt}", f"input={path}", "progress=false"], tmp_path / "out"))
     assert any("georeferenced by 4 ground control points, which the outputs do not carry" in r.getMessage()
                for r in caplog.records)
+
+
+def test_folders_named_per_modality_pair_by_the_names_without_their_shared_affixes(checkpoint: Path, tmp_path: Path):
+    """Sen1Floods11's S1Hand/S2Hand files differ by suffix (`X_S1Hand.tif`, `X_S2Hand.tif`): refused as unmatched."""
+    loaded = load_for_inference(checkpoint)
+    root = tmp_path / "scenes"
+    for stem in ("Bolivia_103757", "Spain_226704"):
+        write_geotiffs(root, scene_arrays(40, 50), stem=stem, by_folder=True)
+    for folder, tag in (("rgb", "S1Hand"), ("coarse", "S2Hand")):
+        for p in sorted((root / folder).glob("*.tif")):
+            p.rename(p.with_name(f"{p.stem}_{tag}.tif"))
+    pair = {"rgb": str(root / "rgb"), "coarse": str(root / "coarse")}
+    assert stems(pair, loaded) == ["Bolivia_103757", "Spain_226704"]  # the outputs are named after the scene
+    (root / "coarse" / "Spain_226704_S2Hand.tif").rename(root / "coarse" / "Spain_999999_S2Hand.tif")
+    with pytest.raises(DataError, match=r"Spain_226704_S1Hand\.tif has no coarse file of the same name in .*, nor one "
+                                        r"that differs only by a prefix or suffix"):
+        stems(pair, loaded)
