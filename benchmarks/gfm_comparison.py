@@ -1,6 +1,6 @@
 """The CNN vs geo-foundation-model comparison table and plot from the run folders of a sweep (or any runs).
 
-    python -m segplat.train --multirun +sweep=sen1floods11_gfm dataset.root=DIR
+    python -m segplat.train --multirun sweep=sen1floods11_gfm dataset.root=DIR
     python benchmarks/gfm_comparison.py logs/train/sweeps/sen1floods11_gfm [more run folders ...] [--out DIR]
 
 Every folder given (or found below it) that holds a run's `config.yaml` becomes one row: the model (decoder /

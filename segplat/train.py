@@ -8,6 +8,7 @@ checkpoint, trackers, positive numbers) run before the dataset is prepared or re
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import hydra
@@ -16,7 +17,7 @@ from omegaconf import DictConfig
 
 from segplat.config import check_config, register_resolvers
 from segplat.engine.checkpoint import RunFacts, check_resumed_config
-from segplat.engine.loggers import Tracker
+from segplat.engine.loggers import TRIAL_ENV, Tracker
 from segplat.errors import ConfigError, DataError
 from segplat.metrics import check_monitor
 from segplat.models.build import build_model
@@ -49,8 +50,23 @@ def build_loggers(cfg: DictConfig) -> list[Tracker]:
     return trackers
 
 
+def check_sweep_mode() -> None:
+    """A sweep file without --multirun trained one run with its fixed settings and searched nothing."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or os.environ.get(TRIAL_ENV):  # composed outside Hydra, or a sweep's trial
+        return
+    hydra_cfg = HydraConfig.get()
+    sweep = hydra_cfg.runtime.choices.get("sweep")
+    if sweep is not None and hydra_cfg.mode == RunMode.RUN:
+        raise ConfigError(f"sweep={sweep} is a search space: run it with --multirun (python -m segplat.train "
+                          f"--multirun sweep={sweep} ...); without it one run would train and nothing be searched.")
+
+
 def train(cfg: DictConfig) -> float:
     check_config(cfg)
+    check_sweep_mode()
     run_dir = run_dir_of(cfg)
     seed_everything(int(cfg.seed))
     trainer = instantiate(cfg.trainer)

@@ -1,7 +1,7 @@
 """The Optuna sweeper: ask a trial, run it as its own process, tell the result; many workers, one study.
 
 Registered with Hydra as `hydra/sweeper: segplat_optuna` (hydra_plugins/segplat_sweeper), selected by
-the sweep files (`python -m segplat.train --multirun +sweep=fusion_patch_lr`). Unlike
+the sweep files (`python -m segplat.train --multirun sweep=fusion_patch_lr`). Unlike
 hydra-optuna-sweeper it does not hand batches to Hydra's launcher: each trial is a subprocess
 (see runner.py for why), so the trial can prune itself (segplat/sweep/pruning.py), one slow trial
 never holds a batch, and the study (not this process) holds the state: running the same command
@@ -274,7 +274,7 @@ class OptunaSweeper:
         searched = [p for p in params if p.distribution is not None]
         if not searched:
             raise ConfigError("hydra.sweeper.params searches nothing; add a choice/range/interval, e.g. "
-                              "+sweep=fusion_patch_lr.")
+                              "sweep=fusion_patch_lr.")
         objectives = self.objectives()
         directions = [d for _, d in objectives]
         grid = sp.grid_space(searched) if str(self.sampler_spec.get("name", "tpe")).lower() == "grid" else None

@@ -1,4 +1,4 @@
-"""End-to-end sweeps through the CLI (`python -m segplat.train --multirun +sweep=...`) on tiny synthetic data.
+"""End-to-end sweeps through the CLI (`python -m segplat.train --multirun sweep=...`) on tiny synthetic data.
 
 Each test sweep file lives in a temporary search-path root (`sweep/<name>.yaml`); the sweeper forwards
 `hydra.searchpath` to its trials. Trials are real subprocesses training a tiny U-Net for 1-2 epochs.
@@ -100,7 +100,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def command(root: Path, name: str, sweep_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "segplat.train", "--multirun", f"+sweep={name}", f"hydra.searchpath=[file://{root}]",
+    return [sys.executable, "-m", "segplat.train", "--multirun", f"sweep={name}", f"hydra.searchpath=[file://{root}]",
             f"hydra.sweep.dir={sweep_dir}", *FAST, *extra]
 
 
