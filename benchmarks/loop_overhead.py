@@ -57,6 +57,7 @@ def manual_epoch(trainer, epoch: int) -> float:
 
 def trainer_epoch(trainer, epoch: int) -> float:
     started = time.perf_counter()
+    trainer.model.train()  # as Trainer.run_epochs does before each epoch
     trainer.train_epoch(epoch)
     return time.perf_counter() - started
 

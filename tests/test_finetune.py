@@ -123,6 +123,30 @@ def test_the_switch_is_printed_once_and_kept_in_the_run_log(tmp_path):
     assert log.read_text().count(said) == 1
 
 
+class NormProbe(Callback):
+    """The frozen encoder's BatchNorm running means, summed, at each epoch end."""
+
+    name = "norm_probe"
+    log: ClassVar[list[float]] = []
+
+    def on_train_epoch_end(self, trainer) -> None:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        NormProbe.log.append(sum(float(m.running_mean.double().sum()) for n, m in model.named_modules()
+                                 if isinstance(m, torch.nn.BatchNorm2d) and model.param_group(n) == "encoder"))
+
+
+@pytest.mark.parametrize("train_bn", [True, False])
+def test_train_bn_false_keeps_the_frozen_encoders_norm_statistics(tmp_path, train_bn):
+    """Frozen meant no gradient only: the BatchNorm statistics of a pretrained encoder drifted while frozen."""
+    NormProbe.log.clear()
+    train(compose_train([*FAST, "trainer.max_epochs=3", "callbacks=finetune", "callbacks.finetune.patience=null",
+                         "callbacks.finetune.unfreeze_epoch=3", f"callbacks.finetune.train_bn={train_bn}",
+                         "+callbacks.norm_probe._target_=tests.test_finetune.NormProbe"], output_dir=tmp_path / "r"))
+    first, second, third = NormProbe.log
+    assert (first != second) is train_bn  # epochs 1-2 frozen: unchanged only with train_bn=false
+    assert second != third  # epoch 3 trains the encoder: its statistics follow the data either way
+
+
 def test_finetune_config_errors():
     with pytest.raises(ConfigError, match="patience or unfreeze_epoch"):
         EncoderFineTuning(patience=None, unfreeze_epoch=None)

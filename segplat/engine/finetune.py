@@ -50,12 +50,14 @@ class EncoderFineTuning(Callback):
     """Encoder frozen until the monitored metric has not improved for `patience` validations
     (by more than `min_delta`) or until epoch `unfreeze_epoch` starts (1-based; whichever comes
     first; set either to null to disable it), then trained at `encoder_lr` (or `lr_factor` x
-    the head's learning rate)."""
+    the head's learning rate). `train_bn=False` also holds the frozen group's batch-norm layers in eval mode, so
+    their running statistics stay as loaded (Lightning's `BaseFinetuning(train_bn=False)`); the default (True)
+    lets them follow the training data."""
 
     name = "finetune"
 
     def __init__(self, patience: int | None = 3, unfreeze_epoch: int | None = None, encoder_lr: float | None = None,
-                 lr_factor: float = 0.1, min_delta: float = 0.0, group: str = "encoder") -> None:
+                 lr_factor: float = 0.1, min_delta: float = 0.0, group: str = "encoder", train_bn: bool = True) -> None:
         if patience is None and unfreeze_epoch is None:
             raise ConfigError("callbacks.finetune needs patience or unfreeze_epoch (or both); set one.")
         if patience is not None and int(patience) < 1:
@@ -72,6 +74,7 @@ class EncoderFineTuning(Callback):
         self.lr_factor = float(lr_factor)
         self.min_delta = float(min_delta)
         self.group = group
+        self.train_bn = bool(train_bn)
         self.best: float | None = None
         self.wait = 0
         self.switched = False
@@ -172,6 +175,17 @@ class EncoderFineTuning(Callback):
     def on_train_epoch_start(self, trainer: Trainer) -> None:
         if not self.switched and self.unfreeze_epoch is not None and trainer.state.epoch + 1 >= self.unfreeze_epoch:
             self._switch(trainer, f"unfreeze_epoch={self.unfreeze_epoch}")
+        if not self.switched and not self.train_bn:
+            for norm in self._frozen_norms(trainer):
+                norm.eval()  # the trainer has just set training mode; its running statistics stay as loaded
+
+    def _frozen_norms(self, trainer: Trainer) -> list[nn.Module]:
+        """The batch-norm layers of the frozen group (train_bn=false keeps their statistics while frozen)."""
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        frozen = {id(p) for p in self._params(trainer)}
+        return [m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and (id(m.weight) in frozen if m.weight is not None else model.param_group(f"{name}.weight") ==
+                     self.group)]
 
     def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         if self.switched or self.patience is None:

@@ -248,6 +248,7 @@ class Trainer:
         try:
             while self.state.epoch < self.max_epochs:
                 epoch = self.state.epoch + 1
+                self.model.train()  # before the hooks, which may hold some modules in eval mode (a frozen encoder's BN)
                 for cb in self.callbacks:
                     cb.on_train_epoch_start(self)
                 train_stats = self.train_epoch(epoch)
@@ -264,8 +265,7 @@ class Trainer:
         return "completed"
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        acc = self.accelerator
-        self.model.train()
+        acc = self.accelerator  # the model is in training mode (run_epochs sets it before the epoch's hooks)
         self.train_loader.sampler.set_epoch(epoch)
         self.train_loader.dataset.set_epoch(epoch)
         n = self.n_train_batches
