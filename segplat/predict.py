@@ -425,15 +425,16 @@ class OpenScene:
     names: dict[str, str]  # what each modality is read from, for messages
     crs: Any = None
     transform: Any = None  # of the label grid; None without georeferencing
-    gcps: int = 0  # ground control points of the primary file (georeferenced by GCPs only: not carried over)
+    # ground control points of a primary file georeferenced by them only, on the label grid, with their CRS
+    gcps: tuple[list[Any], Any] | None = None
 
     def georeference_note(self) -> str:
-        """What the scene's log line says when the outputs carry no georeference."""
+        """What the scene's log line says when the outputs carry no geotransform."""
         if self.crs is not None:
             return ""
         if self.gcps:
-            return (f"; the input is georeferenced by {self.gcps} ground control points, which the outputs do not "
-                    "carry (warp it first, e.g. gdalwarp -tps, for georeferenced outputs)")
+            return (f"; the input is georeferenced by {len(self.gcps[0])} ground control points, which the outputs "
+                    "carry too (warp them, e.g. gdalwarp -tps, for a map grid)")
         return "; the input has no georeference, so neither have its outputs"
 
 
@@ -441,6 +442,7 @@ class OpenScene:
 def open_scene(scene: Scene, loaded: LoadedModel, layout: Any = None) -> Iterator[OpenScene]:
     """Window sources of a scene: its files kept open and streamed, or a layout's sample read whole."""
     from affine import Affine
+    from rasterio.control import GroundControlPoint
 
     if not scene.files:
         sample = layout.read(scene.ref)
@@ -458,7 +460,7 @@ def open_scene(scene: Scene, loaded: LoadedModel, layout: Any = None) -> Iterato
                 log.info("%s: bands %s by their descriptions, for the model's %s", path, picked,
                          ", ".join(loaded.specs[m].bands))
             sources[m], profiles[m], names[m] = RasterSource(src, picked), header(src), str(path)
-            profiles[m]["gcps"] = len(src.gcps[0])
+            profiles[m]["gcps"] = src.gcps
             nodata[m] = src.nodata if src.nodata is not None else loaded.specs[m].nodata
             if np.dtype(src.dtypes[0]) != np.dtype(loaded.specs[m].dtype):
                 log.warning("%s is %s but the model was trained on %s for %s; its values are normalised with the "
@@ -466,7 +468,12 @@ def open_scene(scene: Scene, loaded: LoadedModel, layout: Any = None) -> Iterato
         primary = profiles[loaded.modalities[0]]
         transform = primary["transform"] @ Affine.scale(loaded.specs[loaded.modalities[0]].scale)
         georeferenced = primary["crs"] is not None
-        gcps = 0 if georeferenced else profiles[loaded.modalities[0]]["gcps"]
+        points, points_crs = primary["gcps"]
+        gcps = None
+        if points and not georeferenced:  # on the label grid: a primary pixel p is label pixel p / scale
+            scale = loaded.specs[loaded.modalities[0]].scale
+            gcps = ([GroundControlPoint(row=g.row / scale, col=g.col / scale, x=g.x, y=g.y, z=g.z, id=g.id,
+                                        info=g.info) for g in points], points_crs)
         yield OpenScene(sources, nodata, names, primary["crs"] if georeferenced else None,
                         transform if georeferenced else None, gcps)
 
@@ -527,7 +534,7 @@ class SceneWriter:
     """
 
     def __init__(self, files: OutputFiles, height: int, width: int, crs: Any, transform: Any, loaded: LoadedModel,
-                 output: DictConfig) -> None:
+                 output: DictConfig, gcps: tuple[list[Any], Any] | None = None) -> None:
         import rasterio
         from rasterio.errors import NotGeoreferencedWarning
 
@@ -559,6 +566,10 @@ class SceneWriter:
                 for i, c in enumerate(loaded.classes):
                     self.probs.set_band_description(i + 1, c)
                 self.probs.update_tags(classes=",".join(loaded.classes))
+            if gcps is not None:  # GDAL's COG copy keeps them
+                for stream in (self.classes, self.probs):
+                    if stream is not None:
+                        stream.gcps = gcps
 
     def write(self, band: RowBand) -> None:
         from rasterio.windows import Window
@@ -811,7 +822,8 @@ def predict_scenes(cfg: DictConfig, loaded: LoadedModel, predictor: SlidingWindo
                                                            opened.names)
                     windows = predictor.grid(height, width).num_windows
                     note = opened.georeference_note()
-                    writer = SceneWriter(files, height, width, opened.crs, opened.transform, loaded, cfg.output)
+                    writer = SceneWriter(files, height, width, opened.crs, opened.transform, loaded, cfg.output,
+                                         opened.gcps)
                     for band in predictor.stream(opened.sources, opened.nodata, desc=scene.stem, names=opened.names,
                                                  observe=writer.preview):
                         writer.write(band)

@@ -253,8 +253,8 @@ def test_layout_scenes_are_named_after_the_sample_not_its_label_file(tmp_path: P
     assert all(n[:-len("_classes.tif")] in {r.id for r in layout.scan()[split]} for n in made), made
 
 
-def test_an_input_georeferenced_by_gcps_says_its_outputs_are_not(tmp_path: Path, caplog: pytest.LogCaptureFixture):
-    """It was logged as 'no georeference' (raw S1 GRD and L1 products ship with GCPs only)."""
+def test_an_input_georeferenced_by_gcps_gives_outputs_with_them(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """Raw S1 GRD and L1 products ship with GCPs only: the outputs had no georeference at all."""
     from rasterio.control import GroundControlPoint
 
     ckpt = write_checkpoint(tmp_path / "rgb.ckpt", {"rgb": SPECS["rgb"]})
@@ -265,9 +265,15 @@ def test_an_input_georeferenced_by_gcps_says_its_outputs_are_not(tmp_path: Path,
                        crs="EPSG:4326") as dst:
         dst.write(rgb)
     with caplog.at_level(logging.INFO, logger="segplat"):
-        predict(compose_predict([f"ckpt={ckpt}", f"input={path}", "progress=false"], tmp_path / "out"))
-    assert any("georeferenced by 4 ground control points, which the outputs do not carry" in r.getMessage()
+        predict(compose_predict([f"ckpt={ckpt}", f"input={path}", "progress=false", "probabilities=uint8"],
+                                tmp_path / "out"))
+    assert any("georeferenced by 4 ground control points, which the outputs carry too" in r.getMessage()
                for r in caplog.records)
+    for name in ("grd_classes.tif", "grd_probs.tif"):
+        with rasterio.open(tmp_path / "out" / name) as out:
+            points, crs = out.gcps
+            assert crs == "EPSG:4326" and out.crs is None
+            assert [(g.row, g.col, g.x, g.y) for g in points] == [(g.row, g.col, g.x, g.y) for g in gcps]
 
 
 def test_folders_named_per_modality_pair_by_the_names_without_their_shared_affixes(checkpoint: Path, tmp_path: Path):
