@@ -316,7 +316,7 @@ class Trainer:
         model.eval()
         cm = ConfusionMatrix(len(self.class_names), self.ignore_index, acc.device)
         loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
-        batches = torch.zeros((), device=acc.device, dtype=torch.float64)
+        pixels = torch.zeros((), device=acc.device, dtype=torch.float64)
         limit = limit if limit is not None else self.limit_val
         for i, batch in enumerate(tqdm(loader, desc="validate", leave=False, dynamic_ncols=True,
                                        disable=not (self.progress and acc.is_main_process))):
@@ -327,13 +327,15 @@ class Trainer:
             label = batch["label"].to(acc.device, non_blocking=True)
             loss, _ = self.loss_fn({"out": logits}, label.long())
             cm.update(logits, label)
-            n = label.shape[0]  # weight by samples: a short last batch on one rank counts for what it holds
+            # weight by labelled pixels: a per-pixel loss then averages exactly as over one batch of everything,
+            # whatever the batching or the number of ranks (windows hold different numbers of labelled pixels)
+            n = (label != self.ignore_index).sum()
             loss_sum += loss.double() * n
-            batches += n
+            pixels += n
         model.train(was_training)
         matrix = acc.reduce(cm.matrix, "sum") if acc.num_processes > 1 else cm.matrix
-        totals = acc.reduce(torch.stack([loss_sum, batches]), "sum") if acc.num_processes > 1 else \
-            torch.stack([loss_sum, batches])
+        totals = acc.reduce(torch.stack([loss_sum, pixels]), "sum") if acc.num_processes > 1 else \
+            torch.stack([loss_sum, pixels])
         cm.matrix = matrix
         result = cm.compute(self.class_names)
         result["loss"] = float(totals[0] / totals[1].clamp(min=1))
