@@ -51,3 +51,21 @@ def test_timm_encoder_loads_a_local_checkpoint_for_four_channels(tmp_path: Path,
 def test_missing_weights_file_is_named():
     with pytest.raises(ConfigError, match=r"no_such_file\.pth is not a file"):
         TimmEncoder("resnet10t", in_chans=3, pretrained="/nonexistent/no_such_file.pth")
+
+
+def test_a_file_that_leaves_weights_at_random_init_is_refused(tmp_path: Path) -> None:
+    """The non-strict load took a resnet18 file, or one with DDP's module. prefix, for a resnet10t without a word."""
+    torch.manual_seed(0)
+    state = timm.create_model("resnet10t", pretrained=False).state_dict()
+    ddp = tmp_path / "ddp.pth"
+    torch.save({f"module.{k}": v for k, v in state.items()}, ddp)  # a prefix every key shares is taken off
+    enc = TimmEncoder("resnet10t", in_chans=3, pretrained=str(ddp))
+    assert all(torch.equal(v, state[k]) for k, v in enc.model.state_dict().items())
+    other = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), other)
+    junk = tmp_path / "junk.pth"
+    torch.save({"foo.weight": torch.zeros(3)}, junk)
+    for path in (other, junk):
+        with pytest.raises(ConfigError, match=rf"^model encoder pretrained={path} does not fit the timm resnet10t: "
+                                              r"\d+ of its \d+ weights are not in the file and \d+ have another shape"):
+            TimmEncoder("resnet10t", in_chans=3, pretrained=str(path))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from segplat.errors import ConfigError
-from segplat.models.weights import load_adapted_state_dict
+from segplat.models.weights import load_adapted_state_dict, load_state_file
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ class TimmEncoder(nn.Module):
                  out_indices: tuple[int, ...] | None = None, output_stride: int | None = None,
                  drop_path_rate: float = 0.0) -> None:
         super().__init__()
+        self.name = name
         kwargs = {"features_only": True, "pretrained": False, "in_chans": in_chans}
         if out_indices is not None:
             kwargs["out_indices"] = tuple(out_indices)
@@ -44,8 +45,24 @@ class TimmEncoder(nn.Module):
         self.reductions: list[int] = list(self.model.feature_info.reduction())
 
     def load_pretrained(self, path: str, in_chans: int) -> None:
-        report = load_adapted_state_dict(self.model, path, in_chans)
-        log.info("loaded %s into %s: %s", path, type(self.model).__name__, report)
+        """Load a timm state dict, or refuse one that leaves weights at random init: the load is non-strict (a
+        classifier head and other input channels are expected), so a file of another architecture or with
+        prefixed keys used to load nothing, or a few same-shaped tensors, with an INFO line only."""
+        state = load_state_file(path)
+        for prefix in ("module.", "model.", "encoder."):  # DDP / Lightning / segplat wrappers
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+        report = load_adapted_state_dict(self.model, path, in_chans, state=state)
+        missing = [k for k in report["missing"] if not k.endswith("num_batches_tracked")]
+        total = sum(1 for k in self.model.state_dict() if not k.endswith("num_batches_tracked"))
+        if missing or report["shape_mismatch"]:
+            example = (missing or report["shape_mismatch"])[0]
+            raise ConfigError(f"model encoder pretrained={path} does not fit the timm {self.name}: {len(missing)} of "
+                              f"its {total} weights are not in the file and {len(report['shape_mismatch'])} have "
+                              f"another shape (e.g. {example}), so they would train from random init; give the "
+                              f"state dict of a timm {self.name}.")
+        log.info("loaded %s into %s (%d weights; input conv adapted: %s; left out: %d, e.g. the classifier)", path,
+                 self.name, total, report["adapted"] or "no", len(report["unexpected"]))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.model(x))
