@@ -79,7 +79,8 @@ def train(cfg: DictConfig) -> float:
     # the model is built from the layout's description first, so that a model refusing the data (a GFM encoder
     # that cannot map the bands, a stream count its fusion does not take) stops before a store is prepared
     expected = datamodule.describe()
-    check_monitor(str(cfg.callbacks.monitor), expected.classes)  # a typo stops here, not after the first epoch
+    # a typo or a wrong direction stops here, not after the first epoch
+    check_monitor(str(cfg.callbacks.monitor), expected.classes, str(cfg.callbacks.mode))
     model = build_model(cfg.model, expected.modalities, expected.num_classes, expected.bands)
     # loss, optimiser, schedule and callbacks too: a refused key stops here, before the store is prepared
     loss = instantiate(cfg.loss)
