@@ -66,6 +66,8 @@ from segplat.models.layers import conv_bn_act
 Stream = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (B, C, T, H, W), mask (B, T), positions (B, T)
 
 
+DEFAULT_EARLY_STEPS = 8  # date slots of early fusion when model.early_steps is null
+
 class TemporalEncoder(nn.Module):
     """One stream's 3-D encoder; `stage(i, ...)` runs one level so mid fusion can interleave streams."""
 
@@ -123,7 +125,7 @@ class UNet3D(SegmentationModel):
 
     def __init__(self, modalities: Mapping[str, int], num_classes: int, fusion: Any = None,
                  widths: Sequence[int] = (16, 32, 64, 128), attn_levels: Sequence[int] | None = None,
-                 heads: int = 4, time_kernel: int = 3, pool: str = "attention", early_steps: int = 8,
+                 heads: int = 4, time_kernel: int = 3, pool: str = "attention", early_steps: int | None = None,
                  head_dropout: float = 0.0, cross_attention: bool | None = None) -> None:
         super().__init__(modalities, num_classes)
         f = self.check_fusion(fusion, len(self.modalities))
@@ -144,10 +146,20 @@ class UNet3D(SegmentationModel):
             raise ConfigError(f"model.pool={pool} is not a temporal pooling; use attention or mean.")
         if time_kernel < 1 or time_kernel % 2 == 0:
             raise ConfigError(f"model.time_kernel={time_kernel} must be odd (1, 3, 5, ...) to keep dates aligned.")
+        if early_steps is not None and self.level != "early":
+            raise ConfigError(f"model.early_steps={early_steps} sets the date slots of early fusion, but "
+                              f"fusion.level={self.level} keeps each stream's own dates; set it to null or use "
+                              "fusion=early.")
+        early_steps = DEFAULT_EARLY_STEPS if early_steps is None else int(early_steps)
         if early_steps < 1:
             raise ConfigError(f"model.early_steps={early_steps} must be a positive number of date slots.")
+        uneven = [self.widths[i] for i in levels if self.widths[i] % int(heads)]
+        if int(heads) < 1 or uneven:
+            raise ConfigError(f"model.heads={heads} must divide the width of every attention level (model.widths at "
+                              f"model.attn_levels: {[self.widths[i] for i in levels]}; {uneven or heads} do not); "
+                              "it silently fell back to one head there.")
         self.attn_levels = levels
-        self.early_steps = int(early_steps)
+        self.early_steps = early_steps
         names = list(self.modalities)
         enc = dict(widths=self.widths, attn_levels=levels, heads=heads, time_kernel=time_kernel, pool=pool)
         w0 = self.widths[0]

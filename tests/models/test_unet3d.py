@@ -19,8 +19,9 @@ FUSIONS = ({"level": "mid", "type": "attention"}, {"level": "early"}, {"level": 
 
 
 def build(modalities, num_classes, fusion=None):
-    return UNet3D(modalities, num_classes, fusion=fusion or {"level": "mid", "type": "attention"},
-                  widths=(8, 16, 16), heads=2, early_steps=4)
+    fusion = fusion or {"level": "mid", "type": "attention"}
+    return UNet3D(modalities, num_classes, fusion=fusion, widths=(8, 16, 16), heads=2,
+                  early_steps=4 if fusion["level"] == "early" else None)
 
 
 def series(modalities: Mapping[str, int], batch: int = 2, size: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -130,6 +131,10 @@ def test_dates_are_used_as_positions():
     ({"attn_levels": [5]}, "model.attn_levels"),
     ({"pool": "max"}, "model.pool"),
     ({"time_kernel": 2}, "model.time_kernel"),
+    # both did nothing without a word: one head where heads did not divide a width, early_steps off early fusion
+    ({"heads": 3}, r"^model\.heads=3 must divide the width of every attention level \(model\.widths at "
+                   r"model\.attn_levels: \[16\]; \[16\] do not\)"),
+    ({"early_steps": 4}, r"^model\.early_steps=4 sets the date slots of early fusion, but fusion\.level=mid"),
 ])
 def test_bad_config_is_refused(kwargs, words):
     with pytest.raises(ConfigError, match=words):

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from segplat.errors import ConfigError
+
 
 def full_mask(x: torch.Tensor) -> torch.Tensor:
     """An all-True (B, T) mask for a (B, C, T, H, W) series given without one."""
@@ -157,7 +159,9 @@ class TemporalAttention(nn.Module):
 
     def __init__(self, channels: int, heads: int = 4, mlp_ratio: float = 2.0) -> None:
         super().__init__()
-        self.heads = heads if channels % heads == 0 else 1
+        if heads < 1 or channels % heads:
+            raise ConfigError(f"heads={heads} must divide the {channels} channels of the temporal attention.")
+        self.heads = heads
         self.norm1 = nn.LayerNorm(channels)
         self.qk = nn.Linear(channels, 2 * channels)
         self.v = nn.Linear(channels, channels)
@@ -193,7 +197,9 @@ class TemporalCrossAttention(nn.Module):
 
     def __init__(self, channels: int, other_channels: int, heads: int = 4) -> None:
         super().__init__()
-        self.heads = heads if channels % heads == 0 else 1
+        if heads < 1 or channels % heads:
+            raise ConfigError(f"heads={heads} must divide the {channels} channels of the temporal attention.")
+        self.heads = heads
         self.norm_q = nn.LayerNorm(channels)
         self.norm_kv = nn.LayerNorm(other_channels)
         self.q = nn.Linear(channels, channels)
