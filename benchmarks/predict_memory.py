@@ -10,7 +10,7 @@ resident memory is the child's `ru_maxrss` (os.wait4), its time the scene loop's
 reading, model, blending, writing the tiled COG with overviews, previews) beside the process's wall time.
 
 The model is deliberately tiny, so that a 20,000² scene is affordable on a 2-core CPU: segplat's U-Net preset
-on timm's `test_efficientnet` (random weights, two pyramid levels, decoder channels 8/8; ~86 k parameters),
+on timm's `test_efficientnet` (random weights, two pyramid levels, one decoder block of 8 channels; ~86 k parameters),
 saved as a real segplat checkpoint and loaded through `load_for_inference`. Memory does not depend on the
 model beyond its weights and one batch of activations, which are the same for every scene size.
 """

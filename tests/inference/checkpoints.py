@@ -27,7 +27,7 @@ CLASSES = ("clear", "thick_cloud", "thin_cloud", "cloud_shadow")
 PALETTE = ((0, 0, 0), (255, 0, 0), (0, 255, 0), (255, 255, 0))
 # a small, fast U-Net: two pyramid levels of timm's test EfficientNet (random init, nothing downloaded)
 TINY_MODEL = ["model.encoder.name=test_efficientnet", "+model.encoder.out_indices=[0,1]",
-              "model.decoder.channels=[8,8]"]
+              "model.decoder.channels=[8]"]
 
 
 def band_stats(spec: ModalitySpec) -> dict[str, list[float]]:

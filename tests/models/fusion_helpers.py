@@ -32,9 +32,9 @@ TINY: dict[str, tuple[list[str], dict[str, int]]] = {
     "unet3d": (["model.widths=[8,16,16]", "model.heads=2"], {"s2": 4, "s1": 2}),
     # geo-foundation models (the gfm extra): band names are part of the build; Prithvi has no SAR bands, so its
     # S1 stream learns VV/VH as new channels and zero-fills the optical ones (the Sen1Floods11 sweep's setting)
-    "prithvi": (["model.encoder.name=prithvi_eo_v2_tiny_tl", "model.decoder.channels=[16,16,16,16]",
+    "prithvi": (["model.encoder.name=prithvi_eo_v2_tiny_tl", "model.decoder.channels=[16,16,16]",
                  "model.encoder.missing_bands=zero", "model.encoder.extra_bands=learn"], {"s2": 6, "s1": 2}),
-    "terramind": (["model.encoder.name=terramind_v1_tiny", "model.decoder.channels=[16,16,16,16]"],
+    "terramind": (["model.encoder.name=terramind_v1_tiny", "model.decoder.channels=[16,16,16]"],
                   {"s2": 13, "s1": 2}),
     "ms2mnet": (["model.backbone=resnet10t", "model.decode_channels=32", "model.state_dims=[4,4,4,4]",
                  "model.vfe_mlp_ratio=1.0"],

@@ -65,3 +65,17 @@ def test_invalid_fusion_is_refused_naming_valid_ones(fusion, words):
 def test_mid_fusion_needs_two_modalities():
     with pytest.raises(ConfigError, match="at least two modalities"):
         build_segmenter({"rgb": 3}, 4, {"level": "mid"})
+
+
+def test_decoder_width_lists_longer_than_the_pyramid_are_refused():
+    """The extra widths were cut off without a word (model.decoder.channels=[128,64,32,16,8,4] on resnet18)."""
+    from segplat.models.decoders.aspp_gated import ASPPGatedDecoder
+
+    enc, red = [16, 32, 64, 128], [4, 8, 16, 32]
+    with pytest.raises(ConfigError, match=r"^model\.decoder\.channels=\[64, 32, 16, 8\] lists 4 block widths, but the "
+                                          r"encoder's 4-level pyramid gives 3 decoder blocks; list at most 3"):
+        UNetDecoder(enc, red, channels=[64, 32, 16, 8])
+    assert [b.conv2[0].out_channels for b in UNetDecoder(enc, red, channels=[64, 32]).blocks] == [64, 32, 32]
+    assert [b.conv2[0].out_channels for b in UNetDecoder(enc, red).blocks] == [256, 128, 64]
+    with pytest.raises(ConfigError, match=r"^model\.decoder\.channels=\[64, 32, 16, 8\] lists 4 stage widths"):
+        ASPPGatedDecoder(enc, red, channels=[64, 32, 16, 8])

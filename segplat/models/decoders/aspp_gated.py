@@ -98,7 +98,10 @@ class ASPPGatedDecoder(nn.Module):
         if len(enc) < 2:
             raise ConfigError(f"the ASPP-gated decoder needs a pyramid of at least 2 levels, got {enc}.")
         n = len(enc) - 1
-        widths = list(channels)[:n] or [aspp_channels]
+        if len(list(channels)) > n:  # the extra widths were cut off without a word
+            raise ConfigError(f"model.decoder.channels={list(channels)} lists {len(list(channels))} stage widths, but "
+                              f"the vision pyramid's {len(enc)} levels give {n} decoder stages; list at most {n}.")
+        widths = list(channels) or [aspp_channels]
         widths += [widths[-1]] * (n - len(widths))
         self.aspp = ASPP(enc[-1], aspp_channels, rates, dropout=aspp_dropout)
         stages, cin = [], aspp_channels

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from segplat.errors import ConfigError
 from segplat.models.layers import conv_bn_act
 
 
@@ -27,15 +28,22 @@ class DecoderBlock(nn.Module):
 
 class UNetDecoder(nn.Module):
     """`encoder_channels`/`reductions` describe the pyramid (finest first). One block per skip level,
-    each halving the stride; `channels` lists the blocks' widths from coarse to fine (its length is
-    padded with its last value when the pyramid is deeper). Output stride = finest reduction."""
+    each halving the stride; `channels` lists the blocks' widths from coarse to fine (at most one per block; a
+    shorter list is padded with its last value; None: 256 halved per block down to 32). Output stride = finest
+    reduction."""
 
     def __init__(self, encoder_channels: Sequence[int], reductions: Sequence[int],
-                 channels: Sequence[int] = (256, 128, 64, 32)) -> None:
+                 channels: Sequence[int] | None = None) -> None:
         super().__init__()
         enc = list(encoder_channels)
         n_blocks = len(enc) - 1
-        widths = list(channels)[:n_blocks]
+        if channels is None:  # 256, halved per block down to 32
+            channels = [max(32, 256 >> i) for i in range(n_blocks)]
+        if len(list(channels)) > n_blocks:  # the extra widths were cut off without a word
+            raise ConfigError(f"model.decoder.channels={list(channels)} lists {len(list(channels))} block widths, but "
+                              f"the encoder's {len(enc)}-level pyramid gives {n_blocks} decoder blocks; list at most "
+                              f"{n_blocks} (a shorter list repeats its last width).")
+        widths = list(channels)
         widths += [widths[-1]] * (n_blocks - len(widths))
         skips = enc[:-1][::-1]
         blocks, cin = [], enc[-1]
