@@ -230,7 +230,8 @@ class WandbLogger(Tracker):
 
 
 class TensorBoardLogger(Tracker):
-    """TensorBoard event files in `<run>/tensorboard` (or `log_dir`): scalars, images, config as hparams + text."""
+    """TensorBoard event files in `<run>/tensorboard` (or `log_dir/<run name>`): scalars, images, config as hparams +
+    text."""
 
     name = "tensorboard"
 
@@ -244,7 +245,10 @@ class TensorBoardLogger(Tracker):
     def start(self, run: RunInfo) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        folder = Path((run.resume_state or {}).get("log_dir") or self.log_dir or run.run_dir / "tensorboard")
+        # a shared log_dir gets one subfolder per run (TensorBoard's layout for comparing runs): written straight
+        # into it, a new run purged the events of every earlier one
+        own = Path(self.log_dir) / run.name if self.log_dir else run.run_dir / "tensorboard"
+        folder = Path((run.resume_state or {}).get("log_dir") or own)
         self.log_dir = str(folder)
         self.step = run.resume_step
         if run.resuming:
@@ -281,13 +285,18 @@ class TensorBoardLogger(Tracker):
             self.writer.flush()
 
     def log_images(self, images: Mapping[str, str | Path], step: int) -> None:
-        if self.writer is not None and self.images:
+        if self.images:
+            self._add_images(images, step)
+
+    def _add_images(self, images: Mapping[str, str | Path], step: int) -> None:
+        if self.writer is not None:
             for tag, path in images.items():
                 self.writer.add_image(tag, read_rgb(path), step, dataformats="HWC")
             self.writer.flush()
 
     def log_artifacts(self, files: Sequence[str | Path]) -> None:
-        self.log_images({f"plots/{Path(f).stem}": f for f in files}, self.step)
+        """The end-of-run plots, whatever `log_images` says (it is about the prediction panels, as in MLflow)."""
+        self._add_images({f"plots/{Path(f).stem}": f for f in files}, self.step)
 
     def log_summary(self, facts: Mapping[str, Any]) -> None:
         if self.writer is not None:

@@ -250,6 +250,30 @@ def test_tensorboard_fresh_start_hides_an_earlier_attempt(tmp_path):
     assert [round(e.value, 6) for e in events(tmp_path / "tensorboard").Scalars("val/miou")] == [0.1]
 
 
+def test_tensorboard_log_images_false_keeps_the_end_plots(tmp_path):
+    """log_images=false also dropped curves.png and the confusion matrix (MLflow logs them either way)."""
+    lg = TensorBoardLogger(log_images=False)
+    lg.start(run_info(tmp_path))
+    lg.log_metrics(record(1, 0.5), 4)
+    lg.log_images({"val/predictions": png(tmp_path / "p.png", (0, 255, 0))}, 4)
+    lg.log_artifacts([png(tmp_path / "curves.png")])
+    lg.finish()
+    assert events(tmp_path / "tensorboard").Tags()["images"] == ["plots/curves"]
+
+
+def test_tensorboard_runs_sharing_a_log_dir_each_keep_their_curves(tmp_path):
+    """Written straight into a shared log_dir, each new run purged every earlier run's events."""
+    shared = tmp_path / "shared"
+    for name, miou in (("a", 0.3), ("b", 0.7)):
+        lg = TensorBoardLogger(log_dir=str(shared))
+        lg.start(run_info(tmp_path / name))
+        lg.log_metrics(record(1, miou), 4)
+        lg.finish()
+    assert sorted(p.name for p in shared.iterdir()) == ["a", "b"]
+    for name, miou in (("a", 0.3), ("b", 0.7)):
+        assert [round(e.value, 6) for e in events(shared / name).Scalars("val/miou")] == [miou]
+
+
 # -- wandb -------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_wandb_offline_run_and_its_resume_id(tmp_path):
