@@ -173,3 +173,12 @@ def test_patches_are_georeferenced_from_their_footprints_or_not_at_all(tmp_path:
     (other / "metadata.geojson").write_text(json.dumps(doc))
     with pytest.raises(DataError, match=r"EPSG::999999.*not known"):
         S1S2SeriesLayout(str(other)).scan()
+
+
+def test_one_max_time_caps_every_sensor(fake_root: Path) -> None:
+    """`dataset.layout.max_time=6` (the form the model summary's hint suggests) was a raw TypeError."""
+    layout = S1S2SeriesLayout(str(fake_root), max_time=6)
+    assert layout.max_time("s2") == layout.max_time("s1") == 6
+    assert S1S2SeriesLayout(str(fake_root), max_time={"s2": 4, "s1": None}).max_time("s2") == 4
+    with pytest.raises(ConfigError, match=r"^dataset\.layout\.max_time=\[6\] must be a number of dates for every "):
+        S1S2SeriesLayout(str(fake_root), max_time=[6])

@@ -115,10 +115,15 @@ class S1S2SeriesLayout(Layout):
 
     def __init__(self, root: str | None = None, folds: Mapping[str, Sequence[int]] | None = None,
                  s1_orbit: str = "S1A", sensors: Sequence[str] = ("s2", "s1"),
-                 max_time: Mapping[str, int | None] | None = None, reference_date: str = "2018-09-01",
+                 max_time: int | Mapping[str, int | None] | None = None, reference_date: str = "2018-09-01",
                  nodata: Mapping[str, float | None] | None = None, drop_nodata_dates: bool = True,
                  bands: Mapping[str, Sequence[str | int] | None] | None = None) -> None:
         super().__init__(root)
+        if isinstance(max_time, int) and not isinstance(max_time, bool):  # one cap for every sensor
+            max_time = {"s2": max_time, "s1": max_time}
+        elif max_time is not None and not isinstance(to_plain(max_time), dict):
+            raise ConfigError(f"dataset.layout.max_time={max_time} must be a number of dates for every sensor, or "
+                              "{s2: N, s1: M}.")
         for key, table in (("max_time", max_time), ("nodata", nodata), ("bands", bands)):
             check_keys(to_plain(table) or {}, ("s2", "s1"), f"dataset.layout.{key}", self.name)
         picks = dict(to_plain(bands) or {})
