@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -229,6 +229,32 @@ class PlateauSchedule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner.load_state_dict(state)
+
+
+# the keys of build_scheduler each schedule kind reads (the others would be accepted and do nothing)
+SCHEDULE_KEYS = {
+    "poly": {"warmup_steps", "warmup_epochs", "power", "min_lr_ratio", "warmup_ratio"},
+    "cosine": {"warmup_steps", "warmup_epochs", "min_lr_ratio", "warmup_ratio"},
+    "plateau": {"mode", "factor", "patience", "min_lr", "threshold", "cooldown"},
+}
+PRESETS = {"poly": "warmup_poly"}  # conf/scheduler/<preset>.yaml of a kind, where the names differ
+
+
+def check_scheduler_keys(scheduler: Mapping[str, Any] | None) -> None:
+    """Refuse a `scheduler.*` key that the chosen kind does not read (`+scheduler.patience=5` on warmup_poly)."""
+    if not scheduler or str(scheduler.get("_target_", "")) != "segplat.optim.build_scheduler":
+        return
+    kind = str(scheduler.get("kind", "poly"))
+    if kind not in SCHEDULE_KEYS:
+        raise ConfigError(f"scheduler.kind={kind} is not a schedule; use {', '.join(SCHEDULE_KEYS)}.")
+    read = SCHEDULE_KEYS[kind]
+    foreign = sorted(k for k in scheduler if not str(k).startswith("_") and k != "kind" and k not in read)
+    if foreign:
+        users = [k for k, keys in SCHEDULE_KEYS.items() if foreign[0] in keys]
+        presets = " or ".join(f"scheduler={PRESETS.get(u, u)}" for u in users)
+        choose = f"; it belongs to {presets}" if users else ""
+        raise ConfigError(f"scheduler.{foreign[0]} does nothing for scheduler.kind={kind}, which reads "
+                          f"{', '.join(sorted(SCHEDULE_KEYS[kind]))}{choose}; remove it.")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, kind: str = "poly",

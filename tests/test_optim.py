@@ -192,3 +192,21 @@ def test_a_rate_for_a_group_the_model_does_not_have_is_refused() -> None:
                                           r"model has none \(its groups: encoder, decoder"):
         build_optimizer(model, lr=1e-3, fusion_lr=1e-4)
     assert build_optimizer(model, lr=1e-3, encoder_lr=1e-4).param_groups[0]["lr"] == 1e-4
+
+
+@pytest.mark.parametrize("preset, key, belongs", [
+    ("warmup_poly", "+scheduler.patience=5", "scheduler=plateau"),
+    ("plateau", "+scheduler.warmup_epochs=2", "scheduler=warmup_poly or scheduler=cosine"),
+    ("cosine", "+scheduler.power=2", "scheduler=warmup_poly"),
+])
+def test_a_key_of_another_schedule_kind_is_refused(preset, key, belongs):
+    """build_scheduler takes every kind's parameters, so a key of another kind was accepted and did nothing."""
+    from segplat.config import check_config
+    from tests.conftest import compose_train
+
+    name = key.split("=")[0].lstrip("+").split(".")[1]
+    with pytest.raises(ConfigError, match=rf"^scheduler\.{name} does nothing for scheduler\.kind=.* it belongs to "
+                                          rf"{belongs}; remove it\.$"):
+        check_config(compose_train([f"scheduler={preset}", key]))
+    check_config(compose_train([f"scheduler={preset}"]))  # every preset's own keys are read
+
