@@ -79,3 +79,16 @@ def test_decoder_width_lists_longer_than_the_pyramid_are_refused():
     assert [b.conv2[0].out_channels for b in UNetDecoder(enc, red).blocks] == [256, 128, 64]
     with pytest.raises(ConfigError, match=r"^model\.decoder\.channels=\[64, 32, 16, 8\] lists 4 stage widths"):
         ASPPGatedDecoder(enc, red, channels=[64, 32, 16, 8])
+
+
+def test_the_unet_presets_encoder_keys_can_be_set():
+    """output_stride was documented in a comment only: the API refused it and a typo was a raw TypeError."""
+    import segplat
+    from segplat.utils.task import config_error_hint
+
+    model = segplat.create_model("unet", {"rgb": 3}, 3, encoder={"name": "resnet10t", "output_stride": 16})
+    assert model.encoders["stack"].reductions[-1] == 16
+    assert "did you mean model.encoder.output_stride?" in config_error_hint("train", ["model.encoder.output_strid=8"])
+    with pytest.raises(ConfigError, match=r"^model encoder output_stride=7 must be 8, 16 or 32"):
+        TimmEncoder("resnet10t", in_chans=3, output_stride=7)
+

@@ -27,6 +27,8 @@ class TimmEncoder(nn.Module):
                  drop_path_rate: float = 0.0) -> None:
         super().__init__()
         self.name = name
+        if output_stride not in (None, 8, 16, 32):  # timm asserted, a traceback with no key
+            raise ConfigError(f"model encoder output_stride={output_stride} must be 8, 16 or 32 (null: 32).")
         kwargs = {"features_only": True, "pretrained": False, "in_chans": in_chans}
         if out_indices is not None:
             kwargs["out_indices"] = tuple(out_indices)
