@@ -149,3 +149,15 @@ def test_unet3d_refuses_cross_attention_where_nothing_is_exchanged() -> None:
 def test_unet3d_late_fusion_uses_the_named_module() -> None:
     assert isinstance(unet3d({"level": "late", "type": "attention"}).fusion["final"], AttentionFusion)
     assert isinstance(unet3d({"level": "late", "type": "concat"}).fusion["final"], ConcatFusion)
+
+
+def test_a_module_of_another_type_points_to_the_entry_of_its_type():
+    """The hint named the concat entries (fusion=early or late or mid) for an AttentionFusion module."""
+    import functools
+
+    from segplat.models.fusion import AttentionFusion
+
+    with pytest.raises(ConfigError, match=r"builds AttentionFusion \(fusion type attention\); for type concat select "
+                                          r"fusion=early or fusion=late or fusion=mid \(or set fusion\.module=null "
+                                          r"to take its module\); for AttentionFusion select fusion=mid_attention\.$"):
+        resolve_fusion({"level": "late", "type": "concat", "module": functools.partial(AttentionFusion)})

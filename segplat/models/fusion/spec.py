@@ -105,9 +105,12 @@ class FusionSpec:
             raise ConfigError(f"fusion.module builds {cls!r}, which is not a fusion module: subclass "
                               "segplat.models.fusion.StageFusion and set its fusion_type (see CONTRIBUTING.md).")
         if declared != self.type:
-            entries = entries_of_type(self.type)
-            hint = (f"select its entry (fusion={' or fusion='.join(entries)}) or set fusion.module=null to take "
-                    "that entry's module" if entries else f"no conf/fusion entry has type {self.type}, so fix it")
+            def choose(kind: str) -> str:
+                entries = entries_of_type(kind)
+                return f"fusion={' or fusion='.join(entries)}" if entries else f"fusion.type={kind} with a module"
+
+            hint = (f"for type {self.type} select {choose(self.type)} (or set fusion.module=null to take its "
+                    f"module); for {cls.__name__} select {choose(declared)}")
             raise ConfigError(f"fusion.type={self.type} does not match fusion.module, which builds {cls.__name__} "
                               f"(fusion type {declared}); {hint}.")
         own = dict(self.module.keywords) if isinstance(self.module, functools.partial) else {}
