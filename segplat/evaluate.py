@@ -23,9 +23,9 @@ from segplat.errors import ConfigError, DataError
 from segplat.inference import forward_batch, load_for_inference
 from segplat.metrics import ConfusionMatrix, metrics_from_confusion
 from segplat.plots import plot_confusion
-from segplat.predict import choose_device, remove_if_no_results
+from segplat.predict import choose_device
 from segplat.utils.io import atomic_write, atomic_write_json
-from segplat.utils.task import CONF_DIR, run_dir_of, task_wrapper, with_config_hints
+from segplat.utils.task import CONF_DIR, remove_if_no_results, run_dir_of, task_wrapper, with_config_hints
 
 log = logging.getLogger("segplat")
 

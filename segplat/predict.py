@@ -67,7 +67,7 @@ from segplat.inference import (
 )
 from segplat.utils.io import atomic_write, atomic_write_json, atomic_write_text
 from segplat.utils.plain import to_plain
-from segplat.utils.task import CONF_DIR, run_dir_of, task_wrapper, with_config_hints
+from segplat.utils.task import CONF_DIR, remove_if_no_results, run_dir_of, task_wrapper, with_config_hints
 
 log = logging.getLogger("segplat")
 NODATA_CLASS = 255
@@ -856,21 +856,13 @@ def write_submission_csv(cfg: DictConfig, scenes: Sequence[Scene], out_dir: Path
     return write_submission(rows(), out_dir / "submission.csv", per_class=cfg.submission == "clouds_per_class")
 
 
-def remove_if_no_results(out_dir: Path, task: str = "predict") -> None:
-    """A run folder that holds only Hydra's files (config, log) after a failure is removed, not left empty."""
-    if not out_dir.is_dir():
-        return
-    hydra_only = {".hydra", PARTIAL, f"{task}.log", SETTINGS_FILE}
-    if all(p.name in hydra_only for p in out_dir.iterdir()) and not any((out_dir / PARTIAL).glob("*")):
-        shutil.rmtree(out_dir, ignore_errors=True)
-
-
 def predict(cfg: DictConfig) -> Path:
     out_dir = run_dir_of(cfg)
     try:
         return run_prediction(cfg, out_dir)
     except BaseException:
-        remove_if_no_results(out_dir)
+        if not any((out_dir / PARTIAL).glob("*")):
+            remove_if_no_results(out_dir, "predict", (PARTIAL, SETTINGS_FILE))
         raise
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -22,7 +23,14 @@ from segplat.errors import ConfigError, DataError
 from segplat.metrics import check_monitor
 from segplat.models.build import build_model
 from segplat.utils.seed import seed_everything
-from segplat.utils.task import CONF_DIR, run_dir_of, save_resolved_config, task_wrapper, with_config_hints
+from segplat.utils.task import (
+    CONF_DIR,
+    remove_if_no_results,
+    run_dir_of,
+    save_resolved_config,
+    task_wrapper,
+    with_config_hints,
+)
 
 log = logging.getLogger("segplat")
 register_resolvers()
@@ -65,9 +73,19 @@ def check_sweep_mode() -> None:
 
 
 def train(cfg: DictConfig) -> float:
+    """Train one run; a refused or failed start leaves no run folder holding only Hydra's files."""
+    run_dir = run_dir_of(cfg)
+    try:
+        return run_training(cfg, run_dir)
+    except BaseException:
+        if (run_dir / ".hydra").is_dir():  # a folder Hydra made for this command (not one a caller passed)
+            remove_if_no_results(run_dir, "train")
+        raise
+
+
+def run_training(cfg: DictConfig, run_dir: Path) -> float:
     check_config(cfg)
     check_sweep_mode()
-    run_dir = run_dir_of(cfg)
     seed_everything(int(cfg.seed))
     trainer = instantiate(cfg.trainer)
     start = trainer.prepare_run(run_dir)  # the run-folder rule and the resume checkpoint, before any data is read

@@ -332,3 +332,13 @@ def test_resuming_an_early_stopped_run_trains_nothing_unless_patience_allows(tmp
     patient = [*stop[:1], "callbacks.early_stopping.patience=5", *stop[2:], "trainer.resume=auto"]
     train(compose_train([*TINY, *patient], run))
     assert epochs() == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_refused_command_leaves_no_run_folder(tmp_path: Path) -> None:
+    """It left runs/<name>/ with .hydra/ and an empty train.log."""
+    cmd = [sys.executable, "-m", "segplat.train", "debug=fast", f"paths.log_dir={tmp_path}", "run_name=refused",
+           "callbacks.monitor=val/loss"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 2 and "callbacks.mode=min" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "train" / "runs" / "refused").exists()

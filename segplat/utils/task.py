@@ -6,6 +6,7 @@ import difflib
 import functools
 import logging
 import re
+import shutil
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -32,6 +33,16 @@ def run_dir_of(cfg: DictConfig) -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:  # not under @hydra.main (tests composing configs directly)
         return Path(cfg.paths.output_dir)
+
+
+def remove_if_no_results(out_dir: Path, task: str, also: Sequence[str] = ()) -> None:
+    """A run folder that holds only Hydra's files (config, log; `also`: a task's own bookkeeping) after a failure
+    is removed: a refused command leaves nothing behind."""
+    if not out_dir.is_dir():
+        return
+    hydra_only = {".hydra", f"{task}.log", *also}
+    if all(p.name in hydra_only for p in out_dir.iterdir()):
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def user_error_in(err: BaseException | None) -> SegplatError | None:
