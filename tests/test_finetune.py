@@ -17,6 +17,7 @@ from segplat.engine.finetune import EncoderFineTuning, inner_optimizer
 from segplat.engine.trainer import StopTraining
 from segplat.errors import ConfigError
 from segplat.train import train
+from segplat.utils.task import user_error_in
 from tests.conftest import TINY, compose_train
 
 FAST = [*TINY, "trainer=cpu", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
@@ -145,6 +146,17 @@ def test_train_bn_false_keeps_the_frozen_encoders_norm_statistics(tmp_path, trai
     first, second, third = NormProbe.log
     assert (first != second) is train_bn  # epochs 1-2 frozen: unchanged only with train_bn=false
     assert second != third  # epoch 3 trains the encoder: its statistics follow the data either way
+
+
+def test_train_bn_false_on_an_encoder_without_batch_norm_is_refused(tmp_path):
+    """A MiT encoder has only LayerNorms: train_bn=false would have done nothing."""
+    no_unet = [o for o in FAST if not o.startswith("model.")]
+    cfg = compose_train([*no_unet, "model=segformer", "model.backbone=mit_b0", "callbacks=finetune",
+                         "callbacks.finetune.train_bn=false"], output_dir=tmp_path / "r")
+    with pytest.raises(Exception) as err:
+        train(cfg)
+    assert "callbacks.finetune.train_bn=false keeps batch-norm statistics, but the encoder group has no BatchNorm" \
+        in str(user_error_in(err.value))
 
 
 def test_finetune_config_errors():

@@ -316,11 +316,14 @@ def test_a_monitor_that_validation_never_logs_is_refused_before_data(tmp_path: P
 
 
 @pytest.mark.slow
-def test_resuming_an_early_stopped_run_trains_nothing_unless_patience_allows(tmp_path: Path) -> None:
-    """A requeue that always passes trainer.resume=auto trained a finished run one more epoch."""
+@pytest.mark.parametrize("extra", [[], ["callbacks=finetune", "callbacks.finetune.patience=null",
+                                         "callbacks.finetune.unfreeze_epoch=10"]])
+def test_resuming_an_early_stopped_run_trains_nothing_unless_patience_allows(tmp_path: Path, extra: list[str]) -> None:
+    """A requeue that always passes trainer.resume=auto trained a finished run one more epoch. With a fine-tuning
+    callback whose patience is null, the resume compared its patience (None) with an int."""
     run = tmp_path / "run"
     stop = ["trainer.max_epochs=4", "callbacks.early_stopping.patience=1", "callbacks.early_stopping.min_delta=1e9",
-            "callbacks.visuals=null"]
+            "callbacks.visuals=null", *extra]
     train(compose_train([*TINY, *stop], run))
 
     def epochs() -> list[int]:

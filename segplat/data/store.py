@@ -84,6 +84,11 @@ def store_fingerprint(layout: Layout, tile_size: int, compressor: str | None = "
     return layout.fingerprint(extra)
 
 
+def _written_splits(root: zarr.Group, splits: Iterable[str]) -> list[str]:
+    """The splits of a store being written that hold at least one sample's tiles."""
+    return [s for s in splits if s in root and any(m is not None for m in root[s].attrs["tiles"])]
+
+
 class _ConfigSkips(DataError):
     """The first samples were all refused for one config-key reason: the prepare stops (see `_skip`)."""
 
@@ -248,11 +253,10 @@ class StoreWriter:
                 if refs:
                     self._write_split(root, split, refs)
         except _ConfigSkips as err:
-            if not self.location.remote and not any(
-                    s in root and any(m is not None for m in root[s].attrs["tiles"]) for s in splits):
+            if not self.location.remote and not _written_splits(root, splits):
                 shutil.rmtree(self.partial, ignore_errors=True)  # nothing in it is worth resuming
             raise DataError(str(err)) from None
-        written = [s for s in splits if s in root and any(m is not None for m in root[s].attrs["tiles"])]
+        written = _written_splits(root, splits)
         if not written:
             shutil.rmtree(self.partial, ignore_errors=True)  # nothing in it is worth resuming
             first = self.skipped[0].rstrip(".") if self.skipped else "no sample has a tile"

@@ -171,6 +171,10 @@ class EncoderFineTuning(Callback):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self._freeze(trainer)
+        if not self.train_bn and not self._frozen_norms(trainer):
+            raise ConfigError(f"callbacks.finetune.train_bn=false keeps batch-norm statistics, but the {self.group} "
+                              "group has no BatchNorm layer (e.g. a transformer's LayerNorms keep none), so it would "
+                              "do nothing; remove it.")
 
     def on_train_epoch_start(self, trainer: Trainer) -> None:
         if not self.switched and self.unfreeze_epoch is not None and trainer.state.epoch + 1 >= self.unfreeze_epoch:

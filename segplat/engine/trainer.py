@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from segplat.engine.acceleration import check_acceleration, prepare_inputs, prepare_model, run_device
-from segplat.engine.callbacks import Callback, improved
+from segplat.engine.callbacks import Callback, EarlyStopping, improved
 from segplat.engine.checkpoint import (
     BEST,
     LAST,
@@ -465,7 +465,7 @@ class Trainer:
         # an early-stopped run stays stopped unless early stopping would now let it go on (a larger patience);
         # a requeue that always passes trainer.resume=auto must not train a finished run further
         if not (self.state.stopped_reason and self.state.stopped_reason.startswith("early stopping") and any(
-                getattr(cb, "wait", 0) >= getattr(cb, "patience", float("inf")) for cb in self.callbacks)):
+                cb.wait >= cb.patience for cb in self.callbacks if isinstance(cb, EarlyStopping))):
             self.state.stopped_reason = None
         set_rng_state(state["rng"])
         self.resumed = True

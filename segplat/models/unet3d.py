@@ -68,6 +68,7 @@ Stream = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (B, C, T, H, W), mas
 
 DEFAULT_EARLY_STEPS = 8  # date slots of early fusion when model.early_steps is null
 
+
 class TemporalEncoder(nn.Module):
     """One stream's 3-D encoder; `stage(i, ...)` runs one level so mid fusion can interleave streams."""
 
@@ -157,7 +158,7 @@ class UNet3D(SegmentationModel):
         if int(heads) < 1 or uneven:
             raise ConfigError(f"model.heads={heads} must divide the width of every attention level (model.widths at "
                               f"model.attn_levels: {[self.widths[i] for i in levels]}; {uneven or heads} do not); "
-                              "it silently fell back to one head there.")
+                              "choose a divisor of each of them.")
         self.attn_levels = levels
         self.early_steps = early_steps
         names = list(self.modalities)

@@ -162,7 +162,7 @@ def config_error_hint(config_name: str, argv: Sequence[str]) -> str | None:
         appended = re.search(r"Multiple values for (\S+?)\.", str(err))
         if appended is not None and f"+{appended.group(1)}=" in " ".join(overrides):
             group = appended.group(1)
-            return (f"{group} already has a place in the config (default null), so it is chosen without a +: "
+            return (f"{group} already has a place in the config's defaults, so it is chosen without a +: "
                     f"write {group}=NAME, not +{group}=NAME.")
         found = re.search(r"Could not override '([^']+)'", str(err))
         if found is None:

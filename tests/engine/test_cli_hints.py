@@ -21,8 +21,8 @@ from segplat.utils.task import config_error_hint, overrides_of
     # a key under a value (null here) is not a typo of that value (it suggested the same key again)
     (["dataset.photometric.foo=1"], "dataset.photometric is null here, not a section with keys"),
     # sweep has a place in the defaults (so that debug=fast applies to trials): the old +sweep= is explained
-    (["+sweep=fusion_patch_lr"], "sweep already has a place in the config (default null), so it is chosen without a "
-                                 "+: write sweep=NAME, not +sweep=NAME."),
+    (["+sweep=fusion_patch_lr"], "sweep already has a place in the config's defaults, so it is chosen without a +: "
+                                 "write sweep=NAME, not +sweep=NAME."),
 ])
 def test_near_misses_get_a_suggestion(argv, hint):
     assert hint in config_error_hint("train", argv)
