@@ -27,7 +27,7 @@ from torch import nn
 from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
+CONF_DIR = REPO / "segplat" / "conf"
 RESULTS = REPO / "benchmarks" / "results"
 
 # the models of issue 19, as config overrides of conf/train.yaml (exactly what a user would pass)

@@ -21,9 +21,8 @@ from segplat.utils.plain import to_plain
 if TYPE_CHECKING:
     from segplat.models.fusion.spec import FusionSpec
 
-# the Hydra config tree the tasks compose (conf/ beside the package)
 # the config tree every task composes from (one owner: tasks, the API, checks and the checkpoint trust list)
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def register_resolvers() -> None:

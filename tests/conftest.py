@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
+CONF_DIR = REPO / "segplat" / "conf"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # torch's process-wide float32 precision as the session starts: no import and no test may change it (TerraTorch's

@@ -26,7 +26,7 @@ class SegplatOptunaSweeperConf:
     sampler: Any = field(default_factory=lambda: {"name": "tpe", "seed": None})
     # {name: median|percentile|hyperband|successive_halving|threshold|wilcoxon|none, <pruner options>}
     pruner: Any = field(default_factory=lambda: {"name": "median", "n_startup_trials": 5, "n_warmup_steps": 0})
-    # key -> sweep expression or {when: {KEY: VALUE}, values: EXPRESSION}; see sweeps/fusion_patch_lr.yaml
+    # key -> sweep expression or {when: {KEY: VALUE}, values: EXPRESSION}; see segplat/conf/sweep/fusion_patch_lr.yaml
     params: Any = field(default_factory=dict)
     # trials enqueued first, once, when the study is created: a list of {key: value} maps of searched keys
     # (checked before the study exists; an interrupted baseline is enqueued again)

@@ -137,7 +137,8 @@ def parse_expression(key: str, expression: Any) -> Param:
         override: Override = OverridesParser.create().parse_overrides([f"{key}={expression}"])[0]
     except Exception as err:
         raise ConfigError(f"hydra.sweeper.params.{key}={expression!r} is not a valid sweep expression "
-                          f"({str(err).splitlines()[0]}); see the syntax at the top of sweeps/*.yaml.") from err
+                          f"({str(err).splitlines()[0]}); see the syntax at the top of "
+                          "segplat/conf/sweep/fusion_patch_lr.yaml.") from err
     if not override.is_sweep_override():
         return Param(key, fixed=override.value())
     dist, texts = _distribution(key, override.value())

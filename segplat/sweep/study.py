@@ -33,27 +33,12 @@ import optuna
 from optuna.trial import TrialState
 
 from segplat.errors import ConfigError
+from segplat.messages import redact
 
 log = logging.getLogger(__name__)
 
 INTERRUPTED_ATTR = "segplat_interrupted"  # FAILed because the sweeper was stopped while the trial ran
 NOT_RUN_ATTR = "segplat_not_run"  # FAILed because the sweeper could not start it (the reason is in "error")
-
-
-def redact(url: str) -> str:
-    """A storage URL without its password, for logs, files and error messages.
-
-    Done on the text (not by SQLAlchemy's parser) so that a malformed URL, or a password with an
-    unescaped `@` or `/`, is hidden too: everything between the user's `:` and the last `@`."""
-    if "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    if "@" not in rest:
-        return url
-    credentials, location = rest.rsplit("@", 1)
-    if ":" not in credentials:
-        return url
-    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{location}"
 
 
 DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433, "oracle": 1521}

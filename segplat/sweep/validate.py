@@ -41,6 +41,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segplat.errors import ConfigError, SegplatError
+from segplat.messages import first_line
 from segplat.sweep import space as sp
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,6 @@ STRUCTURAL_PREFIXES = ("model.", "fusion.", "dataset.modalities")
 MAX_DRAWS = 512
 MAX_STRUCTURAL_DRAWS = 20000
 REFUSALS_SHOWN = 3
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _paths(tree: Any, prefix: str = "") -> Iterator[str]:
@@ -156,8 +152,8 @@ class SpaceChecker:
                                    f"{', '.join(options)}.")
         if not group_overrides:
             return ConfigError(f"the sweep's fixed overrides {' '.join(self.fixed)} do not compose "
-                               f"({_first_line(err)}); fix them.")
-        return ConfigError(f"the sweep draw {' '.join(group_overrides)} does not compose ({_first_line(err)}); "
+                               f"({first_line(err)}); fix them.")
+        return ConfigError(f"the sweep draw {' '.join(group_overrides)} does not compose ({first_line(err)}); "
                            "fix hydra.sweeper.params.")
 
     def _key_problem(self, group_overrides: tuple[str, ...], tree: Any, param: sp.Param) -> str | None:
@@ -212,7 +208,7 @@ class SpaceChecker:
         except SegplatError as err:
             self.report.refused.append((self.draw_text(draw), str(err)))
         except Exception as err:  # the trial would crash the same way
-            self.report.refused.append((self.draw_text(draw), f"{type(err).__name__}: {_first_line(err)}"))
+            self.report.refused.append((self.draw_text(draw), f"{type(err).__name__}: {first_line(err)}"))
 
     # -- the checks ---------------------------------------------------------------------------------
     def check_conditions(self) -> None:

@@ -292,7 +292,7 @@ def test_prediction_inputs_are_checked_on_the_full_grid(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
     from segplat.data.layouts.base import ModalitySpec
-    from segplat.predict import check_scene_alignment, header
+    from segplat.predict.scenes import check_scene_alignment, header
 
     def read_geotiff(path: Path) -> tuple[None, dict]:
         with rasterio.open(path) as src:

@@ -14,7 +14,7 @@ from segplat.data.fake.s1s2_series import write_fake
 from segplat.data.layouts.s1s2_series import VOID_CLASS, S1S2SeriesLayout
 from segplat.data.store import PatchStore, prepare_store
 from segplat.errors import ConfigError, DataError
-from tests.conftest import REPO, compose_train
+from tests.conftest import CONF_DIR, compose_train
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_store_and_batches_pad_time_with_a_mask(tmp_path: Path, fake_root: Path)
 @pytest.mark.slow
 def test_one_training_epoch(tmp_path: Path, fake_root: Path) -> None:
     pytest.importorskip("segplat.models.unet3d")
-    if not (REPO / "conf" / "model" / "unet3d.yaml").is_file():
+    if not (CONF_DIR / "model" / "unet3d.yaml").is_file():
         pytest.skip("conf/model/unet3d.yaml is not there yet")
     from segplat.train import train
 

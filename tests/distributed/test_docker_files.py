@@ -49,5 +49,5 @@ def test_compose_wires_the_study_database_to_the_workers() -> None:
     assert "hydra.sweeper.storage=" in " ".join(worker["command"])
     build = worker["build"]
     assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == (DOCKER / "Dockerfile").resolve()
-    for src in ("pyproject.toml", "README.md", "segplat", "conf", "sweeps", "hydra_plugins", "launch"):
+    for src in ("pyproject.toml", "README.md", "segplat", "segplat/conf", "hydra_plugins", "launch"):
         assert (REPO / src).exists(), f"the Dockerfile copies {src}, which is missing"

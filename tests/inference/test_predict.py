@@ -125,7 +125,7 @@ def test_bad_inputs_are_named(trained_run: Path, tmp_path: Path):
 
 
 def test_output_names_strip_one_raster_suffix():
-    from segplat.predict import output_stem
+    from segplat.predict.scenes import output_stem
 
     assert output_stem("scene.v2.tif") == "scene.v2"
     assert output_stem("S2A_T32TQM.SAFE.TIF") == "S2A_T32TQM.SAFE"

@@ -24,7 +24,8 @@ from omegaconf import open_dict
 from segplat.data.store import _nodata_mask, _resize_nearest_mask
 from segplat.errors import ConfigError
 from segplat.inference import SlidingWindowPredictor, add_legend, fill_value, grid_alignment, load_for_inference
-from segplat.predict import RasterSource, open_input, predict
+from segplat.predict import predict
+from segplat.predict.scenes import RasterSource, open_input
 from tests.conftest import CONF_DIR
 from tests.inference.checkpoints import CLASSES, PALETTE
 from tests.inference.scenes import WINDOW, scene_arrays, two_grid_checkpoint, write_geotiffs
@@ -234,7 +235,7 @@ def test_legend_names_every_class_in_its_colour():
 
 def test_preview_is_sampled_from_the_windows_as_read(checkpoint: Path):
     from segplat.inference import ArraySource
-    from segplat.predict import PreviewSampler
+    from segplat.predict.writer import PreviewSampler
 
     arrays = scene_arrays(131, 97)
     loaded = load_for_inference(checkpoint)

@@ -28,8 +28,8 @@ def compose(preset: str, *overrides: str, tmp_path: Path):
 
 
 def test_nothing_outside_the_plugin_names_the_new_type() -> None:
-    repo = CONF_DIR.parent
-    mentions = [p for pattern in ("segplat/**/*.py", "conf/**/*.yaml", "sweeps/*.yaml", "tests/**/*.py", "*.md")
+    repo = CONF_DIR.parents[1]
+    mentions = [p for pattern in ("segplat/**/*.py", "segplat/conf/**/*.yaml", "tests/**/*.py", "*.md")
                 for p in repo.glob(pattern)
                 if "gated_sum" in p.read_text() and PLUGIN not in p.parents and p != Path(__file__)]
     assert mentions == []

@@ -1,6 +1,6 @@
 """The production sweep's fusion draws: each is accepted, and distinct draws build distinct models.
 
-Samples `sweeps/fusion_patch_lr.yaml` with the sweeper's own sampling (`segplat.sweep.space`), applies
+Samples `segplat/conf/sweep/fusion_patch_lr.yaml` with the sweeper's own sampling (`segplat.sweep.space`), applies
 each draw's fusion overrides to the default model as a trial would, and compares the built models by
 their parameters (names and shapes): a draw that only renamed a trial would build the same model.
 """
@@ -19,7 +19,7 @@ from segplat.sweep import space
 from tests.conftest import CONF_DIR, TINY, compose_train
 from tests.models.fusion_helpers import built_fusion, named_fusion, pyramid_depth
 
-SWEEP = CONF_DIR.parent / "sweeps" / "fusion_patch_lr.yaml"
+SWEEP = CONF_DIR / "sweep" / "fusion_patch_lr.yaml"
 MODEL = [o for o in TINY if o.startswith("model.")]
 
 

@@ -8,6 +8,7 @@ import optuna
 import pytest
 from omegaconf import OmegaConf
 
+from segplat.config import CONF_DIR
 from segplat.errors import ConfigError
 from segplat.sweep import space as sp
 from segplat.sweep.study import (
@@ -20,7 +21,6 @@ from segplat.sweep.study import (
     trial_id,
 )
 
-REPO = Path(__file__).resolve().parents[2]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -56,7 +56,7 @@ def test_format_value_round_trips_through_hydra() -> None:
 
 def test_production_sweep_file_conditions() -> None:
     """fusion.type/stages are sampled only when fusion.level=mid, and come after it whatever the file order."""
-    cfg = OmegaConf.load(REPO / "sweeps" / "fusion_patch_lr.yaml")
+    cfg = OmegaConf.load(CONF_DIR / "sweep" / "fusion_patch_lr.yaml")
     raw = dict(cfg.hydra.sweeper.params)
     reordered = {"fusion.stages": raw["fusion.stages"], **{k: v for k, v in raw.items() if k != "fusion.stages"}}
     params = sp.parse_params(reordered)

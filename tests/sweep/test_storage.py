@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from segplat.errors import ConfigError
-from segplat.sweep.study import make_storage, redact
+from segplat.messages import redact
+from segplat.sweep.study import make_storage
 
 SECRET = "s3cr:t/p@ss"  # unescaped ':', '/' and '@': a malformed URL must still hide all of it
 

@@ -4,7 +4,6 @@ compose, judged by segplat.config.check_config; no trial is launched, no study i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,13 +11,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from segplat.config import check_config
+from segplat.config import CONF_DIR, check_config
 from segplat.errors import ConfigError
 from segplat.sweep import space as sp
 from segplat.sweep.validate import SpaceChecker
 
-REPO = Path(__file__).resolve().parents[2]
-PRODUCTION = OmegaConf.load(REPO / "sweeps" / "fusion_patch_lr.yaml").hydra.sweeper
+PRODUCTION = OmegaConf.load(CONF_DIR / "sweep" / "fusion_patch_lr.yaml").hydra.sweeper
 
 
 def check_space(spec: dict[str, Any], fixed: Sequence[str] = (), baselines: Sequence[Any] = (),
@@ -30,7 +28,7 @@ def check_space(spec: dict[str, Any], fixed: Sequence[str] = (), baselines: Sequ
         if seen is not None:
             seen.append(cfg)
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         checker = SpaceChecker(
             sp.parse_params(spec), list(fixed),
             lambda overrides: compose(config_name="train", overrides=list(overrides), return_hydra_config=True),

@@ -1,0 +1,5 @@
+"""`python -m segplat.predict`."""
+
+from segplat.predict import main
+
+main()
