@@ -79,7 +79,8 @@ REQUIRED_HINTS = {"ckpt": "a training run folder or a .ckpt file",
 
 
 def check_values(cfg: DictConfig) -> None:
-    """Every task, before anything else: required keys given, and true/false keys given true or false."""
+    """Every task, before anything else: required keys given, true/false keys given true or false, and every
+    `_target_` node's keys against its target's signature (`segplat.schema.check_targets`)."""
     names = flag_names()
     plain = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)  # "???" marks a missing value
     for path, key, value in _leaves({k: v for k, v in plain.items() if k != "hydra"}, ""):
@@ -90,6 +91,9 @@ def check_values(cfg: DictConfig) -> None:
             if isinstance(value, str) and value.startswith("${"):
                 continue  # an interpolation: its target is checked where it is set
             raise ConfigError(f"{path}={value} must be true or false.")
+    from segplat.schema import check_targets
+
+    check_targets(cfg)
 
 
 def check_config(cfg: DictConfig) -> None:

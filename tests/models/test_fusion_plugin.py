@@ -66,5 +66,6 @@ def test_models_with_a_fixed_fusion_refuse_it(tmp_path: Path) -> None:
 
 def test_unknown_argument_of_the_new_module_is_refused(tmp_path: Path) -> None:
     cfg = compose("unet", "+fusion.module.gate_bias=1.0", tmp_path=tmp_path)
-    with pytest.raises(ConfigError, match=r"fusion\.module has arguments GatedSumFusion does not take"):
+    with pytest.raises(ConfigError, match=r"fusion\.module\.gate_bias is not a key of fusion\.module; did you mean "
+                       r"fusion\.module\.gate_init\?"):
         check_config(cfg)
