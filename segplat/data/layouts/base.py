@@ -1,6 +1,6 @@
 """What every dataset reader provides: its constants, its samples per split, one sample's arrays.
 
-A layout knows one raw on-disk format (see ../shared/DATASETS.md) and nothing about zarr,
+A layout knows one raw on-disk format (see docs/datasets.md) and nothing about zarr,
 patches or training. `segplat.data.store.prepare_store` turns any layout into a patch store.
 """
 
