@@ -267,6 +267,8 @@ def describe(tp: Any) -> str:
         return "one of " + ", ".join(show(v) for v in get_args(base))
     lo, lo_open, hi, hi_open = _bounds(meta)
     noun = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(base)
+    if base is str and any(isinstance(m, MinLen) and m.min_length > 0 for m in meta):
+        noun = "a non-empty string"
     if noun is None:
         return _describe_container(base, meta)
     if base in (int, float) and (lo is not None or hi is not None):
@@ -293,10 +295,10 @@ def _describe_container(base: Any, meta: Sequence[Any] = ()) -> str:
     if origin in (list, tuple, set, frozenset, Sequence) or (isinstance(origin, type) and issubclass(
             origin, Sequence) and origin is not str):
         least = max((m.min_length for m in meta if isinstance(m, MinLen)), default=0)
-        size = f"at least {least} " if least > 1 else "at least one " if least == 1 else ""
+        kind, size = ("a non-empty list", "") if least == 1 else ("a list", f"at least {least} " if least else "")
         if origin is tuple and args and args[-1] is not Ellipsis:
             size = f"{len(args)} "
-        return f"a list of {size}{_plural(args[0])}" if args and args[0] is not Ellipsis else "a list"
+        return f"{kind} of {size}{_plural(args[0])}" if args and args[0] is not Ellipsis else kind
     if origin in (dict, Mapping) or (isinstance(origin, type) and issubclass(origin, Mapping)):
         return f"a mapping of names to {_plural(args[1])}" if len(args) == 2 else "a mapping"
     if base is Any:
