@@ -70,8 +70,8 @@ def test_a_type_that_contradicts_its_module_is_refused_with_the_entry_to_use(tmp
     ({"level": "sideways"}, r"^fusion\.level=sideways is not known; use early, mid or late\.$"),
     ({"level": "mid", "type": ""}, r"^fusion\.type='' must be a non-empty string; a conf/fusion entry's type\.$"),
     ({"level": "mid", "module": {"_target_": "segplat.models.fusion.AttentionFusion", "_partial_": True,
-                                 "reductoin": 2}}, r"^fusion\.module\.reductoin is not a key of fusion\.module; did you "
-                                                   r"mean fusion\.module\.reduction\?$"),
+                                 "reductoin": 2}},
+     r"^fusion\.module\.reductoin is not a key of fusion\.module; did you mean fusion\.module\.reduction\?$"),
 ])
 def test_malformed_specs_are_refused(fusion, words) -> None:
     with pytest.raises(ConfigError, match=words):
