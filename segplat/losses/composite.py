@@ -31,10 +31,7 @@ class SegLoss(nn.Module):
         if not terms:
             raise ConfigError(f"{LOSS_KEY}.terms is empty; name at least one loss term.")
         self.terms = nn.ModuleDict(dict(terms))
-        for name, term in self.terms.items():  # the key a term's runtime refusals name (losses.terms.option_key)
-            term.config_path = f"{LOSS_KEY}.terms.{name}"
-            if hasattr(term, "check_options"):
-                term.check_options()
+        self._name_terms()
         self.weights = {k: float((weights or {}).get(k, 1.0)) for k in self.terms}
         unknown = [k for k in (weights or {}) if k not in self.terms]
         if unknown:
@@ -45,6 +42,14 @@ class SegLoss(nn.Module):
             raise ConfigError("loss.aux_weights names both final and out, which are the same head; keep one.")
         self.aux_weights = {"out": 1.0, **aux}
         self.set_ignore_index(ignore_index)
+
+    def _name_terms(self) -> None:
+        """Give each term the key its runtime refusals name (`losses.terms.option_key`), then let it check the
+        options that only fail together."""
+        for name, term in self.terms.items():
+            term.config_path = f"{LOSS_KEY}.terms.{name}"
+            if hasattr(term, "check_options"):
+                term.check_options()
 
     def bind_aux_outputs(self, aux_outputs: Mapping[str, float | None], model_name: str) -> None:
         """Weigh the auxiliary outputs a model returns (`SegmentationModel.aux_outputs`: name -> default weight):

@@ -62,6 +62,7 @@ from segplat.models.encoders.temporal import (
     resample_time,
     safe_mask,
 )
+from segplat.models.fusion import FusionSpec
 from segplat.models.layers import conv_bn_act
 from segplat.schema import Hint, NonNegativeInt, OpenFraction, PositiveInt
 
@@ -153,18 +154,7 @@ class UNet3D(SegmentationModel):
         else:
             self.encoders = nn.ModuleDict({m: TemporalEncoder(c, **enc) for m, c in self.modalities.items()})
         if self.level == "mid":
-            self.fused_stages = f.fused_stages(n_levels, "the levels of model.widths")
-            fusion_mods: dict[str, nn.Module] = {str(i): f.build([self.widths[i]] * len(names), self.widths[i])
-                                                 for i in self.fused_stages}
-            self.exchange_levels = [i for i in levels if i in self.fused_stages] if cross_attention is not False else []
-            if cross_attention and not self.exchange_levels:
-                raise ConfigError(f"model.cross_attention=true exchanges dates at fused levels of model.attn_levels, "
-                                  f"but attn_levels={levels} and fusion.stages={self.fused_stages} share none, so it "
-                                  "would do nothing; fuse one of those levels or set model.cross_attention=null.")
-            for i in self.exchange_levels:
-                for m in names:
-                    fusion_mods[f"x{i}_{m}"] = TemporalCrossAttention(self.widths[i], self.widths[i], heads)
-            self.fusion = nn.ModuleDict(fusion_mods)
+            self.fusion = self._mid_fusion(f, heads, cross_attention)
         if self.level == "late":
             self.decoders = nn.ModuleDict({m: UNetDecoder2d(self.widths) for m in names})
             self.fusion = nn.ModuleDict({"final": f.build([w0] * len(names), w0)})
@@ -172,6 +162,23 @@ class UNet3D(SegmentationModel):
             self.decoder = UNetDecoder2d(self.widths)
         self.head = nn.Sequential(nn.Dropout2d(head_dropout) if head_dropout else nn.Identity(),
                                   nn.Conv2d(w0, num_classes, 1))
+
+    def _mid_fusion(self, f: FusionSpec, heads: int, cross_attention: bool | None) -> nn.ModuleDict:
+        """The fusion module of each fused level and, where it also has attention, the streams' date exchange."""
+        names = list(self.modalities)
+        self.fused_stages = f.fused_stages(len(self.widths), "the levels of model.widths")
+        modules: dict[str, nn.Module] = {str(i): f.build([self.widths[i]] * len(names), self.widths[i])
+                                         for i in self.fused_stages}
+        self.exchange_levels = [] if cross_attention is False else [
+            i for i in self.attn_levels if i in self.fused_stages]
+        if cross_attention and not self.exchange_levels:
+            raise ConfigError(f"model.cross_attention=true exchanges dates at fused levels of model.attn_levels, "
+                              f"but attn_levels={self.attn_levels} and fusion.stages={self.fused_stages} share none, "
+                              "so it would do nothing; fuse one of those levels or set model.cross_attention=null.")
+        for i in self.exchange_levels:
+            for m in names:
+                modules[f"x{i}_{m}"] = TemporalCrossAttention(self.widths[i], self.widths[i], heads)
+        return nn.ModuleDict(modules)
 
     @staticmethod
     def _check_together(level: str, widths: list[int], levels: list[int], heads: int, time_kernel: int,

@@ -161,13 +161,7 @@ class GFMEncoder(nn.Module):
             self.load_weights(weights)
             log.info("model.encoder: loaded %s %s from %s", self.family, self.name, weights)
         self.extend_patch_embeddings()
-        depth = self.depth
-        levels = len(list(strides))
-        indices = list(out_indices) if out_indices is not None else default_out_indices(depth, levels)
-        if len(indices) != levels or any(not -depth <= int(i) < depth for i in indices):
-            raise ConfigError(f"model.encoder.out_indices={list(indices)} must name {levels} blocks (one per level of "
-                              f"strides={list(strides)}) of the {depth} that {self.family} {self.name} has.")
-        self.out_indices = [int(i) % depth for i in indices]
+        self.out_indices = self._block_indices(out_indices, strides)
         self.neck = ViTPyramidNeck(self.embed_dim, self.patch_size, strides, neck, neck_channels)
         self.out_channels: list[int] = list(self.neck.out_channels)
         self.reductions: list[int] = list(self.neck.strides)
@@ -175,6 +169,15 @@ class GFMEncoder(nn.Module):
             self.register_buffer(f"_sources_{i}", torch.tensor([s if s >= 0 else in_chans for s in m.sources],
                                                                 dtype=torch.long), persistent=False)
         self.needs_zeros = any(s < 0 for m in self.mappings for s in m.sources)
+
+    def _block_indices(self, out_indices: Sequence[int] | None, strides: Sequence[int]) -> list[int]:
+        """The ViT blocks whose tokens make the pyramid levels: one per level of `strides`, blocks of this model."""
+        depth, levels = self.depth, len(list(strides))
+        indices = list(out_indices) if out_indices is not None else default_out_indices(depth, levels)
+        if len(indices) != levels or any(not -depth <= int(i) < depth for i in indices):
+            raise ConfigError(f"model.encoder.out_indices={list(indices)} must name {levels} blocks (one per level of "
+                              f"strides={list(strides)}) of the {depth} that {self.family} {self.name} has.")
+        return [int(i) % depth for i in indices]
 
     # -- what subclasses provide ----------------------------------------------------------------------
     def check_name(self, registry: Any) -> None:
