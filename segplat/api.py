@@ -35,6 +35,7 @@ def create_model(name: str, modalities: Mapping[str, int], num_classes: int,
     from hydra.utils import instantiate
 
     from segplat.config import check_model_fusion
+    from segplat.schema import check_targets
     from segplat.utils.task import compose_config, user_error_in
 
     choices = [f"model={name}"] + ([f"fusion={fusion}"] if isinstance(fusion, str) else [])
@@ -58,6 +59,8 @@ def create_model(name: str, modalities: Mapping[str, int], num_classes: int,
     modalities = {str(k): int(v) for k, v in dict(modalities).items()}
     with open_dict(cfg):
         cfg.dataset.modalities = list(modalities)
+    check_targets(cfg.fusion, root="fusion")  # every key against its target's signature, as the tasks do
+    check_targets(cfg.model, root="model")
     check_model_fusion(cfg)  # the same refusal as the CLI's, e.g. a fusion a preset with a fixed one would ignore
     try:
         return instantiate(model_cfg, modalities=modalities, num_classes=num_classes)

@@ -114,9 +114,6 @@ def check_config(cfg: DictConfig) -> None:
 
         check_acceleration(cfg.trainer.get("compile", False), cfg.trainer.get("channels_last", False),
                            run_device(bool(cfg.trainer.get("cpu", False))))
-    from segplat.optim import check_scheduler_keys
-
-    check_scheduler_keys(cfg.get("scheduler"))
     check_model_fusion(cfg)
 
 

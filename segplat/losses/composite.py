@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Annotated
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from segplat.errors import ConfigError
+from segplat.schema import Hint, NonNegativeFloat
+
+# where the loss config sits: a term's runtime refusals name `loss.terms.<name>.<option>`
+LOSS_KEY = "loss"
 
 
 class SegLoss(nn.Module):
@@ -17,21 +22,34 @@ class SegLoss(nn.Module):
     accepted as another name for it); `bind_aux_outputs` adds the model's default weights and refuses a weight
     for an output the model lacks; an output with no weight is an error, so a head is never dropped silently."""
 
-    def __init__(self, terms: Mapping[str, nn.Module], weights: Mapping[str, float] | None = None,
-                 aux_weights: Mapping[str, float] | None = None, ignore_index: int = 255) -> None:
+    def __init__(self, terms: Mapping[str, nn.Module],
+                 weights: Annotated[Mapping[str, NonNegativeFloat] | None, Hint("term name -> weight")] = None,
+                 aux_weights: Annotated[Mapping[str, NonNegativeFloat] | None,
+                                        Hint("model output -> weight; 0 leaves it out")] = None,
+                 ignore_index: int = 255) -> None:
         super().__init__()
         if not terms:
-            raise ConfigError("loss.terms is empty; name at least one loss term.")
+            raise ConfigError(f"{LOSS_KEY}.terms is empty; name at least one loss term.")
         self.terms = nn.ModuleDict(dict(terms))
+        self._name_terms()
         self.weights = {k: float((weights or {}).get(k, 1.0)) for k in self.terms}
         unknown = [k for k in (weights or {}) if k not in self.terms]
         if unknown:
-            raise ConfigError(f"loss.weights names {unknown}, which are not in loss.terms ({list(self.terms)}).")
+            raise ConfigError(f"{LOSS_KEY}.weights names {unknown}, which are not in {LOSS_KEY}.terms "
+                              f"({list(self.terms)}).")
         aux = {("out" if k == "final" else str(k)): float(v) for k, v in (aux_weights or {}).items()}
         if "final" in (aux_weights or {}) and "out" in (aux_weights or {}):
             raise ConfigError("loss.aux_weights names both final and out, which are the same head; keep one.")
         self.aux_weights = {"out": 1.0, **aux}
         self.set_ignore_index(ignore_index)
+
+    def _name_terms(self) -> None:
+        """Give each term the key its runtime refusals name (`losses.terms.option_key`), then let it check the
+        options that only fail together."""
+        for name, term in self.terms.items():
+            term.config_path = f"{LOSS_KEY}.terms.{name}"
+            if hasattr(term, "check_options"):
+                term.check_options()
 
     def bind_aux_outputs(self, aux_outputs: Mapping[str, float | None], model_name: str) -> None:
         """Weigh the auxiliary outputs a model returns (`SegmentationModel.aux_outputs`: name -> default weight):
