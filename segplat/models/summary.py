@@ -187,7 +187,11 @@ def summarise(cfg: DictConfig) -> dict[str, Any]:
 
 
 def model_presets() -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    """segplat's model presets and those of the user's config folders on this command's search path."""
+    from segplat.utils.searchpath import command_searchpath, user_config_dirs
+
+    folders = [CONF_DIR, *user_config_dirs(command_searchpath())]
+    return sorted({p.stem for folder in folders for p in (folder / "model").glob("*.yaml")})
 
 
 def demo_all(cfg: DictConfig) -> int:
@@ -196,8 +200,10 @@ def demo_all(cfg: DictConfig) -> int:
     from hydra.core.hydra_config import HydraConfig
 
     try:
-        overrides = [o for o in HydraConfig.get().overrides.task
-                     if o.split("=", 1)[0].lstrip("+~") not in ("model", "demo")]
+        hydra_cfg = HydraConfig.get()
+        # the user's config folders (hydra.searchpath) reach each preset's compose too
+        overrides = [o for o in hydra_cfg.overrides.hydra if o.split("=", 1)[0].lstrip("+") == "hydra.searchpath"]
+        overrides += [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") not in ("model", "demo")]
     except ValueError:
         overrides = []
     failed = []
@@ -222,7 +228,7 @@ def run(cfg: DictConfig) -> int:
     return 0
 
 
-@hydra.main(config_path="../../conf", config_name="summary", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="summary", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         code = run(cfg)
