@@ -40,6 +40,7 @@ def create_model(name: str, modalities: Mapping[str, int], num_classes: int,
 
     from segplat.config import check_model_fusion
     from segplat.models.build import build_model
+    from segplat.schema import check_targets
     from segplat.utils.searchpath import searchpath_override
     from segplat.utils.task import compose_config, user_error_in
 
@@ -66,6 +67,7 @@ def create_model(name: str, modalities: Mapping[str, int], num_classes: int,
     with open_dict(cfg):
         cfg.dataset.modalities = list(modalities)
     check_model_fusion(cfg)  # the same refusal as the CLI's, e.g. a fusion a preset with a fixed one would ignore
+    check_targets(model_cfg, root="model")  # every key against its target's signature, as the tasks check it
     try:
         return build_model(model_cfg, modalities, num_classes)
     except Exception as err:  # Hydra wraps what a constructor raises; give the user's error itself

@@ -397,10 +397,10 @@ def check_buildable(node: Any, where: str, source: str | Path, trusted: frozense
                 raise refuse(f"has a non-text key {key!r} under {where}")
             if key == "_target_":
                 if not isinstance(value, str) or value not in trusted:
-                    raise refuse(f"names {path}={value!r}, which is not a segplat builder and no config on this "
-                                 "command's search path names", "if it is your own, give this command your config "
-                                 "folder: hydra.searchpath=[file://DIR] on the command line, or "
-                                 "searchpath=[DIR] to segplat.load_model")
+                    raise refuse(f"names {path}={value!r}, which no model, fusion or dataset config on this "
+                                 "machine's search path names", "if it is your own, give this command the folder of "
+                                 "your configs: hydra.searchpath=[file://DIR] on the command line, searchpath=[DIR] "
+                                 "for segplat.load_model")
             elif key.startswith("_") and key.endswith("_") and key not in _BUILD_KEYS:
                 raise refuse(f"sets the Hydra key {path}")
             else:

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from segplat.config import CONF_DIR, check_config, register_resolvers
 from segplat.errors import ConfigError, SegplatError
-from segplat.models.build import build_model
+from segplat.models.build import PlainModel, build_model
 
 register_resolvers()
 DEFAULT_TIME_STEPS = 6
@@ -138,10 +138,12 @@ def summarise(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"input_size={size} and batch_size={batch} must be positive integers.")
     model, streams, num_classes = build(cfg)
     model.eval()
+    # a plain module's own parts are watched, not the wrapper that gives it segplat's defaults
+    watched = model.net if isinstance(model, PlainModel) else model
     inputs = random_inputs(streams, size, batch)
     shapes: dict[str, list[str]] = {}
     hooks = []
-    for name, part in watched_parts(model):
+    for name, part in watched_parts(watched):
         hooks.append(part.register_forward_hook(
             lambda _m, _i, out, name=name: shapes.setdefault(name, []).append(describe(out))))
     with torch.no_grad():
@@ -151,7 +153,7 @@ def summarise(cfg: DictConfig) -> dict[str, Any]:
     for h in hooks:
         h.remove()
     # parts driven through their own methods (a stream's `stage(i)`) never fire: watch their children instead
-    silent = [(name, part) for name, part in watched_parts(model) if name not in shapes]
+    silent = [(name, part) for name, part in watched_parts(watched) if name not in shapes]
     deeper = [(f"{name}.{k}", c) for name, part in silent for k, c in watched_parts(part)]
     if deeper:
         hooks = [c.register_forward_hook(lambda _m, _i, out, name=name: shapes.setdefault(name, []).append(
@@ -167,7 +169,7 @@ def summarise(cfg: DictConfig) -> dict[str, Any]:
     fusion = OmegaConf.select(cfg, "model.fusion")
     fusion_txt = (f"{fusion.get('level')}/{fusion.get('type')}" if fusion is not None else "-")
     lines = [
-        f"model: {type(model).__module__}.{type(model).__qualname__}  (fusion {fusion_txt})",
+        f"model: {type(watched).__module__}.{type(watched).__qualname__}  (fusion {fusion_txt})",
         f"data: {cfg.dataset.get('name')}: " + ", ".join(
             f"{m} {s['channels']} bands" + (f" x {s['time']} dates" if s["time"] else "")
             + (f" at scale {s['scale']}" if s["scale"] != 1 else "") for m, s in streams.items())
