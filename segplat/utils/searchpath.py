@@ -58,6 +58,25 @@ def user_config_dirs(searchpath: Sequence[str | Path] = (), key: str = SEARCHPAT
     return [f for i, f in enumerate(folders) if f != CONF_DIR and f not in folders[:i]]
 
 
+def check_not_shadowed(folders: Sequence[Path]) -> None:
+    """A user's config with the group and name of one of segplat's is never read (Hydra finds segplat's first, in
+    the package's conf/): refuse it rather than train with the other file."""
+    from segplat.config import CONF_DIR
+
+    for folder in folders:
+        for shipped in sorted(CONF_DIR.rglob("*.yaml")):
+            rel = shipped.relative_to(CONF_DIR)
+            if (folder / rel).is_file():
+                raise ConfigError(f"{folder / rel} has the name of segplat's own {rel.as_posix()}, which Hydra reads "
+                                  f"instead, so yours would never be used; rename it (e.g. "
+                                  f"{(rel.parent / ('my_' + rel.name)).as_posix()}).")
+
+
+def check_command_configs() -> None:
+    """Every task, first: the config folders this command was given exist and shadow none of segplat's configs."""
+    check_not_shadowed(user_config_dirs(command_searchpath()))
+
+
 def command_searchpath() -> tuple[str, ...]:
     """The config folders the running Hydra command was given beside segplat's (`hydra.searchpath`,
     `--config-dir`, search-path plugins); empty outside a Hydra application."""
@@ -83,6 +102,5 @@ def searchpath_override(searchpath: Sequence[str | Path], key: str = "searchpath
     if isinstance(searchpath, str | Path):
         searchpath = [searchpath]
     entries = [entry_of(e) for e in searchpath]
-    for entry in entries:
-        folder_of(entry, key)
+    check_not_shadowed(user_config_dirs(entries, key))
     return [f"{SEARCHPATH_KEY}=[{','.join(entries)}]"] if entries else []

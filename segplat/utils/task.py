@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from segplat.config import CONF_DIR, check_values
 from segplat.errors import SegplatError
 from segplat.utils.dist import is_main_process
+from segplat.utils.searchpath import check_command_configs
 
 log = logging.getLogger("segplat")
 
@@ -64,6 +65,7 @@ def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
         if not is_main_process():
             logging.getLogger().setLevel(logging.WARNING)
         try:
+            check_command_configs()  # the user's config folders (hydra.searchpath): there, and none hidden
             check_values(cfg)  # required keys and true/false keys, for every task before its own checks
             result = fn(cfg)
         except Exception as err:
