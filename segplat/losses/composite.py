@@ -75,8 +75,11 @@ class SegLoss(nn.Module):
                                   f"({first_line(err)}); a term must skip pixels equal to self.ignore_index (see "
                                   f"{LOSS_DOC}).") from err
             if not (isinstance(value, torch.Tensor) and value.numel() == 1 and torch.isfinite(value).all()):
-                raise ConfigError(f"{where} returned {value!r} on a random batch; a term returns a finite scalar "
-                                  f"tensor (see {LOSS_DOC}).")
+                tensor = isinstance(value, torch.Tensor)
+                got = (f"a tensor of shape {tuple(value.shape)}" if tensor and value.numel() > 1
+                       else repr(value) if tensor else type(value).__name__)
+                raise ConfigError(f"{where} returned {got} on a random batch; a term returns a finite scalar tensor "
+                                  f"(see {LOSS_DOC}).")
             if not torch.allclose(value, changed, rtol=1e-4, atol=1e-6):
                 raise ConfigError(f"{where} does not honour the ignore index: changing the logits of pixels labelled "
                                   f"{ignore_index} changed its value ({value.item():.4g} -> {changed.item():.4g}); "
