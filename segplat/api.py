@@ -94,8 +94,8 @@ def load_model(run_or_checkpoint: str | Path, device: str | torch.device = "cpu"
     or a .ckpt file: `.model`, `.preprocessor`, `.classes`, `.palette`, `.specs` (band names per modality).
     `searchpath`: your config folders, whose model and dataset targets may then be built from the checkpoint."""
     from segplat.inference import load_for_inference
-    from segplat.utils.searchpath import entry_of
+    from segplat.utils.searchpath import entry_of, user_config_dirs
 
-    if isinstance(searchpath, str | Path):
-        searchpath = [searchpath]
-    return load_for_inference(run_or_checkpoint, device=device, searchpath=[entry_of(e) for e in searchpath])
+    entries = [entry_of(e) for e in ([searchpath] if isinstance(searchpath, str | Path) else searchpath)]
+    user_config_dirs(entries, "searchpath")  # a folder that is not there is named as the API's argument
+    return load_for_inference(run_or_checkpoint, device=device, searchpath=entries)

@@ -45,8 +45,8 @@ def folder_of(entry: str | Path, key: str = SEARCHPATH_KEY) -> Path:
         return Path(locations[0])
     folder = Path(text.removeprefix("file://")).expanduser()
     if not folder.is_dir():
-        raise ConfigError(f"{key} entry {text}: {folder.resolve()} is not a folder; give the folder that holds your "
-                          f"model/, dataset/, ... config groups (see {DOC}).")
+        raise ConfigError(f"{key} entry {text} names {folder.resolve()}, which is not a folder; give the folder that "
+                          f"holds your model/, dataset/, ... config groups (see {DOC}).")
     return folder.resolve()
 
 
