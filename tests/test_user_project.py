@@ -19,7 +19,7 @@ import torch
 import segplat
 from segplat.config import check_config
 from segplat.errors import CheckpointError, ConfigError
-from segplat.utils.task import compose_config
+from segplat.utils.task import compose_config, config_error_hint
 from tests.conftest import REPO
 from tests.user_project import SEARCHPATH, USER_CONF, USER_PROJECT, on_path, subprocess_env
 
@@ -77,6 +77,15 @@ def test_a_user_config_with_the_name_of_segplats_own_is_refused(tmp_path, monkey
         segplat.create_model("unet", {"rgb": 3}, 2, searchpath=[tmp_path / "conf"])
 
 
+def test_a_config_folder_that_is_not_there_is_named_on_the_command_line(tmp_path, monkeypatch):
+    """Hydra itself skips a search-path folder that does not exist; segplat names it instead of 'no option tiny'."""
+    monkeypatch.chdir(tmp_path)
+    hint = config_error_hint("train", ["hydra.searchpath=[file://conf]", "model=tiny"])
+    assert hint == (f"hydra.searchpath entry file://conf names {tmp_path}/conf, which is not a folder; give the folder "
+                    "that holds your model/, dataset/, ... config groups (see docs/user-project.md).")
+    assert config_error_hint("train", [SEARCHPATH, "model=tiny"]) is None
+
+
 # -- end to end, from an empty folder ---------------------------------------------------------------------------
 def run(args: list[str], cwd: Path, env: dict[str, str], expect: int = 0) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -130,6 +139,8 @@ def test_predict_and_evaluate_need_the_users_configs(project, trained):
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "tinyproj.model.TinyNet" in errors[0] and "hydra.searchpath=[file://DIR]" in errors[0]
     assert "Traceback" not in refused.stderr
+    missing = run([*args, "hydra.searchpath=[file://nowhere]"], root, env, expect=2)
+    assert missing.stderr.strip().splitlines()[-1].startswith("error: hydra.searchpath entry file://nowhere names ")
     out = run_dir(run([*args, RELATIVE], root, env))
     assert sorted(p.name for p in out.glob("*.tif")) == ["s00_classes.tif", "s01_classes.tif"]
     evaluated = run_dir(run(["-m", "segplat.evaluate", RELATIVE, f"ckpt={trained}", "split=val"], root, env))

@@ -97,6 +97,20 @@ def command_searchpath() -> tuple[str, ...]:
     return tuple(found)
 
 
+def searchpath_entries(overrides: Sequence[str]) -> list[str]:
+    """The entries of a `hydra.searchpath=[...]` command-line override (none: [])."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    found = [o for o in overrides if o.split("=", 1)[0].lstrip("+") == SEARCHPATH_KEY]
+    if not found:
+        return []
+    try:
+        value = OverridesParser.create().parse_overrides(found[-1:])[0].value()
+    except Exception:  # Hydra reports what it cannot parse itself
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
 def searchpath_override(searchpath: Sequence[str | Path], key: str = "searchpath") -> list[str]:
     """`hydra.searchpath=[...]` for composing with the user's folders (checked to exist); [] for none."""
     if isinstance(searchpath, str | Path):
