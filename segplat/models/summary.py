@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from segplat.config import CONF_DIR, check_config, register_resolvers
 from segplat.errors import ConfigError, SegplatError
 from segplat.models.build import PlainModel, build_model
+from segplat.utils.searchpath import check_command_configs
 
 register_resolvers()
 DEFAULT_TIME_STEPS = 6
@@ -223,6 +224,7 @@ def demo_all(cfg: DictConfig) -> int:
 
 
 def run(cfg: DictConfig) -> int:
+    check_command_configs()  # the user's config folders (hydra.searchpath): there, and none hidden
     torch.manual_seed(0)
     if cfg.get("demo"):
         return 1 if demo_all(cfg) else 0
