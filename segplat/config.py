@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from segplat.errors import ConfigError
@@ -124,15 +123,13 @@ def check_model_fusion(cfg: DictConfig) -> FusionSpec | None:
     level, type and stages (the stage count comes from the model config, e.g. its encoder), and the
     dataset must give the number of modalities the fusion needs.
     """
+    from segplat.models.build import fusion_check, model_class
     from segplat.models.fusion.spec import FusionSpec, resolve_fusion
 
     target = OmegaConf.select(cfg, "model._target_")
     if target is None:
         raise ConfigError("model._target_ is missing; choose a model preset such as model=unet.")
-    try:
-        model_cls = get_class(target)
-    except Exception as err:
-        raise ConfigError(f"model._target_={target} cannot be imported; check the model preset.") from err
+    model_cls = model_class(target)  # importable, and the class-level part of the model contract
     group = cfg.get("fusion")
     given = cfg.model.get("fusion") if "fusion" in cfg.model else None
     if group is not None and "fusion" not in cfg.model and resolve_fusion(group) != FusionSpec():
@@ -142,9 +139,9 @@ def check_model_fusion(cfg: DictConfig) -> FusionSpec | None:
         raise ConfigError(f"model.fusion={to_plain(given)} differs from the fusion group ({to_plain(group)}), "
                           "which the preset would ignore; presets take `fusion: ${fusion}` and fusion is chosen with "
                           "fusion=...")
-    check = getattr(model_cls, "check_fusion", None)
-    if check is None or given is None:
+    if given is None:
         return None
+    check = fusion_check(model_cls)
     spec = resolve_fusion(given)
     modalities = OmegaConf.select(cfg, "dataset.modalities")
     count = getattr(model_cls, "fusion_stage_count", None)

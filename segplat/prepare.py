@@ -26,6 +26,7 @@ from segplat.config import check_values, register_resolvers
 from segplat.data.store import COMPLETE_MARKER, PatchStore, is_complete, read_marker, verify_store
 from segplat.data.store_location import ObjectAccess, check_access
 from segplat.errors import ConfigError, DataError, SegplatError
+from segplat.utils.searchpath import check_command_configs
 from segplat.utils.task import CONF_DIR, with_config_hints
 
 log = logging.getLogger("segplat")
@@ -110,6 +111,7 @@ def print_summary(path: Path, summary: dict[str, Any]) -> None:
 @hydra.main(config_path=str(CONF_DIR), config_name="prepare", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     try:
+        check_command_configs()  # the user's config folders (hydra.searchpath): there, and none hidden
         path, summary = prepare(cfg)
     except SegplatError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

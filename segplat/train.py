@@ -102,7 +102,8 @@ def run_training(cfg: DictConfig, run_dir: Path) -> float:
     model = build_model(cfg.model, expected.modalities, expected.num_classes, expected.bands)
     # loss, optimiser, schedule and callbacks too: a refused key stops here, before the store is prepared
     loss = instantiate(cfg.loss)
-    loss.bind_aux_outputs(model.aux_outputs, type(model).__name__)
+    loss.bind_aux_outputs(model.aux_outputs, str(cfg.model._target_).rsplit(".", 1)[-1])
+    loss.check_terms(expected.num_classes, expected.ignore_index)  # a term that ignores the ignore index stops here
     optimizer_factory = instantiate(cfg.optimizer)
     scheduler_factory = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     callbacks = build_callbacks(cfg)

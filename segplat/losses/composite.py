@@ -10,10 +10,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from segplat.errors import ConfigError
+from segplat.messages import first_line
 from segplat.schema import Hint, NonNegativeFloat
 
 # where the loss config sits: a term's runtime refusals name `loss.terms.<name>.<option>`
 LOSS_KEY = "loss"
+LOSS_DOC = "docs/user-project.md, \"The loss term contract\""
 
 
 class SegLoss(nn.Module):
@@ -67,6 +69,39 @@ class SegLoss(nn.Module):
                               f"weight; give one with loss.aux_weights={{{unweighted[0]}: 0.1}} (0 leaves it out).")
         self.aux_weights = {"out": self.aux_weights["out"],
                             **{k: float(w) for k, w in aux_outputs.items() if w is not None}, **given}
+
+    def check_terms(self, num_classes: int, ignore_index: int) -> None:
+        """Before any data: every term returns a finite scalar on a tiny random batch and honours the dataset's
+        ignore index (changing the logits of ignored pixels changes nothing), so a user's term that forgets the
+        ignore index is refused here instead of training on pixels without a label."""
+        self.set_ignore_index(ignore_index)
+        g = torch.Generator().manual_seed(0)
+        logits = torch.randn(2, num_classes, 8, 8, generator=g)
+        target = torch.randint(0, num_classes, (2, 8, 8), generator=g)
+        ignored = torch.zeros_like(target, dtype=torch.bool)
+        ignored[:, :, :4] = True
+        target[ignored] = ignore_index
+        other = torch.where(ignored[:, None], torch.randn(logits.shape, generator=g) * 10, logits)
+        for name, term in self.terms.items():
+            where = f"loss.terms.{name} ({type(term).__module__}.{type(term).__qualname__})"
+            try:
+                with torch.no_grad():
+                    value, changed = term(logits, target), term(other, target)
+            except Exception as err:
+                raise ConfigError(f"{where} failed on a batch whose target holds the ignore index {ignore_index} "
+                                  f"({first_line(err)}); a term must skip pixels equal to self.ignore_index (see "
+                                  f"{LOSS_DOC}).") from err
+            if not (isinstance(value, torch.Tensor) and value.numel() == 1 and torch.isfinite(value).all()):
+                tensor = isinstance(value, torch.Tensor)
+                got = (f"a tensor of shape {tuple(value.shape)}" if tensor and value.numel() > 1
+                       else repr(value) if tensor else type(value).__name__)
+                raise ConfigError(f"{where} returned {got} on a random batch; a term returns a finite scalar tensor "
+                                  f"(see {LOSS_DOC}).")
+            if not torch.allclose(value, changed, rtol=1e-4, atol=1e-6):
+                raise ConfigError(f"{where} does not honour the ignore index: changing the logits of pixels labelled "
+                                  f"{ignore_index} changed its value ({value.item():.4g} -> {changed.item():.4g}); "
+                                  "subclass segplat.losses.LossTerm, which masks them, or leave out pixels equal to "
+                                  f"self.ignore_index yourself (see {LOSS_DOC}).")
 
     def set_ignore_index(self, ignore_index: int) -> None:
         self.ignore_index = int(ignore_index)

@@ -25,7 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from segplat.config import CONF_DIR, check_config, register_resolvers
 from segplat.errors import ConfigError, SegplatError
-from segplat.models.build import build_model
+from segplat.models.build import PlainModel, build_model
+from segplat.utils.searchpath import check_command_configs
 
 register_resolvers()
 DEFAULT_TIME_STEPS = 6
@@ -138,10 +139,12 @@ def summarise(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"input_size={size} and batch_size={batch} must be positive integers.")
     model, streams, num_classes = build(cfg)
     model.eval()
+    # a plain module's own parts are watched, not the wrapper that gives it segplat's defaults
+    watched = model.net if isinstance(model, PlainModel) else model
     inputs = random_inputs(streams, size, batch)
     shapes: dict[str, list[str]] = {}
     hooks = []
-    for name, part in watched_parts(model):
+    for name, part in watched_parts(watched):
         hooks.append(part.register_forward_hook(
             lambda _m, _i, out, name=name: shapes.setdefault(name, []).append(describe(out))))
     with torch.no_grad():
@@ -151,7 +154,7 @@ def summarise(cfg: DictConfig) -> dict[str, Any]:
     for h in hooks:
         h.remove()
     # parts driven through their own methods (a stream's `stage(i)`) never fire: watch their children instead
-    silent = [(name, part) for name, part in watched_parts(model) if name not in shapes]
+    silent = [(name, part) for name, part in watched_parts(watched) if name not in shapes]
     deeper = [(f"{name}.{k}", c) for name, part in silent for k, c in watched_parts(part)]
     if deeper:
         hooks = [c.register_forward_hook(lambda _m, _i, out, name=name: shapes.setdefault(name, []).append(
@@ -167,7 +170,7 @@ def summarise(cfg: DictConfig) -> dict[str, Any]:
     fusion = OmegaConf.select(cfg, "model.fusion")
     fusion_txt = (f"{fusion.get('level')}/{fusion.get('type')}" if fusion is not None else "-")
     lines = [
-        f"model: {type(model).__module__}.{type(model).__qualname__}  (fusion {fusion_txt})",
+        f"model: {type(watched).__module__}.{type(watched).__qualname__}  (fusion {fusion_txt})",
         f"data: {cfg.dataset.get('name')}: " + ", ".join(
             f"{m} {s['channels']} bands" + (f" x {s['time']} dates" if s["time"] else "")
             + (f" at scale {s['scale']}" if s["scale"] != 1 else "") for m, s in streams.items())
@@ -187,7 +190,11 @@ def summarise(cfg: DictConfig) -> dict[str, Any]:
 
 
 def model_presets() -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    """segplat's model presets and those of the user's config folders on this command's search path."""
+    from segplat.utils.searchpath import command_searchpath, user_config_dirs
+
+    folders = [CONF_DIR, *user_config_dirs(command_searchpath())]
+    return sorted({p.stem for folder in folders for p in (folder / "model").glob("*.yaml")})
 
 
 def demo_all(cfg: DictConfig) -> int:
@@ -196,8 +203,10 @@ def demo_all(cfg: DictConfig) -> int:
     from hydra.core.hydra_config import HydraConfig
 
     try:
-        overrides = [o for o in HydraConfig.get().overrides.task
-                     if o.split("=", 1)[0].lstrip("+~") not in ("model", "demo")]
+        hydra_cfg = HydraConfig.get()
+        # the user's config folders (hydra.searchpath) reach each preset's compose too
+        overrides = [o for o in hydra_cfg.overrides.hydra if o.split("=", 1)[0].lstrip("+") == "hydra.searchpath"]
+        overrides += [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") not in ("model", "demo")]
     except ValueError:
         overrides = []
     failed = []
@@ -215,6 +224,7 @@ def demo_all(cfg: DictConfig) -> int:
 
 
 def run(cfg: DictConfig) -> int:
+    check_command_configs()  # the user's config folders (hydra.searchpath): there, and none hidden
     torch.manual_seed(0)
     if cfg.get("demo"):
         return 1 if demo_all(cfg) else 0
@@ -222,7 +232,7 @@ def run(cfg: DictConfig) -> int:
     return 0
 
 
-@hydra.main(config_path="../../conf", config_name="summary", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="summary", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         code = run(cfg)

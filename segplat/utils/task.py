@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from segplat.config import CONF_DIR, check_values
 from segplat.errors import SegplatError
 from segplat.utils.dist import is_main_process
+from segplat.utils.searchpath import check_command_configs, searchpath_entries, user_config_dirs
 
 log = logging.getLogger("segplat")
 
@@ -64,6 +65,7 @@ def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
         if not is_main_process():
             logging.getLogger().setLevel(logging.WARNING)
         try:
+            check_command_configs()  # the user's config folders (hydra.searchpath): there, and none hidden
             check_values(cfg)  # required keys and true/false keys, for every task before its own checks
             result = fn(cfg)
         except Exception as err:
@@ -149,6 +151,10 @@ def config_error_hint(config_name: str, argv: Sequence[str]) -> str | None:
     overrides = overrides_of(argv)
     if overrides is None:
         return None
+    try:
+        user_config_dirs(searchpath_entries(overrides))  # a user config folder that is not there, named first
+    except SegplatError as err:
+        return str(err)
     try:
         compose_config(config_name, overrides)
         return None

@@ -249,10 +249,17 @@ def build_layout(cfg: Mapping[str, Any], root: str | None) -> Layout:
         cls = get_class(str(target))
     except Exception as err:
         raise ConfigError(f"dataset.layout._target_={target} cannot be imported; check the dataset config.") from err
-    if isinstance(cls, type) and issubclass(cls, Layout):
-        cls.check_config(cfg)
+    doc = "see docs/user-project.md, \"The layout contract\""
+    if not (isinstance(cls, type) and issubclass(cls, Layout)):
+        raise ConfigError(f"dataset.layout._target_={target} is not a segplat.data.layouts.base.Layout subclass; a "
+                          f"layout subclasses Layout and defines modalities, scan and read ({doc}).")
+    if cls.__abstractmethods__:
+        missing = " or ".join(sorted(cls.__abstractmethods__))
+        raise ConfigError(f"dataset.layout._target_={target} does not define {missing}, which every Layout defines "
+                          f"({doc}).")
+    cls.check_config(cfg)
     try:
-        return instantiate(cfg, root=root)
+        layout = instantiate(cfg, root=root)
     except Exception as err:  # Hydra wraps what the constructor raises; the user's error is the one to show
         from segplat.utils.task import user_error_in
 
@@ -260,3 +267,8 @@ def build_layout(cfg: Mapping[str, Any], root: str | None) -> Layout:
         if user_error is None:
             raise
         raise user_error from None
+    if not layout.classes or len(layout.palette) != len(layout.classes):
+        raise ConfigError(f"dataset.layout._target_={target} has {len(layout.classes)} classes and "
+                          f"{len(layout.palette)} palette colours; set Layout.classes (at least one name) and "
+                          f"Layout.palette (one RGB triple per class), as class constants or in __init__ ({doc}).")
+    return layout
