@@ -11,8 +11,9 @@ still leaves what it measured. What it measures, each on the same device, one pr
    exactly as `segplat.train` builds them; the switches are `segplat.engine.acceleration.prepare_model` (what
    `trainer.compile` / `trainer.channels_last` apply). Compiled variants run last, within --budget-s: what does
    not fit is listed as skipped, never dropped silently.
-2. **flops**: forward FLOPs per image (torch's FlopCounterMode, as segplat.models.summary counts them), a training
-   step taken as 3x forward, and MFU = img/s x step FLOPs per image / the device's dense bf16 peak (table below; a
+2. **flops**: forward FLOPs per image (`segplat.models.summary.count_macs`: convolutions, linear layers, matrix
+   products and attention, 2 FLOPs per multiply-add; the papers' "FLOPs" are the MACs), a training step taken as 3x
+   forward, and MFU = img/s x step FLOPs per image / the device's dense bf16 peak (table below; a
    device not in the table gets no MFU and says so).
 3. **preprocess**: the clouds-recipe Preprocessor (normalisation + brightness/contrast) on a 16 x (3+1) x 512²
    uint8 batch through NumPy (CPU), CuPy (GPU) and a torch transcription (GPU): ms per batch, and the largest
@@ -128,10 +129,13 @@ def render_markdown(data: dict[str, Any]) -> str:
     peak = data.get("bf16_peak_tflops")
     lines.append(f"- dense bf16 peak: {peak} TFLOPS" if peak else f"- MFU omitted: {data.get('mfu_note')}")
     if "flops" in s:
-        lines += ["", "## Model FLOPs per image (FlopCounterMode; 1 multiply-add = 2 FLOPs)", "",
-                  markdown_table(["model", "parameters (M)", "forward GFLOPs", "training step GFLOPs (3x forward)"],
-                                 [[m, fmt(v["params_m"], 2), fmt(v["forward_gflops"], 2),
-                                   fmt(v["train_gflops"], 2)] for m, v in s["flops"].items()])]
+        lines += ["", "## Model cost per image (segplat.models.summary.count_macs: attention included; 1 multiply-add "
+                  "= 2 FLOPs; papers print the GMACs as \"GFLOPs\")", "",
+                  markdown_table(["model", "parameters (M)", "forward GMACs", "forward GFLOPs",
+                                  "training step GFLOPs (3x forward)"],
+                                 [[m, fmt(v["params_m"], 2), fmt(v["forward_gflops"] / 2, 2),
+                                   fmt(v["forward_gflops"], 2), fmt(v["train_gflops"], 2)]
+                                  for m, v in s["flops"].items()])]
     if "steps" in s:
         rows = []
         for r in s["steps"]:
