@@ -1,4 +1,5 @@
-"""Writing a scene's outputs: striped GeoTIFFs under `.partial/` turned into COGs, probability rasters, previews."""
+"""Writing a scene's outputs: striped GeoTIFFs under `.partial/` turned into COGs, probability rasters, previews,
+the scene's STAC Item."""
 
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from segplat.inference import (
     overlay,
     preview_rgb,
 )
+from segplat.predict import class_table, stac
 from segplat.predict.scenes import read_class_raster
-from segplat.utils.io import atomic_write, atomic_write_text
+from segplat.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("segplat")
 NODATA_CLASS = 255
@@ -51,14 +53,27 @@ class OutputFiles:
         return self.folder / f"{self.stem}_classes.tif"
 
     @property
-    def categories(self) -> Path:  # GDAL's sidecar for the class names of a GeoTIFF band
+    def categories(self) -> Path:  # GDAL's sidecar for the class names of a GeoTIFF band (GDAL before 3.12)
         return self.folder / f"{self.stem}_classes.tif.aux.xml"
+
+    @property
+    def item(self) -> Path:  # the scene's STAC Item
+        return self.folder / f"{self.stem}{stac.ITEM_SUFFIX}"
+
+    def assets(self) -> dict[str, str]:
+        """Asset name -> file name of the outputs the Item lists."""
+        names = {"classes": self.classes.name, "categories": self.categories.name}
+        if self.probabilities:
+            names["probabilities"] = f"{self.stem}_probs.tif"
+        if self.previews:
+            names.update(colour=f"{self.stem}_colour.png", overlay=f"{self.stem}_overlay.png")
+        return names
 
     def final(self) -> list[Path]:
         """Every output, the class raster (the mark of a complete scene) last."""
         names = [f"{self.stem}_probs.tif"] if self.probabilities else []
         names += [f"{self.stem}_colour.png", f"{self.stem}_overlay.png"] if self.previews else []
-        return [self.folder / n for n in names] + [self.categories, self.classes]
+        return [self.folder / n for n in names] + [self.categories, self.item, self.classes]
 
     @property
     def work(self) -> Path:
@@ -84,20 +99,26 @@ def category_names_xml(classes: Sequence[str]) -> str:
 
 
 class SceneWriter:
-    """Rows of one scene into striped GeoTIFFs under `.partial/`, then Cloud-Optimized GeoTIFFs, previews, rename.
+    """Rows of one scene into striped GeoTIFFs under `.partial/`, then Cloud-Optimized GeoTIFFs, previews, the STAC
+    Item, rename.
 
     Rows arrive in bands (`RowBand`) and are written as they come: the intermediate files are striped, so no
     block row has to be held in memory; GDAL's COG driver then tiles, compresses and adds overviews, reading
-    the intermediate through its block cache.
+    the intermediate through its block cache. The class COG holds its colour table and its class table (names and
+    colours, `class_table`) in the file itself.
     """
 
     def __init__(self, files: OutputFiles, height: int, width: int, crs: Any, transform: Any, loaded: LoadedModel,
-                 output: DictConfig, gcps: tuple[list[Any], Any] | None = None) -> None:
+                 output: DictConfig, gcps: tuple[list[Any], Any] | None = None,
+                 source: stac.SceneSource | None = None) -> None:
         import rasterio
         from rasterio.errors import NotGeoreferencedWarning
 
         self.files, self.loaded, self.output = files, loaded, output
         self.height, self.width = height, width
+        self.crs, self.transform = crs, transform
+        self.source = source or stac.SceneSource(())
+        self.counts = np.zeros(256, np.int64)  # pixels per class value (the Item's class counts)
         self.preview = PreviewSampler(loaded, height, width, int(output.preview_size)) if files.previews else None
         files.work.mkdir(parents=True, exist_ok=True)
         profile = {"driver": "GTiff", "height": height, "width": width, "crs": crs, "transform": transform,
@@ -110,6 +131,9 @@ class SceneWriter:
                                          dtype="uint8", nodata=NODATA_CLASS, **profile)
             self.classes.write_colormap(1, colour_table(loaded.palette))
             self.classes.update_tags(1, classes=",".join(loaded.classes))
+            # the place of the class table in the COG's header (class_table.embed fills it in)
+            self.classes.update_tags(1, **{class_table.RESERVED_ITEM: class_table.reservation(loaded.classes,
+                                                                                              loaded.palette)})
             self.classes.set_band_description(1, "class")
             self.probs = None
             k = len(loaded.classes)
@@ -137,6 +161,7 @@ class SceneWriter:
         classes = band.probs.argmax(0).astype(np.uint8)
         classes[~band.valid] = NODATA_CLASS
         self.classes.write(classes, 1, window=window)
+        self.counts += np.bincount(classes.ravel(), minlength=256)
         if self.probs is not None:
             if self.files.probabilities == "uint8":
                 p = np.rint(band.probs * UINT8_PROBABILITY_SCALE).astype(np.uint8)
@@ -164,6 +189,7 @@ class SceneWriter:
         stream = files.partial(f"{files.stem}_classes.stream.tif")
         copy_raster(stream, files.partial(files.classes.name), overview_resampling="MODE", **cog)
         stream.unlink()
+        class_table.embed(files.partial(files.classes.name), self.loaded.classes, self.loaded.palette)
         if self.probs is not None:
             stream = files.partial(f"{files.stem}_probs.stream.tif")
             nbits = {"nbits": 16} if files.probabilities == "float16" else {}
@@ -173,8 +199,12 @@ class SceneWriter:
         if files.previews:
             self.write_previews()
         atomic_write_text(files.categories, category_names_xml(self.loaded.classes))
+        item = stac.scene_item(files.stem, self.height, self.width, self.crs, self.transform, self.loaded,
+                               self.counts, files.assets(), files.probabilities, self.source, NODATA_CLASS,
+                               1 / UINT8_PROBABILITY_SCALE)
+        atomic_write_json(files.item, item)
         for path in files.final():
-            if path != files.categories:
+            if path not in (files.categories, files.item):
                 os.replace(files.partial(path.name), path)
         files.clear_partial()
 
