@@ -28,7 +28,6 @@ from segplat.inference import (
     preview_rgb,
 )
 from segplat.predict import class_table, stac
-from segplat.predict.scenes import read_class_raster
 from segplat.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("segplat")
@@ -162,6 +161,8 @@ class SceneWriter:
         classes[~band.valid] = NODATA_CLASS
         self.classes.write(classes, 1, window=window)
         self.counts += np.bincount(classes.ravel(), minlength=256)
+        if self.preview is not None:
+            self.preview.take_classes(band.row, classes)
         if self.probs is not None:
             if self.files.probabilities == "uint8":
                 p = np.rint(band.probs * UINT8_PROBABILITY_SCALE).astype(np.uint8)
@@ -209,12 +210,12 @@ class SceneWriter:
         files.clear_partial()
 
     def write_previews(self) -> None:
-        """`_colour.png` (the palette, nodata transparent; from the class COG's overviews) and `_overlay.png` (over
-        the primary modality as sampled during the stream): the map at most `output.preview_size` pixels on its
-        long side, the class legend in a strip below it."""
-        files, loaded, sampler = self.files, self.loaded, self.preview
-        h, w = sampler.height, sampler.width
-        classes = read_class_raster(files.partial(files.classes.name), out_shape=(h, w))
+        """`_colour.png` (the palette, nodata transparent) and `_overlay.png` (over the primary modality), both
+        sampled (nearest) during the stream: the map at most `output.preview_size` pixels on its long side, the class
+        legend in a strip below it. (Reading the finished COG back at preview size took as long as a third of a
+        small model's forward over the scene.)"""
+        loaded, sampler, files = self.loaded, self.preview, self.files
+        classes = sampler.classes
         rgb = colourise(classes, loaded.palette, NODATA_CLASS)
         data = classes != NODATA_CLASS
         colour = np.dstack([rgb, np.where(data, 255, 0).astype(np.uint8)])
@@ -225,8 +226,9 @@ class SceneWriter:
 
 
 class PreviewSampler:
-    """The primary modality at preview size, sampled (nearest) from the windows the predictor reads anyway:
-    a second, decimated read of a large raster costs far more (GDAL walks every block for it)."""
+    """The primary modality and the classes at preview size, sampled (nearest) from the windows the predictor reads
+    and the rows the writer writes anyway: a second, decimated read of a large raster costs far more (GDAL walks
+    every block for it)."""
 
     def __init__(self, loaded: LoadedModel, height: int, width: int, size: int) -> None:
         self.modality = loaded.modalities[0]
@@ -236,6 +238,13 @@ class PreviewSampler:
         self.rows = np.arange(self.height) * height // self.height  # label-grid pixel of each preview pixel
         self.cols = np.arange(self.width) * width // self.width
         self.image: np.ndarray | None = None
+        self.classes = np.full((self.height, self.width), NODATA_CLASS, np.uint8)
+
+    def take_classes(self, row: int, classes: np.ndarray) -> None:
+        """The preview pixels of a band of finished class rows (label grid rows row..row + len)."""
+        r = np.flatnonzero((self.rows >= row) & (self.rows < row + classes.shape[0]))
+        if r.size:
+            self.classes[r] = classes[self.rows[r] - row][:, self.cols]
 
     def __call__(self, coords: Sequence[tuple[int, int]], batch: Mapping[str, np.ndarray]) -> None:
         windows = batch[self.modality]
