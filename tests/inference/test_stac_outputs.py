@@ -72,6 +72,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "out": out, "ckpt": ckpt, "scenes": root / "scenes"}
 
 
+@pytest.mark.slow  # starts a process (GDAL 3.12 beside rasterio's 3.10)
 def test_a_lone_class_cog_holds_its_class_names_and_colours(run, tmp_path: Path):
     alone = tmp_path / "alone" / "tile_0_classes.tif"
     alone.parent.mkdir()
