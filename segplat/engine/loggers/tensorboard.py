@@ -14,6 +14,7 @@ from segplat.engine.loggers.base import (
     numeric,
     require,
 )
+from segplat.errors import CheckpointError
 from segplat.utils.io import dumps_json
 
 log = logging.getLogger("segplat")
@@ -31,6 +32,7 @@ class TensorBoardLogger(Tracker):
         self.images = bool(log_images)
         self.writer = None
         self.step = 0
+        self.run_dir = Path()
 
     def start(self, run: RunInfo) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -38,7 +40,10 @@ class TensorBoardLogger(Tracker):
         # a shared log_dir gets one subfolder per run (TensorBoard's layout for comparing runs): written straight
         # into it, a new run purged the events of every earlier one
         own = Path(self.log_dir) / run.name if self.log_dir else run.run_dir / "tensorboard"
-        folder = Path((run.resume_state or {}).get("log_dir") or own)
+        if run.resuming:
+            check_kept_folder((run.resume_state or {}).get("log_dir"), own, run.run_dir)
+        folder = own  # from the config; a checkpoint never chooses where files are written
+        self.run_dir = run.run_dir
         self.log_dir = str(folder)
         self.step = run.resume_step
         if run.resuming:
@@ -65,7 +70,11 @@ class TensorBoardLogger(Tracker):
         self.writer.flush()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"log_dir": self.log_dir} if self.writer is not None else {}
+        if self.writer is None:
+            return {}
+        folder = Path(self.log_dir)  # relative inside the run folder: a moved run folder resumes as it is
+        inside = folder.is_relative_to(self.run_dir)
+        return {"log_dir": str(folder.relative_to(self.run_dir)) if inside else str(folder)}
 
     def log_metrics(self, record: Mapping[str, Any], step: int) -> None:
         if self.writer is not None:
@@ -97,6 +106,26 @@ class TensorBoardLogger(Tracker):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def check_kept_folder(kept: Any, own: Path, run_dir: Path) -> None:
+    """The folder a resumed run's checkpoint kept for its events must be the one the config gives now: the run
+    folder's `tensorboard/` (also when the run folder was moved) or `log_dir/<run name>`. Anything else, such as a
+    crafted or copied `last.ckpt` naming another folder, is refused rather than followed or silently replaced."""
+    if kept is None:
+        return
+    path = Path(kept) if isinstance(kept, str) else None
+    if path is not None and not path.is_absolute():
+        same = ".." not in path.parts and (run_dir / path).resolve() == own.resolve()
+    elif path is not None:
+        moved = own == run_dir / "tensorboard" and path.parts[-2:] == (run_dir.name, "tensorboard")
+        same = path.resolve() == own.resolve() or moved
+    else:
+        same = False
+    if not same:
+        raise CheckpointError(f"trainer.resume: the run's checkpoint keeps {kept!r} as its TensorBoard folder, but "
+                              f"this config writes to {own} (logger.tensorboard.log_dir); a checkpoint never chooses "
+                              "where files go: resume with the log_dir the run started with, or start a new run.")
 
 
 def read_rgb(path: str | Path):
