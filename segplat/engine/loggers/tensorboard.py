@@ -32,7 +32,6 @@ class TensorBoardLogger(Tracker):
         self.images = bool(log_images)
         self.writer = None
         self.step = 0
-        self.run_dir = Path()
 
     def start(self, run: RunInfo) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -43,7 +42,6 @@ class TensorBoardLogger(Tracker):
         if run.resuming:
             check_kept_folder((run.resume_state or {}).get("log_dir"), own, run.run_dir)
         folder = own  # from the config; a checkpoint never chooses where files are written
-        self.run_dir = run.run_dir
         self.log_dir = str(folder)
         self.step = run.resume_step
         if run.resuming:
@@ -70,11 +68,7 @@ class TensorBoardLogger(Tracker):
         self.writer.flush()
 
     def state_dict(self) -> dict[str, Any]:
-        if self.writer is None:
-            return {}
-        folder = Path(self.log_dir)  # relative inside the run folder: a moved run folder resumes as it is
-        inside = folder.is_relative_to(self.run_dir)
-        return {"log_dir": str(folder.relative_to(self.run_dir)) if inside else str(folder)}
+        return {"log_dir": self.log_dir} if self.writer is not None else {}
 
     def log_metrics(self, record: Mapping[str, Any], step: int) -> None:
         if self.writer is not None:
@@ -114,14 +108,9 @@ def check_kept_folder(kept: Any, own: Path, run_dir: Path) -> None:
     crafted or copied `last.ckpt` naming another folder, is refused rather than followed or silently replaced."""
     if kept is None:
         return
-    path = Path(kept) if isinstance(kept, str) else None
-    if path is not None and not path.is_absolute():
-        same = ".." not in path.parts and (run_dir / path).resolve() == own.resolve()
-    elif path is not None:
-        moved = own == run_dir / "tensorboard" and path.parts[-2:] == (run_dir.name, "tensorboard")
-        same = path.resolve() == own.resolve() or moved
-    else:
-        same = False
+    path = Path(kept) if isinstance(kept, str) and kept else None
+    same = path is not None and (path.resolve() == own.resolve() or  # or its tensorboard/ before the folder moved
+                                 (own == run_dir / "tensorboard" and path.parts[-2:] == (run_dir.name, "tensorboard")))
     if not same:
         raise CheckpointError(f"trainer.resume: the run's checkpoint keeps {kept!r} as its TensorBoard folder, but "
                               f"this config writes to {own} (logger.tensorboard.log_dir); a checkpoint never chooses "
