@@ -592,7 +592,10 @@ class Trainer:
     def check_weights_finite(self) -> None:
         """A checkpoint never holds NaN or infinite weights (a finite loss can hide them, e.g. behind BatchNorm):
         the run stops and the checkpoints keep the last finite state."""
-        for name, p in self.raw_model.named_parameters():
+        params = list(self.raw_model.named_parameters())
+        if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):  # one transfer
+            return
+        for name, p in params:
             if not torch.isfinite(p).all():
                 raise NonFiniteLoss(f"the weights became non-finite by the end of epoch {self.state.epoch} ({name}), "
                                     f"though the loss stayed finite; nothing was saved and {self.kept_state()}: lower "

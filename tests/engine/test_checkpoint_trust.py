@@ -144,3 +144,33 @@ def test_tensorboard_resumes_its_own_folder_also_after_the_run_folder_moved(tmp_
     lg.finish()
     with pytest.raises(CheckpointError, match="resume with the log_dir the run started with"):
         TensorBoardLogger(log_dir=str(tmp_path / "other")).start(run_info(run_dir, str(shared / "r1")))
+
+
+@pytest.mark.slow
+def test_a_crafted_last_ckpt_is_refused_on_resume_and_writes_nowhere(tmp_path: Path) -> None:
+    """A real run's last.ckpt edited to point TensorBoard elsewhere, or to carry a trainer key segplat does not
+    know: `trainer.resume=auto` stops in one sentence and nothing appears outside the run folder."""
+    from segplat.train import train
+    from tests.engine.runs import QUICK
+
+    run_dir, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    common = [*QUICK, "logger=[jsonl,tensorboard]"]
+    train(compose_train([*common, "trainer.max_epochs=1"], output_dir=run_dir))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    clean = torch.load(last, weights_only=True)
+    assert clean["loggers"]["tensorboard"] == {"log_dir": str(run_dir / "tensorboard")}
+    for edit, says in (
+        (lambda s: s["loggers"]["tensorboard"].update(log_dir=str(elsewhere)), "as its TensorBoard folder"),
+        (lambda s: s["trainer"].update(run_dir=str(elsewhere)), "holds trainer.run_dir, which this version"),
+    ):
+        state = {**clean, "loggers": {k: dict(v) for k, v in clean["loggers"].items()},
+                 "trainer": dict(clean["trainer"])}
+        edit(state)
+        torch.save(state, last)
+        with pytest.raises(CheckpointError, match=says) as err:
+            train(compose_train([*common, "trainer.max_epochs=2", "trainer.resume=auto"], output_dir=run_dir))
+        assert "\n" not in str(err.value)
+        assert not elsewhere.exists()
+    torch.save(clean, last)  # the untouched checkpoint resumes
+    train(compose_train([*common, "trainer.max_epochs=2", "trainer.resume=auto"], output_dir=run_dir))
+    assert torch.load(last, weights_only=True)["trainer"]["epoch"] == 2
