@@ -143,7 +143,7 @@ def exit_interrupted(stop: KeyboardInterrupt) -> None:
     """SIGINT / SIGTERM: one line (the trainer's, when it stopped the loop), no traceback, status 130 / 143."""
     signum = interrupt.signum_of(stop)
     if not getattr(stop, "reported", False) and is_main_process():
-        say(f"{interrupt.signal_name(signum)}: stopped outside the training loop (nothing to save there)", err=True)
+        say(f"stopped by {interrupt.signal_name(signum)} (outside a training loop: nothing to save)", err=True)
         stop.reported = True
     sys.exit(128 + signum)
 
@@ -155,6 +155,7 @@ def main() -> float:
             return with_config_hints(hydra_main, "train")()
         except KeyboardInterrupt as stop:
             exit_interrupted(stop)
+
 
 if __name__ == "__main__":
     main()
