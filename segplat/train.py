@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,18 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from segplat.config import check_config, register_resolvers
+from segplat.engine import interrupt
 from segplat.engine.checkpoint import RunFacts, check_resumed_config
 from segplat.engine.loggers import TRIAL_ENV, Tracker
 from segplat.errors import ConfigError, DataError
 from segplat.metrics import check_monitor
 from segplat.models.build import build_model
+from segplat.utils.console import say
+from segplat.utils.dist import is_main_process
 from segplat.utils.seed import seed_everything
 from segplat.utils.task import (
     CONF_DIR,
+    choices_line,
     remove_if_no_results,
     run_dir_of,
     save_resolved_config,
@@ -86,6 +91,8 @@ def train(cfg: DictConfig) -> float:
 def run_training(cfg: DictConfig, run_dir: Path) -> float:
     check_config(cfg)
     check_sweep_mode()
+    if is_main_process():
+        log.info("train %s: %s", run_dir, choices_line(cfg))
     seed_everything(int(cfg.seed))
     trainer = instantiate(cfg.trainer)
     start = trainer.prepare_run(run_dir)  # the run-folder rule and the resume checkpoint, before any data is read
@@ -127,10 +134,29 @@ def run_training(cfg: DictConfig, run_dir: Path) -> float:
 # an absolute config path: the same conf/ for `python -m segplat.train` and the `segplat-train` console script
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float:
-    return task_wrapper(train)(cfg)
+    try:
+        return task_wrapper(train)(cfg)
+    except KeyboardInterrupt as stop:  # inside the job: the line reaches the run's log file too
+        exit_interrupted(stop)
 
 
-main = with_config_hints(hydra_main, "train")
+def exit_interrupted(stop: KeyboardInterrupt) -> None:
+    """SIGINT / SIGTERM: one line (the trainer's, when it stopped the loop), no traceback, status 130 / 143."""
+    signum = interrupt.signum_of(stop)
+    if not getattr(stop, "reported", False) and is_main_process():
+        say(f"stopped by {interrupt.signal_name(signum)} (outside a training loop: nothing to save)", err=True)
+        stop.reported = True
+    sys.exit(128 + signum)
+
+
+def main() -> float:
+    """`python -m segplat.train` and `segplat-train`: signals stop the task cleanly (segplat.engine.interrupt)."""
+    with interrupt.signals_handled():
+        try:
+            return with_config_hints(hydra_main, "train")()
+        except KeyboardInterrupt as stop:
+            exit_interrupted(stop)
+
 
 if __name__ == "__main__":
     main()

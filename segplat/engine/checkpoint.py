@@ -45,6 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segplat.config import CONF_DIR
 from segplat.errors import CheckpointError, ConfigError
+from segplat.utils.bounded_yaml import load_bounded
 from segplat.utils.io import atomic_write
 
 log = logging.getLogger("segplat")
@@ -171,7 +172,7 @@ def check_resumed_config(state: dict[str, Any], cfg: DictConfig, source: str | P
     text = state.get("config")
     if not text:
         return
-    old = yaml.safe_load(text) or {}
+    old = stored_config(text, source)
     changed = []
     for part in RESTORED_ON_RESUME:
         if part not in cfg or part not in old:
@@ -193,6 +194,22 @@ def check_resumed_config(state: dict[str, Any], cfg: DictConfig, source: str | P
     if isinstance(max_epochs, int) and max_epochs < done:
         raise ConfigError(f"trainer.max_epochs={max_epochs} but the run in {source} has already completed {done} "
                           f"epochs; give trainer.max_epochs above {done} to train on.")
+
+
+def stored_config(text: Any, source: str | Path) -> dict[str, Any]:
+    """A checkpoint's stored config (YAML text), parsed within bounds (size, alias expansion: see
+    `segplat.utils.bounded_yaml`): the one way a checkpoint's config is read."""
+    if not isinstance(text, str):
+        raise CheckpointError(f"checkpoint {source} holds a config that is not YAML text; use a checkpoint written by "
+                              "segplat.")
+    data = load_bounded(text, f"the config stored in checkpoint {source}", CheckpointError,
+                        "use a checkpoint written by segplat.")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint {source} holds a config that is not a mapping of keys; use a checkpoint "
+                              "written by segplat.")
+    return data
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -437,11 +454,8 @@ def inference_config(state: dict[str, Any], source: str | Path, searchpath: Sequ
     if not isinstance(text, str):
         raise CheckpointError(f"checkpoint {source} carries no config (written by an older segplat); predict from a "
                               "run trained with this version.")
-    try:
-        stored = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise CheckpointError(f"checkpoint {source} has a config that is not valid YAML ({err}).") from err
-    if not isinstance(stored, dict) or not isinstance(stored.get("model"), dict):
+    stored = stored_config(text, source)
+    if not isinstance(stored.get("model"), dict):
         raise CheckpointError(f"checkpoint {source} has no model config; use a checkpoint written by segplat.")
     parts = {"model": stored["model"], "dataset": stored.get("dataset") or {}}
     trusted = trusted_targets(searchpath)
@@ -458,10 +472,8 @@ def run_config_target(run_dir: Path) -> str | None:
     file = run_dir / "config.yaml"
     if not file.is_file():
         return None
-    try:
-        cfg = yaml.safe_load(file.read_text())
-    except yaml.YAMLError:
-        return None
+    cfg = load_bounded(file.read_text(errors="replace"), str(file), CheckpointError,
+                       "give the checkpoint file itself rather than its run folder.")
     model = cfg.get("model") if isinstance(cfg, dict) else None
     return model.get("_target_") if isinstance(model, dict) else None
 
