@@ -194,6 +194,17 @@ PartitionName=gpu Nodes={self.node} MaxTime=INFINITE State=UP
                     fields[key] = value
         return fields
 
+    def requeue(self, job_id: int | str, timeout: float = 60) -> None:
+        """`scontrol requeue` (as a preemption or a node failure would), then release the job at once: SLURM holds a
+        requeued job for two minutes (BeginTime) before it may start again."""
+        self.run("scontrol", "requeue", str(job_id))
+        deadline = time.monotonic() + timeout
+        while self.job(job_id).get("JobState") != "PENDING":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} was not requeued: {self.job(job_id)}")
+            time.sleep(0.2)
+        self.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")
+
     def jobs(self) -> list[str]:
         """Job ids that SLURM still holds pending or running."""
         out = self.run("squeue", "-h", "-o", "%i %T", check=False)
