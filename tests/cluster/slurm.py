@@ -94,7 +94,10 @@ class Slurm:
     def _write_conf(self) -> None:
         detected = subprocess.run([_tool("slurmd"), "-C"], capture_output=True, text=True, check=True).stdout
         node_line = next(line for line in detected.splitlines() if line.startswith("NodeName="))
-        self.node = node_line.split()[0].split("=", 1)[1]
+        # named localhost, so that jobs reaching "the first node of the job" by name (torchrun's rendezvous in
+        # launch/slurm.sbatch) never depend on the machine's host name resolving
+        self.node = "localhost"
+        node_line = re.sub(r"^NodeName=\S+", f"NodeName={self.node}", node_line)
         # leave the machine some memory; SLURM counts MB
         node_line = re.sub(r"RealMemory=(\d+)", lambda m: f"RealMemory={max(512, int(m.group(1)) * 3 // 4)}",
                            node_line)
