@@ -116,6 +116,24 @@ def test_a_sweep_whose_trials_are_slurm_jobs(slurm: Slurm, tmp_path: Path) -> No
     assert "as slurm jobs of hydra/launcher=slurm_cpu" in log, log[-3000:]
 
 
+def test_a_job_the_scheduler_refuses_stops_the_sweep_in_one_sentence(slurm: Slurm, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "sweep").mkdir(parents=True)
+    (root / "sweep" / "onslurm.yaml").write_text(SLURM_SWEEP)
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "segplat.train", "--multirun", "sweep=onslurm", f"hydra.searchpath=[file://{root}]",
+           f"hydra.sweep.dir={sweep_dir}", "hydra/launcher=slurm_cpu", "hydra.launcher.partition=nosuch", *TRAIN]
+    res = subprocess.run(cmd, env=job_env(slurm, tmp_path / "logs"), cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and len(errors) == 1, res.stderr[-3000:]
+    assert "the slurm scheduler refused the trial's job for hydra/launcher=slurm_cpu" in errors[0]
+    assert "invalid partition" in errors[0].lower() and "Traceback" not in res.stderr
+    study = optuna.load_study(study_name="onslurm", storage=f"sqlite:///{sweep_dir / 'study.db'}")
+    first = study.get_trials(deepcopy=False)[0]
+    assert first.state == TrialState.FAIL and first.user_attrs["segplat_not_run"], "no budget spent"
+
+
 ARRAY_SWEEP = SWEEPS["tiny"].replace("study_name: tiny", "study_name: array").replace("heartbeat_interval: 5",
                                                                                        "heartbeat_interval: 10")
 
