@@ -2,7 +2,7 @@
 time of a 100,000-tile store; s3fs against obstore; TorchGeo's RasterDataset on the same scenes as GeoTIFFs.
 
     python benchmarks/store_throughput.py loader [--scenes 16] [--per-shard 8] [--epochs 3] [--torchgeo-python PY]
-    python benchmarks/store_throughput.py count [--tiles 100000] [--per-shard 1000] [--remote-tiles 2000]
+    python benchmarks/store_throughput.py count [--tiles 100000] [--per-shard 1000] [--remote-tiles 2000] [--s3-only]
 
 `loader`: the scenes of data_throughput.py (1024^2 x 4 bands uint16 + label, tiles 512, random 256 crops) in four
 stores with the same content: unsharded local (one file per tile and array, today's default), sharded local
@@ -228,6 +228,8 @@ def count(args: argparse.Namespace) -> None:
                             (args.remote_tiles, 1, "s3://bench/count/unsharded.zarr"),
                             (args.tiles, 1, out / "unsharded.zarr")):
             location = StoreLocation.parse(str(uri))
+            if args.s3_only and not location.remote:
+                continue
             server_cpu = server.cpu_seconds()
             c, t = time.process_time(), time.perf_counter()
             prepare_store(TinyTiles(str(out), n), location, 16, progress=False, tiles_per_shard=per)
@@ -263,6 +265,7 @@ def main() -> None:
     co.add_argument("--tiles", type=int, default=100_000)
     co.add_argument("--per-shard", type=int, default=1000)
     co.add_argument("--remote-tiles", type=int, default=2000)
+    co.add_argument("--s3-only", action="store_true", help="only the S3 rows (the local ones take ~20 minutes)")
     co.add_argument("--out", default="/tmp/segplat_store_count")
     args = ap.parse_args()
     loader(args) if args.what == "loader" else count(args)

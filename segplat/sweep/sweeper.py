@@ -345,13 +345,14 @@ class OptunaSweeper:
             log.warning("pruning is off: Optuna cannot prune multi-objective studies (hydra.sweeper.pruner ignored)")
         env = {**self.env, STORAGE_ENV: url, PRUNER_ENV: json.dumps(self.pruner_spec)}
         worker = this_worker()
+        exported = os.environ.get(STORAGE_ENV)
         if self.backend is not None:  # jobs get the database URL from the environment sbatch exports, not a file
-            os.environ[STORAGE_ENV] = url
-            env.pop(STORAGE_ENV)
-        if self.n_jobs > 1 or self.backend is not None:
-            log.info("%d trial(s) at once%s", self.n_jobs, f" as {self.backend.cluster} jobs of hydra/launcher="
-                     f"{self.backend.choice}" if self.backend else "; " + "; ".join(
-                         " ".join(f"{k}={v}" for k, v in slot.items()) for slot in slots))
+            os.environ[STORAGE_ENV] = env.pop(STORAGE_ENV)
+            log.info("%d trial(s) at once as %s jobs of hydra/launcher=%s", self.n_jobs, self.backend.cluster,
+                     self.backend.choice)
+        elif self.n_jobs > 1:
+            log.info("%d trial(s) at once; %s", self.n_jobs,
+                     "; ".join(" ".join(f"{k}={v}" for k, v in slot.items()) for slot in slots))
         groups = self.config_groups([p.key for p in params])
         log.info("study %r in %s: %s; %d of %d trials used; sweep dir %s", self.study_name, redact(url),
                  "created" if created else "resumed", budget_used(study), self.n_trials, sweep_dir)
@@ -366,6 +367,10 @@ class OptunaSweeper:
             return self.run_trials(study, grid, slots, fixed, params, sweep_dir, env, pruning, worker, objectives)
         finally:
             signal.signal(signal.SIGTERM, old_term)
+            if self.backend is not None and exported is None:
+                os.environ.pop(STORAGE_ENV, None)
+            elif self.backend is not None:
+                os.environ[STORAGE_ENV] = exported
             self.finish(study, sweep_dir, params, groups, url, objectives)
 
     def ask(self, study: optuna.Study) -> optuna.trial.Trial | None:
