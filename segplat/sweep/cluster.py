@@ -74,7 +74,7 @@ def launcher_backend(config: DictConfig, lease_seconds: float) -> SubmititBacken
             f"hydra/launcher={choice} cannot run the trials of a segplat sweep (each trial is its own process that "
             "prunes itself and reports to the study); run trials as SLURM jobs with hydra/launcher=slurm, "
             "slurm_cpu or submitit_slurm, several at once on this node with hydra.sweeper.n_jobs=K, or through a "
-            "command with 'hydra.sweeper.launcher_cmd=[srun,--ntasks,1]' (see launch/README.md).")
+            "command with 'hydra.sweeper.launcher_cmd=[srun,--ntasks,1,python]' (see launch/README.md).")
     params = OmegaConf.to_container(node, resolve=True)
     assert isinstance(params, dict)
     params.pop("_target_", None)

@@ -140,8 +140,8 @@ ARRAY_SWEEP = SWEEPS["tiny"].replace("study_name: tiny", "study_name: array").re
 
 def test_sweep_workers_as_a_job_array_share_a_postgres_study(slurm: Slurm, tmp_path: Path,
                                                              postgres_url: str) -> None:  # noqa: F811
-    """launch/slurm_sweep_array.sbatch with 2 array tasks: two sweepers, one study, one budget; the database URL
-    reaches them through the environment only."""
+    """launch/slurm_sweep_array.sbatch with 2 array tasks: two sweepers, one study, one budget, each trial a job step
+    (hydra.sweeper.launcher_cmd=[srun,...]); the database URL reaches them through the environment only."""
     root = tmp_path / "root"
     (root / "sweep").mkdir(parents=True)
     (root / "sweep" / "array.yaml").write_text(ARRAY_SWEEP)
@@ -149,13 +149,17 @@ def test_sweep_workers_as_a_job_array_share_a_postgres_study(slurm: Slurm, tmp_p
     env = job_env(slurm, tmp_path / "logs", SEGPLAT_STUDY_STORAGE=postgres_url, SWEEP_DIR=str(sweep_dir))
     job = slurm.sbatch("--array=0-1", "--partition=cpu", f"--chdir={tmp_path}", f"--output={tmp_path}/w-%A_%a.out",
                        str(ARRAY), "sweep=array", f"hydra.searchpath=[file://{root}]", "hydra.sweeper.n_trials=4",
-                       "hydra.sweeper.sampler.name=random", *TRAIN, env=env)
+                       "hydra.sweeper.sampler.name=random", "hydra.sweeper.launcher_cmd=[srun,--ntasks,1,python]",
+                       *TRAIN, env=env)
     for task in (0, 1):
         slurm.wait(f"{job}_{task}", timeout=500)
     study = optuna.load_study(study_name="array", storage=postgres_url)
     trials = [t for t in study.trials if t.state != TrialState.WAITING]
     assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
     assert len({t.user_attrs["worker"] for t in trials}) == 2, "both array tasks ran trials"
+    for t in trials:  # each trial was a job step of its worker's allocation (launch/README.md's spelling)
+        command = (Path(t.user_attrs["run_dir"]) / "command.txt").read_text()
+        assert command.startswith("srun --ntasks 1 python -m segplat.train "), command
     outputs = [(tmp_path / f"w-{job}_{task}.out").read_text() for task in (0, 1)]
     for task, out in enumerate(outputs):
         assert f"sweep worker {task} of job {job}" in out
