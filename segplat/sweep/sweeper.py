@@ -221,6 +221,10 @@ class OptunaSweeper:
         grace = self.grace_period or 2 * (self.heartbeat_interval or 60)
         self.backend = launcher_backend(self.config, lease_seconds=max(120.0, 2.0 * grace))
         if self.backend is not None:  # the scheduler places and pins each job
+            if self.share_devices:
+                raise ConfigError(f"hydra.sweeper.share_devices=true does nothing with hydra/launcher="
+                                  f"{self.backend.choice} (the scheduler gives each trial's job its own devices); "
+                                  "drop it, or ask for fewer GPUs per job in hydra.launcher.")
             return [{} for _ in range(self.n_jobs)]
         return slot_envs(self.n_jobs, self.env, self.share_devices)
 

@@ -79,3 +79,15 @@ def test_a_job_stops_its_trial_when_the_lease_lapses(tmp_path: Path) -> None:
     error = (run_dir / "stderr.log").read_text().strip().splitlines()[-1]
     assert error.startswith("error: the sweeper that submitted this trial stopped renewing") and "3 s" in error
     assert not (run_dir / "summary.json").exists()
+
+
+def test_sharing_devices_is_refused_where_the_scheduler_gives_them(tmp_path: Path) -> None:
+    from segplat.sweep.sweeper import OptunaSweeper
+
+    sweeper = OptunaSweeper(n_jobs=2, share_devices=True)
+    sweeper.config = _local_launcher(tmp_path / "jobs")
+    with pytest.raises(ConfigError, match=r"^hydra\.sweeper\.share_devices=true does nothing with "
+                                          r"hydra/launcher=submitit_local \(the scheduler"):
+        sweeper.check_launcher()
+    sweeper.share_devices = False
+    assert sweeper.check_launcher() == [{}, {}] and sweeper.backend is not None
