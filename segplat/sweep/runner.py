@@ -6,6 +6,10 @@ CUDA state), a crash (segfault, out of memory, a ConfigError exit) takes down on
 a trial can itself be a multi-process job (`launcher_cmd: [torchrun, --nproc-per-node, "2"]`).
 The result is read from the run's summary.json; the process's stderr tail becomes the error of a
 failed trial. While the trial runs, the sweeper keeps the study's heartbeat for it.
+
+Where the process runs is the `start` argument's business: a local child process (`LocalTrial`, the
+default) or a cluster job (segplat/sweep/cluster.py); both are watched by the same loop here (heartbeat,
+time limit, a stop request from the sweeper).
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 
 @dataclass
@@ -32,6 +37,33 @@ class TrialResult:
     seconds: float
     timed_out: bool = False
     error_line: str = ""  # the cause in one line (first_error_line of the whole stderr.log)
+    ended: str = ""  # how a trial without an exit code ended (a cluster job cancelled, lost, ...)
+    facts: dict[str, Any] = field(default_factory=dict)  # where it ran (a cluster job's id)
+
+
+class TrialStopped(KeyboardInterrupt):
+    """The sweeper asked a running trial to stop (it was interrupted while this trial ran in a thread)."""
+
+
+class TrialHandle(Protocol):
+    """A started trial: a local process or a cluster job."""
+
+    returncode: int | None
+    ended: str
+    facts: dict[str, Any]
+
+    def wait(self, seconds: float) -> bool:
+        """Wait up to `seconds`; True once the trial has ended."""
+
+    def running_since(self) -> float | None:
+        """time.monotonic() when it started to run (None while it waits in a queue)."""
+
+    def stop(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def scheduler_log(self) -> str:
+        """What the scheduler kept of a trial that never wrote its own stderr.log."""
 
 
 def _die_with_parent() -> None:
@@ -117,49 +149,94 @@ def first_error_line(text: str) -> str:
     return rest[-1] if rest else ""
 
 
+class LocalTrial:
+    """The trial as a child process of the sweeper, in its own process group, dying with the sweeper."""
+
+    def __init__(self, cmd: Sequence[str], run_dir: Path, env: dict[str, str]) -> None:
+        self.ended, self.facts = "", {}
+        self._files = (open(run_dir / "stdout.log", "wb"), open(run_dir / "stderr.log", "wb"))  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(list(cmd), stdout=self._files[0], stderr=self._files[1],
+                                         env={**os.environ, **env}, start_new_session=True,
+                                         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        except BaseException:
+            self.close()
+            raise
+        self.started = time.monotonic()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def wait(self, seconds: float) -> bool:
+        try:
+            self.proc.wait(timeout=seconds)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def running_since(self) -> float | None:
+        return self.started
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+    def scheduler_log(self) -> str:
+        return ""
+
+
 def run_trial(overrides: Sequence[str], run_dir: Path, env: dict[str, str], launcher_cmd: Sequence[str] | None = None,
               module: str = "segplat.train", timeout: float | None = None, heartbeat: Callable[[], None] | None = None,
-              heartbeat_every: float = 30.0, stderr_lines: int = 30) -> TrialResult:
-    """Start the trial, keep the heartbeat while it runs, and collect summary.json and stderr."""
+              heartbeat_every: float = 30.0, stderr_lines: int = 30, stop: threading.Event | None = None,
+              start: Callable[[Sequence[str], Path, dict[str, str]], TrialHandle] = LocalTrial,
+              on_start: Callable[[dict[str, Any]], None] | None = None) -> TrialResult:
+    """Start the trial, keep the heartbeat while it runs, and collect summary.json and stderr.
+
+    `timeout` counts from when the trial runs (a cluster job's time in the queue is not counted); `stop`, set by
+    the sweeper from another thread, stops the trial and raises TrialStopped."""
     run_dir.mkdir(parents=True, exist_ok=True)
     summary_path = run_dir / "summary.json"
     if summary_path.exists():  # a re-used folder must not lend its old result to this trial
         summary_path.unlink()
     cmd = trial_command([*overrides, f"hydra.run.dir={run_dir}"], launcher_cmd, module)
     (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
-    start = time.monotonic()
+    begin = time.monotonic()
     timed_out = False
-    with open(run_dir / "stdout.log", "wb") as out, open(run_dir / "stderr.log", "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **env}, start_new_session=True,
-                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-        try:
-            last_beat = 0.0
-            while True:
-                try:
-                    proc.wait(timeout=1.0)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                now = time.monotonic()
-                if heartbeat is not None and now - last_beat >= heartbeat_every:
-                    heartbeat()
-                    last_beat = now
-                if timeout is not None and now - start > timeout:
-                    timed_out = True
-                    _stop(proc)
-                    break
-        except BaseException:  # Ctrl-C or SIGTERM of the sweeper: the trial goes with it
-            _stop(proc)
-            raise
+    handle = start(cmd, run_dir, env)
+    try:
+        if on_start is not None:
+            on_start(handle.facts)
+        last_beat = 0.0
+        while not handle.wait(1.0):
+            now = time.monotonic()
+            if heartbeat is not None and now - last_beat >= heartbeat_every:
+                heartbeat()
+                last_beat = now
+            since = handle.running_since()
+            if timeout is not None and since is not None and now - since > timeout:
+                timed_out = True
+                handle.stop()
+                break
+            if stop is not None and stop.is_set():
+                raise TrialStopped()
+    except BaseException:  # Ctrl-C or SIGTERM of the sweeper: the trial goes with it
+        handle.stop()
+        raise
+    finally:
+        handle.close()
     summary = None
     if summary_path.is_file():
         try:
             summary = json.loads(summary_path.read_text())
         except json.JSONDecodeError:
             summary = None
-    stderr = _read(run_dir / "stderr.log")
-    return TrialResult(proc.returncode, summary, "\n".join(_lines(stderr)[-stderr_lines:]),
-                       time.monotonic() - start, timed_out, first_error_line(stderr))
+    stderr = _read(run_dir / "stderr.log") or handle.scheduler_log()
+    return TrialResult(handle.returncode, summary, "\n".join(_lines(stderr)[-stderr_lines:]),
+                       time.monotonic() - begin, timed_out, first_error_line(stderr), handle.ended, dict(handle.facts))
 
 
 def _stop(proc: subprocess.Popen) -> None:

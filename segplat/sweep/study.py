@@ -34,6 +34,7 @@ from optuna.trial import TrialState
 
 from segplat.errors import ConfigError
 from segplat.messages import redact
+from segplat.sweep.heartbeat import StaleTrialRecorder, SweepStorage
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +130,20 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         if backend in ("postgresql", "mysql", "mariadb") and "connect_timeout" not in url:
             engine_kwargs["connect_args"] = {"connect_timeout": 10}  # a silent host fails in seconds, not minutes
     kwargs: dict[str, Any] = {}
+    recorder = None
     if heartbeat_interval:
         kwargs["heartbeat_interval"] = int(heartbeat_interval)
         kwargs["grace_period"] = int(grace_period) if grace_period else None
-        if retry_failed:
-            kwargs["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=int(retry_failed))
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=int(retry_failed)) if retry_failed else None
+        # a trial failed for a lost heartbeat records why (heartbeat.py)
+        recorder = StaleTrialRecorder(int(grace_period or 2 * int(heartbeat_interval)), retry)
+        kwargs["heartbeat_stale_trial_callback"] = recorder
     for attempt in range(6):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+            storage = SweepStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+            if recorder is not None:
+                recorder.storage = storage
+            return storage
         except ImportError as err:
             raise ConfigError(f"hydra.sweeper.storage={redact(url)} needs a database driver that is not installed "
                               f"({err.__cause__ or err}); install it (for PostgreSQL: pip install "

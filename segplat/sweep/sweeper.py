@@ -15,15 +15,19 @@ could not run it or was stopped while it ran.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
 import signal
-import socket
 import sys
+import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +39,14 @@ from optuna.trial import TrialState
 
 from segplat.engine.loggers import STUDY_ENV, TRIAL_ENV
 from segplat.errors import ConfigError, SegplatError
+from segplat.schema import PositiveInt, check_value
 from segplat.sweep import space as sp
+from segplat.sweep.cluster import SubmititBackend, launcher_backend
+from segplat.sweep.heartbeat import this_worker
 from segplat.sweep.outputs import write_outputs
 from segplat.sweep.pruning import PRUNER_ENV, STORAGE_ENV
-from segplat.sweep.runner import run_trial
+from segplat.sweep.runner import LocalTrial, run_trial
+from segplat.sweep.slots import slot_envs
 from segplat.sweep.study import (
     INTERRUPTED_ATTR,
     NOT_RUN_ATTR,
@@ -67,6 +75,19 @@ class SweepInterrupted(KeyboardInterrupt):
     """SIGTERM turned into an exception, so the running trial is stopped and recorded."""
 
 
+@dataclass
+class StartedTrial:
+    """A trial asked, drawn and recorded, about to run."""
+
+    trial: optuna.trial.Trial
+    tid: int
+    run_dir: Path
+    overrides: list[str]
+    searched: dict[str, Any]
+    env: dict[str, str]
+    heartbeat: Any
+
+
 
 
 class OptunaSweeper:
@@ -78,7 +99,7 @@ class OptunaSweeper:
                  launcher_cmd: Any = None, task_module: str = "segplat.train", max_failure_rate: float = 0.5,
                  trial_timeout: float | None = None, heartbeat_interval: int | None = 60,
                  grace_period: int | None = None, retry_failed: int = 0, env: Any = None,
-                 stderr_lines: int = 30) -> None:
+                 stderr_lines: int = 30, n_jobs: PositiveInt = 1, share_devices: bool = False) -> None:
         self.study_name = str(study_name)
         self.storage_url = storage
         if not isinstance(n_trials, int) or n_trials <= 0:
@@ -104,6 +125,11 @@ class OptunaSweeper:
         self.retry_failed = int(retry_failed or 0)
         self.env = {str(k): str(v) for k, v in (to_plain(env) or {}).items()}
         self.stderr_lines = int(stderr_lines)
+        # several trials at once (slots.py) and trials as cluster jobs (cluster.py)
+        check_value("hydra.sweeper.n_jobs", PositiveInt, n_jobs)
+        check_value("hydra.sweeper.share_devices", bool, share_devices)
+        self.n_jobs, self.share_devices = int(n_jobs), bool(share_devices)
+        self.backend: SubmititBackend | None = None
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.storage: optuna.storages.BaseStorage | None = None
@@ -187,10 +213,20 @@ class OptunaSweeper:
         except Exception:
             return []
 
-    def check_launcher(self) -> None:
+    def check_launcher(self) -> list[dict[str, str]]:
+        """How trials start: the command, Hydra's launcher (cluster jobs) and the slots; their env per slot."""
         if self.launcher_cmd and shutil.which(self.launcher_cmd[0]) is None:
             raise ConfigError(f"hydra.sweeper.launcher_cmd starts with {self.launcher_cmd[0]}, which is not on the "
                               "PATH; install it or fix hydra.sweeper.launcher_cmd.")
+        grace = self.grace_period or 2 * (self.heartbeat_interval or 60)
+        self.backend = launcher_backend(self.config, lease_seconds=max(120.0, 2.0 * grace))
+        if self.backend is not None:  # the scheduler places and pins each job
+            if self.share_devices:
+                raise ConfigError(f"hydra.sweeper.share_devices=true does nothing with hydra/launcher="
+                                  f"{self.backend.choice} (the scheduler gives each trial's job its own devices); "
+                                  "drop it, or ask for fewer GPUs per job in hydra.launcher.")
+            return [{} for _ in range(self.n_jobs)]
+        return slot_envs(self.n_jobs, self.env, self.share_devices)
 
     def open_study(self, url: str, directions: list[str], pruner: optuna.pruners.BasePruner,
                    baselines: list[dict[str, Any]]) -> tuple[optuna.Study, bool]:
@@ -281,7 +317,7 @@ class OptunaSweeper:
         seed = self.sampler_spec.get("seed")
         sampler = build_sampler(self.sampler_spec, seed, grid)  # a bad sampler stops before the study exists
         pruner = build_pruner(self.pruner_spec)
-        self.check_launcher()
+        slots = self.check_launcher()
         # the whole space before any trial: nothing is written (no folder, no study) when it is invalid
         checker = SpaceChecker(params, fixed, self.compose, self.config, group_options=self.group_options)
         pinned = {p.key for p in params if p.key in cli_params and p.distribution is None}
@@ -312,12 +348,19 @@ class OptunaSweeper:
         if multi and str(self.pruner_spec.get("name", "none")).lower() != "none":
             log.warning("pruning is off: Optuna cannot prune multi-objective studies (hydra.sweeper.pruner ignored)")
         env = {**self.env, STORAGE_ENV: url, PRUNER_ENV: json.dumps(self.pruner_spec)}
-        worker = f"{socket.gethostname()}:{os.getpid()}"
+        worker = this_worker()
+        exported = os.environ.get(STORAGE_ENV)
+        if self.backend is not None:  # jobs get the database URL from the environment sbatch exports, not a file
+            os.environ[STORAGE_ENV] = env.pop(STORAGE_ENV)
+            log.info("%d trial(s) at once as %s jobs of hydra/launcher=%s", self.n_jobs, self.backend.cluster,
+                     self.backend.choice)
+        elif self.n_jobs > 1:
+            log.info("%d trial(s) at once; %s", self.n_jobs,
+                     "; ".join(" ".join(f"{k}={v}" for k, v in slot.items()) for slot in slots))
         groups = self.config_groups([p.key for p in params])
         log.info("study %r in %s: %s; %d of %d trials used; sweep dir %s", self.study_name, redact(url),
                  "created" if created else "resumed", budget_used(study), self.n_trials, sweep_dir)
 
-        results: list[dict[str, Any]] = []
         old_term = signal.getsignal(signal.SIGTERM)
 
         def on_term(signum, frame):
@@ -325,28 +368,80 @@ class OptunaSweeper:
 
         signal.signal(signal.SIGTERM, on_term)
         try:
-            while self.worker_trials is None or len(results) < self.worker_trials:
-                if heartbeat_enabled(self.storage):
-                    optuna.storages.fail_stale_trials(study)
-                if grid is not None and study.sampler.is_exhausted(study):
-                    log.info("the grid is exhausted")
-                    break
-                # a SIGTERM between ask and run_one's bookkeeping would leave the trial RUNNING: hold it until then
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-                try:
-                    trial = ask_within_budget(study, self.storage, self.n_trials)
-                except BaseException:
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-                    raise
-                if trial is None:
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-                    break
-                results.append(self.run_one(study, trial, fixed, params, sweep_dir, env, pruning, worker, objectives))
-                self.check_failure_rate(study, sweep_dir)
+            return self.run_trials(study, grid, slots, fixed, params, sweep_dir, env, pruning, worker, objectives)
         finally:
             signal.signal(signal.SIGTERM, old_term)
+            if self.backend is not None and exported is None:
+                os.environ.pop(STORAGE_ENV, None)
+            elif self.backend is not None:
+                os.environ[STORAGE_ENV] = exported
             self.finish(study, sweep_dir, params, groups, url, objectives)
-        return results
+
+    def ask(self, study: optuna.Study) -> optuna.trial.Trial | None:
+        """The next trial within the budget, with SIGTERM held from `ask` until start_trial's bookkeeping (a
+        SIGTERM in between would leave the trial RUNNING); None when the budget is spent."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            trial = ask_within_budget(study, self.storage, self.n_trials)
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+            raise
+        if trial is None:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        return trial
+
+    def run_trials(self, study: optuna.Study, grid: Any, slots: list[dict[str, str]], fixed: list[str],
+                   params: list[sp.Param], sweep_dir: Path, env: dict[str, str], pruning: bool, worker: str,
+                   objectives: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """Keep up to n_jobs trials running (one per slot), each watched by its own thread; this thread asks,
+        starts and collects, so SIGTERM and Ctrl-C reach it. Past the failure limit no trial is started and the
+        running ones end first; when the sweeper is stopped, every running trial is stopped and recorded."""
+        results: list[dict[str, Any]] = []
+        free = list(range(len(slots)))
+        running: dict[Future, int] = {}
+        stop = threading.Event()
+        failed: SweepFailed | None = None
+        spent = False
+        pool = ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="trial")
+        try:
+            while True:
+                while free and not spent and failed is None and (
+                        self.worker_trials is None or len(results) + len(running) < self.worker_trials):
+                    if heartbeat_enabled(self.storage):
+                        optuna.storages.fail_stale_trials(study)
+                    if grid is not None and study.sampler.is_exhausted(study):
+                        log.info("the grid is exhausted")
+                        spent = True
+                        break
+                    trial = self.ask(study)
+                    if trial is None:
+                        spent = True
+                        break
+                    slot = free.pop(0)
+                    started = self.start_trial(study, trial, fixed, params, sweep_dir, env, pruning, worker,
+                                               slots[slot])
+                    running[pool.submit(self.finish_trial, study, started, objectives, stop)] = slot
+                if not running:
+                    break
+                done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+                for future in done:
+                    free.append(running.pop(future))
+                    results.append(future.result())
+                    try:
+                        self.check_failure_rate(study, sweep_dir)
+                    except SweepFailed as err:
+                        failed = failed or err
+            if failed is not None:
+                raise failed
+            return results
+        except BaseException:
+            stop.set()  # each running trial is stopped and recorded by its own thread
+            for future in list(running):
+                with contextlib.suppress(BaseException):
+                    future.result()
+            raise
+        finally:
+            pool.shutdown(wait=True)
 
     def abandon(self, study: optuna.Study, trial: optuna.trial.Trial, reason: str, interrupted: bool) -> None:
         """A trial asked but not run to its end through no fault of its own: FAIL it at once with the reason,
@@ -363,14 +458,27 @@ class OptunaSweeper:
                     "interrupted" if interrupted else "not run", reason.splitlines()[0] if reason else "",
                     " and its baseline is enqueued again" if requeued else ", and the next run replaces it")
 
-    def run_one(self, study: optuna.Study, trial: optuna.trial.Trial, fixed: list[str], params: list[sp.Param],
-                sweep_dir: Path, env: dict[str, str], pruning: bool, worker: str,
-                objectives: list[tuple[str, str]]) -> dict[str, Any]:
+    @contextlib.contextmanager
+    def abandoned_on_error(self, study: optuna.Study, trial: optuna.trial.Trial, interrupted: str) -> Iterator[None]:
+        """Whatever stops a trial before its result is told FAILs it at once (see `abandon`), then goes on up."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.abandon(study, trial, interrupted, interrupted=True)
+            raise
+        except BaseException as err:
+            self.abandon(study, trial, f"the sweeper could not run this trial: {type(err).__name__}: {err}",
+                         interrupted=False)
+            raise
+
+    def start_trial(self, study: optuna.Study, trial: optuna.trial.Trial, fixed: list[str], params: list[sp.Param],
+                    sweep_dir: Path, env: dict[str, str], pruning: bool, worker: str,
+                    slot: dict[str, str] | None = None) -> StartedTrial:
+        """Draw the trial's values and record where it runs (in the thread that asked it)."""
         storage = self.storage
         run_dir = sweep_dir / f"trial_{trial.number:04d}"
-        started = False
-        try:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by the loop around `ask`
+        with self.abandoned_on_error(study, trial, "the sweeper was interrupted before this trial started"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by `ask`
             tid = trial_id(storage, study, trial.number)
             heartbeat = (lambda: storage.record_heartbeat(tid)) if heartbeat_enabled(storage) else None
             if heartbeat:
@@ -381,27 +489,49 @@ class OptunaSweeper:
             trial.set_user_attr("run_dir", str(run_dir))
             trial.set_user_attr("worker", worker)
             trial.set_user_attr("overrides", [o for o in overrides if "optuna_pruning" not in o])
+            for key, attr in (("CUDA_VISIBLE_DEVICES", "devices"), ("OMP_NUM_THREADS", "threads")):
+                if slot and key in slot:
+                    trial.set_user_attr(attr, slot[key])
             log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in searched.items()))
-            started = True
-            # the trial's trackers tag their run with the study and trial (segplat.engine.loggers reads these)
-            env = {**env, STUDY_ENV: study.study_name, TRIAL_ENV: str(trial.number)}
-            res = run_trial(overrides, run_dir, env, self.launcher_cmd, self.task_module, self.trial_timeout,
-                            heartbeat, heartbeat_every=max(1.0, float(self.heartbeat_interval or 30) / 2),
-                            stderr_lines=self.stderr_lines)
-        except KeyboardInterrupt:
-            self.abandon(study, trial, "the sweeper was interrupted while this trial ran" if started else
-                         "the sweeper was interrupted before this trial started", interrupted=True)
-            raise
-        except BaseException as err:
-            self.abandon(study, trial, f"the sweeper could not run this trial: {type(err).__name__}: {err}",
-                         interrupted=False)
-            raise
+        # the trial's trackers tag their run with the study and trial (segplat.engine.loggers reads these)
+        env = {**env, STUDY_ENV: study.study_name, TRIAL_ENV: str(trial.number), **(slot or {})}
+        return StartedTrial(trial, tid, run_dir, overrides, searched, env, heartbeat)
+
+    def run_one(self, study: optuna.Study, trial: optuna.trial.Trial, fixed: list[str], params: list[sp.Param],
+                sweep_dir: Path, env: dict[str, str], pruning: bool, worker: str,
+                objectives: list[tuple[str, str]]) -> dict[str, Any]:
+        """One trial from start to its recorded end, in this thread."""
+        started = self.start_trial(study, trial, fixed, params, sweep_dir, env, pruning, worker)
+        return self.finish_trial(study, started, objectives)
+
+    def finish_trial(self, study: optuna.Study, started: StartedTrial, objectives: list[tuple[str, str]],
+                     stop: threading.Event | None = None) -> dict[str, Any]:
+        """Run a started trial to its end and tell the study (in the trial's thread with n_jobs > 1)."""
+        storage, trial, tid, run_dir = self.storage, started.trial, started.tid, started.run_dir
+        searched = started.searched
+
+        def on_start(facts: dict[str, Any]) -> None:
+            for key, value in facts.items():  # e.g. slurm_job_id, while the job waits and runs
+                trial.set_user_attr(key, value)
+            if facts:
+                log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in facts.items()))
+
+        start = LocalTrial if self.backend is None else \
+            functools.partial(self.backend.start, name=f"{self.study_name}-{trial.number}")
+        # SweepInterrupted in this thread, TrialStopped in a trial's thread
+        with self.abandoned_on_error(study, trial, "the sweeper was interrupted while this trial ran"):
+            res = run_trial(started.overrides, run_dir, started.env, self.launcher_cmd, self.task_module,
+                            self.trial_timeout, started.heartbeat,
+                            heartbeat_every=max(1.0, float(self.heartbeat_interval or 30) / 2),
+                            stderr_lines=self.stderr_lines, stop=stop, on_start=on_start, start=start)
         if storage.get_trial(tid).state.is_finished():
             log.warning("trial %d was finished by another worker while it ran (its heartbeat lapsed: raise "
                         "hydra.sweeper.heartbeat_interval); its run folder %s is kept, the study is not changed",
                         trial.number, run_dir)
             return {"number": trial.number, "params": searched, "run_dir": str(run_dir), "state": "LOST"}
         trial.set_user_attr("returncode", res.returncode)
+        for key, value in res.facts.items():
+            trial.set_user_attr(key, value)
         trial.set_user_attr("seconds", round(res.seconds, 2))
         summary = res.summary or {}
         status = summary.get("status")
@@ -409,22 +539,23 @@ class OptunaSweeper:
             trial.set_user_attr("status", status)
         record = {"number": trial.number, "params": searched, "run_dir": str(run_dir), "status": status}
         if res.timed_out:
-            return self._fail(study, trial, record, f"timed out after {self.trial_timeout} s", res.stderr_tail)
+            return self._fail(study, trial, record, f"timed out after {self.trial_timeout} s", res.stderr_tail,
+                              "timed out")
         if status == "pruned":
             study.tell(trial, state=TrialState.PRUNED)
             log.info("trial %d pruned after %s epoch(s)", trial.number, summary.get("epochs_completed"))
             return {**record, "state": "PRUNED"}
         if status not in OK_STATUSES:
-            why = f"exit code {res.returncode}" if not summary else f"status {status}"
+            why = f"status {status}" if summary else res.ended or f"exit code {res.returncode}"
             # the run's own sentence (a non-finite loss, an interrupting signal) before the last line of stderr
             cause = summary.get("stopped_reason") or res.error_line or "no output"
-            return self._fail(study, trial, record, f"{why}: {cause}", res.stderr_tail)
+            return self._fail(study, trial, record, f"{why}: {cause}", res.stderr_tail, why)
         values = []
         for key, _ in objectives:
             value = summary.get(key)
             if not isinstance(value, int | float) or value != value:
                 return self._fail(study, trial, record, f"summary.json has no numeric {key} (got {value!r}); did "
-                                  "validation run?", res.stderr_tail)
+                                  "validation run?", res.stderr_tail, f"no {key}")
             values.append(float(value))
         study.tell(trial, values if len(values) > 1 else values[0])
         log.info("trial %d finished: %s", trial.number, ", ".join(f"{k}={v:.5g}" for (k, _), v in
@@ -432,9 +563,10 @@ class OptunaSweeper:
         return {**record, "state": "COMPLETE", "values": values}
 
     def _fail(self, study: optuna.Study, trial: optuna.trial.Trial, record: dict[str, Any], cause: str,
-              stderr_tail: str) -> dict[str, Any]:
+              stderr_tail: str, reason: str) -> dict[str, Any]:
         """FAIL a trial that ran; its warning line names the cause, and its stderr.log when there is one."""
         error = f"{cause}\n{stderr_tail}".strip()
+        trial.set_user_attr("reason", reason)
         trial.set_user_attr("error", error[-4000:])
         study.tell(trial, state=TrialState.FAIL)
         stderr_log = Path(record["run_dir"]) / "stderr.log"

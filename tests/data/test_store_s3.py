@@ -1,11 +1,12 @@
-"""Stores on an S3-compatible endpoint (a real moto server on 127.0.0.1, real clients): prepare writes them, training
-reads them with loader workers and a local cache, an interrupted prepare resumes, a store without its marker is
-never complete, a missing bucket / wrong endpoint / refused credentials stop in one sentence before any work, and
-two torchrun processes share one remote store with one preparer."""
+"""Stores on an S3 endpoint (a real SeaweedFS server on 127.0.0.1 that requires credentials, real clients): prepare
+writes them, training reads them with loader workers and a local cache, an interrupted prepare resumes, a store
+without its marker is never complete, a missing bucket / wrong endpoint / refused credentials stop in one sentence
+before any work, and two torchrun processes share one remote store with one preparer."""
 
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,7 @@ def test_interrupted_prepare_on_s3_resumes_without_rewriting(s3_env: S3Server, t
     # 4 tiles per sample, 8 per shard: samples 0-7 filled shards 0-3, written whole; sample 8 sat in the buffer
     written = {k: o["LastModified"] for k, o in _objects(s3_env, location.prefix + "/train/rgb/c/").items()}
     assert sorted(written) == [f"{location.prefix}/train/rgb/c/{s}/0/0/0" for s in range(4)]
+    time.sleep(1.1)  # LastModified has a resolution of one second: a rewrite below would show a later one
     resumed = Crashing(crash_at=None)
     prepare_store(resumed, location, 32, tiles_per_shard=8, progress=False)
     assert resumed.reads == 12 - 8 + 2  # train samples 8-11 (8 crashed), plus the 2 val samples

@@ -255,3 +255,21 @@ def test_an_invalid_space_stops_before_anything_is_written(root: Path, tmp_path:
     assert "error: the sweep parameter optimizer.encoder_lrr names no key of the composed config (did you mean " \
            "optimizer.encoder_lr?)" in res.stderr
     assert "Traceback" not in res.stderr and not sweep_dir.exists()  # no study.db, no trial folder
+
+
+def test_two_trials_at_once_from_one_sweeper(root: Path, tmp_path: Path) -> None:
+    """hydra.sweeper.n_jobs=2 on CPU: two trainings run side by side, each with half the CPU threads."""
+    from segplat.sweep.slots import cpu_count
+
+    sweep_dir = tmp_path / "pair"
+    res = run(command(root, "tiny", sweep_dir, "hydra.sweeper.study_name=pair", "hydra.sweeper.n_trials=2",
+                      "hydra.sweeper.n_jobs=2"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    trials = load(sweep_dir, "pair").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.WAITING]
+    threads = str(max(1, cpu_count() // 2))
+    assert all(t.user_attrs["threads"] == threads for t in trials[:2])
+    first, second = (sweep_dir / f"trial_{n:04d}" for n in (0, 1))
+    # the second trial started before the first one ended
+    assert (second / "command.txt").stat().st_mtime < (first / "summary.json").stat().st_mtime
+    assert f"2 trial(s) at once; OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}" in res.stdout + res.stderr

@@ -141,3 +141,76 @@ def test_each_trial_knows_its_study_and_number(tmp_path: Path) -> None:
     for number in (0, 1):
         facts = json.loads((tmp_path / f"trial_{number:04d}" / "summary.json").read_text())["env"]
         assert facts == {"SEGPLAT_STUDY_NAME": "t", "SEGPLAT_TRIAL_NUMBER": str(number)}
+
+
+DYING_WORKER = """
+import sys
+from pathlib import Path
+
+import optuna
+from omegaconf import OmegaConf
+
+from segplat.sweep import space as sp
+from segplat.sweep.heartbeat import this_worker
+from segplat.sweep.study import make_storage
+from segplat.sweep.sweeper import OptunaSweeper
+
+url, folder, repo = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+sweeper = OptunaSweeper(study_name="dead", params={"x": "choice(sleep)"}, heartbeat_interval=1, grace_period=2,
+                        task_module="tests.sweep.fake_task", env={"PYTHONPATH": repo})
+sweeper.config = OmegaConf.create({"logger": {}})
+sweeper.storage = make_storage(url, 1, 2)
+study = optuna.load_study(study_name="dead", storage=sweeper.storage)
+sweeper.run_one(study, study.ask(), [], sp.parse_params(sweeper.params_spec), folder, {"PYTHONPATH": repo}, False,
+                this_worker(), [("best_score", "maximize")])
+"""
+
+
+@pytest.mark.slow
+def test_a_trial_whose_worker_was_killed_records_why(tmp_path: Path) -> None:
+    """SIGKILL a sweeper while its trial runs: the trial dies with it, and the next worker FAILs the trial with the
+    reason, the dead worker's host and pid, and its own name; the retried copy does not inherit the reason."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import warnings
+
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(study_name="dead", storage=make_storage(url))
+    worker = subprocess.Popen([sys.executable, "-c", DYING_WORKER, url, str(tmp_path), str(REPO)],
+                              env={**os.environ, **ENV})
+    run_dir = tmp_path / "trial_0000"
+    deadline = time.monotonic() + 60
+    while not (run_dir / "command.txt").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    worker.kill()
+    worker.wait(timeout=10)
+
+    def trial_alive() -> bool:
+        found = subprocess.run(["pgrep", "-f", f"hydra.run.dir={run_dir}"], capture_output=True, text=True)
+        return bool(found.stdout.strip())
+
+    deadline = time.monotonic() + 10
+    while trial_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not trial_alive(), "the trial must die with its sweeper"
+    time.sleep(2.5)  # past the grace period since the last heartbeat
+    storage = make_storage(url, heartbeat_interval=1, grace_period=2, retry_failed=1)
+    study = optuna.load_study(study_name="dead", storage=storage)
+    optuna.storages.fail_stale_trials(study)
+    failed, retried = study.get_trials(deepcopy=False)
+    assert failed.state == TrialState.FAIL
+    attrs = failed.user_attrs
+    assert attrs["reason"] == "heartbeat lost"
+    assert (attrs["worker_host"], attrs["worker_pid"]) == (socket.gethostname(), worker.pid)
+    assert attrs["failed_by"] == f"{socket.gethostname()}:{os.getpid()}"
+    assert attrs["error"].startswith(f"heartbeat lost: its worker {socket.gethostname()}:{worker.pid} sent no "
+                                     "heartbeat for over 2 s")
+    assert retried.state == TrialState.WAITING and "reason" not in retried.user_attrs
+    # the annotation is the callback's alone: the finished trial still refuses other writes
+    with pytest.raises(RuntimeError, match="already finished"):
+        storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(
+            storage.get_study_id_from_name("dead"), 0), "late", 1)
