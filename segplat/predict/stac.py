@@ -10,7 +10,6 @@ prediction settings (`segplat:*` properties). Hrefs are relative, so a run folde
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 import warnings
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from segplat.utils.io import atomic_write_json
+from segplat.utils.io import atomic_write_json, dumps_json, loads_json
 
 STAC_VERSION = "1.1.0"
 PROJECTION = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
@@ -55,7 +54,7 @@ class SceneSource:
 
 def collection_id(settings: Mapping[str, Any]) -> str:
     """The same for every process and every run with these settings (checkpoint, input, window, outputs)."""
-    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    digest = hashlib.sha1(dumps_json(settings, default=str, sort_keys=True).encode()).hexdigest()[:12]
     return f"segplat-prediction-{digest}"
 
 
@@ -206,7 +205,7 @@ def scene_item(stem: str, height: int, width: int, crs: Any, transform: Any, loa
 
 def write_collection(out_dir: Path, stems: Sequence[str], settings: Mapping[str, Any]) -> Path:
     """`collection.json` over the Items of `stems` on disk (this run's and earlier runs' in the same folder)."""
-    items = [json.loads((out_dir / f"{s}{ITEM_SUFFIX}").read_text()) for s in stems
+    items = [loads_json((out_dir / f"{s}{ITEM_SUFFIX}").read_text()) for s in stems
              if (out_dir / f"{s}{ITEM_SUFFIX}").is_file()]
     boxes = [i["bbox"] for i in items if i.get("bbox")]
     bbox = ([min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
