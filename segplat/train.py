@@ -20,8 +20,8 @@ from segplat.config import check_config, register_resolvers
 from segplat.engine.checkpoint import RunFacts, check_resumed_config
 from segplat.engine.loggers import TRIAL_ENV, Tracker
 from segplat.errors import ConfigError, DataError
-from segplat.metrics import check_monitor
 from segplat.models.build import build_model
+from segplat.rules import check_monitor
 from segplat.utils.seed import seed_everything
 from segplat.utils.task import (
     CONF_DIR,

@@ -13,7 +13,7 @@ A label value outside the classes and the ignore index stops with the store and 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from segplat.data.layouts.base import ModalitySpec
 from segplat.data.store import PatchStore, label_value_error
 from segplat.data.store_location import StoreLocation
-from segplat.data.windows import window_starts
+from segplat.data.windows import grid_alignment, window_starts
 from segplat.errors import ConfigError
+from segplat.rules import check_patch_size
 
 
 class _ArrayHandles(dict):
@@ -45,19 +45,6 @@ class _ArrayHandles(dict):
         reader = self.store.reader(self.split, key, self.verify) if self.memmap else self.group[key]
         self[key] = reader
         return reader
-
-
-def check_patch_size(patch_size: int, tile_size: int, specs: Mapping[str, ModalitySpec], store_name: str) -> None:
-    """The one data-side check of `dataset.patch_size`: it fits the store's tiles and maps to whole pixels of
-    every modality (a 1/8 grid needs multiples of 8)."""
-    if patch_size > tile_size:
-        raise ConfigError(f"dataset.patch_size={patch_size} is larger than the {store_name} tiles ({tile_size} px); "
-                          "lower dataset.patch_size or re-prepare with a larger dataset.tile_size.")
-    for m, spec in specs.items():
-        p = patch_size * spec.scale
-        if abs(p - round(p)) > 1e-6:
-            raise ConfigError(f"dataset.patch_size={patch_size} does not map to whole pixels of {m} "
-                              f"(scale {spec.scale}); use a multiple of {round(1 / spec.scale)}.")
 
 
 class PatchDataset(Dataset):
@@ -95,11 +82,11 @@ class PatchDataset(Dataset):
             raise ConfigError(f"dataset.modalities names {unknown}, which the store {store.path} does not hold; "
                               f"choose from {list(self.specs)}.")
         self.tile_size = store.tile_size
-        check_patch_size(self.patch_size, self.tile_size, {m: self.specs[m] for m in self.modalities},
-                         f"store {store.location.uri}")
+        scales = {m: self.specs[m].scale for m in self.modalities}
+        check_patch_size(self.patch_size, self.tile_size, scales, f"store {store.location.uri}")
         # crop offsets snap to whole pixels of every coarser modality (8 for a 1/8 grid); otherwise a
         # 64x64 grid cut at round(y / 8) would sit up to 4 label pixels off the label crop
-        self.align = max([round(1 / self.specs[m].scale) for m in self.modalities if self.specs[m].scale < 1] or [1])
+        self.align = grid_alignment(scales.values())
         self.ignore_index = store.ignore_index
         self.num_classes = len(store.classes)
         meta = store.tiles_meta(split)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import hydra
 import torch
@@ -26,9 +26,22 @@ from torch.utils.flop_counter import FlopCounterMode
 from segplat.config import CONF_DIR, check_config, register_resolvers
 from segplat.errors import ConfigError, SegplatError
 from segplat.models.build import build_model
+from segplat.schema import Hint, PositiveInt, section
 
 register_resolvers()
 DEFAULT_TIME_STEPS = 6
+
+
+@section
+class SummaryTask:
+    """The summary's own keys (conf/summary.yaml) beside the train config's (`segplat.config.check_values`)."""
+
+    input_size: Annotated[PositiveInt, Hint("the primary modality's square size")] = 256
+    batch_size: PositiveInt = 1
+    channels: Mapping[str, PositiveInt] | None = None
+    num_classes: PositiveInt | None = None
+    time_steps: PositiveInt | None = None
+    demo: bool = False
 
 
 def stream_specs(cfg: DictConfig) -> tuple[dict[str, dict[str, Any]], int]:
@@ -134,8 +147,6 @@ def build(cfg: DictConfig) -> tuple[nn.Module, dict[str, dict[str, Any]], int]:
 def summarise(cfg: DictConfig) -> dict[str, Any]:
     """Build, count, run one forward with hooks and one under the FLOP counter; print a report."""
     size, batch = int(cfg.input_size), int(cfg.batch_size)
-    if size <= 0 or batch <= 0:
-        raise ConfigError(f"input_size={size} and batch_size={batch} must be positive integers.")
     model, streams, num_classes = build(cfg)
     model.eval()
     inputs = random_inputs(streams, size, batch)
