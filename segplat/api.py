@@ -56,8 +56,11 @@ def create_model(name: str, modalities: Mapping[str, int], num_classes: int,
     modalities = {str(k): int(v) for k, v in dict(modalities).items()}
     with open_dict(cfg):
         cfg.dataset.modalities = list(modalities)
-    check_targets(model_cfg, root="model")  # every key's type, as for a run
-    check_model_fusion(cfg)  # the same refusal as the CLI's, e.g. a fusion a preset with a fixed one would ignore
+    try:
+        check_targets(model_cfg, root="model")  # every key's type, as for a run
+        check_model_fusion(cfg)  # the same refusal as the CLI's, e.g. a fusion a preset with a fixed one would ignore
+    except ConfigError as err:
+        raise ConfigError(f"create_model: {err}") from None
     try:
         return instantiate(model_cfg, modalities=modalities, num_classes=num_classes)
     except Exception as err:  # Hydra wraps what a constructor raises; give the user's error itself

@@ -205,34 +205,38 @@ def describe(tp: Any) -> str:
         return "one of " + ", ".join(show(v) for v in get_args(base))
     lo, lo_open, hi, hi_open = _bounds(meta)
     noun = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(base)
+    if base is str and any(isinstance(m, MinLen) and m.min_length > 0 for m in meta):
+        noun = "a non-empty string"
     if noun is None:
-        text = _describe_container(base)
-        if any(isinstance(m, MinLen) and m.min_length > 0 for m in meta) and text.startswith("a "):
-            text = "a non-empty " + text[2:]
-        return text
+        return _describe_container(base, meta)
     if base in (int, float) and (lo is not None or hi is not None):
-        kind = "integer" if base is int else "number"
+        kind, a = ("integer", "an") if base is int else ("number", "a")
         if lo == 0 and hi is None:
-            return f"a positive {kind}" if lo_open else f"{noun}, 0 or more"
+            return f"a positive {kind}" if lo_open else f"{a} {kind}, 0 or more"
         if lo is not None and hi is not None:
             if not lo_open and not hi_open:
-                return f"{noun} from {show(lo)} to {show(hi)}"
-            return (f"{noun} {'above' if lo_open else 'of at least'} {show(lo)} and "
-                    f"{'below' if hi_open else 'at most'} {show(hi)}")
+                return f"{a} {kind} from {show(lo)} to {show(hi)}"
+            left = f"above {show(lo)}" if lo_open else f"of at least {show(lo)}"
+            right = f"below {show(hi)}" if hi_open else f"at most {show(hi)}"
+            return f"{a} {kind} {left} and {right}"
         if lo is not None:
-            return f"{noun} {'above' if lo_open else 'of at least'} {show(lo)}"
-        return f"{noun} {'below' if hi_open else 'of at most'} {show(hi)}"
+            return f"{a} {kind} {'above' if lo_open else 'of at least'} {show(lo)}"
+        return f"{a} {kind} {'below' if hi_open else 'of at most'} {show(hi)}"
     return noun
 
 
-def _describe_container(base: Any) -> str:
+def _describe_container(base: Any, meta: Sequence[Any] = ()) -> str:
     origin = get_origin(base) or base
     args = get_args(base)
     if is_section(base):
         return f"a section with the keys {', '.join(f.name for f in dataclasses.fields(base))}"
     if origin in (list, tuple, set, frozenset, Sequence) or (isinstance(origin, type) and issubclass(
             origin, Sequence) and origin is not str):
-        return f"a list of {_plural(args[0])}" if args and args[0] is not Ellipsis else "a list"
+        least = max((m.min_length for m in meta if isinstance(m, MinLen)), default=0)
+        kind, size = ("a non-empty list", "") if least == 1 else ("a list", f"at least {least} " if least else "")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            size = f"{len(args)} "
+        return f"{kind} of {size}{_plural(args[0])}" if args and args[0] is not Ellipsis else kind
     if origin in (dict, Mapping) or (isinstance(origin, type) and issubclass(origin, Mapping)):
         return f"a mapping of names to {_plural(args[1])}" if len(args) == 2 else "a mapping"
     if base is Any:

@@ -44,6 +44,7 @@ from segplat.engine.forward import forward_batch
 from segplat.engine.loader_watch import LoaderWatch
 from segplat.engine.loggers import JsonlLogger, RunInfo, Tracker, format_metrics, sweep_facts
 from segplat.errors import CheckpointError, ConfigError
+from segplat.messages import first_line
 from segplat.metrics import ConfusionMatrix, flatten_metrics
 from segplat.rules import check_acceleration, check_monitor, check_sync_batchnorm
 from segplat.schema import Hint, NonNegativeFloat, PositiveFloat, PositiveInt
@@ -433,7 +434,7 @@ class Trainer:
         try:
             acc.unwrap_model(self.model).load_state_dict(state["model"])
         except RuntimeError as err:
-            raise CheckpointError(f"checkpoint {path} does not fit this model ({str(err).splitlines()[0]}); use the "
+            raise CheckpointError(f"checkpoint {path} does not fit this model ({first_line(err)}); use the "
                                   "config it was trained with or start a new run.") from err
         for cb in self.callbacks:  # e.g. a fine-tuning switch that must re-add its param group first
             restore = getattr(cb, "before_optimizer_restore", None)

@@ -95,7 +95,7 @@ def test_same_generator_same_result_and_flip_semantics() -> None:
 @pytest.mark.parametrize(("augment", "message"), [
     ({"hflp": 0.5}, r"^dataset.augment.hflp is not a key of dataset.augment; did you mean dataset.augment.hflip\?$"),
     ({"ssr": 2}, r"^dataset.augment.ssr=2 must be a number from 0 to 1\.$"),
-    ({"scale_range": [0.5, 2]}, r"^dataset.augment.scale_range=\[0.5,2\] must be a list of numbers of at least 1"),
+    ({"scale_range": [0.5, 2]}, r"^dataset.augment.scale_range=\[0.5,2\] must be a list of 2 numbers of at least 1"),
     ({"interpolation": "cubic"}, r"^dataset.augment.interpolation=cubic is not known; use linear or nearest\.$"),
     ({"copy_paste": {"classes": []}}, r"^dataset.augment.copy_paste.classes=\[\] must be a non-empty list"),
     ({"copy_paste": {"classes": [1], "max_instances": 0}}, r"^dataset.augment.copy_paste.max_instances=0 must be a "

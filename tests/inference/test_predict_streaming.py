@@ -218,7 +218,7 @@ def test_float16_probabilities_and_previews_are_bounded(checkpoint: Path, tmp_pa
     assert np.isnan(stored[:, ~ref_valid]).all()
     overlay = cv2.imread(str(out / "scene_rgb_overlay.png"))
     assert overlay.shape[1] == 240 and overlay.shape[0] > 50  # 50 px scene preview + a legend strip
-    with pytest.raises(ConfigError, match="probabilities=true is not a format"):
+    with pytest.raises(ConfigError, match=r"^probabilities=true is not known; use uint8, float16 or null; uint8 = "):
         predict(compose_predict([f"ckpt={checkpoint}", f"input={paths['rgb']}", "probabilities=true"], tmp_path / "x"))
 
 

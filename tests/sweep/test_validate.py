@@ -101,7 +101,7 @@ def test_model_and_fusion_combinations_the_model_refuses_are_named() -> None:
 def test_fixed_overrides_and_numeric_ends_reach_the_check() -> None:
     with pytest.raises(ConfigError, match=r"\[fusion\.level=mid\].*not supported by SegFormer"):
         check_space({"fusion.level": "choice(early, mid)"}, fixed=["model=segformer"])
-    with pytest.raises(ConfigError, match=r"\[optimizer\.lr=0\.0\].*optimizer\.lr=0\.0 must be a positive number"):
+    with pytest.raises(ConfigError, match=r"\[optimizer\.lr=0\.0\].*optimizer\.lr=0 must be a positive number"):
         check_space({"optimizer.lr": "interval(0.0, 0.1)"})
 
 
