@@ -25,7 +25,13 @@ from tqdm.auto import tqdm
 from segplat.data.layouts.base import ModalitySpec
 from segplat.data.preprocess import Preprocessor
 from segplat.data.windows import check_grid_alignment, grid_alignment, window_starts
-from segplat.engine.checkpoint import check_belongs_to_run, find_checkpoint, inference_config, load_checkpoint
+from segplat.engine.checkpoint import (
+    DataFacts,
+    check_belongs_to_run,
+    find_checkpoint,
+    inference_config,
+    load_checkpoint,
+)
 from segplat.engine.forward import TTAView, forward_batch
 from segplat.errors import CheckpointError, ConfigError, DataError
 from segplat.models.build import build_model
@@ -57,20 +63,20 @@ def load_for_inference(location: str | Path, device: str | torch.device = "cpu",
     """
     path = find_checkpoint(location, prefer=prefer)
     state = load_checkpoint(path)
-    data = state.get("data")
-    if not data or not state.get("config"):
-        raise CheckpointError(f"checkpoint {path} carries no config or data facts (written by an older segplat); "
-                              "predict from a run trained with this version.")
+    if not state.get("config"):
+        raise CheckpointError(f"checkpoint {path} carries no config (written by an older segplat); predict from a "
+                              "run trained with this version.")
+    data = DataFacts.from_state(state.get("data"), path)
     cfg = inference_config(state, path)
     check_belongs_to_run(location, path, cfg)
-    specs = {m: ModalitySpec.from_attrs(a) for m, a in data["modalities"].items()}
+    specs = data.specs
     modalities = {m: len(s.bands) for m, s in specs.items()}
-    model = build_model(cfg.model, modalities, len(data["classes"]), {m: s.bands for m, s in specs.items()})
+    model = build_model(cfg.model, modalities, len(data.classes), {m: s.bands for m, s in specs.items()})
     model.load_state_dict(state["model"])
     model.eval().to(device)
-    pre = Preprocessor(specs, data["stats"], list(specs))
-    return LoadedModel(model, pre, specs, list(data["classes"]), [list(c) for c in data["palette"]],
-                       int(data["ignore_index"]), int(data.get("patch_size") or 256), cfg, path)
+    pre = Preprocessor(specs, data.stats, list(specs))
+    return LoadedModel(model, pre, specs, list(data.classes), [list(c) for c in data.palette], data.ignore_index,
+                       data.patch_size, cfg, path)
 
 
 # -- window geometry -------------------------------------------------------------------------------------

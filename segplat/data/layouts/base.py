@@ -25,6 +25,8 @@ from segplat.utils.plain import to_plain
 
 # a class index or ignore index: labels are stored as uint8
 LabelValue = Annotated[int, Ge(0), Le(255), Hint("labels are stored as 8-bit values")]
+Channel = Annotated[int, Ge(0), Le(255)]
+RGB = tuple[Channel, Channel, Channel]  # a class colour
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from annotated_types import Ge, Le
+from annotated_types import Ge
 from rasterio.warp import Resampling
 
-from segplat.data.layouts.base import LabelValue, Layout, ModalitySpec, Sample, SampleRef, hash_split
+from segplat.data.layouts.base import RGB, LabelValue, Layout, ModalitySpec, Sample, SampleRef, hash_split
 from segplat.data.raster import (
     Grid,
     decode_colour_label,
@@ -51,12 +51,10 @@ from segplat.utils.plain import to_plain
 log = logging.getLogger(__name__)
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2", ".png", ".jpg", ".bmp")
-Channel = Annotated[int, Ge(0), Le(255)]
 
 
 NoData = Annotated[float | Literal["file", "nan"] | None,
                    Hint("a number, .nan, null (none) or file (each file's own nodata tag)")]
-Colour = tuple[Channel, Channel, Channel]
 
 
 @section
@@ -87,7 +85,7 @@ class LabelConfig:
     band: Annotated[int, Ge(1)] | str = 1  # class-value labels: which band (1-based index or description)
     colour: bool = False  # RGB colour-coded labels decoded with the palette
     tolerance: NonNegativeInt = 0
-    ignore_colours: tuple[Colour, ...] = ()
+    ignore_colours: tuple[RGB, ...] = ()
 
 
 def _globbed(glob: str | None, folder: str | None, pattern: str | None) -> str | None:
@@ -140,7 +138,7 @@ class GeoTiffLayout(Layout):
         modalities: Mapping[str, ModalityConfig] | None = None,
         label: LabelConfig | None = None,
         classes: Sequence[str] = (),
-        palette: Sequence[Colour] | None = None,
+        palette: Sequence[RGB] | None = None,
         value_map: Mapping[int, LabelValue | Literal["ignore"]] | None = None,
         ignore_index: LabelValue = 255,
         stem_regex: str = r"^(?P<id>.+)$",
