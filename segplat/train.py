@@ -17,11 +17,11 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from segplat.config import check_config, register_resolvers
-from segplat.engine.checkpoint import RunFacts, check_resumed_config
+from segplat.engine.checkpoint import RunFacts
 from segplat.engine.loggers import TRIAL_ENV, Tracker
 from segplat.errors import ConfigError, DataError
 from segplat.models.build import build_model
-from segplat.rules import check_monitor
+from segplat.rules import check_monitor, check_resumed_config
 from segplat.utils.seed import seed_everything
 from segplat.utils.task import (
     CONF_DIR,

@@ -221,49 +221,6 @@ def check_compatible(state: dict[str, Any], meta: Mapping[str, Any], source: str
                                   f"{meta[key]}; use a matching config or start a new run.")
 
 
-# config parts a resumed run restores from the checkpoint (optimiser param groups, schedule state), so a value
-# changed on the command line would be written to config.yaml but never take effect
-RESTORED_ON_RESUME = ("optimizer", "scheduler")
-
-
-def check_resumed_config(state: dict[str, Any], cfg: DictConfig, source: str | Path) -> None:
-    """Refuse a resume whose optimiser or schedule keys differ from the run's, or whose max_epochs is already done."""
-    text = state.get("config")
-    if not text:
-        return
-    old = yaml.safe_load(text) or {}
-    changed = []
-    for part in RESTORED_ON_RESUME:
-        if part not in cfg or part not in old:
-            continue
-        raw = _flat(OmegaConf.to_container(cfg[part], resolve=False))
-        now, before = _flat(OmegaConf.to_container(cfg[part], resolve=True)), _flat(old[part])
-        for key in sorted(set(now) | set(before)):
-            if isinstance(raw.get(key), str) and "${" in raw[key]:
-                continue  # follows another key (e.g. trainer.max_epochs), which may change on a resume
-            if now.get(key) != before.get(key):
-                changed.append(f"{part}.{key}={now.get(key)} (the run's: {before.get(key)})")
-    if changed:
-        raise ConfigError(f"trainer.resume: {'; '.join(changed[:3])} differ from the run in {source}, whose "
-                          "optimiser and schedule state is restored, so the change would not take effect; resume "
-                          "with the run's values, or start a new run from its weights "
-                          "(model.pretrained=<run>/checkpoints/best.ckpt).")
-    done = int(state.get("trainer", {}).get("epoch", 0) or 0)
-    max_epochs = OmegaConf.select(cfg, "trainer.max_epochs")
-    if isinstance(max_epochs, int) and max_epochs < done:
-        raise ConfigError(f"trainer.max_epochs={max_epochs} but the run in {source} has already completed {done} "
-                          f"epochs; give trainer.max_epochs above {done} to train on.")
-
-
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict):
-        return {prefix.rstrip("."): node} if prefix else {}
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
 # -- resume and the run folder ------------------------------------------------------------------------
 @dataclass
 class ResumePoint:

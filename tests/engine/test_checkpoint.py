@@ -175,7 +175,7 @@ def test_only_the_main_process_changes_files(tmp_path):
 def test_a_resume_refuses_optimiser_and_schedule_changes_it_would_not_apply(tmp_path):
     """The optimiser's param groups and the schedule come back from last.ckpt: a new optimizer.lr was written to
     config.yaml but trained with the old one. Keys that follow trainer.max_epochs may change (extending a run)."""
-    from segplat.engine.checkpoint import check_resumed_config
+    from segplat.rules import check_resumed_config
     from tests.conftest import compose_train
 
     run_cfg = compose_train(["trainer.max_epochs=4"], tmp_path)
