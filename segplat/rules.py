@@ -78,6 +78,17 @@ def check_streams(model_cls: type, modalities: Sequence[str]) -> None:
                       "model that takes any number, e.g. model=unet.")
 
 
+def check_model_inputs(model_cls: type, specs: Mapping[str, Any]) -> None:
+    """The model against the streams the layout describes (name -> ModalitySpec, known before any data): their count
+    (`check_streams`) and time series, which a model that takes single images would fail on at its first step."""
+    check_streams(model_cls, list(specs))
+    series = [m for m, s in specs.items() if getattr(s, "temporal", False)]
+    if series and not getattr(model_cls, "takes_time_series", False):
+        raise ConfigError(f"{model_cls.__name__} takes single images (B, C, H, W), but {', '.join(series)} "
+                          f"{'is a time series' if len(series) == 1 else 'are time series'}; use a model that takes "
+                          "them (model=unet3d), or list only single-date modalities in dataset.modalities.")
+
+
 def check_model_fusion(cfg: DictConfig) -> FusionSpec | None:
     """The model x fusion x modalities rule: the fusion spec the model will build, or a refusal.
 

@@ -21,7 +21,7 @@ from segplat.engine.checkpoint import RunFacts
 from segplat.engine.loggers import TRIAL_ENV, Tracker
 from segplat.errors import ConfigError, DataError
 from segplat.models.build import build_model
-from segplat.rules import check_monitor, check_resumed_config
+from segplat.rules import check_model_inputs, check_monitor, check_resumed_config
 from segplat.utils.seed import seed_everything
 from segplat.utils.task import (
     CONF_DIR,
@@ -99,6 +99,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> float:
     expected = datamodule.describe()
     # a typo or a wrong direction stops here, not after the first epoch
     check_monitor(str(cfg.callbacks.monitor), expected.classes, str(cfg.callbacks.mode))
+    check_model_inputs(get_class(cfg.model._target_), expected.specs)  # time series a model cannot take
     model = build_model(cfg.model, expected.modalities, expected.num_classes, expected.bands)
     # loss, optimiser, schedule and callbacks too: a refused key stops here, before the store is prepared
     loss = instantiate(cfg.loss)

@@ -233,7 +233,7 @@ def run(cfg: DictConfig) -> int:
     return 0
 
 
-@hydra.main(config_path="../../conf", config_name="summary", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="summary", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         code = run(cfg)
