@@ -60,39 +60,24 @@ class CheckpointTask:
     progress: bool = True
 
 
-# each task's own keys (those without a `_target_`): a `@section` of the module that reads them; summary composes
-# the train config, so only its own keys are typed there (the others are train's)
-TASK_SECTIONS = {"predict": ("segplat.predict.task.PredictTask", True),
-                 "evaluate": ("segplat.evaluate.EvaluateTask", True),
-                 "prepare": ("segplat.prepare.PrepareTask", True),
-                 "summary": ("segplat.models.summary.SummaryTask", False)}
-
-
-def check_task_keys(cfg: DictConfig) -> None:
-    """The task's own top-level keys against its section (`TASK_SECTIONS`, by `task_name`): each of its type, and
-    no other key in a closed task."""
-    from hydra.utils import get_class
-
+def check_task_keys(cfg: DictConfig, task: type, closed: bool = True) -> None:
+    """A task's own top-level keys (those without a `_target_`) against its `@section` (`PredictTask`, ...): each of
+    its type, and, for a closed task, no other key. The summary composes the train config beside its own keys, so it
+    checks only those (`closed=False`)."""
     from segplat.schema import check_section, check_value, plain_config
 
-    entry = TASK_SECTIONS.get(str(cfg.get("task_name")))
-    if entry is None:
-        return
-    target, closed = entry
-    section = get_class(target)
     tree = {k: v for k, v in plain_config(cfg).items() if k != "hydra"}
     if closed:
-        check_section("", section, tree)
+        check_section("", task, tree)
         return
-    hints = typing.get_type_hints(section, include_extras=True)
-    for name, tp in hints.items():
+    for name, tp in typing.get_type_hints(task, include_extras=True).items():
         if name in tree:
             check_value(name, tp, tree[name])
 
 
-def check_values(cfg: DictConfig) -> None:
-    """Every task, before anything else: required keys given, the task's own keys against its section, and every
-    `_target_` node's keys against its target's signature (`segplat.schema.check_targets`)."""
+def check_values(cfg: DictConfig, task: type | None = None, closed: bool = True) -> None:
+    """Every task, before anything else: required keys given, the task's own keys against its section (`task`, see
+    `check_task_keys`), and every `_target_` node's keys against its target's signature (`check_targets`)."""
     plain = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)  # "???" marks a missing value
     for path, _, value in _leaves({k: v for k, v in plain.items() if k != "hydra"}, ""):
         if value == "???":
@@ -100,7 +85,8 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{path} is required: add {path}=...{hint} to the command.")
     from segplat.schema import check_targets
 
-    check_task_keys(cfg)
+    if task is not None:
+        check_task_keys(cfg, task, closed)
     check_targets(cfg)
 
 

@@ -34,7 +34,7 @@ log = logging.getLogger("segplat")
 
 @section
 class EvaluateTask(CheckpointTask):
-    """The keys of `python -m segplat.evaluate` (conf/evaluate.yaml), checked by `segplat.config.check_values`."""
+    """The keys of `python -m segplat.evaluate` (conf/evaluate.yaml), checked first by `run_evaluation`."""
 
     split: Annotated[str | None, Hint("null: the split the run validated on")] = None
     protocol: Annotated[Literal["standard", "isprs"],
@@ -63,7 +63,7 @@ def evaluate(cfg: DictConfig) -> float:
 
 
 def run_evaluation(cfg: DictConfig) -> float:
-    check_values(cfg)
+    check_values(cfg, EvaluateTask)
     device = choose_device(cfg.device)
     loaded = load_for_inference(cfg.ckpt, device=device)
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if v is not None}

@@ -44,8 +44,7 @@ class ProgressOnly:
 
 @section
 class PrepareTask:
-    """The keys of `python -m segplat.prepare` (conf/prepare.yaml) beside `dataset`, checked by
-    `segplat.config.check_values`."""
+    """The keys of `python -m segplat.prepare` (conf/prepare.yaml) beside `dataset`, checked first by `prepare`."""
 
     paths: Mapping[str, Any] = field(default_factory=dict)
     task_name: str = "prepare"
@@ -71,7 +70,7 @@ def summarise(store: PatchStore) -> dict[str, Any]:
 
 def prepare(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     """Prepare or verify the store of `cfg.dataset`; returns its path (or URI) and a summary."""
-    check_values(cfg)
+    check_values(cfg, PrepareTask)
     verify = str(cfg.get("verify", "deep"))
     dm = instantiate(cfg.dataset)
     _, location, fingerprint = dm.locate()

@@ -286,9 +286,29 @@ def _accepts(tp: Any, value: Any) -> bool:
         if isinstance(value, list):
             return _accepts(tp, _tuples(value))
         return isinstance(value, str) and _takes_path(tp) and _accepts_text_path(tp, value)
-    except Exception:  # a hint pydantic cannot build a validator for (an arbitrary class): not checked here
-        return True
+    except Exception:  # a hint pydantic cannot build a validator for (an arbitrary class): its shape only
+        return _shape_fits(tp, value)
     return True
+
+
+def _shape_fits(tp: Any, value: Any) -> bool:
+    """Whether `value` has the container shape of some member of `tp` (a mapping for `Mapping[str, nn.Module]`, a
+    list for a sequence; null where optional); members that are arbitrary classes take anything (a `_target_`)."""
+    for member in _members(_strip(tp)[0]):
+        base = _strip(member)[0]
+        origin = get_origin(base) or base
+        if base is type(None):
+            if value is None:
+                return True
+        elif isinstance(origin, type) and issubclass(origin, Mapping):
+            if isinstance(value, Mapping):
+                return True
+        elif isinstance(origin, type) and issubclass(origin, Sequence) and origin is not str:
+            if isinstance(value, list | tuple):
+                return True
+        else:
+            return True
+    return False
 
 
 def _tuples(value: Any) -> Any:

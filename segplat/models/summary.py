@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from segplat.config import CONF_DIR, check_config, register_resolvers
+from segplat.config import CONF_DIR, check_config, check_task_keys, register_resolvers
 from segplat.errors import ConfigError, SegplatError
 from segplat.models.build import build_model
 from segplat.schema import Hint, PositiveInt, section
@@ -34,7 +34,7 @@ DEFAULT_TIME_STEPS = 6
 
 @section
 class SummaryTask:
-    """The summary's own keys (conf/summary.yaml) beside the train config's (`segplat.config.check_values`)."""
+    """The summary's own keys (conf/summary.yaml) beside the train config's, checked first by `run`."""
 
     input_size: Annotated[PositiveInt, Hint("the primary modality's square size")] = 256
     batch_size: PositiveInt = 1
@@ -226,6 +226,7 @@ def demo_all(cfg: DictConfig) -> int:
 
 
 def run(cfg: DictConfig) -> int:
+    check_task_keys(cfg, SummaryTask, closed=False)
     torch.manual_seed(0)
     if cfg.get("demo"):
         return 1 if demo_all(cfg) else 0

@@ -59,7 +59,7 @@ class OutputSettings:
 
 @section
 class PredictTask(CheckpointTask):
-    """The keys of `python -m segplat.predict` (conf/predict.yaml), checked by `segplat.config.check_values`."""
+    """The keys of `python -m segplat.predict` (conf/predict.yaml), checked by `check_predict_config`."""
 
     input: Any = "???"  # a raster, a folder, a list file or modality -> path: read by segplat.predict.scenes
     split: str | None = None
@@ -79,7 +79,7 @@ class PredictTask(CheckpointTask):
 
 def check_predict_config(cfg: DictConfig) -> None:
     """Every key this task reads, checked before the checkpoint is loaded (the types by `check_values`)."""
-    check_values(cfg)
+    check_values(cfg, PredictTask)
     choose_device(cfg.device)
 
 
