@@ -117,22 +117,21 @@ def random_batch(modalities: Mapping[str, int], size: int, batch: int, num_class
 
 def forward_flops(model: nn.Module, modalities: Mapping[str, int], size: int, num_classes: int,
                   device: torch.device | str = "cpu") -> int:
-    """Forward FLOPs of one image, counted by torch's FlopCounterMode as `segplat.models.summary` counts them (one
-    multiply-add = 2 FLOPs; it counts matmuls and convolutions, which do not depend on the precision or on train /
+    """Forward FLOPs of one image as `segplat.models.summary.count_macs` counts them (convolutions, linear layers,
+    matrix products and attention; 2 FLOPs per multiply-add; they do not depend on the precision or on train /
     eval mode; eval mode lets one image pass BatchNorm at any size).
 
-    A training step is taken as 3x this (backward = 2x forward, the usual MFU convention): the counter's own
+    A training step is taken as 3x this (backward = 2x forward, the usual MFU convention): torch's counter's own
     figure for backward is not used because it overcounts grouped convolutions (MiT's depthwise 3x3 in Mix-FFN:
     35x the forward cost of those convolutions in torch 2.14)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from segplat.models.summary import count_macs
 
     inputs, _ = random_batch(modalities, size, 1, num_classes, device)
     was_training = model.training
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(inputs)
+    cost = count_macs(model, inputs)
     model.train(was_training)
-    return counter.get_total_flops()
+    return cost.flops
 
 
 class BenchClouds(Layout):

@@ -94,8 +94,6 @@ def check_config(cfg: DictConfig) -> None:
     """Refuse, in one sentence naming the key, what would fail or be ignored later; reads no data: every key's type
     (`check_values`), then the rules between keys (`segplat.rules.check_rules`)."""
     check_values(cfg)
-    from segplat.optim import check_scheduler_keys
     from segplat.rules import check_rules
 
-    check_scheduler_keys(cfg.get("scheduler"))
     check_rules(cfg)

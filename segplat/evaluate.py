@@ -26,6 +26,7 @@ from segplat.metrics import ConfusionMatrix, metrics_from_confusion
 from segplat.plots import plot_confusion
 from segplat.predict import choose_device
 from segplat.schema import Hint, check_targets, section
+from segplat.utils.console import say
 from segplat.utils.io import atomic_write, atomic_write_json
 from segplat.utils.task import CONF_DIR, remove_if_no_results, run_dir_of, task_wrapper, with_config_hints
 
@@ -121,10 +122,10 @@ def run_evaluation(cfg: DictConfig) -> float:
     without = f" without {', '.join(exclude)}" if exclude else ""
     plot_confusion(matrix, loaded.classes, out / "confusion_matrix.png",
                    f"{ds_cfg.name} {split}: mIoU{without} {headline:.3f}")
-    print(f"mIoU{without} {headline:.4f} | pixel accuracy {metrics['pixel_accuracy']:.4f} | mean F1 "
-          f"{metrics['mean_f1']:.4f}" + (f" | all classes: mIoU {metrics['miou']:.4f}" if exclude else ""))
+    say(f"mIoU{without} {headline:.4f} | pixel accuracy {metrics['pixel_accuracy']:.4f} | mean F1 "
+        f"{metrics['mean_f1']:.4f}" + (f" | all classes: mIoU {metrics['miou']:.4f}" if exclude else ""))
     for name in loaded.classes:
-        print(f"  {name:<24} IoU {metrics['per_class_iou'][name]:.4f}  F1 {metrics['per_class_f1'][name]:.4f}")
+        say(f"  {name:<24} IoU {metrics['per_class_iou'][name]:.4f}  F1 {metrics['per_class_f1'][name]:.4f}")
     return float(headline)
 
 

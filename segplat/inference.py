@@ -56,18 +56,22 @@ class LoadedModel:
 
 
 def load_for_inference(location: str | Path, device: str | torch.device = "cpu",
-                       prefer: str = "best.ckpt") -> LoadedModel:
+                       prefer: str = "best.ckpt", searchpath: Sequence[str | Path] | None = None) -> LoadedModel:
     """Build the model of a run from a run folder or a .ckpt (best checkpoint preferred).
 
-    `config` of the result holds only the checkpoint's checked `model` and `dataset` parts.
+    `config` of the result holds only the checkpoint's checked `model` and `dataset` parts. `searchpath`: the
+    user's config folders whose targets may be built (None: those the running Hydra command was given).
     """
+    from segplat.utils.searchpath import command_searchpath
+
+    searchpath = command_searchpath() if searchpath is None else searchpath
     path = find_checkpoint(location, prefer=prefer)
     state = load_checkpoint(path)
     if not state.get("config"):
         raise CheckpointError(f"checkpoint {path} carries no config (written by an older segplat); predict from a "
                               "run trained with this version.")
     data = DataFacts.from_state(state.get("data"), path)
-    cfg = inference_config(state, path)
+    cfg = inference_config(state, path, searchpath)
     check_belongs_to_run(location, path, cfg)
     specs = data.specs
     modalities = {m: len(s.bands) for m, s in specs.items()}

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any, Literal
 
 import torch
+from annotated_types import Gt, Lt
 from torch import nn
 
 from segplat.errors import ConfigError
+from segplat.schema import Hint, NonNegativeFloat, NonNegativeInt, PositiveFloat, Probability, variants
 
 log = logging.getLogger("segplat")
 
@@ -72,34 +74,26 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, group_lrs: di
     return out
 
 
+GroupRate = Annotated[PositiveFloat | None, Hint("null = optimizer.lr")]
+
+
 def build_optimizer(model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-                    lr: float = 1e-3, weight_decay: float = 0.01, encoder_lr: float | None = None,
-                    fusion_lr: float | None = None, decoder_lr: float | None = None,
+                    lr: PositiveFloat = 1e-3, weight_decay: NonNegativeFloat = 0.01, encoder_lr: GroupRate = None,
+                    fusion_lr: GroupRate = None, decoder_lr: GroupRate = None,
                     frozen: Iterable[str] = ()) -> torch.optim.Optimizer:
     """Any torch optimiser over segplat's parameter groups.
 
     `optimizer` is the optimiser class with its own arguments bound (Hydra's `_partial_: true` of e.g.
-    `torch.optim.AdamW`); this function adds what is segplat's: the encoder / fusion / decoder groups,
-    their learning rates and the no-decay split. Default: AdamW with torch's defaults.
+    `torch.optim.AdamW`; the config walker refuses an argument the class does not take); this function adds what
+    is segplat's: the encoder / fusion / decoder groups, their learning rates and the no-decay split. Default:
+    AdamW with torch's defaults.
     """
-    for key, value in (("optimizer.lr", lr), ("optimizer.encoder_lr", encoder_lr),
-                       ("optimizer.fusion_lr", fusion_lr), ("optimizer.decoder_lr", decoder_lr)):
-        if value is not None and not value > 0:
-            raise ConfigError(f"{key}={value} must be a positive number.")
-    if weight_decay < 0:
-        raise ConfigError(f"optimizer.weight_decay={weight_decay} must be >= 0.")
     groups = param_groups(model, lr, weight_decay,
                           {"encoder": encoder_lr, "fusion": fusion_lr, "decoder": decoder_lr}, frozen)
     if not groups:
         raise ConfigError("the optimiser has no trainable parameter (every group is frozen); unfreeze a group or "
                           "check the fine-tuning callback.")
-    factory = optimizer or torch.optim.AdamW
-    try:
-        return factory(groups, lr=lr, weight_decay=weight_decay)
-    except TypeError as err:  # an argument the optimiser class does not take
-        name = getattr(getattr(factory, "func", factory), "__name__", str(factory))
-        raise ConfigError(f"optimizer.optimizer ({name}) refused its arguments ({err}); give only arguments "
-                          f"{name} takes under optimizer.optimizer.") from err
+    return (optimizer or torch.optim.AdamW)(groups, lr=lr, weight_decay=weight_decay)
 
 
 def remove_params(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> int:
@@ -131,16 +125,8 @@ class Schedule:
     interval = "step"
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
-                 kind: str = "poly", power: float = 0.9, min_lr_ratio: float = 0.0,
+                 kind: Literal["poly", "cosine", "constant"] = "poly", power: float = 0.9, min_lr_ratio: float = 0.0,
                  warmup_ratio: float = 1e-6) -> None:
-        if kind not in ("poly", "cosine", "constant"):
-            raise ConfigError(f"scheduler.kind={kind!r} is not known; use poly, cosine, constant or plateau.")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ConfigError(f"scheduler.min_lr_ratio={min_lr_ratio} must be in [0, 1].")
-        if power <= 0:
-            raise ConfigError(f"scheduler.power={power} must be positive.")
-        if not 0.0 <= warmup_ratio <= 1.0:
-            raise ConfigError(f"scheduler.warmup_ratio={warmup_ratio} must be in [0, 1].")
         self.optimizer = optimizer
         self.total = max(1, int(total_steps))
         self.warmup = max(0, int(warmup_steps))
@@ -197,12 +183,8 @@ class PlateauSchedule:
 
     interval = "validation"
 
-    def __init__(self, optimizer: torch.optim.Optimizer, mode: str = "max", factor: float = 0.5,
+    def __init__(self, optimizer: torch.optim.Optimizer, mode: Literal["max", "min"] = "max", factor: float = 0.5,
                  patience: int = 2, min_lr: float = 0.0, threshold: float = 1e-4, cooldown: int = 0) -> None:
-        if mode not in ("max", "min"):
-            raise ConfigError(f"scheduler.mode={mode!r} must be max or min (follow callbacks.mode).")
-        if not 0.0 < factor < 1.0:
-            raise ConfigError(f"scheduler.factor={factor} must be in (0, 1).")
         self.optimizer = optimizer
         self.min_lr = float(min_lr)
         self.inner = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=factor,
@@ -231,47 +213,58 @@ class PlateauSchedule:
         self.inner.load_state_dict(state)
 
 
-# the keys of build_scheduler each schedule kind reads (the others would be accepted and do nothing)
-SCHEDULE_KEYS = {
-    "poly": {"warmup_steps", "warmup_epochs", "power", "min_lr_ratio", "warmup_ratio"},
-    "cosine": {"warmup_steps", "warmup_epochs", "min_lr_ratio", "warmup_ratio"},
-    "plateau": {"mode", "factor", "patience", "min_lr", "threshold", "cooldown"},
-}
-PRESETS = {"poly": "warmup_poly"}  # conf/scheduler/<preset>.yaml of a kind, where the names differ
+# -- one factory per schedule kind: each signature is the schema of `scheduler.*` for its kind ------------------
+WarmupSteps = Annotated[NonNegativeInt | None, Hint("optimiser steps; when set (0 included) it wins over "
+                                                    "warmup_epochs")]
+MinLrRatio = Annotated[Probability, Hint("the final learning rate as a fraction of the base one")]
+WarmupRatio = Annotated[Probability, Hint("the warmup's first learning rate as a fraction of the base one")]
 
 
-def check_scheduler_keys(scheduler: Mapping[str, Any] | None) -> None:
-    """Refuse a `scheduler.*` key that the chosen kind does not read (`+scheduler.patience=5` on warmup_poly)."""
-    if not scheduler or str(scheduler.get("_target_", "")) != "segplat.optim.build_scheduler":
-        return
-    kind = str(scheduler.get("kind", "poly"))
-    if kind not in SCHEDULE_KEYS:
-        raise ConfigError(f"scheduler.kind={kind} is not a schedule; use {', '.join(SCHEDULE_KEYS)}.")
-    read = SCHEDULE_KEYS[kind]
-    foreign = sorted(k for k in scheduler if not str(k).startswith("_") and k != "kind" and k not in read)
-    if foreign:
-        users = [k for k, keys in SCHEDULE_KEYS.items() if foreign[0] in keys]
-        presets = " or ".join(f"scheduler={PRESETS.get(u, u)}" for u in users)
-        choose = f"; it belongs to {presets}" if users else ""
-        raise ConfigError(f"scheduler.{foreign[0]} does nothing for scheduler.kind={kind}, which reads "
-                          f"{', '.join(sorted(SCHEDULE_KEYS[kind]))}{choose}; remove it.")
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, kind: str = "poly",
-                    warmup_steps: int | None = None, warmup_epochs: float = 0.0, steps_per_epoch: int = 1,
-                    power: float = 0.9, min_lr_ratio: float = 0.0, warmup_ratio: float = 1e-6,
-                    mode: str = "max", factor: float = 0.5, patience: int = 2, min_lr: float = 0.0,
-                    threshold: float = 1e-4, cooldown: int = 0) -> Schedule | PlateauSchedule:
+def _warmup(warmup_steps: int | None, warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
     """`warmup_steps` (optimiser steps; 0 = no warmup) wins over `warmup_epochs` (converted with steps_per_epoch,
     i.e. after gradient accumulation) when it is set."""
-    if kind == "plateau":
-        return PlateauSchedule(optimizer, mode=mode, factor=factor, patience=patience, min_lr=min_lr,
-                               threshold=threshold, cooldown=cooldown)
-    if (warmup_steps is not None and warmup_steps < 0) or warmup_epochs < 0:
-        raise ConfigError(f"scheduler.warmup_steps={warmup_steps} / warmup_epochs={warmup_epochs} must be >= 0.")
     warmup = int(warmup_steps) if warmup_steps is not None else round(warmup_epochs * steps_per_epoch)
     if 0 < total_steps <= warmup:
         log.warning("scheduler: the warmup (%d steps) is as long as the run (%d steps), so the learning rate never "
                     "reaches its base value; lower scheduler.warmup_epochs / warmup_steps or train longer",
                     warmup, total_steps)
-    return Schedule(optimizer, total_steps, warmup, kind, power, min_lr_ratio, warmup_ratio)
+    return warmup
+
+
+def poly_schedule(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int = 1,
+                  warmup_steps: WarmupSteps = None, warmup_epochs: NonNegativeFloat = 0.0, power: PositiveFloat = 0.9,
+                  min_lr_ratio: MinLrRatio = 0.0, warmup_ratio: WarmupRatio = 1e-6) -> Schedule:
+    """Linear warmup, then (1 - t)^power down to min_lr_ratio."""
+    return Schedule(optimizer, total_steps, _warmup(warmup_steps, warmup_epochs, steps_per_epoch, total_steps),
+                    "poly", power, min_lr_ratio, warmup_ratio)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int = 1,
+                    warmup_steps: WarmupSteps = None, warmup_epochs: NonNegativeFloat = 0.0,
+                    min_lr_ratio: MinLrRatio = 0.0, warmup_ratio: WarmupRatio = 1e-6) -> Schedule:
+    """Linear warmup, then a half cosine down to min_lr_ratio."""
+    return Schedule(optimizer, total_steps, _warmup(warmup_steps, warmup_epochs, steps_per_epoch, total_steps),
+                    "cosine", min_lr_ratio=min_lr_ratio, warmup_ratio=warmup_ratio)
+
+
+def plateau_schedule(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int = 1,
+                     mode: Annotated[Literal["max", "min"], Hint("the direction of callbacks.mode")] = "max",
+                     factor: Annotated[float, Gt(0), Lt(1), Hint("the multiplier of each reduction")] = 0.5,
+                     patience: NonNegativeInt = 2, min_lr: NonNegativeFloat = 0.0,
+                     threshold: NonNegativeFloat = 1e-4, cooldown: NonNegativeInt = 0) -> PlateauSchedule:
+    """ReduceLROnPlateau on the monitored metric (its steps and epochs are not used)."""
+    return PlateauSchedule(optimizer, mode=mode, factor=factor, patience=patience, min_lr=min_lr,
+                           threshold=threshold, cooldown=cooldown)
+
+
+SCHEDULES: dict[str, Callable[..., Schedule | PlateauSchedule]] = {
+    "poly": poly_schedule, "cosine": cosine_schedule, "plateau": plateau_schedule}
+
+
+@variants("kind", SCHEDULES)
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
+                    kind: Literal["poly", "cosine", "plateau"] = "poly", steps_per_epoch: int = 1,
+                    **options: Any) -> Schedule | PlateauSchedule:
+    """The schedule of `kind` (`scheduler.kind`) with its `options`: the keys of that kind's factory above, which the
+    config walker checks (a key of another kind is refused, naming the presets that read it)."""
+    return SCHEDULES[kind](optimizer, total_steps, steps_per_epoch=steps_per_epoch, **options)

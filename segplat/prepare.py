@@ -29,6 +29,8 @@ from segplat.data.store import COMPLETE_MARKER, PatchStore, is_complete, read_ma
 from segplat.data.store_location import ObjectAccess, check_access
 from segplat.errors import DataError, SegplatError
 from segplat.schema import Hint, section
+from segplat.utils.console import say
+from segplat.utils.searchpath import check_command_configs
 from segplat.utils.task import CONF_DIR, with_config_hints
 
 log = logging.getLogger("segplat")
@@ -108,36 +110,37 @@ def prepare(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
 
 def print_summary(path: Path, summary: dict[str, Any]) -> None:
     if summary["verified"] == "deep":
-        print(f"store {path} is complete and matches the config (fingerprint {summary['fingerprint']}): "
-              "verified (every chunk present, every checksum and label value checked), nothing to do.")
+        say(f"store {path} is complete and matches the config (fingerprint {summary['fingerprint']}): "
+            "verified (every chunk present, every checksum and label value checked), nothing to do.")
     elif summary["verified"] == "quick":
-        print(f"store {path} is complete and matches the config (fingerprint {summary['fingerprint']}): structure "
-              "and chunk presence checked (verify=quick; checksums not read, run verify=deep for that), nothing to do.")
+        say(f"store {path} is complete and matches the config (fingerprint {summary['fingerprint']}): structure "
+            "and chunk presence checked (verify=quick; checksums not read, run verify=deep for that), nothing to do.")
     else:
-        print(f"prepared {summary['dataset']} from {summary['root']} (tile {summary['tile_size']} px, "
-              f"compressor {summary['compressor']}, fingerprint {summary['fingerprint']})")
-    print(f"{'split':<12}{'samples':>9}{'tiles':>9}")
+        say(f"prepared {summary['dataset']} from {summary['root']} (tile {summary['tile_size']} px, "
+            f"compressor {summary['compressor']}, fingerprint {summary['fingerprint']})")
+    say(f"{'split':<12}{'samples':>9}{'tiles':>9}")
     for split, row in summary["splits"].items():
-        print(f"{split:<12}{row['samples']:>9}{row['tiles']:>9}")
+        say(f"{split:<12}{row['samples']:>9}{row['tiles']:>9}")
     skipped = summary["skipped"]
-    print(f"skipped: {len(skipped)}")
+    say(f"skipped: {len(skipped)}")
     for reason in skipped:
-        print(f"  - {reason}")
+        say(f"  - {reason}")
     if summary["notes"]:
-        print("notes:")
+        say("notes:")
         for note in summary["notes"]:
-            print(f"  - {note}")
+            say(f"  - {note}")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="prepare", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     try:
+        check_command_configs()  # the user's config folders (hydra.searchpath): there, and none hidden
         path, summary = prepare(cfg)
     except SegplatError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        say(f"error: {err}", err=True)
         sys.exit(2)
     print_summary(path, summary)
-    print(f"store: {path}", flush=True)
+    say(f"store: {path}")
 
 
 main = with_config_hints(hydra_main, "prepare")  # an unknown option or key: Hydra's message + a "did you mean", exit 2

@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from segplat.errors import ConfigError
@@ -96,15 +95,13 @@ def check_model_fusion(cfg: DictConfig) -> FusionSpec | None:
     (presets take `fusion: ${fusion}`), and the model must accept its level, type and stages (the stage count comes
     from the model config, e.g. its encoder) and the number of modalities (`check_fusion` of the model class).
     """
+    from segplat.models.build import fusion_check, model_class
     from segplat.models.fusion.spec import FusionSpec, resolve_fusion
 
     target = OmegaConf.select(cfg, "model._target_")
     if target is None:
         raise ConfigError("model._target_ is missing; choose a model preset such as model=unet.")
-    try:
-        model_cls = get_class(target)
-    except Exception as err:
-        raise ConfigError(f"model._target_={target} cannot be imported; check the model preset.") from err
+    model_cls = model_class(target)  # importable, and the class-level part of the model contract
     modalities = OmegaConf.select(cfg, "dataset.modalities")
     if modalities:
         check_streams(model_cls, [str(m) for m in modalities])
@@ -117,9 +114,9 @@ def check_model_fusion(cfg: DictConfig) -> FusionSpec | None:
         raise ConfigError(f"model.fusion={to_plain(given)} differs from the fusion group ({to_plain(group)}), "
                           "which the preset would ignore; presets take `fusion: ${fusion}` and fusion is chosen with "
                           "fusion=...")
-    check = getattr(model_cls, "check_fusion", None)
-    if check is None or given is None:
+    if given is None:
         return None
+    check = fusion_check(model_cls)
     spec = resolve_fusion(given)
     count = getattr(model_cls, "fusion_stage_count", None)
     num_stages = count(cfg.model) if count is not None and spec is not None and spec.stages is not None else None
@@ -156,9 +153,9 @@ def check_resumed_config(state: Mapping[str, Any], cfg: DictConfig, source: str 
     text = state.get("config")
     if not text:
         return
-    import yaml
+    from segplat.engine.checkpoint import stored_config
 
-    old = yaml.safe_load(text) or {}
+    old = stored_config(text, source)
     changed = []
     for part in RESTORED_ON_RESUME:
         if part not in cfg or part not in old:

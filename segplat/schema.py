@@ -32,7 +32,7 @@ from annotated_types import Ge, Gt, Le, Lt, MinLen
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from segplat.errors import ConfigError
-from segplat.messages import first_line, must_be, not_a_key, not_known, show
+from segplat.messages import choices, first_line, must_be, not_a_key, not_known, sentence, show
 
 # keys Hydra reads itself: never arguments of the target
 HYDRA_KEYS = frozenset({"_target_", "_recursive_", "_convert_", "_partial_", "_args_"})
@@ -66,6 +66,18 @@ def section(cls: type) -> type:
 
 def is_section(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp) and getattr(tp, "__segplat_section__", False)
+
+
+def variants(key: str, table: Mapping[str, Callable[..., Any]]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a factory whose keys depend on the value of one of them (`scheduler.kind`): the node takes the factory's
+    own keys and those of `table[value]`'s signature; a key that only another value reads is refused naming it (and
+    the config-group options that choose it), so no table of keys per value is written beside the signatures."""
+
+    def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.__segplat_variants__ = (key, dict(table))  # type: ignore[attr-defined]
+        return fn
+
+    return mark
 
 
 # -- reading a target's signature ---------------------------------------------------------------------------------
@@ -114,17 +126,24 @@ def _own_code(obj: Any) -> bool:
     return module.split(".")[0] not in {"torch", "timm", "torchvision", "transformers", "terratorch", "optuna"}
 
 
+def _object(target: str) -> Any:
+    from hydra.utils import get_object
+
+    try:
+        return get_object(target)
+    except Exception as err:
+        raise ConfigError(f"_target_={target} cannot be imported ({first_line(err)}); check the spelling, or "
+                          "install the package that provides it.") from err
+
+
 @functools.cache
 def signature_of(target: str) -> Signature:
     """The keyword arguments a `_target_` takes, following `**kwargs` up a class's bases (a layout passes its
     own keys on to `Layout.__init__`)."""
-    from hydra.utils import get_object
+    return _signature(target, _object(target))
 
-    try:
-        obj = get_object(target)
-    except Exception as err:
-        raise ConfigError(f"_target_={target} cannot be imported ({first_line(err)}); check the spelling, or "
-                          "install the package that provides it.") from err
+
+def _signature(target: str, obj: Any) -> Signature:
     functions: list[Callable[..., Any]]
     if isinstance(obj, type):
         functions = [k.__dict__["__init__"] for k in obj.__mro__ if "__init__" in k.__dict__ and k is not object]
@@ -152,6 +171,49 @@ def signature_of(target: str) -> Signature:
             break
         open_ = True  # **kwargs: the next class up the MRO says what they may be
     return Signature(target, params, open_, _own_code(obj))
+
+
+@functools.cache
+def variants_of(target: str) -> tuple[str, dict[str, Signature]] | None:
+    """For a factory marked with `variants`: (its key, value -> the node's whole signature for that value)."""
+    marked = getattr(_object(target), "__segplat_variants__", None)
+    if marked is None:
+        return None
+    key, table = marked
+    base = signature_of(target)
+    out = {}
+    for value, fn in table.items():
+        own = _signature(target, fn)
+        out[value] = Signature(target, {**base.params, **own.params}, own.open, base.typed)
+    return key, out
+
+
+@functools.cache
+def _options_choosing(group: str, target: str, key: str, value: str) -> tuple[str, ...]:
+    """The shipped options of config group `group` (`scheduler`) whose node is `target` with `key=value`."""
+    from omegaconf import OmegaConf
+
+    from segplat.config import CONF_DIR
+
+    folder = CONF_DIR.joinpath(*group.split("."))
+    found = []
+    for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+        node = OmegaConf.load(path)
+        if node.get("_target_") == target and str(node.get(key)) == value:
+            found.append(f"{group}={path.stem}")
+    return tuple(found)
+
+
+def _foreign_key(path: str, name: str, target: str, key: str, value: Any,
+                 table: Mapping[str, Signature]) -> str | None:
+    """The refusal of `name`, a key only other values of `key` read, naming them and the options that choose them."""
+    readers = [v for v, sig in table.items() if v != value and name in sig.params]
+    if not readers:
+        return None
+    options = [o for v in readers for o in _options_choosing(path, target, key, v)] or [
+        f"{path}.{key}={v}" for v in readers]
+    return sentence(f"{path}.{name} does nothing for {path}.{key}={show(value)}; it belongs to "
+                    f"{choices(options)}; remove it")
 
 
 # -- describing and checking a type -----------------------------------------------------------------------------
@@ -441,8 +503,15 @@ def check_node(path: str, node: Mapping[str, Any]) -> None:
     target = str(node["_target_"])
     try:
         sig = signature_of(target)
+        chosen = variants_of(target)
     except ConfigError as err:
         raise ConfigError(f"{path}.{err}" if path else str(err)) from None
+    table: Mapping[str, Signature] = {}
+    if chosen is not None:  # the keys a value of the deciding key (`kind`) reads
+        by, table = chosen
+        value = node.get(by, sig.params[by].default)
+        check_value(f"{path}.{by}" if path else by, Literal[tuple(table)], value)
+        sig = table[value]
     for key, value in node.items():
         if key in HYDRA_KEYS:
             continue
@@ -451,7 +520,9 @@ def check_node(path: str, node: Mapping[str, Any]) -> None:
         if param is None:
             if sig.open:
                 continue
-            raise ConfigError(not_a_key(full, path, sig.keys()))
+            foreign = _foreign_key(path, str(key), target, by, node.get(by, sig.params[by].default),
+                                   table) if table else None
+            raise ConfigError(foreign or not_a_key(full, path, sig.keys()))
         if sig.typed:
             check_value(full, param.annotation, value)
 

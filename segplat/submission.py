@@ -1,6 +1,6 @@
 """The Kaggle clouds submission: run-length encoding of predictions, and its decoder.
 
-Competition format (../shared/DATASETS.md): `Image_Label,EncodedPixels`, one row per test image;
+Competition format (docs/datasets.md): `Image_Label,EncodedPixels`, one row per test image;
 `Image_Label` is the file name; `EncodedPixels` encodes the whole 3-channel BGR colour prediction
 flattened as `img.T.flatten()` (plane B, then G, then R, each plane column-major), padded with a 0
 at each end, runs of non-zero values as 1-indexed "start length" pairs. The BGR colours are

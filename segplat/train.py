@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,18 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from segplat.config import check_config, register_resolvers
+from segplat.engine import interrupt
 from segplat.engine.checkpoint import RunFacts
 from segplat.engine.loggers import TRIAL_ENV, Tracker
 from segplat.errors import ConfigError, DataError
 from segplat.models.build import build_model
 from segplat.rules import check_model_inputs, check_monitor, check_resumed_config
+from segplat.utils.console import say
+from segplat.utils.dist import is_main_process
 from segplat.utils.seed import seed_everything
 from segplat.utils.task import (
     CONF_DIR,
+    choices_line,
     remove_if_no_results,
     run_dir_of,
     save_resolved_config,
@@ -86,6 +91,8 @@ def train(cfg: DictConfig) -> float:
 def run_training(cfg: DictConfig, run_dir: Path) -> float:
     check_config(cfg)
     check_sweep_mode()
+    if is_main_process():
+        log.info("train %s: %s", run_dir, choices_line(cfg))
     seed_everything(int(cfg.seed))
     trainer = instantiate(cfg.trainer)
     start = trainer.prepare_run(run_dir)  # the run-folder rule and the resume checkpoint, before any data is read
@@ -103,7 +110,8 @@ def run_training(cfg: DictConfig, run_dir: Path) -> float:
     model = build_model(cfg.model, expected.modalities, expected.num_classes, expected.bands)
     # loss, optimiser, schedule and callbacks too: a refused key stops here, before the store is prepared
     loss = instantiate(cfg.loss)
-    loss.bind_aux_outputs(model.aux_outputs, type(model).__name__)
+    loss.bind_aux_outputs(model.aux_outputs, str(cfg.model._target_).rsplit(".", 1)[-1])
+    loss.check_terms(expected.num_classes, expected.ignore_index)  # a term that ignores the ignore index stops here
     optimizer_factory = instantiate(cfg.optimizer)
     scheduler_factory = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     callbacks = build_callbacks(cfg)
@@ -127,10 +135,29 @@ def run_training(cfg: DictConfig, run_dir: Path) -> float:
 # an absolute config path: the same conf/ for `python -m segplat.train` and the `segplat-train` console script
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float:
-    return task_wrapper(train)(cfg)
+    try:
+        return task_wrapper(train)(cfg)
+    except KeyboardInterrupt as stop:  # inside the job: the line reaches the run's log file too
+        exit_interrupted(stop)
 
 
-main = with_config_hints(hydra_main, "train")
+def exit_interrupted(stop: KeyboardInterrupt) -> None:
+    """SIGINT / SIGTERM: one line (the trainer's, when it stopped the loop), no traceback, status 130 / 143."""
+    signum = interrupt.signum_of(stop)
+    if not getattr(stop, "reported", False) and is_main_process():
+        say(f"stopped by {interrupt.signal_name(signum)} (outside a training loop: nothing to save)", err=True)
+        stop.reported = True
+    sys.exit(128 + signum)
+
+
+def main() -> float:
+    """`python -m segplat.train` and `segplat-train`: signals stop the task cleanly (segplat.engine.interrupt)."""
+    with interrupt.signals_handled():
+        try:
+            return with_config_hints(hydra_main, "train")()
+        except KeyboardInterrupt as stop:
+            exit_interrupted(stop)
+
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ from torch import nn
 from segplat.errors import ConfigError
 from segplat.models.base import SegmentationModel
 from segplat.optim import Schedule, build_optimizer, build_scheduler, no_weight_decay, remove_params
+from segplat.schema import check_targets
 from tests.conftest import TINY, compose_train
 
 
@@ -68,10 +69,10 @@ def test_frozen_groups_and_errors():
     assert not any(n.startswith("encoder") for n in groups_by_name(opt))
     with pytest.raises(ConfigError, match="frozen groups"):
         build_optimizer(model, frozen=["backbone"])
-    with pytest.raises(ConfigError, match=r"optimizer\.encoder_lr"):
-        build_optimizer(model, encoder_lr=-1.0)
-    with pytest.raises(ConfigError, match=r"optimizer\.optimizer \(SGD\) refused its arguments.*betas"):
-        instantiate(compose_train(["optimizer=sgd", "+optimizer.optimizer.betas=[0.9,0.99]"]).optimizer)(model)
+    with pytest.raises(ConfigError, match=r"^optimizer\.encoder_lr=-1 must be a positive number or null; null = "):
+        check_targets(compose_train(["optimizer.encoder_lr=-1.0"]))
+    with pytest.raises(ConfigError, match=r"^optimizer\.optimizer\.betas is not a key of optimizer\.optimizer"):
+        check_targets(compose_train(["optimizer=sgd", "+optimizer.optimizer.betas=[0.9,0.99]"]))
     with pytest.raises(ConfigError, match="no trainable parameter"):
         build_optimizer(model, frozen=["encoder", "fusion", "decoder"])
 
@@ -129,8 +130,32 @@ def test_plateau_reduces_on_the_monitored_metric_with_a_late_group():
     for v in (0.8, 0.9):
         sched.step(v)
     assert opt.param_groups[-1]["lr"] == pytest.approx(5e-5) and opt.param_groups[0]["lr"] == pytest.approx(2.5e-4)
-    with pytest.raises(ConfigError, match=r"scheduler\.mode"):
-        build_scheduler(opt, 10, kind="plateau", mode="up")
+    with pytest.raises(ConfigError, match=r"^scheduler\.mode=up is not known; use max or min; the direction of "
+                                          r"callbacks\.mode\.$"):
+        check_targets(compose_train(["scheduler=plateau", "scheduler.mode=up"]))
+
+
+@pytest.mark.parametrize("override, refusal", [
+    ("scheduler.kind=step", r"^scheduler\.kind=step is not known; use poly, cosine or plateau\.$"),
+    ("scheduler.power=0", r"^scheduler\.power=0 must be a positive number\.$"),
+    ("scheduler.min_lr_ratio=1.5", r"^scheduler\.min_lr_ratio=1\.5 must be a number from 0 to 1; the final "),
+    ("scheduler.warmup_steps=-1", r"^scheduler\.warmup_steps=-1 must be an integer, 0 or more or null; optimiser "),
+    ("scheduler.warmup_epochs=-1", r"^scheduler\.warmup_epochs=-1 must be a number, 0 or more\.$"),
+    ("optimizer.weight_decay=-0.1", r"^optimizer\.weight_decay=-0\.1 must be a number, 0 or more\.$"),
+    ("optimizer.lr=0", r"^optimizer\.lr=0 must be a positive number\.$"),
+])
+def test_optimizer_and_schedule_values_are_checked_from_their_signatures(override, refusal):
+    with pytest.raises(ConfigError, match=refusal):
+        check_targets(compose_train([override]))
+
+
+@pytest.mark.parametrize("override, refusal", [
+    ("scheduler.factor=1", r"^scheduler\.factor=1 must be a number above 0 and below 1; the multiplier of each "),
+    ("scheduler.patience=-1", r"^scheduler\.patience=-1 must be an integer, 0 or more\.$"),
+])
+def test_plateau_values_are_checked_from_its_signature(override, refusal):
+    with pytest.raises(ConfigError, match=refusal):
+        check_targets(compose_train(["scheduler=plateau", override]))
 
 
 # ---- a real short run: warmup + poly, gradient accumulation, encoder / head learning rates -------
@@ -200,7 +225,8 @@ def test_a_rate_for_a_group_the_model_does_not_have_is_refused() -> None:
     ("cosine", "+scheduler.power=2", "scheduler=warmup_poly"),
 ])
 def test_a_key_of_another_schedule_kind_is_refused(preset, key, belongs):
-    """build_scheduler takes every kind's parameters, so a key of another kind was accepted and did nothing."""
+    """build_scheduler takes every kind's parameters, so a key of another kind was accepted and did nothing; each
+    kind's factory signature says which keys it reads."""
     from segplat.config import check_config
     from tests.conftest import compose_train
 

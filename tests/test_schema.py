@@ -9,7 +9,7 @@ import pytest
 
 from segplat.errors import ConfigError
 from segplat.messages import did_you_mean, first_line, redact
-from segplat.schema import Hint, PositiveInt, Probability, check_targets, describe, section
+from segplat.schema import Hint, PositiveInt, Probability, check_targets, describe, section, variants
 
 
 @section
@@ -29,6 +29,34 @@ def takes_anything(size: PositiveInt = 1, **kwargs: Any) -> None:
 
 
 T = f"{__name__}.build"
+
+
+def fast(rate: PositiveInt = 1, burst: bool = False) -> None:
+    """One kind's keys."""
+
+
+def slow(rate: PositiveInt = 1, delay: Probability = 0.5) -> None:
+    """Another kind's keys."""
+
+
+@variants("kind", {"fast": fast, "slow": slow})
+def paced(kind: str = "fast", **options: Any) -> None:
+    """A factory whose keys depend on `kind`."""
+
+
+def test_a_key_of_another_kind_is_refused_naming_that_kind() -> None:
+    node = {"_target_": f"{__name__}.paced"}
+    check_targets({"pace": {**node, "kind": "slow", "delay": 0.2, "rate": 3}})
+    check_targets({"pace": {**node, "burst": True}})  # the default kind's key
+    with pytest.raises(ConfigError, match=r"^pace\.delay does nothing for pace\.kind=fast; it belongs to "
+                                          r"pace\.kind=slow; remove it\.$"):
+        check_targets({"pace": {**node, "delay": 0.2}})
+    with pytest.raises(ConfigError, match=r"^pace\.delay=2 must be a number from 0 to 1\.$"):
+        check_targets({"pace": {**node, "kind": "slow", "delay": 2}})
+    with pytest.raises(ConfigError, match=r"^pace\.kind=quick is not known; use fast or slow\.$"):
+        check_targets({"pace": {**node, "kind": "quick"}})
+    with pytest.raises(ConfigError, match=r"^pace\.rat is not a key of pace; did you mean pace\.rate\?$"):
+        check_targets({"pace": {**node, "rat": 2}})
 
 
 def refusal(node: dict, root: str = "block") -> str:
@@ -75,6 +103,11 @@ def test_an_unimportable_target_is_one_sentence() -> None:
 
 
 def test_describe() -> None:
+    from annotated_types import MinLen
+
+    assert describe(Annotated[list[PositiveInt], MinLen(2)]) == "a list of at least 2 positive integers"
+    assert describe(Annotated[str, MinLen(1)]) == "a non-empty string"
+    assert describe(tuple[int, int, int]) == "a list of 3 integers"
     assert describe(PositiveInt | Literal["auto"]) == "a positive integer or one of auto"
     assert describe(Probability | None) == "a number from 0 to 1 or null"
 

@@ -11,8 +11,9 @@ still leaves what it measured. What it measures, each on the same device, one pr
    exactly as `segplat.train` builds them; the switches are `segplat.engine.acceleration.prepare_model` (what
    `trainer.compile` / `trainer.channels_last` apply). Compiled variants run last, within --budget-s: what does
    not fit is listed as skipped, never dropped silently.
-2. **flops**: forward FLOPs per image (torch's FlopCounterMode, as segplat.models.summary counts them), a training
-   step taken as 3x forward, and MFU = img/s x step FLOPs per image / the device's dense bf16 peak (table below; a
+2. **flops**: forward FLOPs per image (`segplat.models.summary.count_macs`: convolutions, linear layers, matrix
+   products and attention, 2 FLOPs per multiply-add; the papers' "FLOPs" are the MACs), a training step taken as 3x
+   forward, and MFU = img/s x step FLOPs per image / the device's dense bf16 peak (table below; a
    device not in the table gets no MFU and says so).
 3. **preprocess**: the clouds-recipe Preprocessor (normalisation + brightness/contrast) on a 16 x (3+1) x 512²
    uint8 batch through NumPy (CPU), CuPy (GPU) and a torch transcription (GPU): ms per batch, and the largest
@@ -20,6 +21,9 @@ still leaves what it measured. What it measures, each on the same device, one pr
 4. **loader**: patches/s of the full CPU loader (workers, crop, flips/rot90, collate, pinned memory) for the
    clouds/CMX 512² recipe with 1, 2, 4, ... workers, against each step rate: the workers a GPU needs; and a short
    end-to-end loop (loader -> device -> CuPy preprocessing -> step) with the loader-bound watch.
+5. **predict**: prediction windows/s at 512² (bf16) of `SlidingWindowPredictor.stream`, segplat's sliding-window path
+   (preprocessing on the device, forward, softmax, copy back, blending in a ring of rows) over an in-memory 4096²
+   scene, against the bare bf16 forward of the same batches, for unet and cmx-B2.
 """
 
 from __future__ import annotations
@@ -128,10 +132,13 @@ def render_markdown(data: dict[str, Any]) -> str:
     peak = data.get("bf16_peak_tflops")
     lines.append(f"- dense bf16 peak: {peak} TFLOPS" if peak else f"- MFU omitted: {data.get('mfu_note')}")
     if "flops" in s:
-        lines += ["", "## Model FLOPs per image (FlopCounterMode; 1 multiply-add = 2 FLOPs)", "",
-                  markdown_table(["model", "parameters (M)", "forward GFLOPs", "training step GFLOPs (3x forward)"],
-                                 [[m, fmt(v["params_m"], 2), fmt(v["forward_gflops"], 2),
-                                   fmt(v["train_gflops"], 2)] for m, v in s["flops"].items()])]
+        lines += ["", "## Model FLOPs and MACs per image (segplat.models.summary.count_macs: attention included; "
+                  "1 multiply-add = 2 FLOPs; papers print the GMACs as \"GFLOPs\")", "",
+                  markdown_table(["model", "parameters (M)", "forward GMACs", "forward GFLOPs",
+                                  "training step GFLOPs (3x forward)"],
+                                 [[m, fmt(v["params_m"], 2), fmt(v["forward_gflops"] / 2, 2),
+                                   fmt(v["forward_gflops"], 2), fmt(v["train_gflops"], 2)]
+                                  for m, v in s["flops"].items()])]
     if "steps" in s:
         rows = []
         for r in s["steps"]:
@@ -170,6 +177,14 @@ def render_markdown(data: dict[str, Any]) -> str:
                   markdown_table(["model", "batch", "workers", "img/s", "data wait % of step", "loader-bound warning"],
                                  [[r["model"], r["batch"], r["workers"], fmt(r["img_s"]), fmt(r["wait_pct"]),
                                    r["warned"]] for r in s["end_to_end"]])]
+    if "predict" in s:
+        lines += ["", "## Prediction (SlidingWindowPredictor.stream: device preprocessing, forward, softmax, copy "
+                  "back, blending; against the bare forward of the same batches)", "",
+                  markdown_table(["model", "window", "batch", "scene", "windows", "predict windows/s",
+                                  "bare forward windows/s", "predict / forward"],
+                                 [[r["model"], r["window"], r["batch"], r["scene"], r["windows"],
+                                   fmt(r["predict_windows_s"]), fmt(r["forward_windows_s"]), fmt(r["ratio"], 2)]
+                                  for r in s["predict"]])]
     if data.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in data["notes"]]
     return "\n".join(lines) + "\n"
@@ -419,6 +434,68 @@ def bench_preprocess(args: argparse.Namespace, datamodule: Any, device: torch.de
     return {"shape": shape, "paths": paths}
 
 
+# -- 5. prediction ---------------------------------------------------------------------------------------------
+def bench_predict(args: argparse.Namespace, datamodule: Any, device: torch.device) -> list[dict[str, Any]]:
+    """Windows/s of segplat's sliding-window prediction against the bare forward, per model, one device."""
+    from segplat.inference import ArraySource, LoadedModel, SlidingWindowPredictor
+
+    presets = TINY_MODELS if args.dry_run else MODELS
+    window, batch = args.size, args.predict_batch
+    side = window * (2 if args.dry_run else 8)
+    rng = np.random.default_rng(0)
+    scene = {m: rng.integers(1, 255, (c, side, side), dtype=np.uint8) for m, c in MODALITIES.items()}
+    info = datamodule.info
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows = []
+    for name in args.predict_models:
+        model = predictor = None
+        try:
+            cfg = compose_model_cfg(presets[name], args)
+            torch.manual_seed(0)
+            model = build_model(cfg, MODALITIES, NUM_CLASSES).to(device).eval()
+            loaded = LoadedModel(model, datamodule.preprocessor(), dict(info.specs), list(info.classes),
+                                 [list(c) for c in info.palette], 255, window, cfg, Path("bench"))
+            predictor = SlidingWindowPredictor(loaded, window=window, overlap=0.25, batch_size=batch, device=device,
+                                               bf16=args.bf16, progress=False)
+            warm = {m: ArraySource(a[:, :2 * window, :2 * window]) for m, a in scene.items()}
+            for _ in predictor.stream(warm):  # cudnn autotuning and allocation, not timed
+                pass
+            windows = predictor.grid(side, side).num_windows
+            sync()
+            t = time.perf_counter()
+            for _ in predictor.stream({m: ArraySource(a) for m, a in scene.items()}):
+                pass
+            sync()
+            predict_s = time.perf_counter() - t
+            inputs, _ = random_batch(MODALITIES, window, batch, NUM_CLASSES, device)
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+            with torch.no_grad(), autocast:
+                model(inputs)
+                sync()
+                t = time.perf_counter()
+                for _ in range(-(-windows // batch)):
+                    model(inputs)["out"].float().softmax(1)
+                sync()
+            forward_s = time.perf_counter() - t
+            row = {"model": name, "window": window, "batch": batch, "scene": f"{side}²", "windows": windows,
+                   "predict_windows_s": windows / predict_s, "forward_windows_s": windows / forward_s,
+                   "ratio": forward_s / predict_s}
+        except TimeLimit:
+            raise
+        except Exception as err:  # one model's failure is reported, the others still run
+            row = {"model": name, "window": window, "batch": batch, "scene": f"{side}²", "windows": None,
+                   "predict_windows_s": None, "forward_windows_s": None, "ratio": None,
+                   "error": f"{type(err).__name__}: {err}"}
+            traceback.print_exc()
+        print(f"predict: {row}", flush=True)
+        rows.append(row)
+        del model, predictor
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 # -- 4. loader --------------------------------------------------------------------------------------------------
 def bench_loader(args: argparse.Namespace, datamodule: Any) -> dict[str, Any]:
     rates = []
@@ -516,6 +593,7 @@ def run_sections(args: argparse.Namespace, datamodule: Any, device: torch.device
     e2e_workers = sorted({min(args.workers[-1], 2), args.workers[-1]}) if not args.dry_run else [0]
     datamodule.batch_size = 8 if not args.dry_run else 2
     report.section("end_to_end", end_to_end(args, datamodule, device, e2e_workers))
+    report.section("predict", bench_predict(args, datamodule, device))
     args_compiled = argparse.Namespace(**{**vars(args), "variants": [v for v in args.variants if VARIANTS[v][0]]})
     if args_compiled.variants:
         run_steps(args_compiled, device, report, started, flops, peak, rows=steps)
@@ -538,6 +616,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--compile-guess-s", type=float, default=90.0,
                     help="assumed compile time of a model before one was measured (budget planning)")
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; dry run eager)")
+    ap.add_argument("--predict-models", default="unet,cmx_b2", help="models of the prediction section")
+    ap.add_argument("--predict-batch", type=int, default=None, help="windows per batch in prediction (default 8; "
+                    "dry run 2)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--min-seconds", type=float, default=1.0, help="time each setting for at least this long")
@@ -548,7 +629,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.out = args.out or (str(Path(tempfile.gettempdir()) / "segplat_gpu_dry_run") if dry else str(RESULTS))
     args.models = [m for m in args.models.split(",") if m]
     args.variants = [v for v in args.variants.split(",") if v]
-    for key, values, known in (("--models", args.models, MODELS), ("--variants", args.variants, VARIANTS)):
+    args.predict_models = [m for m in args.predict_models.split(",") if m]
+    args.predict_batch = args.predict_batch or (2 if dry else 8)
+    for key, values, known in (("--models", args.models, MODELS), ("--variants", args.variants, VARIANTS),
+                               ("--predict-models", args.predict_models, MODELS)):
         unknown = [v for v in values if v not in known]
         if unknown:
             ap.error(f"{key}: unknown {unknown}; choose from {', '.join(known)}")

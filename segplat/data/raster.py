@@ -5,7 +5,7 @@ as plain values, nodata normalisation, colour-label decoding and a GeoTIFF write
 Layouts (`segplat.data.layouts.*`) and the fake-data writers (`segplat.data.fake.*`) import these; no
 layout imports another layout for them.
 
-The grid rule (README "Geodata rules"): two rasters are paired pixel for pixel only when they lie on
+The grid rule (docs/geodata.md): two rasters are paired pixel for pixel only when they lie on
 the same grid: the same CRS, the same pixel size and orientation, origins less than
 `GRID_TOLERANCE_PX` of a pixel apart and the same size. Anything else is refused naming both files
 and how they differ, or, when the layout's `resample` is true, warped onto the reference grid.

@@ -6,7 +6,7 @@ endpoint come only from the client library's own environment and config (`AWS_AC
 `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, `AWS_ENDPOINT_URL`, `~/.aws/config`): nothing secret is ever part of
 a `StoreLocation`, so configs, logs, run folders and checkpoints cannot carry it.
 
-Two clients are supported (`dataset.store_client`); README "Stores on object storage" says why `fsspec`
+Two clients are supported (`dataset.store_client`); docs/stores.md says why `fsspec`
 (s3fs on aiobotocore, zarr's `FsspecStore`) is the default and when `obstore` (zarr's `ObjectStore`) is not
 safe: its runtime does not survive a fork, so loader workers of an obstore store are started by forkserver.
 """

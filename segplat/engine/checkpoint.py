@@ -20,9 +20,10 @@ Resume: `trainer.resume` is resolved once (`resume_point`, which also applies th
 before any data is read) and the checkpoint is loaded once (`ResumePoint.take`).
 
 A checkpoint is untrusted input: its stored config is YAML that prediction and evaluation build
-models and datasets from. `inference_config` lets through only what segplat's own model, fusion
-and dataset configs name as `_target_` (exact strings, checked before anything is imported), with
-plain values as arguments; anything else refuses the checkpoint in one sentence naming the key.
+models and datasets from. `inference_config` lets through only what the model, fusion and dataset
+configs on this machine's search path name as `_target_` (segplat's own and the user's config folders
+given to the command; exact strings, checked before anything is imported), with plain values as
+arguments; anything else refuses the checkpoint in one sentence naming the key.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from segplat.data.layouts.base import RGB, ModalitySpec
 from segplat.errors import CheckpointError, ConfigError
 from segplat.messages import first_line
 from segplat.schema import PositiveInt, check_section, section
+from segplat.utils.bounded_yaml import load_bounded
 from segplat.utils.io import atomic_write
 
 log = logging.getLogger("segplat")
@@ -221,6 +223,22 @@ def check_compatible(state: dict[str, Any], meta: Mapping[str, Any], source: str
                                   f"{meta[key]}; use a matching config or start a new run.")
 
 
+def stored_config(text: Any, source: str | Path) -> dict[str, Any]:
+    """A checkpoint's stored config (YAML text), parsed within bounds (size, alias expansion: see
+    `segplat.utils.bounded_yaml`): the one way a checkpoint's config is read."""
+    if not isinstance(text, str):
+        raise CheckpointError(f"checkpoint {source} holds a config that is not YAML text; use a checkpoint written by "
+                              "segplat.")
+    data = load_bounded(text, f"the config stored in checkpoint {source}", CheckpointError,
+                        "use a checkpoint written by segplat.")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint {source} holds a config that is not a mapping of keys; use a checkpoint "
+                              "written by segplat.")
+    return data
+
+
 # -- resume and the run folder ------------------------------------------------------------------------
 @dataclass
 class ResumePoint:
@@ -360,27 +378,49 @@ def _targets_in(node: Any) -> Iterator[str]:
             yield from _targets_in(value)
 
 
-@functools.cache
-def trusted_targets() -> frozenset[str]:
-    """Every `_target_` named in segplat's own model, fusion and dataset configs (conf/), plus MiT sizes.
-
-    Derived from the shipped configs so that a new model or fusion type (its module + one config file)
-    is trusted without a second list to keep in step.
-    """
-    found = set(EXTRA_TRUSTED_TARGETS)
+def _targets_of(conf_dir: Path) -> frozenset[str]:
+    """The `_target_`s of one config folder's trusted groups."""
+    found: set[str] = set()
     for group in TRUSTED_GROUPS:
-        for file in sorted((CONF_DIR / group).rglob("*.yaml")):
-            found.update(_targets_in(yaml.safe_load(file.read_text())))
+        for file in sorted((conf_dir / group).rglob("*.yaml")):
+            try:
+                found.update(_targets_in(yaml.safe_load(file.read_text())))
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{file} is not valid YAML ({str(err).splitlines()[0]}); fix it, or give another "
+                                  "config folder.") from err
     return frozenset(found)
 
 
+def trusted_targets(searchpath: Sequence[str | Path] = ()) -> frozenset[str]:
+    """Every `_target_` named in the model, fusion and dataset configs on this machine's search path: segplat's own
+    (conf/, plus MiT sizes) and the user's config folders given to this command (`searchpath`: Hydra's
+    `hydra.searchpath` entries), never anything a checkpoint says.
+
+    Derived from the configs so that a new model or fusion type (its module + one config file, in segplat or in a
+    user's project) is trusted without a second list to keep in step. A user's folder is read on every call (it may
+    change within a notebook session); segplat's own once.
+    """
+    from segplat.utils.searchpath import user_config_dirs
+
+    found = set(_shipped_targets())
+    for folder in user_config_dirs(searchpath):
+        found |= _targets_of(folder)
+    return frozenset(found)
+
+
+@functools.cache
+def _shipped_targets() -> frozenset[str]:
+    return EXTRA_TRUSTED_TARGETS | _targets_of(CONF_DIR)
+
+
 def check_buildable(node: Any, where: str, source: str | Path, trusted: frozenset[str] | None = None) -> None:
-    """Refuse any `_target_` outside segplat's builders, any other Hydra key, and any interpolation, at any depth."""
+    """Refuse any `_target_` that no local model, fusion or dataset config names, any other Hydra key, and any
+    interpolation, at any depth."""
     trusted = trusted_targets() if trusted is None else trusted
 
-    def refuse(what: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {source} {what}; refusing to build from it (only segplat's own model, "
-                               "fusion and dataset builders may be named in a checkpoint).")
+    def refuse(what: str, why: str = "only the model, fusion and dataset builders that configs on this machine "
+                                     "name may be named in a checkpoint") -> CheckpointError:
+        return CheckpointError(f"checkpoint {source} {what}; refusing to build from it ({why}).")
 
     if isinstance(node, dict):
         for key, value in node.items():
@@ -392,7 +432,10 @@ def check_buildable(node: Any, where: str, source: str | Path, trusted: frozense
                 raise refuse(f"has a non-text key {key!r} under {where}")
             if key == "_target_":
                 if not isinstance(value, str) or value not in trusted:
-                    raise refuse(f"names {path}={value!r}, which is not a segplat builder")
+                    raise refuse(f"names {path}={value!r}, which no model, fusion or dataset config on this "
+                                 "machine's search path names", "if it is your own, give this command the folder of "
+                                 "your configs: hydra.searchpath=[file://DIR] on the command line, searchpath=[DIR] "
+                                 "for segplat.load_model")
             elif key.startswith("_") and key.endswith("_") and key not in _BUILD_KEYS:
                 raise refuse(f"sets the Hydra key {path}")
             else:
@@ -421,22 +464,21 @@ def _drop_pretrained(node: Any, where: str) -> None:
             _drop_pretrained(value, f"{where}[{i}]")
 
 
-def inference_config(state: dict[str, Any], source: str | Path) -> DictConfig:
-    """The `model` and `dataset` parts of a checkpoint's stored config, checked so that building them runs
-    only segplat's own builders with plain values; pretrained paths and store locations are dropped."""
+def inference_config(state: dict[str, Any], source: str | Path, searchpath: Sequence[str | Path] = ()) -> DictConfig:
+    """The `model` and `dataset` parts of a checkpoint's stored config, checked so that building them runs only
+    builders that the configs on this machine's search path name (segplat's own and the user's folders in
+    `searchpath`), with plain values; pretrained paths and store locations are dropped."""
     text = state.get("config")
     if not isinstance(text, str):
         raise CheckpointError(f"checkpoint {source} carries no config (written by an older segplat); predict from a "
                               "run trained with this version.")
-    try:
-        stored = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise CheckpointError(f"checkpoint {source} has a config that is not valid YAML ({err}).") from err
-    if not isinstance(stored, dict) or not isinstance(stored.get("model"), dict):
+    stored = stored_config(text, source)
+    if not isinstance(stored.get("model"), dict):
         raise CheckpointError(f"checkpoint {source} has no model config; use a checkpoint written by segplat.")
     parts = {"model": stored["model"], "dataset": stored.get("dataset") or {}}
+    trusted = trusted_targets(searchpath)
     for name, node in parts.items():
-        check_buildable(node, name, source)
+        check_buildable(node, name, source, trusted)
     _drop_pretrained(parts["model"], "model")
     for key in DATASET_LOCATION_KEYS:
         parts["dataset"].pop(key, None)
@@ -448,10 +490,8 @@ def run_config_target(run_dir: Path) -> str | None:
     file = run_dir / "config.yaml"
     if not file.is_file():
         return None
-    try:
-        cfg = yaml.safe_load(file.read_text())
-    except yaml.YAMLError:
-        return None
+    cfg = load_bounded(file.read_text(errors="replace"), str(file), CheckpointError,
+                       "give the checkpoint file itself rather than its run folder.")
     model = cfg.get("model") if isinstance(cfg, dict) else None
     return model.get("_target_") if isinstance(model, dict) else None
 

@@ -27,6 +27,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from segplat.engine import interrupt
 from segplat.engine.acceleration import prepare_inputs, prepare_model, run_device
 from segplat.engine.callbacks import Callback, EarlyStopping, improved
 from segplat.engine.checkpoint import (
@@ -43,11 +44,12 @@ from segplat.engine.checkpoint import save_checkpoint as write_checkpoint
 from segplat.engine.forward import forward_batch
 from segplat.engine.loader_watch import LoaderWatch
 from segplat.engine.loggers import JsonlLogger, RunInfo, Tracker, format_metrics, sweep_facts
-from segplat.errors import CheckpointError, ConfigError
+from segplat.errors import CheckpointError, ConfigError, SegplatError
 from segplat.messages import first_line
 from segplat.metrics import ConfusionMatrix, flatten_metrics
 from segplat.rules import check_acceleration, check_monitor, check_sync_batchnorm
 from segplat.schema import Hint, NonNegativeFloat, PositiveFloat, PositiveInt
+from segplat.utils.console import say
 from segplat.utils.io import atomic_write_json
 from segplat.utils.seed import rng_state, set_rng_state
 
@@ -62,6 +64,15 @@ class StopTraining(Exception):
         self.status = status
 
 
+class NonFiniteLoss(SegplatError):
+    """The loss became NaN or infinite (trainer.nonfinite=stop): the run stops, its checkpoints keep the last
+    finite state."""
+
+
+# summary.json's status of a run stopped by a non-finite loss (the sweeper records it as a failed trial)
+NONFINITE = "nonfinite_loss"
+
+
 @dataclass
 class TrainState:
     epoch: int = 0  # completed epochs
@@ -70,6 +81,7 @@ class TrainState:
     best_epoch: int | None = None
     last_metrics: dict[str, Any] | None = None
     stopped_reason: str | None = None
+    nonfinite_skipped: int = 0  # optimiser steps skipped for a non-finite loss (trainer.nonfinite=skip)
 
 
 def resolve_mixed_precision(value: str, cpu: bool) -> str:
@@ -101,9 +113,12 @@ class Trainer:
                  limit_val_batches: PositiveInt | None = None, sync_batchnorm: Literal["auto"] | bool = "auto",
                  cpu: bool = False, backend: Literal["auto", "nccl", "gloo"] = "auto",
                  rendezvous_timeout: PositiveFloat = 120.0, dist_timeout: PositiveFloat = 1800.0,
-                 compile: bool = False, channels_last: bool = False) -> None:
-        check_acceleration(compile, mixed_precision, run_device(cpu))
+                 compile: bool = False, channels_last: bool = False,
+                 nonfinite: Annotated[Literal["stop", "skip"], Hint("what a NaN or infinite loss does")] = "stop"
+                 ) -> None:
+        check_acceleration(compile, run_device(cpu), mixed_precision)
         self.compile, self.channels_last = bool(compile), bool(channels_last)
+        self.nonfinite = nonfinite  # a NaN/Inf loss stops the run, or its optimiser step is skipped and counted
         self.max_epochs = max_epochs
         self.mixed_precision = resolve_mixed_precision(mixed_precision, cpu)
         self.accumulate = accumulate_grad_batches
@@ -126,6 +141,8 @@ class Trainer:
         self.mode = "max"
         self.facts = RunFacts()
         self.resumed = False
+        self.saved_epoch = 0  # the epoch checkpoints/last.ckpt holds (0: none yet)
+        self.where = "before the first epoch"  # where the loop is, for the sentence of an interrupted run
         self._accelerator = None
         self._start: tuple[Path, ResumePoint] | None = None
 
@@ -179,21 +196,64 @@ class Trainer:
             self.load_state(state, start.path)
         self.start_loggers(loggers, state)
         status = "failed"
+        interrupt.clear()
         try:
-            for cb in self.callbacks:
-                cb.on_fit_start(self)
-            status = self.run_epochs()
-            for cb in self.callbacks:
-                cb.on_fit_end(self)
+            with interrupt.deferred():  # SIGINT / SIGTERM: a stop at the end of the step (segplat.engine.interrupt)
+                for cb in self.callbacks:
+                    cb.on_fit_start(self)
+                status = self.run_epochs()
+                for cb in self.callbacks:
+                    cb.on_fit_end(self)
             self.write_summary(status)
-        except KeyboardInterrupt:
-            status = "killed"
+            self.say_end(status)
+        except KeyboardInterrupt as stop:
+            status = interrupt.STATUS
+            self.end_with(status, self.interrupted_reason(stop), warn=True)
+            stop.reported = True
             raise
+        except NonFiniteLoss as err:
+            status = NONFINITE
+            self.end_with(status, str(err))
+            raise
+        except Exception as err:
+            if interrupt.requested() is None:
+                raise
+            # a signal asked for the stop and something broke on the way there (a collective with a rank that was
+            # killed outright, a loader worker killed by the launcher): the run was interrupted, not broken
+            status = interrupt.STATUS
+            stop = interrupt.Interrupted(interrupt.requested())
+            self.end_with(status, f"{self.interrupted_reason(stop)} ({type(err).__name__}: {first_line(err)})",
+                          warn=True)
+            stop.reported = True
+            raise stop from err
         finally:
             self.finish_loggers(status)
         self.accelerator.wait_for_everyone()
         score = self.state.best_score
         return float(score) if score is not None else float("nan")
+
+    def end_with(self, status: str, reason: str, warn: bool = False) -> None:
+        """A run that ends before its last epoch: summary.json says why (the sweeper reads it)."""
+        self.state.stopped_reason = reason
+        self.write_summary(status)
+        if warn and self.accelerator.is_main_process:
+            log.warning(reason)
+
+    def interrupted_reason(self, stop: BaseException) -> str:
+        saved = self.saved_epoch
+        kept = (f"checkpoints/{LAST} holds epoch {saved}" if saved else f"no checkpoints/{LAST} yet")
+        return (f"interrupted by {interrupt.signal_name(interrupt.signum_of(stop))} {self.where}; {kept}: continue "
+                f"with trainer.resume=auto and the same run_name (run folder {self.run_dir})")
+
+    def say_end(self, status: str) -> None:
+        """The run's last line before `run_dir:`, on the console and in the log file."""
+        if not self.accelerator.is_main_process:
+            return
+        best = "" if self.state.best_score is None else \
+            f"; best {self.monitor} {self.state.best_score:.4f} at epoch {self.state.best_epoch}"
+        skipped = f"; {self.state.nonfinite_skipped} optimiser step(s) skipped for a non-finite loss" \
+            if self.state.nonfinite_skipped else ""
+        say(f"{status}: {self.state.epoch}/{self.max_epochs} epochs, {self.state.global_step} steps{best}{skipped}")
 
     def setup(self, model: nn.Module, datamodule, loss_fn: nn.Module, optimizer_factory: Callable[..., Any],
               scheduler_factory: Callable[..., Any] | None) -> None:
@@ -211,6 +271,8 @@ class Trainer:
         optimizer = optimizer_factory(model)
         self.train_loader = datamodule.train_loader(acc.process_index, acc.num_processes)
         self.val_loader = datamodule.val_loader(acc.process_index, acc.num_processes)
+        for loader in (self.train_loader, self.val_loader):
+            interrupt.quiet_workers(loader)  # Ctrl-C reaches the main process's decision only
         self.loader_watch = LoaderWatch(acc.device, num_workers=getattr(datamodule, "num_workers", None))
         n_batches = len(self.train_loader)
         if self.limit_train:
@@ -237,6 +299,7 @@ class Trainer:
         try:
             while self.state.epoch < self.max_epochs:
                 epoch = self.state.epoch + 1
+                self.where = f"during epoch {epoch}"
                 self.model.train()  # before the hooks, which may hold some modules in eval mode (a frozen encoder's BN)
                 for cb in self.callbacks:
                     cb.on_train_epoch_start(self)
@@ -245,7 +308,9 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_train_epoch_end(self)
                 if epoch % self.val_every == 0 or epoch == self.max_epochs:
+                    self.where = f"in epoch {epoch}'s validation"
                     self.validate_and_record(epoch, train_stats)
+                self.where = f"after epoch {epoch}"
                 if self.state.stopped_reason:
                     return "stopped_early"
         except StopTraining as stop:
@@ -259,10 +324,13 @@ class Trainer:
         self.train_loader.dataset.set_epoch(epoch)
         n = self.n_train_batches
         loss_sum = torch.zeros((), device=acc.device)
+        finite = torch.zeros((), device=acc.device)  # micro-batches with a finite loss
         show = self.progress and acc.is_main_process
         bar = tqdm(total=n, desc=f"train {epoch}/{self.max_epochs}", disable=not show, leave=False, dynamic_ncols=True)
         started = time.time()
         group_start = 0
+        group: list[tuple[int, torch.Tensor, Mapping[str, torch.Tensor]]] = []  # this step's (batch, loss, parts)
+        skipped = 0
         for i, batch in enumerate(self.loader_watch.wrap(self.train_loader)):  # says once when data is the limit
             if i >= n:
                 break
@@ -277,23 +345,100 @@ class Trainer:
             ctx = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else nullcontext()
             with ctx, acc.autocast():
                 outputs = self.model(inputs)
-                loss, _ = self.loss_fn(outputs, batch["label"].long())
+                loss, parts = self.loss_fn(outputs, batch["label"].long())
                 acc.backward(loss / group_len)
-            loss_sum += loss.detach()
+            loss = loss.detach()
+            ok = torch.isfinite(loss)
+            loss_sum += torch.where(ok, loss, torch.zeros_like(loss))
+            finite += ok
+            group.append((i, loss, parts))
             if sync:
-                if self.clip:
-                    acc.clip_grad_norm_(self.model.parameters(), self.clip)
-                self.optimizer.step()
+                # every micro-batch of the step has run its backward (DDP's collectives stay in step on every rank);
+                # the step's update is taken only if no rank asked to stop and every loss of it was finite
+                if self.step_allowed(epoch, n, group):
+                    if self.clip:
+                        acc.clip_grad_norm_(self.model.parameters(), self.clip)
+                    self.optimizer.step()
+                else:
+                    skipped += 1
+                # a skipped step keeps its place in the schedule: the run's length and learning rates stay as planned
                 if self.scheduler is not None and self.scheduler.interval == "step":
                     self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state.global_step += 1
+                group = []
             bar.update(1)
             if bar.n % 10 == 0 or bar.n == n:
-                bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.4f}")
+                bar.set_postfix(loss=f"{loss_sum.item() / max(finite.item(), 1):.4f}")
         bar.close()
-        mean_loss = acc.reduce(loss_sum, "mean").item() / n
-        return {"train/loss": mean_loss, "train/seconds": time.time() - started}
+        if skipped and skipped == self.steps_per_epoch:
+            raise NonFiniteLoss(f"every optimiser step of epoch {epoch} ({skipped}) had a non-finite loss and was "
+                                f"skipped (trainer.nonfinite=skip), so nothing trains any more; {self.kept_state()}: "
+                                "lower optimizer.lr, or check the data and the loss.")
+        totals = torch.stack([loss_sum, finite])
+        totals = acc.reduce(totals, "sum") if acc.num_processes > 1 else totals
+        stats = {"train/loss": (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan"),
+                 "train/seconds": time.time() - started}
+        if self.nonfinite == "skip":
+            stats["train/nonfinite_skipped"] = skipped
+        return stats
+
+    def agreed_stop(self, nonfinite: torch.Tensor | None = None) -> tuple[int, bool]:
+        """(signal that asked for a stop on any rank or 0, a non-finite loss on any rank): one transfer from the
+        device per optimiser step, and one small collective when several processes train."""
+        acc = self.accelerator
+        signum = interrupt.requested() or 0
+        bad = nonfinite if nonfinite is not None else torch.zeros((), dtype=torch.bool, device=acc.device)
+        if acc.num_processes == 1:
+            return signum, bool(bad)
+        flags = torch.stack([torch.tensor(float(signum), device=acc.device), bad.float()])
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        signum, flag = flags.tolist()
+        return int(signum), flag > 0
+
+    def check_stop(self) -> None:
+        """Every rank stops together when any of them was asked to (SIGINT / SIGTERM)."""
+        signum, _ = self.agreed_stop()
+        if signum:
+            raise interrupt.Interrupted(signum)
+
+    def step_allowed(self, epoch: int, n: int, group: Sequence[tuple[int, torch.Tensor, Mapping[str, Any]]]) -> bool:
+        """False when the step's loss was non-finite and trainer.nonfinite=skip; raises to stop the run for a
+        signal or (trainer.nonfinite=stop) a non-finite loss."""
+        bad = torch.stack([~torch.isfinite(loss) for _, loss, _ in group]).any()
+        signum, nonfinite = self.agreed_stop(bad)
+        if signum:
+            raise interrupt.Interrupted(signum)
+        if not nonfinite:
+            return True
+        what = self.nonfinite_what(epoch, n, group)
+        if self.nonfinite == "stop":
+            raise NonFiniteLoss(f"{what}; {self.kept_state()}: lower optimizer.lr (or check the data and the loss), "
+                                "or set trainer.nonfinite=skip to skip such steps.")
+        self.state.nonfinite_skipped += 1
+        if self.accelerator.is_main_process:
+            log.warning("%s; the step is skipped (trainer.nonfinite=skip; %d skipped so far)", what,
+                        self.state.nonfinite_skipped)
+        return False
+
+    def nonfinite_what(self, epoch: int, n: int, group: Sequence[tuple[int, torch.Tensor, Mapping[str, Any]]]) -> str:
+        """Where the first non-finite loss of a step was, its terms and the learning rates, in one clause."""
+        first = next(((i, loss, parts) for i, loss, parts in group if not torch.isfinite(loss)), None)
+        if first is None:
+            where, value = "on another process", ""
+        else:
+            i, loss, parts = first
+            terms = ", ".join(f"{name} {float(v):.4g}" for name, v in parts.items())
+            where, value = f"at batch {i + 1}/{n}", f": loss {float(loss):.4g}" + (f" ({terms})" if terms else "")
+        lrs = ", ".join(f"{g.get('name', 'group')} {g['lr']:.3g}" for g in self.optimizer.param_groups)
+        return (f"the loss became non-finite in epoch {epoch} {where} (optimiser step {self.state.global_step + 1})"
+                f"{value}; learning rates {lrs}")
+
+    def kept_state(self) -> str:
+        """Which checkpoint holds the last finite state (nothing is saved after a non-finite loss)."""
+        if not self.saved_epoch:
+            return "no checkpoint was written before it"
+        return f"checkpoints/{LAST} keeps epoch {self.saved_epoch}, the last finite state"
 
     @torch.no_grad()
     def evaluate(self, loader=None, limit: int | None = None) -> dict[str, Any]:
@@ -309,7 +454,7 @@ class Trainer:
         limit = limit if limit is not None else self.limit_val
         for i, batch in enumerate(tqdm(loader, desc="validate", leave=False, dynamic_ncols=True,
                                        disable=not (self.progress and acc.is_main_process))):
-            if limit is not None and i >= limit:
+            if (limit is not None and i >= limit) or interrupt.requested():  # validate_and_record stops every rank
                 break
             # the forward evaluation and prediction share: what validation measures is what predict writes
             logits = forward_batch(model, self.preprocess, batch, acc.device, autocast=acc.autocast)
@@ -334,6 +479,7 @@ class Trainer:
         acc = self.accelerator
         started = time.time()
         result = self.evaluate()
+        self.check_stop()  # a signal during validation: every rank leaves before anything is recorded
         flat = flatten_metrics(result)
         flat["val/seconds"] = time.time() - started
         record: dict[str, Any] = {"epoch": epoch, "step": self.state.global_step, **train_stats, **flat}
@@ -357,8 +503,10 @@ class Trainer:
             if self.monitor not in keys:
                 keys.append(self.monitor)
             line = format_metrics(epoch, self.max_epochs, record, keys)
-            tqdm.write(f"{line} | best {self.state.best_score:.4f} @ {self.state.best_epoch} | "
-                       f"{train_stats.get('train/seconds', 0) + flat['val/seconds']:.1f}s")
+            skipped = train_stats.get("train/nonfinite_skipped")
+            say(f"{line} | best {self.state.best_score:.4f} @ {self.state.best_epoch} | "
+                f"{train_stats.get('train/seconds', 0) + flat['val/seconds']:.1f}s"
+                + (f" | {skipped} non-finite step(s) skipped" if skipped else ""))
         for cb in self.callbacks:
             cb.on_validation_end(self, record)
         return record
@@ -366,7 +514,7 @@ class Trainer:
     def request_stop(self, reason: str) -> None:
         self.state.stopped_reason = reason
         if self.accelerator.is_main_process:
-            tqdm.write(reason)
+            say(reason)
 
     # -- trackers -------------------------------------------------------------------------------
     def start_loggers(self, loggers: Sequence[Tracker], state: Mapping[str, Any] | None) -> None:
@@ -418,13 +566,29 @@ class Trainer:
         """`last.ckpt` (full resume state) first, then `best.ckpt` (its inference part): a kill between the two
         leaves a resumable run whose best is rewritten on resume (see ModelCheckpoint.on_fit_start)."""
         acc = self.accelerator
+        if last or best:
+            self.check_weights_finite()
         if acc.is_main_process and (last or best):
             state = self.checkpoint_state()
             if last:
                 write_checkpoint(self.run_dir / "checkpoints" / LAST, state)
             if best:
                 write_checkpoint(self.run_dir / "checkpoints" / BEST, inference_state(state))
+        if last:
+            self.saved_epoch = self.state.epoch
         acc.wait_for_everyone()
+
+    def check_weights_finite(self) -> None:
+        """A checkpoint never holds NaN or infinite weights (a finite loss can hide them, e.g. behind BatchNorm):
+        the run stops and the checkpoints keep the last finite state."""
+        params = list(self.raw_model.named_parameters())
+        if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):  # one transfer
+            return
+        for name, p in params:
+            if not torch.isfinite(p).all():
+                raise NonFiniteLoss(f"the weights became non-finite by the end of epoch {self.state.epoch} ({name}), "
+                                    f"though the loss stayed finite; nothing was saved and {self.kept_state()}: lower "
+                                    "optimizer.lr, or check the data and the loss.")
 
     def load_state(self, state: dict[str, Any], path: Path | None = None) -> None:
         """Restore a training state (loaded once by `ResumePoint`) into the prepared model, optimiser, schedule,
@@ -445,8 +609,14 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler") is not None and getattr(acc, "scaler", None) is not None:
             acc.scaler.load_state_dict(state["scaler"])
+        known = set(asdict(TrainState()))
         for key, value in state["trainer"].items():
+            if key not in known:
+                raise CheckpointError(f"checkpoint {path} holds trainer.{key}, which this version of segplat does not "
+                                      "know; resume with the version that wrote it, or start a new run.")
             setattr(self.state, key, value)
+        if path is not None and Path(path).resolve() == (self.run_dir / "checkpoints" / LAST).resolve():
+            self.saved_epoch = self.state.epoch
         cb_states = state.get("callbacks", {})
         for cb in self.callbacks:
             if cb.name in cb_states:
@@ -472,8 +642,10 @@ class Trainer:
             "best_score": self.state.best_score,
             "best_epoch": self.state.best_epoch,
             "epochs_completed": self.state.epoch,
+            "checkpoint_epoch": self.saved_epoch,  # the epoch checkpoints/last.ckpt holds: where a resume starts
             "global_step": self.state.global_step,
             "stopped_reason": self.state.stopped_reason,
+            "nonfinite_skipped": self.state.nonfinite_skipped,
             # a second sweep objective (model size), besides the monitored score
             "num_parameters": sum(p.numel() for p in self.raw_model.parameters()),
             "miou": last.get("miou"),

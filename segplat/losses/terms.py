@@ -11,22 +11,29 @@ Facts every term keeps (tested in tests/losses):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Annotated, Literal
 
 import torch
+from annotated_types import Gt, Le
+from pydantic import AllowInfNan
 from torch import nn
 from torch.nn import functional as F
 
 from segplat.errors import ConfigError
+from segplat.schema import Hint, NonNegativeFloat, NonNegativeInt, OpenFraction
+
+Weight = Annotated[NonNegativeFloat, AllowInfNan(False)]
+ClassWeights = Annotated[Sequence[Weight] | None, Hint("one weight per class; null = all 1")]
 
 
-def _as_class_vector(values: float | Sequence[float] | None, key: str) -> torch.Tensor | None:
-    if values is None:
-        return None
-    t = torch.as_tensor(values, dtype=torch.float32).flatten()
-    if (t < 0).any() or not torch.isfinite(t).all():
-        raise ConfigError(f"{key}={list(t.tolist())} must hold finite non-negative numbers.")
-    return t
+def _as_class_vector(values: float | Sequence[float] | None) -> torch.Tensor | None:
+    return None if values is None else torch.as_tensor(values, dtype=torch.float32).flatten()
+
+
+def option_key(term: nn.Module, option: str) -> str:
+    """The full config key of one of a term's options, for the refusals only the data can trigger (a weight per
+    class): `loss.terms.<name>.<option>` once `SegLoss` has named the term, else `<TermClass>.<option>`."""
+    return f"{getattr(term, 'config_path', type(term).__name__)}.{option}"
 
 
 class LossTerm(nn.Module):
@@ -34,9 +41,7 @@ class LossTerm(nn.Module):
 
     Subclasses implement `compute(logits, target, valid)` on float32 tensors; `valid` is the
     (B, H, W) bool mask and `target` has ignored pixels replaced by class 0 (so gathers stay in
-    range; their contribution is masked out)."""
-
-    config_key: ClassVar[str] = "loss.terms"
+    range; their contribution is masked out). `config_path` (set by SegLoss) names the term's config node."""
 
     def __init__(self, ignore_index: int = 255) -> None:
         super().__init__()
@@ -55,10 +60,14 @@ class LossTerm(nn.Module):
     def compute(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _check_classes(self, vec: torch.Tensor | None, num_classes: int, key: str) -> None:
+    def check_options(self) -> None:
+        """Refuse options that only fail together (the signature checks each alone); SegLoss calls it once it has
+        named the term, so the refusal names the term's full key."""
+
+    def _check_classes(self, vec: torch.Tensor | None, num_classes: int, option: str) -> None:
         if vec is not None and vec.numel() not in (1, num_classes):
-            raise ConfigError(f"{key} has {vec.numel()} values but the model predicts {num_classes} classes; give "
-                              f"one value per class.")
+            raise ConfigError(f"{option_key(self, option)} has {vec.numel()} values but the model predicts "
+                              f"{num_classes} classes; give one value per class.")
 
 
 def _class_probs(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,21 +81,16 @@ class CrossEntropyLoss(LossTerm):
     """Cross-entropy with optional class weights and label smoothing (PyTorch's definitions: the
     mean over valid pixels is weighted by the target class's weight, as `F.cross_entropy` does)."""
 
-    config_key: ClassVar[str] = "loss.terms.ce"  # where conf/loss/terms/ce.yaml puts it (messages)
-
-    def __init__(self, class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0,
+    def __init__(self, class_weights: ClassWeights = None, label_smoothing: OpenFraction = 0.0,
                  ignore_index: int = 255) -> None:
         super().__init__(ignore_index)
-        if not 0.0 <= float(label_smoothing) < 1.0:
-            raise ConfigError(f"{self.config_key}.label_smoothing={label_smoothing} must be in [0, 1).")
-        self.register_buffer("class_weights", _as_class_vector(class_weights, f"{self.config_key}.class_weights"),
-                             persistent=False)
+        self.register_buffer("class_weights", _as_class_vector(class_weights), persistent=False)
         self.label_smoothing = float(label_smoothing)
 
     def pixel_loss(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Per-pixel loss (0 where ignored) and the per-pixel weight of the mean's denominator."""
         w = self.class_weights
-        self._check_classes(w, logits.shape[1], f"{self.config_key}.class_weights")
+        self._check_classes(w, logits.shape[1], "class_weights")
         safe = torch.where(valid, target, torch.full_like(target, self.ignore_index))
         return F.cross_entropy(logits, safe, weight=w, ignore_index=self.ignore_index, reduction="none",
                                label_smoothing=self.label_smoothing)
@@ -115,25 +119,21 @@ class OhemCrossEntropyLoss(CrossEntropyLoss):
     Give `min_kept_per_image` (with `min_kept=null`) to use an mmseg config's figure as it is: the
     batch figure is then `min_kept_per_image` x the batch size of each call."""
 
-    config_key: ClassVar[str] = "loss.terms.ohem"  # where conf/loss/terms/ohem.yaml puts it (messages)
-
-    def __init__(self, thresh: float = 0.7, min_kept: int | None = 100_000,
-                 class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0, ignore_index: int = 255,
-                 min_kept_per_image: int | None = None) -> None:
+    def __init__(self, thresh: Annotated[float, Gt(0), Le(1), Hint("a probability of the true class")] = 0.7,
+                 min_kept: Annotated[NonNegativeInt | None, Hint("pixels per batch, as in CMX")] = 100_000,
+                 class_weights: ClassWeights = None, label_smoothing: OpenFraction = 0.0, ignore_index: int = 255,
+                 min_kept_per_image: Annotated[NonNegativeInt | None, Hint("pixels per image, as in mmseg")] = None,
+                 ) -> None:
         super().__init__(class_weights, label_smoothing, ignore_index)
-        if not 0.0 < float(thresh) <= 1.0:
-            raise ConfigError(f"{self.config_key}.thresh={thresh} must be a probability in (0, 1].")
-        if (min_kept is None) == (min_kept_per_image is None):
-            raise ConfigError(f"{self.config_key}.min_kept={min_kept} and min_kept_per_image={min_kept_per_image}: "
-                              "give exactly one (min_kept per batch as in CMX, or min_kept_per_image as in mmseg, the "
-                              "other null).")
-        count = min_kept if min_kept is not None else min_kept_per_image
-        if int(count) < 0:
-            raise ConfigError(f"{self.config_key}.min_kept={min_kept} / min_kept_per_image={min_kept_per_image} must "
-                              "be >= 0.")
         self.thresh = float(thresh)
         self.min_kept = None if min_kept is None else int(min_kept)
         self.min_kept_per_image = None if min_kept_per_image is None else int(min_kept_per_image)
+
+    def check_options(self) -> None:
+        if (self.min_kept is None) == (self.min_kept_per_image is None):
+            raise ConfigError(f"{option_key(self, 'min_kept')}={self.min_kept} and min_kept_per_image="
+                              f"{self.min_kept_per_image}: give exactly one (min_kept per batch as in CMX, or "
+                              "min_kept_per_image as in mmseg, the other null).")
 
     def batch_min_kept(self, batch_size: int) -> int:
         return self.min_kept if self.min_kept is not None else self.min_kept_per_image * batch_size
@@ -157,6 +157,9 @@ class OhemCrossEntropyLoss(CrossEntropyLoss):
         return loss.sum() / self.denominator(target, kept).clamp_min(1e-12)
 
 
+Absent = Annotated[Literal["exclude", "include"], Hint("what a class with no pixel in the batch does")]
+
+
 class DiceLoss(LossTerm):
     """Soft Dice on softmax probabilities, per class over the whole batch, `1 - mean_c dice_c` with
     dice_c = (2 sum(p_c y_c) + smooth) / (sum(p_c) + sum(y_c) + smooth) over valid pixels.
@@ -167,23 +170,16 @@ class DiceLoss(LossTerm):
     smooth / (sum(p_c) + smooth), which then pushes their probability down). A batch with no
     valid pixel gives 0."""
 
-    config_key: ClassVar[str] = "loss.terms.dice"  # where conf/loss/terms/dice.yaml puts it (messages)
-
-    def __init__(self, smooth: float = 1.0, absent: str = "exclude", class_weights: Sequence[float] | None = None,
-                 ignore_index: int = 255) -> None:
+    def __init__(self, smooth: NonNegativeFloat = 1.0, absent: Absent = "exclude",
+                 class_weights: ClassWeights = None, ignore_index: int = 255) -> None:
         super().__init__(ignore_index)
-        if absent not in ("exclude", "include"):
-            raise ConfigError(f"{self.config_key}.absent={absent!r} is not known; use exclude or include.")
-        if float(smooth) < 0:
-            raise ConfigError(f"{self.config_key}.smooth={smooth} must be >= 0.")
         self.smooth = float(smooth)
         self.absent = absent
-        self.register_buffer("class_weights", _as_class_vector(class_weights, f"{self.config_key}.class_weights"),
-                             persistent=False)
+        self.register_buffer("class_weights", _as_class_vector(class_weights), persistent=False)
 
     def compute(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         num_classes = logits.shape[1]
-        self._check_classes(self.class_weights, num_classes, f"{self.config_key}.class_weights")
+        self._check_classes(self.class_weights, num_classes, "class_weights")
         prob = F.softmax(logits, dim=1) * valid.unsqueeze(1)
         onehot = F.one_hot(target, num_classes).permute(0, 3, 1, 2).float() * valid.unsqueeze(1)
         dims = (0, 2, 3)
@@ -205,18 +201,14 @@ class FocalLoss(LossTerm):
     `alpha` is a scalar (scales every pixel) or one value per class; gamma=0 and alpha=1 give
     cross-entropy."""
 
-    config_key: ClassVar[str] = "loss.terms.focal"  # where conf/loss/terms/focal.yaml puts it (messages)
-
-    def __init__(self, alpha: float | Sequence[float] | None = None, gamma: float = 2.0,
-                 ignore_index: int = 255) -> None:
+    def __init__(self, alpha: Annotated[Weight | Sequence[Weight] | None, Hint("one number, or one per class")] = None,
+                 gamma: NonNegativeFloat = 2.0, ignore_index: int = 255) -> None:
         super().__init__(ignore_index)
-        if float(gamma) < 0:
-            raise ConfigError(f"{self.config_key}.gamma={gamma} must be >= 0.")
         self.gamma = float(gamma)
-        self.register_buffer("alpha", _as_class_vector(alpha, f"{self.config_key}.alpha"), persistent=False)
+        self.register_buffer("alpha", _as_class_vector(alpha), persistent=False)
 
     def compute(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        self._check_classes(self.alpha, logits.shape[1], f"{self.config_key}.alpha")
+        self._check_classes(self.alpha, logits.shape[1], "alpha")
         _, logp_t = _class_probs(logits, target)
         one_minus_p = (-torch.expm1(logp_t)).clamp_min(0.0)  # 1 - p, accurate near p = 1
         if self.gamma == 0:
@@ -251,14 +243,9 @@ class LovaszSoftmaxLoss(LossTerm):
     have at least one valid pixel (the reference code counts an all-ignored image as 0, which
     would let ignored pixels change the value; here they do not)."""
 
-    config_key: ClassVar[str] = "loss.terms.lovasz"  # where conf/loss/terms/lovasz.yaml puts it (messages)
-
-    def __init__(self, classes: str | Sequence[int] = "present", per_image: bool = False,
-                 ignore_index: int = 255) -> None:
+    def __init__(self, classes: Literal["present", "all"] | Sequence[NonNegativeInt] = "present",
+                 per_image: bool = False, ignore_index: int = 255) -> None:
         super().__init__(ignore_index)
-        if isinstance(classes, str) and classes not in ("present", "all"):
-            raise ConfigError(f"{self.config_key}.classes={classes!r} is not known; use present, all or a list of "
-                              "class ids.")
         self.classes = classes if isinstance(classes, str) else [int(c) for c in classes]
         self.per_image = bool(per_image)
 
@@ -276,8 +263,8 @@ class LovaszSoftmaxLoss(LossTerm):
         else:
             bad = [c for c in self.classes if not 0 <= c < num_classes]
             if bad:
-                raise ConfigError(f"{self.config_key}.classes={self.classes} names {bad}, outside "
-                                  f"0..{num_classes - 1}.")
+                raise ConfigError(f"{option_key(self, 'classes')}={self.classes} names {bad}, outside "
+                                  f"0..{num_classes - 1}; list class ids of the dataset.")
             chosen = torch.zeros(num_classes, dtype=torch.bool, device=prob.device)
             chosen[self.classes] = True
         fg, prob = fg[:, chosen], prob[:, chosen]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 from torch import nn
@@ -32,11 +32,12 @@ from torch.nn import functional as F
 from segplat.models.base import SegmentationModel
 from segplat.models.convert.cmx import is_official_cmx, load_cmx_official
 from segplat.models.convert.mit import read_weights
-from segplat.models.decoders.segformer_head import SegFormerHead, segformer_embed_dim
-from segplat.models.encoders.mit import build_mit
+from segplat.models.decoders.segformer_head import DecoderWidth, SegFormerHead, segformer_embed_dim
+from segplat.models.encoders.mit import MiTName, build_mit
 from segplat.models.fusion import FusionSpec
 from segplat.models.fusion.cmx import FeatureFusionModule, FeatureRectifyModule, init_cmx_weights
 from segplat.models.segmenter import SegmentationHead
+from segplat.schema import Hint, NonNegativeFloat, OpenFraction
 
 MIT_HEADS = (1, 2, 5, 8)
 OFFICIAL_BN_EPS = 1e-3  # the official config's C.bn_eps, set on the decoder's BatchNorm by its init_weight
@@ -50,10 +51,11 @@ class CMX(SegmentationModel):
     fixed_fusion = "an FRM and an FFM at each fused MiT stage"
     stream_roles = "RGB stream first, X stream second"
 
-    def __init__(self, modalities: Mapping[str, int], num_classes: int, backbone: str = "mit_b2",
-                 pretrained: str | Path | None = None, decoder_embed_dim: int | None = 512, fusion: Any = None,
-                 drop_path_rate: float = 0.1, dropout: float = 0.1, lambda_c: float = 0.5,
-                 lambda_s: float = 0.5) -> None:
+    def __init__(self, modalities: Mapping[str, int], num_classes: int, backbone: MiTName = "mit_b2",
+                 pretrained: str | Path | None = None, decoder_embed_dim: DecoderWidth = 512, fusion: Any = None,
+                 drop_path_rate: OpenFraction = 0.1, dropout: OpenFraction = 0.1,
+                 lambda_c: Annotated[NonNegativeFloat, Hint("the FRM's channel-wise rectification weight")] = 0.5,
+                 lambda_s: Annotated[NonNegativeFloat, Hint("the FRM's spatial rectification weight")] = 0.5) -> None:
         super().__init__(modalities, num_classes)
         f = self.check_fusion(fusion, len(self.modalities))
         self.encoders = nn.ModuleList(

@@ -24,7 +24,8 @@ auxiliary stream (its channel count comes from the dataset's second modality).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -38,19 +39,40 @@ from segplat.models.fusion import FusionSpec
 from segplat.models.fusion.cross_attention import CrossAttentionFusion
 from segplat.models.fusion.film_gate import FiLMGateFusion
 from segplat.models.segmenter import SegmentationHead
+from segplat.schema import Hint, NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveInt, section
 from segplat.utils.plain import to_plain
 
 # the loss weights of the auxiliary heads unless loss.aux_weights says otherwise (the final head weighs 1)
 AUX_DEFAULT_WEIGHTS = {"f2": 0.3, "f3": 0.15}
 
 
-def _plain(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A DictConfig/dict of constructor options as plain Python (lists for sequences)."""
-    if cfg is None:
-        return {}
-    if not hasattr(cfg, "items"):
-        raise ConfigError(f"expected a mapping of options, got {cfg!r}.")
-    return dict(to_plain(cfg))
+@section
+class AirOptions:
+    """`model.air`: the ConvNeXt stream (`ConvNeXtStream`); a key left out or null takes its default, one stage per
+    vision stage."""
+
+    dims: Sequence[PositiveInt] | None = None
+    depths: Sequence[NonNegativeInt] | None = None
+    strides: Annotated[Sequence[Literal[1, 2]] | None, Hint("per stage: 1 keeps the grid's size, 2 halves it")] = None
+    drop_path_rate: OpenFraction | None = None
+    layer_scale_init: NonNegativeFloat | None = None
+
+
+@section
+class DecoderOptions:
+    """`model.decoder`: the ASPP-gated decoder (`ASPPGatedDecoder`); a key left out or null takes its default."""
+
+    channels: Annotated[Sequence[PositiveInt] | None, Hint("the refinement stages' widths, coarse to fine")] = None
+    aspp_channels: PositiveInt | None = None
+    rates: Sequence[PositiveInt] | None = None
+    aspp_dropout: OpenFraction | None = None
+    depth: NonNegativeInt | None = None
+    drop_path_rate: OpenFraction | None = None
+
+
+def _given(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The keys of a section the config sets (a DictConfig or dict; null = the default)."""
+    return {k: v for k, v in dict(to_plain(options or {})).items() if v is not None}
 
 
 def _default_vision_encoder(in_chans: int, pretrained: str | None = None) -> nn.Module:
@@ -66,10 +88,13 @@ class DualStream(SegmentationModel):
     stream_roles = "image first, then the low-resolution grid"
 
     def __init__(self, modalities: Mapping[str, int], num_classes: int, fusion: Any = None,
-                 vision_encoder: Callable[..., nn.Module] | None = None, vision_pretrained: str | None = None,
-                 air: Mapping[str, Any] | None = None, film_stages: Sequence[int] = (0, 1),
-                 heads: int | None = None, decoder: Mapping[str, Any] | None = None,
-                 aux_levels: Sequence[int] = (2, 3), head_dropout: float = 0.1, interleave: bool = True) -> None:
+                 vision_encoder: Callable[..., nn.Module] | None = None, vision_pretrained: str | Path | None = None,
+                 air: AirOptions | None = None,
+                 film_stages: Annotated[Sequence[NonNegativeInt], Hint("fused stages with FiLM")] = (0, 1),
+                 heads: Annotated[PositiveInt | None, Hint("null = channels // 64")] = None,
+                 decoder: DecoderOptions | None = None,
+                 aux_levels: Annotated[Sequence[PositiveInt], Hint("decoder levels 2.. with an aux head")] = (2, 3),
+                 head_dropout: OpenFraction = 0.1, interleave: bool = True) -> None:
         super().__init__(modalities, num_classes)
         f = self.check_fusion(fusion, len(self.modalities))
         self.vision_name, self.air_name = list(self.modalities)
@@ -80,44 +105,43 @@ class DualStream(SegmentationModel):
         vis = factory(**vis_kwargs)
         vis_channels, vis_reductions = list(vis.out_channels), list(vis.reductions)
         n = len(vis_channels)
-        air_kwargs = {"dims": (64, 128, 192, 256)[:n] + (256,) * max(0, n - 4), "depths": (2,) * n,
-                      "strides": (1, 1) + (2,) * max(0, n - 2)}
-        air_kwargs.update(_plain(air))
-        try:
-            air_stream = ConvNeXtStream(self.modalities[self.air_name], **air_kwargs)
-        except TypeError as err:
-            raise ConfigError(f"model.air has an unknown option ({err}); valid: dims, depths, strides, "
-                              "drop_path_rate, layer_scale_init.") from err
-        if len(air_stream.out_channels) != n:
-            raise ConfigError(f"model.air.dims has {len(air_stream.out_channels)} stages but the vision encoder "
-                              f"has {n}; give the air stream one stage per vision stage.")
+        air_stream = self._air_stream(n, air)
         self.encoders = nn.ModuleDict({"vision": vis, "air": air_stream})
         film = {int(s) for s in film_stages}
         self.fused_stages = f.fused_stages(n, "the vision encoder's pyramid")
-        if unfused := sorted(film - set(self.fused_stages)):
-            where = f"outside 0..{n - 1}" if any(not 0 <= s < n for s in unfused) else "not fused"
-            raise ConfigError(f"model.film_stages={sorted(film)} names stage(s) {unfused} {where} (fused stages: "
-                              f"{self.fused_stages}), where FiLM would never run; list fused stages, or [] for "
-                              "cross-attention everywhere.")
+        levels = [int(a) for a in aux_levels]
+        self._check_stages(n, film, levels)
         self.fusion = nn.ModuleDict({
             str(s): (FiLMGateFusion(vis_channels[s], air_stream.out_channels[s]) if s in film else
                      CrossAttentionFusion(vis_channels[s], air_stream.out_channels[s], heads=heads))
             for s in self.fused_stages})
         self.interleave = bool(interleave) and isinstance(getattr(vis, "stages", None), nn.ModuleList) \
             and len(vis.stages) == n and _runs_stages_in_sequence(vis)
-        try:
-            self.decoder = ASPPGatedDecoder(vis_channels, vis_reductions, **_plain(decoder))
-        except TypeError as err:
-            raise ConfigError(f"model.decoder has an unknown option ({err}); valid: channels, aspp_channels, "
-                              "rates, aspp_dropout, depth, drop_path_rate.") from err
+        self.decoder = ASPPGatedDecoder(vis_channels, vis_reductions, **_given(decoder))
         self.head = SegmentationHead(self.decoder.out_channels, num_classes, head_dropout)
-        levels = [int(a) for a in aux_levels]
-        bad = [a for a in levels if not 2 <= a <= n]
-        if bad:
-            raise ConfigError(f"model.aux_levels={levels} must lie in 2..{n} (level 1 is the main head).")
         self.aux_levels = levels
         self.aux_heads = nn.ModuleDict({
             f"f{a}": SegmentationHead(self.decoder.stage_channels[-a], num_classes, head_dropout) for a in levels})
+
+    def _air_stream(self, n: int, air: Mapping[str, Any] | None) -> ConvNeXtStream:
+        """The ConvNeXt stream, one stage per vision stage (`model.air` over the defaults for `n` stages)."""
+        defaults = {"dims": (64, 128, 192, 256)[:n] + (256,) * max(0, n - 4), "depths": (2,) * n,
+                    "strides": (1, 1) + (2,) * max(0, n - 2)}
+        stream = ConvNeXtStream(self.modalities[self.air_name], **{**defaults, **_given(air)})
+        if len(stream.out_channels) != n:
+            raise ConfigError(f"model.air.dims has {len(stream.out_channels)} stages but the vision encoder "
+                              f"has {n}; give the air stream one stage per vision stage.")
+        return stream
+
+    def _check_stages(self, n: int, film: set[int], aux_levels: list[int]) -> None:
+        """FiLM only at fused stages, aux heads at decoder levels 2..n."""
+        if unfused := sorted(film - set(self.fused_stages)):
+            where = f"outside 0..{n - 1}" if any(not 0 <= s < n for s in unfused) else "not fused"
+            raise ConfigError(f"model.film_stages={sorted(film)} names stage(s) {unfused} {where} (fused stages: "
+                              f"{self.fused_stages}), where FiLM would never run; list fused stages, or [] for "
+                              "cross-attention everywhere.")
+        if any(not 2 <= a <= n for a in aux_levels):
+            raise ConfigError(f"model.aux_levels={aux_levels} must lie in 2..{n} (level 1 is the main head).")
 
     @property
     def aux_outputs(self) -> dict[str, float | None]:

@@ -66,7 +66,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import timm
 import torch
@@ -78,11 +78,14 @@ from segplat.errors import ConfigError
 from segplat.models.base import SegmentationModel
 from segplat.models.fusion import FusionSpec
 from segplat.models.layers import conv_bn_act
+from segplat.schema import Hint, NonNegativeFloat, OpenFraction, PositiveFloat, PositiveInt
 
 log = logging.getLogger(__name__)
 
 DILATIONS = ((1, 3, 5), (3, 5, 7), (5, 7, 9), (7, 9, 11))  # the release's per-block dilations, last = MAF head
 STATE_DIMS = (16, 24, 28, 32)  # the release's VFE state sizes, stride 2 to stride 16
+StateDims = Annotated[tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt],
+                      Hint("one VFE state size per stage; the release's 16, 24, 28, 32")]
 
 
 def conv_bn_relu6(cin: int, cout: int, k: int = 3, groups: int = 1) -> nn.Sequential:
@@ -411,17 +414,15 @@ class MS2MNet(SegmentationModel):
                                                   *(f"vfeBlock{i}" for i in range(1, 5)))
 
     def __init__(self, modalities: Mapping[str, int], num_classes: int, fusion: Any = None,
-                 backbone: str = "resnet50", pretrained: str | Path | None = None, decode_channels: int = 256,
-                 dropout: float = 0.1, residual_rate: float = 0.5, state_dims: Sequence[int] = STATE_DIMS,
-                 vfe_mlp_ratio: float = 4.0, aux_heads: bool = True) -> None:
+                 backbone: Annotated[str, Hint("a timm ResNet: resnet50 as released, resnet18/34/...")] = "resnet50",
+                 pretrained: str | Path | None = None,
+                 decode_channels: Annotated[PositiveInt, Hint("divisible by the decoder's heads")] = 256,
+                 dropout: OpenFraction = 0.1,
+                 residual_rate: Annotated[NonNegativeFloat, Hint("f + residual_rate * VFE(f)")] = 0.5,
+                 state_dims: StateDims = STATE_DIMS, vfe_mlp_ratio: PositiveFloat = 4.0,
+                 aux_heads: bool = True) -> None:
         super().__init__(modalities, num_classes)
         self.check_fusion(fusion, len(self.modalities))
-        if len(self.modalities) != 2:
-            raise ConfigError(f"MS2MNet fuses exactly two modalities (optical first, DSM second) but "
-                              f"dataset.modalities gives {list(self.modalities)}; list two.")
-        if len(state_dims) != 4 or any(int(n) < 1 for n in state_dims):
-            raise ConfigError(f"model.state_dims={list(state_dims)} needs four positive state sizes (one VFE per "
-                              "stage; the release's 16, 24, 28, 32).")
         self.opt_name, self.dsm_name = list(self.modalities)
         dsm_chans = self.modalities[self.dsm_name]
         self.dfeBlock = DFE(dsm_chans)

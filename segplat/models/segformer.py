@@ -22,9 +22,10 @@ from torch.nn import functional as F
 from segplat.models.base import SegmentationModel
 from segplat.models.convert.mit import read_weights
 from segplat.models.convert.segformer_head import load_segformer_head
-from segplat.models.decoders.segformer_head import SegFormerHead, segformer_embed_dim
-from segplat.models.encoders.mit import build_mit
+from segplat.models.decoders.segformer_head import DecoderWidth, SegFormerHead, segformer_embed_dim
+from segplat.models.encoders.mit import MiTName, build_mit
 from segplat.models.segmenter import SegmentationHead
+from segplat.schema import OpenFraction
 
 
 class SegFormer(SegmentationModel):
@@ -32,9 +33,9 @@ class SegFormer(SegmentationModel):
 
     supported_fusion: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"early": ("concat",)}
 
-    def __init__(self, modalities: Mapping[str, int], num_classes: int, backbone: str = "mit_b0",
-                 pretrained: str | Path | None = None, decoder_embed_dim: int | None = None, fusion: Any = None,
-                 drop_path_rate: float = 0.1, dropout: float = 0.1) -> None:
+    def __init__(self, modalities: Mapping[str, int], num_classes: int, backbone: MiTName = "mit_b0",
+                 pretrained: str | Path | None = None, decoder_embed_dim: DecoderWidth = None, fusion: Any = None,
+                 drop_path_rate: OpenFraction = 0.1, dropout: OpenFraction = 0.1) -> None:
         super().__init__(modalities, num_classes)
         self.check_fusion(fusion, len(self.modalities))
         self.encoder = build_mit(backbone, in_chans=sum(self.modalities.values()), drop_path_rate=drop_path_rate)

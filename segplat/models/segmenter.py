@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from segplat.errors import ConfigError
 from segplat.models.base import SegmentationModel
+from segplat.schema import OpenFraction
 
 
 @functools.lru_cache(maxsize=16)
@@ -64,7 +65,7 @@ class Segmenter(SegmentationModel):
         "early": ("concat",), "mid": None, "late": ("concat",)}
 
     def __init__(self, modalities: Mapping[str, int], num_classes: int, encoder: Callable[..., nn.Module],
-                 decoder: Callable[..., nn.Module], fusion: Any = None, head_dropout: float = 0.0,
+                 decoder: Callable[..., nn.Module], fusion: Any = None, head_dropout: OpenFraction = 0.0,
                  bands: Mapping[str, Sequence[str]] | None = None) -> None:
         super().__init__(modalities, num_classes)
         f = self.check_fusion(fusion, len(self.modalities))

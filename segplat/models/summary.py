@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import hydra
@@ -21,15 +22,58 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from segplat.config import CONF_DIR, check_config, check_task_keys, register_resolvers
 from segplat.errors import ConfigError, SegplatError
-from segplat.models.build import build_model
+from segplat.models.build import PlainModel, build_model
 from segplat.schema import Hint, PositiveInt, section
+from segplat.utils.searchpath import check_command_configs
 
 register_resolvers()
 DEFAULT_TIME_STEPS = 6
+aten = torch.ops.aten
+# the attention kernels torch's flop table lacks (it has the CUDA flash / efficient / cuDNN ones)
+ATTENTION_KERNELS = tuple(getattr(aten, name) for name in ("_scaled_dot_product_flash_attention_for_cpu",
+                                                            "_scaled_dot_product_fused_attention_overrideable")
+                          if hasattr(aten, name))
+
+
+def _sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
+                **kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+@dataclass(frozen=True)
+class OpCount:
+    """The forward cost of one call: multiply-adds per operator (torch's counter reports 2 FLOPs per multiply-add;
+    halved here)."""
+
+    by_op: dict[str, int]
+
+    @property
+    def macs(self) -> int:
+        """Multiply-adds: what papers print as "FLOPs" (SegFormer-B0 8.4 G at 512²)."""
+        return sum(self.by_op.values())
+
+    @property
+    def flops(self) -> int:
+        """2 per multiply-add: the figure MFU divides by a device's peak FLOP/s."""
+        return 2 * self.macs
+
+    @property
+    def attention_macs(self) -> int:
+        """Products of two activations: scaled-dot-product attention and batched matmuls (CMX's cross-attention);
+        what module-hook counters (thop) leave out."""
+        return sum(v for k, v in self.by_op.items() if "attention" in k or k == "aten.bmm")
+
+
+def count_macs(model: nn.Module, inputs: Any) -> OpCount:
+    """Multiply-adds of `model(inputs)` (no gradients), attention included."""
+    mapping = {k: _sdpa_flops for k in ATTENTION_KERNELS}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        model(inputs)
+    return OpCount({str(k): v // 2 for k, v in counter.get_flop_counts()["Global"].items()})
 
 
 @section
@@ -149,10 +193,12 @@ def summarise(cfg: DictConfig) -> dict[str, Any]:
     size, batch = int(cfg.input_size), int(cfg.batch_size)
     model, streams, num_classes = build(cfg)
     model.eval()
+    # a plain module's own parts are watched, not the wrapper that gives it segplat's defaults
+    watched = model.net if isinstance(model, PlainModel) else model
     inputs = random_inputs(streams, size, batch)
     shapes: dict[str, list[str]] = {}
     hooks = []
-    for name, part in watched_parts(model):
+    for name, part in watched_parts(watched):
         hooks.append(part.register_forward_hook(
             lambda _m, _i, out, name=name: shapes.setdefault(name, []).append(describe(out))))
     with torch.no_grad():
@@ -162,7 +208,7 @@ def summarise(cfg: DictConfig) -> dict[str, Any]:
     for h in hooks:
         h.remove()
     # parts driven through their own methods (a stream's `stage(i)`) never fire: watch their children instead
-    silent = [(name, part) for name, part in watched_parts(model) if name not in shapes]
+    silent = [(name, part) for name, part in watched_parts(watched) if name not in shapes]
     deeper = [(f"{name}.{k}", c) for name, part in silent for k, c in watched_parts(part)]
     if deeper:
         hooks = [c.register_forward_hook(lambda _m, _i, out, name=name: shapes.setdefault(name, []).append(
@@ -171,20 +217,20 @@ def summarise(cfg: DictConfig) -> dict[str, Any]:
             model(inputs)
         for h in hooks:
             h.remove()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(inputs)
-    flops = counter.get_total_flops()
+    cost = count_macs(model, inputs)
     params = count_parameters(model)
     fusion = OmegaConf.select(cfg, "model.fusion")
     fusion_txt = (f"{fusion.get('level')}/{fusion.get('type')}" if fusion is not None else "-")
     lines = [
-        f"model: {type(model).__module__}.{type(model).__qualname__}  (fusion {fusion_txt})",
+        f"model: {type(watched).__module__}.{type(watched).__qualname__}  (fusion {fusion_txt})",
         f"data: {cfg.dataset.get('name')}: " + ", ".join(
             f"{m} {s['channels']} bands" + (f" x {s['time']} dates" if s["time"] else "")
             + (f" at scale {s['scale']}" if s["scale"] != 1 else "") for m, s in streams.items())
         + f"; {num_classes} classes",
         "parameters: " + ", ".join(f"{k} {v:,}" for k, v in params.items()),
-        f"FLOPs (forward, batch {batch}, {size}x{size}): {flops / 1e9:.3f} G  (forward took {seconds:.2f} s on CPU)",
+        f"MACs (multiply-adds, forward, batch {batch}, {size}x{size}; what papers print as FLOPs): "
+        f"{cost.macs / 1e9:.3f} G, attention {cost.attention_macs / 1e9:.3f} G of them",
+        f"FLOPs (2 per multiply-add): {cost.flops / 1e9:.3f} G  (forward took {seconds:.2f} s on CPU)",
         "inputs: " + describe(inputs),
         "stage outputs:",
     ]
@@ -193,12 +239,16 @@ def summarise(cfg: DictConfig) -> dict[str, Any]:
         lines.append(f"  {name:<24} {outs[-1]}{calls}")
     lines.append(f"outputs: {describe(outputs)}")
     print("\n".join(lines), flush=True)
-    return {"params": params, "flops": flops, "shapes": shapes, "outputs": {k: tuple(v.shape)
-                                                                          for k, v in outputs.items()}}
+    return {"params": params, "macs": cost.macs, "flops": cost.flops, "attention_macs": cost.attention_macs,
+            "shapes": shapes, "outputs": {k: tuple(v.shape) for k, v in outputs.items()}}
 
 
 def model_presets() -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    """segplat's model presets and those of the user's config folders on this command's search path."""
+    from segplat.utils.searchpath import command_searchpath, user_config_dirs
+
+    folders = [CONF_DIR, *user_config_dirs(command_searchpath())]
+    return sorted({p.stem for folder in folders for p in (folder / "model").glob("*.yaml")})
 
 
 def demo_all(cfg: DictConfig) -> int:
@@ -207,8 +257,10 @@ def demo_all(cfg: DictConfig) -> int:
     from hydra.core.hydra_config import HydraConfig
 
     try:
-        overrides = [o for o in HydraConfig.get().overrides.task
-                     if o.split("=", 1)[0].lstrip("+~") not in ("model", "demo")]
+        hydra_cfg = HydraConfig.get()
+        # the user's config folders (hydra.searchpath) reach each preset's compose too
+        overrides = [o for o in hydra_cfg.overrides.hydra if o.split("=", 1)[0].lstrip("+") == "hydra.searchpath"]
+        overrides += [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") not in ("model", "demo")]
     except ValueError:
         overrides = []
     failed = []
@@ -226,6 +278,7 @@ def demo_all(cfg: DictConfig) -> int:
 
 
 def run(cfg: DictConfig) -> int:
+    check_command_configs()  # the user's config folders (hydra.searchpath): there, and none hidden
     check_task_keys(cfg, SummaryTask, closed=False)
     torch.manual_seed(0)
     if cfg.get("demo"):

@@ -44,9 +44,10 @@ Streams whose spatial size differs from the primary's are resized to it at the i
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
+from annotated_types import MinLen
 from torch import nn
 from torch.nn import functional as F
 
@@ -61,12 +62,20 @@ from segplat.models.encoders.temporal import (
     resample_time,
     safe_mask,
 )
+from segplat.models.fusion import FusionSpec
 from segplat.models.layers import conv_bn_act
+from segplat.schema import Hint, NonNegativeInt, OpenFraction, PositiveInt
 
 Stream = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (B, C, T, H, W), mask (B, T), positions (B, T)
 
 
 DEFAULT_EARLY_STEPS = 8  # date slots of early fusion when model.early_steps is null
+
+Widths = Annotated[Sequence[PositiveInt], MinLen(2), Hint("channels per level: a skip and a bottleneck at least")]
+AttnLevels = Annotated[Sequence[NonNegativeInt] | None, Hint("levels of model.widths; null = all but the first")]
+TimeKernel = Annotated[PositiveInt, Hint("odd (1, 3, 5, ...) to keep dates aligned")]
+Pooling = Annotated[Literal["attention", "mean"], Hint("the masked temporal collapse of the skips")]
+EarlySteps = Annotated[PositiveInt | None, Hint(f"date slots of early fusion; null = {DEFAULT_EARLY_STEPS}")]
 
 
 class TemporalEncoder(nn.Module):
@@ -126,42 +135,18 @@ class UNet3D(SegmentationModel):
     supported_fusion: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"early": ("concat",), "mid": None, "late": None}
 
     def __init__(self, modalities: Mapping[str, int], num_classes: int, fusion: Any = None,
-                 widths: Sequence[int] = (16, 32, 64, 128), attn_levels: Sequence[int] | None = None,
-                 heads: int = 4, time_kernel: int = 3, pool: str = "attention", early_steps: int | None = None,
-                 head_dropout: float = 0.0, cross_attention: bool | None = None) -> None:
+                 widths: Widths = (16, 32, 64, 128), attn_levels: AttnLevels = None, heads: PositiveInt = 4,
+                 time_kernel: TimeKernel = 3, pool: Pooling = "attention", early_steps: EarlySteps = None,
+                 head_dropout: OpenFraction = 0.0, cross_attention: bool | None = None) -> None:
         super().__init__(modalities, num_classes)
         f = self.check_fusion(fusion, len(self.modalities))
         self.level = f.level
-        if cross_attention and self.level != "mid":
-            raise ConfigError(f"model.cross_attention=true exchanges dates between the streams' encoders at mid "
-                              f"fusion only, but fusion.level={self.level}; set it to null or use fusion=mid.")
         self.widths = [int(w) for w in widths]
         n_levels = len(self.widths)
-        if n_levels < 2:
-            raise ConfigError(f"model.widths={list(widths)} needs at least two levels (one skip and a bottleneck).")
         levels = list(range(1, n_levels)) if attn_levels is None else [int(i) for i in attn_levels]
-        bad = [i for i in levels if not 0 <= i < n_levels]
-        if bad:
-            raise ConfigError(f"model.attn_levels={levels} names levels outside 0..{n_levels - 1}; "
-                              "list levels of model.widths.")
-        if pool not in ("attention", "mean"):
-            raise ConfigError(f"model.pool={pool} is not a temporal pooling; use attention or mean.")
-        if time_kernel < 1 or time_kernel % 2 == 0:
-            raise ConfigError(f"model.time_kernel={time_kernel} must be odd (1, 3, 5, ...) to keep dates aligned.")
-        if early_steps is not None and self.level != "early":
-            raise ConfigError(f"model.early_steps={early_steps} sets the date slots of early fusion, but "
-                              f"fusion.level={self.level} keeps each stream's own dates; set it to null or use "
-                              "fusion=early.")
-        early_steps = DEFAULT_EARLY_STEPS if early_steps is None else int(early_steps)
-        if early_steps < 1:
-            raise ConfigError(f"model.early_steps={early_steps} must be a positive number of date slots.")
-        uneven = [self.widths[i] for i in levels if self.widths[i] % int(heads)]
-        if int(heads) < 1 or uneven:
-            raise ConfigError(f"model.heads={heads} must divide the width of every attention level (model.widths at "
-                              f"model.attn_levels: {[self.widths[i] for i in levels]}; {uneven or heads} do not); "
-                              "choose a divisor of each of them.")
+        self._check_together(self.level, self.widths, levels, heads, time_kernel, early_steps, cross_attention)
         self.attn_levels = levels
-        self.early_steps = early_steps
+        self.early_steps = DEFAULT_EARLY_STEPS if early_steps is None else int(early_steps)
         names = list(self.modalities)
         enc = dict(widths=self.widths, attn_levels=levels, heads=heads, time_kernel=time_kernel, pool=pool)
         w0 = self.widths[0]
@@ -170,18 +155,7 @@ class UNet3D(SegmentationModel):
         else:
             self.encoders = nn.ModuleDict({m: TemporalEncoder(c, **enc) for m, c in self.modalities.items()})
         if self.level == "mid":
-            self.fused_stages = f.fused_stages(n_levels, "the levels of model.widths")
-            fusion_mods: dict[str, nn.Module] = {str(i): f.build([self.widths[i]] * len(names), self.widths[i])
-                                                 for i in self.fused_stages}
-            self.exchange_levels = [i for i in levels if i in self.fused_stages] if cross_attention is not False else []
-            if cross_attention and not self.exchange_levels:
-                raise ConfigError(f"model.cross_attention=true exchanges dates at fused levels of model.attn_levels, "
-                                  f"but attn_levels={levels} and fusion.stages={self.fused_stages} share none, so it "
-                                  "would do nothing; fuse one of those levels or set model.cross_attention=null.")
-            for i in self.exchange_levels:
-                for m in names:
-                    fusion_mods[f"x{i}_{m}"] = TemporalCrossAttention(self.widths[i], self.widths[i], heads)
-            self.fusion = nn.ModuleDict(fusion_mods)
+            self.fusion = self._mid_fusion(f, heads, cross_attention)
         if self.level == "late":
             self.decoders = nn.ModuleDict({m: UNetDecoder2d(self.widths) for m in names})
             self.fusion = nn.ModuleDict({"final": f.build([w0] * len(names), w0)})
@@ -189,6 +163,46 @@ class UNet3D(SegmentationModel):
             self.decoder = UNetDecoder2d(self.widths)
         self.head = nn.Sequential(nn.Dropout2d(head_dropout) if head_dropout else nn.Identity(),
                                   nn.Conv2d(w0, num_classes, 1))
+
+    def _mid_fusion(self, f: FusionSpec, heads: int, cross_attention: bool | None) -> nn.ModuleDict:
+        """The fusion module of each fused level and, where it also has attention, the streams' date exchange."""
+        names = list(self.modalities)
+        self.fused_stages = f.fused_stages(len(self.widths), "the levels of model.widths")
+        modules: dict[str, nn.Module] = {str(i): f.build([self.widths[i]] * len(names), self.widths[i])
+                                         for i in self.fused_stages}
+        self.exchange_levels = [] if cross_attention is False else [
+            i for i in self.attn_levels if i in self.fused_stages]
+        if cross_attention and not self.exchange_levels:
+            raise ConfigError(f"model.cross_attention=true exchanges dates at fused levels of model.attn_levels, "
+                              f"but attn_levels={self.attn_levels} and fusion.stages={self.fused_stages} share none, "
+                              "so it would do nothing; fuse one of those levels or set model.cross_attention=null.")
+        for i in self.exchange_levels:
+            for m in names:
+                modules[f"x{i}_{m}"] = TemporalCrossAttention(self.widths[i], self.widths[i], heads)
+        return nn.ModuleDict(modules)
+
+    @staticmethod
+    def _check_together(level: str, widths: list[int], levels: list[int], heads: int, time_kernel: int,
+                        early_steps: int | None, cross_attention: bool | None) -> None:
+        """What the keys' types cannot say alone: levels of model.widths, heads dividing them, fusion-level keys."""
+        if cross_attention and level != "mid":
+            raise ConfigError(f"model.cross_attention=true exchanges dates between the streams' encoders at mid "
+                              f"fusion only, but fusion.level={level}; set it to null or use fusion=mid.")
+        bad = [i for i in levels if not 0 <= i < len(widths)]
+        if bad:
+            raise ConfigError(f"model.attn_levels={levels} names levels outside 0..{len(widths) - 1}; "
+                              "list levels of model.widths.")
+        if time_kernel % 2 == 0:
+            raise ConfigError(f"model.time_kernel={time_kernel} must be odd (1, 3, 5, ...) to keep dates aligned.")
+        if early_steps is not None and level != "early":
+            raise ConfigError(f"model.early_steps={early_steps} sets the date slots of early fusion, but "
+                              f"fusion.level={level} keeps each stream's own dates; set it to null or use "
+                              "fusion=early.")
+        uneven = [widths[i] for i in levels if widths[i] % int(heads)]
+        if uneven:
+            raise ConfigError(f"model.heads={heads} must divide the width of every attention level (model.widths at "
+                              f"model.attn_levels: {[widths[i] for i in levels]}; {uneven} do not); "
+                              "choose a divisor of each of them.")
 
     @classmethod
     def fusion_stage_count(cls, config: Mapping[str, Any]) -> int:

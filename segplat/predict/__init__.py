@@ -14,11 +14,13 @@ of the scene's width, not by the scene's height.
 
 Outputs per scene, in the run folder: `<stem>_classes.tif`, a Cloud-Optimized GeoTIFF (tiled, compressed,
 overviews by mode) of class indices with the input's CRS and transform, nodata 255 where every modality is
-nodata, the dataset palette as its colour table and the class names as category names (in
-`<stem>_classes.tif.aux.xml`, where GDAL keeps them for GeoTIFFs) and in the `classes` tag;
+nodata, the dataset palette as its colour table, the class names and colours as a raster attribute table inside
+the file (GDAL_METADATA tag: GDAL >= 3.12 reads it; `segplat.predict.class_table.read_table` too), in the
+`classes` tag, and as category names in `<stem>_classes.tif.aux.xml` (GDAL's sidecar, for older GDAL);
 optional `<stem>_probs.tif` (`probabilities=uint8|float16`); `<stem>_colour.png` and `<stem>_overlay.png`
-previews with a class legend (`output.preview_size`); `summary.json`; for the clouds competition,
-`submission.csv`. `<stem>` is the input's file name without its extension (`scene.v2.tif` -> `scene.v2`).
+previews with a class legend (`output.preview_size`); `<stem>_item.json`, the scene's STAC Item, and
+`collection.json`, the run folder's STAC Collection (docs/prediction.md); `summary.json`; for the clouds
+competition, `submission.csv`. `<stem>` is the input's file name without its extension (`scene.v2.tif` -> `scene.v2`).
 
 Many processes (`torchrun` / `accelerate launch`): rank 0 lists the scenes and shares the list; scene i is
 predicted by rank i mod world size, so each scene is written by exactly one process. Every file is written

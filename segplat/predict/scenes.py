@@ -328,7 +328,7 @@ def header(src: Any) -> dict[str, Any]:
 
 
 def check_scene_alignment(profiles: Mapping[str, dict[str, Any]], loaded: LoadedModel) -> None:
-    """Modalities of one scene must lie on the primary's grid (README "Geodata rules"), coarsened by the model's
+    """Modalities of one scene must lie on the primary's grid (docs/geodata.md), coarsened by the model's
     scale for coarser streams; their sizes must follow the model's scales."""
     from rasterio.transform import Affine
 

@@ -23,6 +23,7 @@ from segplat.inference import (
     SlidingWindowPredictor,
     load_for_inference,
 )
+from segplat.predict import stac
 from segplat.predict.group import Workers
 from segplat.predict.scenes import Scene, build_layout, layout_split, list_scenes, open_scene, read_class_raster
 from segplat.predict.writer import NODATA_CLASS, PARTIAL, UINT8_PROBABILITY_SCALE, OutputFiles, SceneWriter
@@ -123,7 +124,7 @@ class Tally:
 
 
 def predict_scenes(cfg: DictConfig, loaded: LoadedModel, predictor: SlidingWindowPredictor, scenes: list[Scene],
-                   out_dir: Path, show: bool, layout: Any = None) -> Tally:
+                   out_dir: Path, show: bool, layout: Any = None, settings: dict[str, Any] | None = None) -> Tally:
     """Predict this process's scenes, skipping complete ones; progress per scene and overall."""
     tally = Tally()
     started = time.perf_counter()
@@ -144,7 +145,7 @@ def predict_scenes(cfg: DictConfig, loaded: LoadedModel, predictor: SlidingWindo
                     windows = predictor.grid(height, width).num_windows
                     note = opened.georeference_note()
                     writer = SceneWriter(files, height, width, opened.crs, opened.transform, loaded, cfg.output,
-                                         opened.gcps)
+                                         opened.gcps, stac.SceneSource.of(scene, settings or {}))
                     for band in predictor.stream(opened.sources, opened.nodata, desc=scene.stem, names=opened.names,
                                                  observe=writer.preview):
                         writer.write(band)
@@ -235,17 +236,20 @@ def run_prediction(cfg: DictConfig, out_dir: Path) -> Path:
             return scenes[:cfg.limit] if cfg.limit is not None else scenes
 
         scenes = workers.share(listing)
-        workers.share(lambda: claim_run_folder(out_dir, prediction_settings(cfg, loaded, predictor.window)))
+        settings = prediction_settings(cfg, loaded, predictor.window)
+        workers.share(lambda: claim_run_folder(out_dir, settings))
         layout = None
         if any(not s.files for s in scenes):
             layout = build_layout(loaded, Path(str(cfg.input)).expanduser())
             layout.scan()
         out_dir.mkdir(parents=True, exist_ok=True)
         mine = scenes[workers.rank::workers.world]
-        tally = predict_scenes(cfg, loaded, predictor, mine, out_dir, cfg.progress and workers.rank == 0, layout)
+        tally = predict_scenes(cfg, loaded, predictor, mine, out_dir, cfg.progress and workers.rank == 0, layout,
+                               settings)
         tallies = workers.gather(tally)
         if workers.rank != 0:
             return out_dir
+        stac.write_collection(out_dir, [s.stem for s in scenes], settings)
         submission = write_submission_csv(cfg, scenes, out_dir) if cfg.submission else None
     partial = out_dir / PARTIAL
     if partial.is_dir() and not any(partial.iterdir()):

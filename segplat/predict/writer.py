@@ -1,4 +1,5 @@
-"""Writing a scene's outputs: striped GeoTIFFs under `.partial/` turned into COGs, probability rasters, previews."""
+"""Writing a scene's outputs: striped GeoTIFFs under `.partial/` turned into COGs, probability rasters, previews,
+the scene's STAC Item."""
 
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from segplat.inference import (
     overlay,
     preview_rgb,
 )
-from segplat.predict.scenes import read_class_raster
-from segplat.utils.io import atomic_write, atomic_write_text
+from segplat.predict import class_table, stac
+from segplat.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("segplat")
 NODATA_CLASS = 255
@@ -51,14 +52,27 @@ class OutputFiles:
         return self.folder / f"{self.stem}_classes.tif"
 
     @property
-    def categories(self) -> Path:  # GDAL's sidecar for the class names of a GeoTIFF band
+    def categories(self) -> Path:  # GDAL's sidecar for the class names of a GeoTIFF band (GDAL before 3.12)
         return self.folder / f"{self.stem}_classes.tif.aux.xml"
+
+    @property
+    def item(self) -> Path:  # the scene's STAC Item
+        return self.folder / f"{self.stem}{stac.ITEM_SUFFIX}"
+
+    def assets(self) -> dict[str, str]:
+        """Asset name -> file name of the outputs the Item lists."""
+        names = {"classes": self.classes.name, "categories": self.categories.name}
+        if self.probabilities:
+            names["probabilities"] = f"{self.stem}_probs.tif"
+        if self.previews:
+            names.update(colour=f"{self.stem}_colour.png", overlay=f"{self.stem}_overlay.png")
+        return names
 
     def final(self) -> list[Path]:
         """Every output, the class raster (the mark of a complete scene) last."""
         names = [f"{self.stem}_probs.tif"] if self.probabilities else []
         names += [f"{self.stem}_colour.png", f"{self.stem}_overlay.png"] if self.previews else []
-        return [self.folder / n for n in names] + [self.categories, self.classes]
+        return [self.folder / n for n in names] + [self.categories, self.item, self.classes]
 
     @property
     def work(self) -> Path:
@@ -84,20 +98,26 @@ def category_names_xml(classes: Sequence[str]) -> str:
 
 
 class SceneWriter:
-    """Rows of one scene into striped GeoTIFFs under `.partial/`, then Cloud-Optimized GeoTIFFs, previews, rename.
+    """Rows of one scene into striped GeoTIFFs under `.partial/`, then Cloud-Optimized GeoTIFFs, previews, the STAC
+    Item, rename.
 
     Rows arrive in bands (`RowBand`) and are written as they come: the intermediate files are striped, so no
     block row has to be held in memory; GDAL's COG driver then tiles, compresses and adds overviews, reading
-    the intermediate through its block cache.
+    the intermediate through its block cache. The class COG holds its colour table and its class table (names and
+    colours, `class_table`) in the file itself.
     """
 
     def __init__(self, files: OutputFiles, height: int, width: int, crs: Any, transform: Any, loaded: LoadedModel,
-                 output: DictConfig, gcps: tuple[list[Any], Any] | None = None) -> None:
+                 output: DictConfig, gcps: tuple[list[Any], Any] | None = None,
+                 source: stac.SceneSource | None = None) -> None:
         import rasterio
         from rasterio.errors import NotGeoreferencedWarning
 
         self.files, self.loaded, self.output = files, loaded, output
         self.height, self.width = height, width
+        self.crs, self.transform = crs, transform
+        self.source = source or stac.SceneSource(())
+        self.counts = np.zeros(256, np.int64)  # pixels per class value (the Item's class counts)
         self.preview = PreviewSampler(loaded, height, width, int(output.preview_size)) if files.previews else None
         files.work.mkdir(parents=True, exist_ok=True)
         profile = {"driver": "GTiff", "height": height, "width": width, "crs": crs, "transform": transform,
@@ -110,6 +130,9 @@ class SceneWriter:
                                          dtype="uint8", nodata=NODATA_CLASS, **profile)
             self.classes.write_colormap(1, colour_table(loaded.palette))
             self.classes.update_tags(1, classes=",".join(loaded.classes))
+            # the place of the class table in the COG's header (class_table.embed fills it in)
+            self.classes.update_tags(1, **{class_table.RESERVED_ITEM: class_table.reservation(loaded.classes,
+                                                                                              loaded.palette)})
             self.classes.set_band_description(1, "class")
             self.probs = None
             k = len(loaded.classes)
@@ -137,6 +160,9 @@ class SceneWriter:
         classes = band.probs.argmax(0).astype(np.uint8)
         classes[~band.valid] = NODATA_CLASS
         self.classes.write(classes, 1, window=window)
+        self.counts += np.bincount(classes.ravel(), minlength=256)
+        if self.preview is not None:
+            self.preview.take_classes(band.row, classes)
         if self.probs is not None:
             if self.files.probabilities == "uint8":
                 p = np.rint(band.probs * UINT8_PROBABILITY_SCALE).astype(np.uint8)
@@ -164,6 +190,7 @@ class SceneWriter:
         stream = files.partial(f"{files.stem}_classes.stream.tif")
         copy_raster(stream, files.partial(files.classes.name), overview_resampling="MODE", **cog)
         stream.unlink()
+        class_table.embed(files.partial(files.classes.name), self.loaded.classes, self.loaded.palette)
         if self.probs is not None:
             stream = files.partial(f"{files.stem}_probs.stream.tif")
             nbits = {"nbits": 16} if files.probabilities == "float16" else {}
@@ -173,18 +200,22 @@ class SceneWriter:
         if files.previews:
             self.write_previews()
         atomic_write_text(files.categories, category_names_xml(self.loaded.classes))
+        item = stac.scene_item(files.stem, self.height, self.width, self.crs, self.transform, self.loaded,
+                               self.counts, files.assets(), files.probabilities, self.source, NODATA_CLASS,
+                               1 / UINT8_PROBABILITY_SCALE)
+        atomic_write_json(files.item, item)
         for path in files.final():
-            if path != files.categories:
+            if path not in (files.categories, files.item):
                 os.replace(files.partial(path.name), path)
         files.clear_partial()
 
     def write_previews(self) -> None:
-        """`_colour.png` (the palette, nodata transparent; from the class COG's overviews) and `_overlay.png` (over
-        the primary modality as sampled during the stream): the map at most `output.preview_size` pixels on its
-        long side, the class legend in a strip below it."""
-        files, loaded, sampler = self.files, self.loaded, self.preview
-        h, w = sampler.height, sampler.width
-        classes = read_class_raster(files.partial(files.classes.name), out_shape=(h, w))
+        """`_colour.png` (the palette, nodata transparent) and `_overlay.png` (over the primary modality), both
+        sampled (nearest) during the stream: the map at most `output.preview_size` pixels on its long side, the class
+        legend in a strip below it. (Reading the finished COG back at preview size took as long as a third of a
+        small model's forward over the scene.)"""
+        loaded, sampler, files = self.loaded, self.preview, self.files
+        classes = sampler.classes
         rgb = colourise(classes, loaded.palette, NODATA_CLASS)
         data = classes != NODATA_CLASS
         colour = np.dstack([rgb, np.where(data, 255, 0).astype(np.uint8)])
@@ -195,8 +226,9 @@ class SceneWriter:
 
 
 class PreviewSampler:
-    """The primary modality at preview size, sampled (nearest) from the windows the predictor reads anyway:
-    a second, decimated read of a large raster costs far more (GDAL walks every block for it)."""
+    """The primary modality and the classes at preview size, sampled (nearest) from the windows the predictor reads
+    and the rows the writer writes anyway: a second, decimated read of a large raster costs far more (GDAL walks
+    every block for it)."""
 
     def __init__(self, loaded: LoadedModel, height: int, width: int, size: int) -> None:
         self.modality = loaded.modalities[0]
@@ -206,6 +238,13 @@ class PreviewSampler:
         self.rows = np.arange(self.height) * height // self.height  # label-grid pixel of each preview pixel
         self.cols = np.arange(self.width) * width // self.width
         self.image: np.ndarray | None = None
+        self.classes = np.full((self.height, self.width), NODATA_CLASS, np.uint8)
+
+    def take_classes(self, row: int, classes: np.ndarray) -> None:
+        """The preview pixels of a band of finished class rows (label grid rows row..row + len)."""
+        r = np.flatnonzero((self.rows >= row) & (self.rows < row + classes.shape[0]))
+        if r.size:
+            self.classes[r] = classes[self.rows[r] - row][:, self.cols]
 
     def __call__(self, coords: Sequence[tuple[int, int]], batch: Mapping[str, np.ndarray]) -> None:
         windows = batch[self.modality]

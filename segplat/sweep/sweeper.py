@@ -416,7 +416,9 @@ class OptunaSweeper:
             return {**record, "state": "PRUNED"}
         if status not in OK_STATUSES:
             why = f"exit code {res.returncode}" if not summary else f"status {status}"
-            return self._fail(study, trial, record, f"{why}: {res.error_line or 'no output'}", res.stderr_tail)
+            # the run's own sentence (a non-finite loss, an interrupting signal) before the last line of stderr
+            cause = summary.get("stopped_reason") or res.error_line or "no output"
+            return self._fail(study, trial, record, f"{why}: {cause}", res.stderr_tail)
         values = []
         for key, _ in objectives:
             value = summary.get(key)

@@ -16,8 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from segplat.config import CONF_DIR, check_values
 from segplat.errors import SegplatError
-from segplat.messages import did_you_mean, first_line
+from segplat.messages import did_you_mean, first_line, redact
+from segplat.utils.console import say, traceback_to_log_file, warnings_logged
 from segplat.utils.dist import is_main_process
+from segplat.utils.searchpath import check_command_configs, searchpath_entries, user_config_dirs
 
 log = logging.getLogger("segplat")
 
@@ -64,19 +66,36 @@ def task_wrapper(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
         if not is_main_process():
             logging.getLogger().setLevel(logging.WARNING)
         try:
-            check_values(cfg)  # required keys and true/false keys, for every task before its own checks
-            result = fn(cfg)
+            check_command_configs()  # the user's config folders (hydra.searchpath): there, and none hidden
+            with warnings_logged():
+                check_values(cfg)  # required keys and true/false keys, for every task before its own checks
+                result = fn(cfg)
         except Exception as err:
             user_error = user_error_in(err)
             if user_error is None:
+                traceback_to_log_file(err)  # Hydra prints it on the console; the log file keeps it too
                 raise
-            print(f"error: {user_error}", file=sys.stderr, flush=True)
+            say(f"error: {user_error}", err=True)
             sys.exit(2)
         if is_main_process():
-            print(f"run_dir: {run_dir_of(cfg)}", flush=True)
+            say(f"run_dir: {run_dir_of(cfg)}")
         return result
 
     return wrapped
+
+
+def choices_line(cfg: DictConfig) -> str:
+    """The config a run composed, in one line for its log: the chosen options and the command-line overrides."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # composed outside Hydra
+        return f"seed={cfg.get('seed')}"
+    chosen = [f"{group}={option}" for group, option in hydra_cfg.runtime.choices.items()
+              if option is not None and not group.startswith("hydra/")]
+    overrides = [redact(str(o)) for o in hydra_cfg.overrides.task]
+    return " ".join(chosen) + (f"; overrides: {' '.join(overrides)}" if overrides else "")
 
 
 def save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -149,6 +168,10 @@ def config_error_hint(config_name: str, argv: Sequence[str]) -> str | None:
     overrides = overrides_of(argv)
     if overrides is None:
         return None
+    try:
+        user_config_dirs(searchpath_entries(overrides))  # a user config folder that is not there, named first
+    except SegplatError as err:
+        return str(err)
     try:
         compose_config(config_name, overrides)
         return None

@@ -51,10 +51,14 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert {r["model"] for r in s["loader_vs_step"]} == set(s["flops"])
     (e2e,) = s["end_to_end"]
     assert e2e["steps_counted"] > 0 and e2e["wait_pct"] is not None and e2e["img_s"] > 0
+    # prediction: segplat's sliding-window stream and the bare forward, both measured, for the default and CMX
+    assert [r["model"] for r in s["predict"]] == ["unet", "cmx_b2"]
+    assert all(r["windows"] > 0 and r["predict_windows_s"] > 0 and r["forward_windows_s"] > 0 and "error" not in r
+               for r in s["predict"]), s["predict"]
     md = (out / "gpu.md").read_text()
     assert md.startswith("# GPU run: dry run on CPU")
     for heading in ("## Training step", "## Preprocessing", "## CPU loader", "## Workers needed", "## End to end",
-                    "## Model FLOPs"):
+                    "## Model FLOPs", "## Prediction"):
         assert heading in md
 
 

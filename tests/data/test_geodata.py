@@ -1,4 +1,4 @@
-"""Geodata rules on rasters written in real formats (README "Geodata rules"): pixels of different ground are
+"""Geodata rules on rasters written in real formats (docs/geodata.md): pixels of different ground are
 never paired. Shifted origins, other CRSs (UTM, EPSG:3857, EPSG:4326), non-overlapping extents, nodata borders,
 multi-band files with band descriptions, label nodata tags, unknown config keys, unreadable and dead inputs."""
 

@@ -10,7 +10,7 @@ sharding, the gradient averaging, the accumulation or the metric reduction.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from segplat.models.base import SegmentationModel
 class GroupNormNet(SegmentationModel):
     supported_fusion: ClassVar[Mapping[str, tuple[str, ...]]] = {"early": ("concat",)}
 
-    def __init__(self, modalities: Mapping[str, int], num_classes: int, width: int = 8, **_: Any) -> None:
+    def __init__(self, modalities: Mapping[str, int], num_classes: int, width: int = 8) -> None:
         super().__init__(modalities, num_classes)
         cin = sum(self.modalities.values())
         self.encoder = nn.Sequential(nn.Conv2d(cin, width, 3, padding=1), nn.GroupNorm(2, width), nn.ReLU(),
@@ -38,7 +38,7 @@ class BatchNormNet(GroupNormNet):
     """The same net with BatchNorm: 2 processes x b equal 1 x 2b only when BatchNorm is synchronised
     (`trainer.sync_batchnorm`, GPUs only)."""
 
-    def __init__(self, modalities: Mapping[str, int], num_classes: int, width: int = 8, **_: Any) -> None:
+    def __init__(self, modalities: Mapping[str, int], num_classes: int, width: int = 8) -> None:
         super().__init__(modalities, num_classes, width)
         cin = sum(self.modalities.values())
         self.encoder = nn.Sequential(nn.Conv2d(cin, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),

@@ -1,5 +1,5 @@
 """The Python API: `segplat.create_model` builds what the CLI builds; `segplat.load_model` gives model,
-preprocessing and classes; the README's notebook example runs as written."""
+preprocessing and classes; the notebook example of docs/api.md runs as written."""
 
 from __future__ import annotations
 
@@ -57,14 +57,13 @@ def test_create_model_refuses_what_would_not_take_effect(call, message):
         call()
 
 
-def readme_api_example() -> str:
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## Python API"):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def docs_api_example() -> str:
+    text = (REPO / "docs" / "api.md").read_text()
+    return re.search(r"```python\n(.*?)```", text, re.S).group(1)
 
 
 @pytest.mark.slow
-def test_load_model_and_the_readme_example(tmp_path, monkeypatch):
+def test_load_model_and_the_docs_example(tmp_path, monkeypatch):
     run = tmp_path / "logs" / "train" / "runs" / "exp1"
     train(compose_train([*TINY, "trainer.max_epochs=1", "callbacks.visuals=null", "callbacks.report=null"],
                         output_dir=run))
@@ -78,5 +77,5 @@ def test_load_model_and_the_readme_example(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)  # the example names the run as the README's commands leave it
     namespace: dict = {}
-    exec(compile(readme_api_example(), "README.md", "exec"), namespace)
+    exec(compile(docs_api_example(), "docs/api.md", "exec"), namespace)
     assert namespace["probs"].shape[0] == 4 and namespace["classes"].shape == (300, 400)

@@ -66,7 +66,7 @@ def test_two_processes_write_each_scene_once_with_the_same_bytes(job, tmp_path: 
     assert shares["0"] and shares["1"]
     assert result["predicted"] == 6 and result["windows"] > 0 and result["windows_per_s"] > 0
     single, two = outputs(job["single"]), outputs(out)
-    assert len(single) == 6 * 5  # classes, categories, probabilities, colour, overlay
+    assert len(single) == 6 * 6 + 1  # classes, categories, probabilities, colour, overlay, STAC Item; the Collection
     assert single.keys() == two.keys()
     assert [name for name in single if single[name] != two[name]] == []
     assert not (out / ".partial").exists()
@@ -87,7 +87,7 @@ def test_a_killed_job_resumes_without_recomputing_finished_scenes(job, tmp_path:
     assert 2 <= len(finished) < 6, f"the kill did not land mid-job ({len(finished)} scenes finished)"
     stamps = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()
               if p.is_file() and any(p.name.startswith(f"{stem}_") for stem in finished)}
-    assert len(stamps) == 5 * len(finished)
+    assert len(stamps) == 6 * len(finished)
 
     again = run_predict(predict_cmd(job["ckpt"], job["scenes"], out), tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -12,13 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 
+import segplat
 from segplat.engine.checkpoint import inference_config, load_checkpoint, trusted_targets
-from segplat.errors import CheckpointError
+from segplat.errors import CheckpointError, ConfigError
 from segplat.inference import load_for_inference
 from segplat.models.weights import load_state_file
 from segplat.train import train
 from tests.conftest import TINY, compose_train
+from tests.user_project import USER_CONF, on_path
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -210,3 +213,66 @@ def test_predict_cli_refuses_a_crafted_checkpoint_in_one_line(clean_state, tmp_p
     assert len(error_lines) == 1 and "model.decoder._target_='pathlib.Path.write_text'" in error_lines[0]
     assert "Traceback" not in proc.stderr
     assert not victim.exists()
+
+
+# -- a user's own project: its configs on the search path are what makes its targets buildable ------------------
+def user_model_checkpoint(clean_state: dict, folder: Path) -> Path:
+    """A real checkpoint of the user's plain TinyNet (tests/user_project) on the synthetic data's facts."""
+    from segplat.models.build import build_model
+
+    cfg = yaml.safe_load(clean_state["config"])
+    cfg["model"] = {"_target_": "tinyproj.model.TinyNet", "width": 6}
+    modalities = {m: len(s["bands"]) for m, s in clean_state["data"]["modalities"].items()}
+    model = build_model(OmegaConf.create(cfg["model"]), modalities, len(clean_state["data"]["classes"]))
+    path = folder / "user.ckpt"
+    torch.save({**clean_state, "model": model.state_dict(), "config": yaml.safe_dump(cfg)}, path)
+    return path
+
+
+def test_a_user_projects_targets_are_trusted_only_from_its_config_folders():
+    trusted = trusted_targets([USER_CONF])
+    assert {"tinyproj.model.TinyNet", "tinyproj.layout.TinyLayout", "tinyproj.fusion.MaxFusion"} <= trusted
+    assert trusted_targets() < trusted and "tinyproj.model.TinyNet" not in trusted_targets()
+    # a tracker and a loss term are never built from a checkpoint, the user's no more than segplat's
+    assert "tinyproj.tracker.CsvTracker" not in trusted and "tinyproj.losses.SoftJaccard" not in trusted
+
+
+def test_a_user_model_checkpoint_loads_with_the_users_configs(clean_state, tmp_path, monkeypatch):
+    on_path(monkeypatch)
+    ckpt = user_model_checkpoint(clean_state, tmp_path)
+    loaded = load_for_inference(ckpt, searchpath=[f"file://{USER_CONF}"])
+    assert type(loaded.model.net).__module__ == "tinyproj.model" and loaded.model.net.head.in_channels == 6
+    inputs = {"rgb": torch.randn(1, 3, 32, 32), "nir": torch.randn(1, 1, 32, 32)}
+    assert loaded.model(inputs)["out"].shape == (1, 4, 32, 32)
+
+
+def test_a_user_model_checkpoint_without_the_users_configs_is_refused_and_nothing_imported(clean_state, tmp_path,
+                                                                                            monkeypatch):
+    on_path(monkeypatch)
+    ckpt = user_model_checkpoint(clean_state, tmp_path)
+    for name in [m for m in sys.modules if m.startswith("tinyproj")]:
+        monkeypatch.delitem(sys.modules, name)
+    other = tmp_path / "other_conf" / "model"  # a config folder that does not name the user's model
+    other.mkdir(parents=True)
+    (other / "mine.yaml").write_text("_target_: tinyproj.model.Bigger\n")
+    for searchpath in ([], [str(other.parent)]):
+        with pytest.raises(CheckpointError, match=r"names model\._target_='tinyproj\.model\.TinyNet', which no model, "
+                           r"fusion or dataset config on this machine's search path names; refusing to build from "
+                           r"it \(if it is your own, give this command the folder of your configs: "
+                           r"hydra\.searchpath=\[file://DIR\]"):
+            load_for_inference(ckpt, searchpath=searchpath)
+        assert not any(m.startswith("tinyproj") for m in sys.modules), "a refused checkpoint imported the user's code"
+    # a crafted checkpoint naming a foreign callable stays refused with the user's configs given, too
+    evil = crafted(clean_state, tmp_path, lambda cfg: cfg["model"].__setitem__(
+        "decoder", {"_target_": "pathlib.Path.write_text", "_args_": [str(tmp_path / "victim"), "owned"]}))
+    with pytest.raises(CheckpointError, match=r"model\.decoder\._target_='pathlib\.Path\.write_text'"):
+        load_for_inference(evil, searchpath=[USER_CONF])
+    assert not (tmp_path / "victim").exists()
+
+
+def test_a_search_path_folder_that_does_not_exist_is_refused(trained_run):
+    with pytest.raises(ConfigError, match=r"^hydra\.searchpath entry file://nowhere names .*/nowhere, which is not a "
+                                          r"folder; give the folder that holds your model/, dataset/"):
+        trusted_targets(["file://nowhere"])
+    with pytest.raises(ConfigError, match=r"^searchpath entry file://.*/nowhere names .*/nowhere, which is not a "):
+        segplat.load_model(trained_run, searchpath=["nowhere"])

@@ -21,6 +21,7 @@ from segplat.losses import (
     OhemCrossEntropyLoss,
     SegLoss,
 )
+from segplat.schema import check_targets
 from tests.conftest import compose_train
 
 IGNORE = 255
@@ -246,21 +247,44 @@ def test_lovasz_of_a_perfect_prediction_is_zero():
     assert LovaszSoftmaxLoss(ignore_index=IGNORE)(logits, target).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_bad_parameters_are_config_errors():
-    """Each sentence names the key as a user writes it (it said `loss thresh=1.5`)."""
-    with pytest.raises(ConfigError, match=r"^loss\.terms\.dice\.absent='sometimes' is not known"):
-        DiceLoss(absent="sometimes")
-    with pytest.raises(ConfigError, match=r"^loss\.terms\.ohem\.thresh=1\.5 must be a probability"):
-        OhemCrossEntropyLoss(thresh=1.5)
+@pytest.mark.parametrize("overrides, refusal", [
+    (["loss=dice", "loss.terms.dice.absent=sometimes"], r"^loss\.terms\.dice\.absent=sometimes is not known; use "
+                                                        r"exclude or include; what a class with no pixel"),
+    (["loss=dice", "loss.terms.dice.smooth=-1"], r"^loss\.terms\.dice\.smooth=-1 must be a number, 0 or more\.$"),
+    (["loss=ohem", "loss.terms.ohem.thresh=1.5"], r"^loss\.terms\.ohem\.thresh=1\.5 must be a number above 0 and "
+                                                  r"at most 1; a probability of the true class\.$"),
+    (["loss=ohem", "loss.terms.ohem.min_kept=-1"], r"^loss\.terms\.ohem\.min_kept=-1 must be an integer, 0 or more "
+                                                   r"or null; pixels per batch"),
+    (["loss=lovasz", "loss.terms.lovasz.classes=most"], r"^loss\.terms\.lovasz\.classes=most must be one of present, "
+                                                        r"all or a list of integers, 0 or more\.$"),
+    (["loss=ce", "loss.terms.ce.label_smoothing=1"], r"^loss\.terms\.ce\.label_smoothing=1 must be a number of at "
+                                                     r"least 0 and below 1\.$"),
+    (["loss=ce", "loss.terms.ce.class_weights=[1,-2]"], r"^loss\.terms\.ce\.class_weights=\[1,-2\] must be a list "
+                                                        r"of numbers, 0 or more or null; one weight per class"),
+    (["loss=focal", "loss.terms.focal.gamma=-1"], r"^loss\.terms\.focal\.gamma=-1 must be a number, 0 or more\.$"),
+    (["loss=focal", "loss.terms.focal.alpha=[0.5,inf]"], r"^loss\.terms\.focal\.alpha=\[0\.5,inf\] must be"),
+    (["loss.weights.ce=-1"], r"^loss\.weights=\{ce:-1\} must be a mapping of names to numbers, 0 or more"),
+    (["loss.terms.ce.label_smothing=0.1"], r"^loss\.terms\.ce\.label_smothing is not a key of loss\.terms\.ce; did "
+                                           r"you mean loss\.terms\.ce\.label_smoothing\?$"),
+])
+def test_bad_parameters_are_refused_from_the_signatures(overrides, refusal):
+    """Each sentence names the full key as a user writes it (it said `loss thresh=1.5`)."""
+    with pytest.raises(ConfigError, match=refusal):
+        check_targets(compose_train([o if "label_smothing" not in o else f"+{o}" for o in overrides]))
+
+
+def test_refusals_only_the_data_can_trigger_name_the_key_of_the_term():
     with pytest.raises(ConfigError, match=r"^loss\.terms\.ohem\.min_kept=100 and min_kept_per_image=10: give exactly"):
-        OhemCrossEntropyLoss(min_kept=100, min_kept_per_image=10)
-    with pytest.raises(ConfigError, match=r"^loss\.terms\.lovasz\.classes='most' is not known"):
-        LovaszSoftmaxLoss(classes="most")
+        SegLoss({"ohem": OhemCrossEntropyLoss(min_kept=100, min_kept_per_image=10)})
     logits, target = make_batch()
-    with pytest.raises(ConfigError, match=r"^loss\.terms\.ce\.class_weights has 2 values"):
-        CrossEntropyLoss([1.0, 2.0], ignore_index=IGNORE)(logits, target)
+    with pytest.raises(ConfigError, match=r"^loss\.terms\.ce\.class_weights has 2 values but the model predicts 4"):
+        SegLoss({"ce": CrossEntropyLoss([1.0, 2.0])}, ignore_index=IGNORE)(logits, target)
     with pytest.raises(ConfigError, match=r"^loss\.terms\.focal\.alpha has 3 values"):
-        FocalLoss([1.0, 2.0, 3.0], ignore_index=IGNORE)(logits, target)
+        SegLoss({"focal": FocalLoss([1.0, 2.0, 3.0])}, ignore_index=IGNORE)(logits, target)
+    with pytest.raises(ConfigError, match=r"^loss\.terms\.lovasz\.classes=\[1, 7\] names \[7\], outside 0\.\.3"):
+        SegLoss({"lovasz": LovaszSoftmaxLoss(classes=[1, 7])}, ignore_index=IGNORE)(logits, target)
+    with pytest.raises(ConfigError, match=r"^DiceLoss\.class_weights has 2 values"):  # a term outside SegLoss
+        DiceLoss(class_weights=[1.0, 2.0], ignore_index=IGNORE)(logits, target)
 
 
 # ---- the composite loss and its configs --------------------------------------------------------

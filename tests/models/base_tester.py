@@ -8,11 +8,25 @@ Keep inputs tiny: the whole model suite must stay fast on a 2-core CPU.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
+import pytest
 import torch
 
+from segplat.errors import ConfigError
 from segplat.models.base import PARAM_GROUPS, SegmentationModel
+from segplat.schema import check_targets
+
+
+def refusal(target: type, keys: Mapping[str, Any], build: Callable[[], Any] | None = None) -> str:
+    """What a task says about `model: {_target_: target, **keys}`: the config walker's refusal (the keys' types), else
+    the one `build()` raises (what the keys say together); fails when neither refuses."""
+    with pytest.raises(ConfigError) as err:
+        check_targets({"model": {"_target_": f"{target.__module__}.{target.__qualname__}", **keys}})
+        if build is not None:
+            build()
+    return str(err.value)
 
 
 class ModelTester:

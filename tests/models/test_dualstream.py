@@ -16,7 +16,7 @@ from segplat.models.encoders.convnext_stream import ConvNeXtStream
 from segplat.models.fusion.cross_attention import CrossAttentionFusion
 from segplat.models.fusion.film_gate import FiLMGateFusion
 from tests.conftest import compose_train
-from tests.models.base_tester import ModelTester
+from tests.models.base_tester import ModelTester, refusal
 
 SMALL_DECODER = {"channels": [32, 32, 16], "aspp_channels": 32}
 SMALL_AIR = {"dims": [16, 24, 32, 48], "depths": [1, 1, 1, 1]}
@@ -159,8 +159,21 @@ def test_invalid_configurations_are_refused():
         DualStream({"a": 3, "b": 2}, 3, {"level": "mid", "type": "concat"})
     with pytest.raises(ConfigError, match=r"fusion\.stages"):
         small_model(fusion={"level": "mid", "type": "film_cross_attention", "stages": [4]})
-    with pytest.raises(ConfigError, match=r"model\.air"):
-        small_model(air={"widths": [1]})
+    assert refusal(DualStream, {"air": {"widths": [1]}}) == ("model.air.widths is not a key of model.air; did you mean "
+                                                            "model.air.depths?")
+    assert refusal(DualStream, {"air": {"strides": [1, 3]}}) == (
+        "model.air.strides=[1,3] must be a list of one of 1, 2 or null; per stage: 1 keeps the grid's size, 2 halves "
+        "it.")
+    assert refusal(DualStream, {"decoder": {"rates": [3, 0]}}).startswith(
+        "model.decoder.rates=[3,0] must be a list of positive integers or null")
+    assert refusal(DualStream, {"decoder": "wide"}).startswith("model.decoder=wide must be a section with the keys "
+                                                                "channels, aspp_channels")
+    assert refusal(DualStream, {"heads": 0}) == ("model.heads=0 must be a positive integer or null; null = "
+                                                "channels // 64.")
+    with pytest.raises(ConfigError, match=r"^model\.air\.dims has 3 stages but the vision encoder has 4"):
+        small_model(air={"dims": [8, 8, 8], "depths": [1, 1, 1], "strides": [1, 1, 2]})
+    with pytest.raises(ConfigError, match=r"^model\.aux_levels=\[1\] must lie in 2\.\.4"):
+        small_model(aux_levels=[1])
 
 
 def test_preset_composes_and_builds(tmp_path):

@@ -64,10 +64,14 @@ def test_a_type_that_contradicts_its_module_is_refused_with_the_entry_to_use(tmp
 @pytest.mark.parametrize("fusion, words", [
     ({"level": "early", "stages": [1]}, r"fusion\.stages=\[1\] picks stages of mid fusion only"),
     ({"level": "late", "stages": [1]}, r"fusion\.level=late has no per-stage fusion"),
-    ({"level": "mid", "stages": []}, r"fusion\.stages=\[\] fuses no stage"),
-    ({"level": "mid", "stages": ["a"]}, r"fusion\.stages=\['a'\] must be a list of stage indices"),
-    ({"level": "mid", "stage": [1]}, r"fusion has unknown key\(s\) \['stage'\]"),
-    ({"level": "sideways"}, r"fusion\.level=sideways is not a fusion level"),
+    ({"level": "mid", "stages": []}, r"^fusion\.stages=\[\] must be a non-empty list of integers, 0 or more or null"),
+    ({"level": "mid", "stages": ["a"]}, r"^fusion\.stages=\[a\] must be a non-empty list of integers"),
+    ({"level": "mid", "stage": [1]}, r"^fusion\.stage is not a key of fusion; did you mean fusion\.stages\?$"),
+    ({"level": "sideways"}, r"^fusion\.level=sideways is not known; use early, mid or late\.$"),
+    ({"level": "mid", "type": ""}, r"^fusion\.type='' must be a non-empty string; a conf/fusion entry's type\.$"),
+    ({"level": "mid", "module": {"_target_": "segplat.models.fusion.AttentionFusion", "_partial_": True,
+                                 "reductoin": 2}},
+     r"^fusion\.module\.reductoin is not a key of fusion\.module; did you mean fusion\.module\.reduction\?$"),
 ])
 def test_malformed_specs_are_refused(fusion, words) -> None:
     with pytest.raises(ConfigError, match=words):

@@ -21,6 +21,8 @@ from segplat.models.encoders import TimmEncoder
 from segplat.models.encoders.gfm.bands import canonical_band, map_bands, stacked_bands
 from segplat.models.encoders.gfm.neck import ViTPyramidNeck, default_out_indices
 from segplat.models.encoders.gfm.weights import resolve_weights
+from segplat.schema import check_targets
+from tests.models.base_tester import refusal
 
 S2 = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
 HLS = ["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"]
@@ -77,11 +79,20 @@ def test_two_dataset_bands_for_one_pretrained_band_are_refused():
         map_bands("Prithvi", "image", HLS, stack(s2=S2, rgb=["red", "green", "blue"]))
 
 
+def gfm_refusal(**keys) -> str:
+    """The walker's refusal of a `model.encoder` Prithvi node with `keys` (no TerraTorch needed)."""
+    encoder = {"_target_": "segplat.models.encoders.gfm.PrithviEncoder", "_partial_": True, **keys}
+    return refusal(Segmenter, {"encoder": encoder})
+
+
 def test_policies_and_band_counts_are_checked():
-    with pytest.raises(ConfigError, match="missing_bands='ignore'"):
-        map_bands("X", "image", HLS, stack(s2=S2), missing_bands="ignore")
-    with pytest.raises(ConfigError, match="extra_bands='keep'"):
-        map_bands("X", "image", HLS, stack(s2=S2), extra_bands="keep")
+    assert gfm_refusal(missing_bands="ignore") == ("model.encoder.missing_bands=ignore is not known; use error or "
+                                                   "zero; a pretrained band the dataset lacks: refuse, or feed zeros.")
+    assert gfm_refusal(extra_bands="keep").startswith("model.encoder.extra_bands=keep must be one of drop, learn or a "
+                                                      "list of strings; a dataset band the model was not pretrained on")
+    check_targets({"model": {"_target_": "segplat.models.Segmenter", "encoder": {
+        "_target_": "segplat.models.encoders.gfm.PrithviEncoder", "_partial_": True, "extra_bands": ["VV", "VH"],
+        "neck_channels": 64, "strides": [4, 8, 16, 32]}}})
     with pytest.raises(ConfigError, match="got 3 input channels but the band names list 2"):
         stacked_bands({"s1": ["VV", "VH"]}, 3, "X")
     with pytest.raises(ConfigError, match="needs the dataset's band names"):
@@ -117,8 +128,11 @@ def test_neck_crops_the_padding_instead_of_squeezing_it():
 
 
 def test_neck_refuses_bad_settings():
-    with pytest.raises(ConfigError, match="neck='upernet'"):
-        ViTPyramidNeck(8, 16, (4, 8, 16, 32), "upernet")
+    assert gfm_refusal(neck="upernet") == ("model.encoder.neck=upernet is not known; use learned or interpolate; "
+                                           "learned: ViTDet's simple feature pyramid; interpolate: bilinear only.")
+    assert gfm_refusal(strides=[4, 0]).startswith("model.encoder.strides=[4,0] must be a non-empty list of positive "
+                                                  "integers")
+    assert gfm_refusal(merge="mean").startswith("model.encoder.merge is not a key of model.encoder")  # TerraMind's
     with pytest.raises(ConfigError, match=r"strides=.*increasing"):
         ViTPyramidNeck(8, 16, (8, 4), "learned")
     with pytest.raises(ConfigError, match="one width per level"):

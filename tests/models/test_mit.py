@@ -18,6 +18,7 @@ from segplat.models.encoders.mit import (
     mit_b2,
 )
 from segplat.models.weights import adapt_input_weight
+from tests.models.base_tester import refusal
 
 transformers = pytest.importorskip("transformers")
 SegformerConfig = transformers.SegformerConfig
@@ -77,8 +78,16 @@ def test_configuration_matches_segformer() -> None:
 
 
 def test_bad_variant_name_lists_the_valid_ones() -> None:
-    with pytest.raises(ConfigError, match="mit_b0, mit_b1"):
-        build_mit("mit_b9")
+    from segplat.models.cmx import CMX
+    from segplat.models.dualstream import DualStream
+
+    assert refusal(CMX, {"backbone": "mit_b9"}) == ("model.backbone=mit_b9 is not known; did you mean "
+                                                    "model.backbone=mit_b5? (the options: mit_b0, mit_b1, mit_b2, "
+                                                    "mit_b3, mit_b4 or mit_b5).")
+    vision = {"_target_": "segplat.models.encoders.mit.mit_b1", "_partial_": True, "drop_path_rat": 0.1}
+    assert refusal(DualStream, {"vision_encoder": vision}) == ("model.vision_encoder.drop_path_rat is not a key of "
+                                                               "model.vision_encoder; did you mean "
+                                                               "model.vision_encoder.drop_path_rate?")
 
 
 @pytest.mark.parametrize("name", list(MIT_SETTINGS))

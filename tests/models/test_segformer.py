@@ -16,7 +16,7 @@ from segplat.models.decoders.segformer_head import SegFormerHead
 from segplat.models.encoders.mit import MIT_SETTINGS
 from segplat.models.segformer import SegFormer
 from tests.conftest import compose_train
-from tests.models.base_tester import ModelTester
+from tests.models.base_tester import ModelTester, refusal
 
 
 class TestSegFormer(ModelTester):
@@ -169,8 +169,10 @@ def test_only_early_fusion_is_accepted() -> None:
 
 
 def test_unknown_backbone_is_refused() -> None:
-    with pytest.raises(ConfigError, match="backbone='resnet50' is not a MiT variant"):
-        SegFormer({"rgb": 3}, 4, backbone="resnet50")
+    assert refusal(SegFormer, {"backbone": "resnet50"}) == ("model.backbone=resnet50 is not known; use mit_b0, mit_b1, "
+                                                            "mit_b2, mit_b3, mit_b4 or mit_b5.")
+    assert refusal(SegFormer, {"decoder_embed_dim": 0}).startswith("model.decoder_embed_dim=0 must be a positive "
+                                                                   "integer or null; null = the paper's width")
 
 
 def test_preset_composes_and_builds(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from segplat.errors import ConfigError
 from segplat.models import Segmenter
 from segplat.models.decoders import UNetDecoder
 from segplat.models.encoders import TimmEncoder
-from tests.models.base_tester import ModelTester
+from tests.models.base_tester import ModelTester, refusal
 
 
 def build_segmenter(modalities, num_classes, fusion=None):
@@ -53,13 +53,12 @@ def test_mid_fusion_uses_both_streams():
 
 
 @pytest.mark.parametrize("fusion, words", [
-    ({"level": "late", "type": "attention"}, "fusion.type=attention"),
-    ({"level": "sideways"}, "fusion.level=sideways"),
+    ({"level": "late", "type": "attention"}, r"fusion\.type=attention.*valid"),
+    ({"level": "sideways"}, r"^fusion\.level=sideways is not known; use early, mid or late\.$"),
 ])
 def test_invalid_fusion_is_refused_naming_valid_ones(fusion, words):
-    with pytest.raises(ConfigError, match=words) as err:
+    with pytest.raises(ConfigError, match=words):
         build_segmenter({"rgb": 3, "nir": 1}, 4, fusion)
-    assert "valid" in str(err.value)
 
 
 def test_mid_fusion_needs_two_modalities():
@@ -89,6 +88,7 @@ def test_the_unet_presets_encoder_keys_can_be_set():
     model = segplat.create_model("unet", {"rgb": 3}, 3, encoder={"name": "resnet10t", "output_stride": 16})
     assert model.encoders["stack"].reductions[-1] == 16
     assert "did you mean model.encoder.output_stride?" in config_error_hint("train", ["model.encoder.output_strid=8"])
-    with pytest.raises(ConfigError, match=r"^model encoder output_stride=7 must be 8, 16 or 32"):
-        TimmEncoder("resnet10t", in_chans=3, output_stride=7)
+    assert refusal(Segmenter, {"encoder": {"_target_": "segplat.models.encoders.TimmEncoder", "_partial_": True,
+                                           "name": "resnet10t", "output_stride": 7}}) == (
+        "model.encoder.output_stride=7 is not known; use 8, 16, 32 or null; null = 32.")
 

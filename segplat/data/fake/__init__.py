@@ -25,6 +25,8 @@ WRITERS: dict[str, str] = {
     "geotiff": "segplat.data.fake.geotiff:write_fake",
     "airquality": "segplat.data.fake.airquality:write_fake",
     "s1s2_series": "segplat.data.fake.s1s2_series:write_fake",
+    # not a dataset: one scene to predict, a GeoTIFF per modality of the synthetic dataset
+    "scene": "segplat.data.fake.scene:write_fake",
 }
 
 
@@ -52,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote a fake {args.name} dataset; try: python -m segplat.prepare dataset={args.name} dataset.root={root}")
+    if args.name == "scene":
+        print("wrote a scene to predict; try: python -m segplat.predict ckpt=<a run folder of segplat.train> "
+              f"'input={{rgb: {root}/scene_rgb.tif, nir: {root}/scene_nir.tif}}'")
+    else:
+        print(f"wrote a fake {args.name} dataset; try: python -m segplat.prepare dataset={args.name} "
+              f"dataset.root={root}")
     return 0
 

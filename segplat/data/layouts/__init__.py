@@ -1,1 +1,1 @@
-"""One reader per raw dataset layout (../shared/DATASETS.md); each carries its dataset's constants."""
+"""One reader per raw dataset layout (docs/datasets.md); each carries its dataset's constants."""

@@ -1,6 +1,6 @@
 """airquality: 4-band satellite chips plus 48-channel air-quality grids (AI Hub dataSetSn=71805).
 
-On-disk facts (../shared/DATASETS.md): per split four folders, images `ts_sn/` (train) or
+On-disk facts (docs/datasets.md): per split four folders, images `ts_sn/` (train) or
 `vs_sn/` (val) as 512x512 4-band (R, G, B, NIR) 16-bit TIFs named like `SN10_CHN_00001_230409.tif`;
 masks with the same name in `tl_sn/` / `vl_sn/`; companions found by stem: `GEMS_<stem>.tif` in
 `t_gems/` / `v_gems/` and `AIR_Pollution_{CO,NO2,SO2}_<stem>.tif` in `t_ap/` / `v_ap/`, 12 channels

@@ -1,6 +1,6 @@
 """What every dataset reader provides: its constants, its samples per split, one sample's arrays.
 
-A layout knows one raw on-disk format (see ../shared/DATASETS.md) and nothing about zarr,
+A layout knows one raw on-disk format (see docs/datasets.md) and nothing about zarr,
 patches or training. `segplat.data.store.prepare_store` turns any layout into a patch store.
 """
 
@@ -211,16 +211,28 @@ def band_names(select: Sequence[str | int] | None, documented: Sequence[str], ke
 def build_layout(cfg: Mapping[str, Any], root: str | None, key: str = "dataset.layout") -> Layout:
     """Instantiate `dataset.layout` after checking its keys against the layout's signature (before any file is read;
     the tasks checked them with the whole config already, direct callers get the same refusals here)."""
-    from hydra.utils import instantiate
+    from hydra.utils import get_class, instantiate
 
     from segplat.schema import check_targets, signature_of
 
+    target = cfg.get("_target_")
+    try:
+        cls = get_class(str(target))
+    except Exception as err:
+        raise ConfigError(f"{key}._target_={target} cannot be imported; check the dataset config.") from err
+    doc = "see docs/user-project.md, \"The layout contract\""
+    if not (isinstance(cls, type) and issubclass(cls, Layout)):
+        raise ConfigError(f"{key}._target_={target} is not a segplat.data.layouts.base.Layout subclass; a "
+                          f"layout subclasses Layout and defines modalities, scan and read ({doc}).")
+    if cls.__abstractmethods__:
+        missing = " or ".join(sorted(cls.__abstractmethods__))
+        raise ConfigError(f"{key}._target_={target} does not define {missing}, which every Layout defines ({doc}).")
     check_targets(cfg, root=key)
     if "root" in cfg:  # a constructor argument, but given from dataset.root: the layout's own would be overridden
-        keys = [k for k in signature_of(str(cfg["_target_"])).params if k != "root"]
+        keys = [k for k in signature_of(str(target)).params if k != "root"]
         raise ConfigError(not_a_key(f"{key}.root", key, keys, "the data's folder is dataset.root"))
     try:
-        return instantiate(cfg, root=root)
+        layout = instantiate(cfg, root=root)
     except Exception as err:  # Hydra wraps what the constructor raises; the user's error is the one to show
         from segplat.utils.task import user_error_in
 
@@ -228,3 +240,8 @@ def build_layout(cfg: Mapping[str, Any], root: str | None, key: str = "dataset.l
         if user_error is None:
             raise
         raise user_error from None
+    if not layout.classes or len(layout.palette) != len(layout.classes):
+        raise ConfigError(f"{key}._target_={target} has {len(layout.classes)} classes and "
+                          f"{len(layout.palette)} palette colours; set Layout.classes (at least one name) and "
+                          f"Layout.palette (one RGB triple per class), as class constants or in __init__ ({doc}).")
+    return layout

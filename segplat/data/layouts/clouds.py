@@ -1,4 +1,4 @@
-"""Kaggle "Clouds Segmentation 2025": RGB + NIR PNGs with BGR colour labels (../shared/DATASETS.md).
+"""Kaggle "Clouds Segmentation 2025": RGB + NIR PNGs with BGR colour labels (docs/datasets.md).
 
 Tree: `train/{rgb,ngr,label}/STEM.png`, `test/{rgb,ngr}/STEM.png`. NIR is the *red* channel of the
 NGR image. Labels are colours (BGR on disk): black background, red thick cloud, green thin cloud,

@@ -1,4 +1,4 @@
-"""ISPRS 2-D semantic labelling: Vaihingen (IRRG + DSM) and Potsdam (RGB / IRRG / RGBIR + DSM), ../shared/DATASETS.md.
+"""ISPRS 2-D semantic labelling: Vaihingen (IRRG + DSM) and Potsdam (RGB / IRRG / RGBIR + DSM), docs/datasets.md.
 
 Both ship large aerial tiles with colour-coded labels in the same 6-class palette; the eroded
 `noBoundary` labels paint class boundaries black, which becomes the ignore index. The splits are the

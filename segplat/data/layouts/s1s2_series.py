@@ -1,6 +1,6 @@
 """s1s2_series: Sentinel-1 + Sentinel-2 time series per patch, in the PASTIS-R layout.
 
-On disk (../shared/DATASETS.md): `DATA_S2/S2_{ID}.npy` (T x 10 x H x W int16, bands B2 B3 B4 B5
+On disk (docs/datasets.md): `DATA_S2/S2_{ID}.npy` (T x 10 x H x W int16, bands B2 B3 B4 B5
 B6 B7 B8 B8A B11 B12), `DATA_S1A/S1A_{ID}.npy` (and `DATA_S1D/`, T x 3 x H x W: VV, VH, VV/VH),
 `ANNOTATIONS/TARGET_{ID}.npy` (class in channel 0: 0 background, 1-18 crops, 19 void) and
 `metadata.geojson` with `ID_PATCH`, `Fold` (1-5) and per-sensor date dicts `dates-S2`,

@@ -1,4 +1,4 @@
-"""Sen1Floods11 v1.1, hand-labelled chips: Sentinel-1 + Sentinel-2 with water labels (../shared/DATASETS.md).
+"""Sen1Floods11 v1.1, hand-labelled chips: Sentinel-1 + Sentinel-2 with water labels (docs/datasets.md).
 
 Tree under `v1.1/` (dataset.root may be the folder holding `v1.1`, `v1.1` itself, or `HandLabeled`):
 `data/flood_events/HandLabeled/{S1Hand,S2Hand,LabelHand}/EVENT_CHIP_{S1Hand,S2Hand,LabelHand}.tif`

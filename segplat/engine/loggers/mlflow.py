@@ -23,7 +23,8 @@ log = logging.getLogger("segplat")
 
 # MLflow accepts these characters in metric and parameter names; anything else becomes "_"
 _MLFLOW_NAME = re.compile(r"[^\w\-. /:]")
-MLFLOW_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "pruned": "FINISHED", "killed": "KILLED"}
+MLFLOW_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "pruned": "FINISHED", "killed": "KILLED",
+                 "interrupted": "KILLED"}
 
 
 class MlflowLogger(Tracker):

@@ -14,6 +14,7 @@ from segplat.engine.loggers.base import (
     numeric,
     require,
 )
+from segplat.errors import CheckpointError
 from segplat.utils.io import dumps_json
 
 log = logging.getLogger("segplat")
@@ -38,7 +39,9 @@ class TensorBoardLogger(Tracker):
         # a shared log_dir gets one subfolder per run (TensorBoard's layout for comparing runs): written straight
         # into it, a new run purged the events of every earlier one
         own = Path(self.log_dir) / run.name if self.log_dir else run.run_dir / "tensorboard"
-        folder = Path((run.resume_state or {}).get("log_dir") or own)
+        if run.resuming:
+            check_kept_folder((run.resume_state or {}).get("log_dir"), own, run.run_dir)
+        folder = own  # from the config; a checkpoint never chooses where files are written
         self.log_dir = str(folder)
         self.step = run.resume_step
         if run.resuming:
@@ -97,6 +100,21 @@ class TensorBoardLogger(Tracker):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def check_kept_folder(kept: Any, own: Path, run_dir: Path) -> None:
+    """The folder a resumed run's checkpoint kept for its events must be the one the config gives now: the run
+    folder's `tensorboard/` (also when the run folder was moved) or `log_dir/<run name>`. Anything else, such as a
+    crafted or copied `last.ckpt` naming another folder, is refused rather than followed or silently replaced."""
+    if kept is None:
+        return
+    path = Path(kept) if isinstance(kept, str) and kept else None
+    same = path is not None and (path.resolve() == own.resolve() or  # or its tensorboard/ before the folder moved
+                                 (own == run_dir / "tensorboard" and path.parts[-2:] == (run_dir.name, "tensorboard")))
+    if not same:
+        raise CheckpointError(f"trainer.resume: the run's checkpoint keeps {kept!r} as its TensorBoard folder, but "
+                              f"this config writes to {own} (logger.tensorboard.log_dir); a checkpoint never chooses "
+                              "where files go: resume with the log_dir the run started with, or start a new run.")
 
 
 def read_rgb(path: str | Path):

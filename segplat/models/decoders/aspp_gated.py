@@ -31,8 +31,6 @@ class ASPP(nn.Module):
     def __init__(self, in_channels: int, out_channels: int = 256, rates: Sequence[int] = (12, 24, 36),
                  dropout: float = 0.5, separable: bool = False) -> None:
         super().__init__()
-        if any(int(r) < 1 for r in rates):
-            raise ConfigError(f"ASPP rates={list(rates)} must be positive integers.")
         self.branches = nn.ModuleList([conv_bn_act(in_channels, out_channels, 1)])
         for r in rates:
             self.branches.append(conv_bn_act(in_channels, out_channels, 3, dilation=int(r), separable=separable))

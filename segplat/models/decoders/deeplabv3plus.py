@@ -15,14 +15,17 @@ whatever its stride.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
+from annotated_types import MinLen
 from torch import nn
 from torch.nn import functional as F
 
 from segplat.errors import ConfigError
 from segplat.models.decoders.aspp_gated import ASPP
 from segplat.models.layers import conv_bn_act
+from segplat.schema import Hint, OpenFraction, PositiveInt
 
 
 class DeepLabV3PlusDecoder(nn.Module):
@@ -33,13 +36,14 @@ class DeepLabV3PlusDecoder(nn.Module):
     """
 
     def __init__(self, encoder_channels: Sequence[int], reductions: Sequence[int],
-                 channels: int | Sequence[int] = 256, rates: Sequence[int] = (12, 24, 36),
-                 low_level_channels: int = 48, low_level_stride: int = 4, aspp_dropout: float = 0.5,
-                 separable: bool = True) -> None:
+                 channels: Annotated[PositiveInt | Annotated[Sequence[PositiveInt], MinLen(1)],
+                                     Hint("one width (a list: its first value)")] = 256,
+                 rates: Annotated[Sequence[PositiveInt], Hint("ASPP's atrous rates")] = (12, 24, 36),
+                 low_level_channels: PositiveInt = 48,
+                 low_level_stride: Annotated[PositiveInt, Hint("a reduction of the encoder pyramid")] = 4,
+                 aspp_dropout: OpenFraction = 0.5, separable: bool = True) -> None:
         super().__init__()
         width = int(channels) if isinstance(channels, int) else int(next(iter(channels)))
-        if width < 1:
-            raise ConfigError(f"model.decoder.channels={channels} must be a positive width.")
         reductions = [int(r) for r in reductions]
         if low_level_stride not in reductions[:-1]:
             raise ConfigError(f"model.decoder.low_level_stride={low_level_stride} is not a level of the encoder "

@@ -14,10 +14,16 @@ transformers, NVlabs/mmseg 0.x and CMX checkpoints.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from segplat.schema import Hint, PositiveInt
+
+# a model's `decoder_embed_dim`
+DecoderWidth = Annotated[PositiveInt | None, Hint("null = the paper's width: 256 for MiT-B0/B1, 768 for B2+")]
 
 
 def segformer_embed_dim(backbone: str) -> int:

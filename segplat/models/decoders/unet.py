@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 from torch import nn
@@ -10,6 +11,7 @@ from torch.nn import functional as F
 
 from segplat.errors import ConfigError
 from segplat.models.layers import conv_bn_act
+from segplat.schema import Hint, PositiveInt
 
 
 class DecoderBlock(nn.Module):
@@ -33,7 +35,8 @@ class UNetDecoder(nn.Module):
     reduction."""
 
     def __init__(self, encoder_channels: Sequence[int], reductions: Sequence[int],
-                 channels: Sequence[int] | None = None) -> None:
+                 channels: Annotated[Sequence[PositiveInt] | None,
+                                     Hint("block widths, coarse to fine; null = 256 halved per block")] = None) -> None:
         super().__init__()
         enc = list(encoder_channels)
         n_blocks = len(enc) - 1

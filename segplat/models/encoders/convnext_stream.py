@@ -66,10 +66,8 @@ class ConvNeXtStream(nn.Module):
         if in_chans < 1:
             raise ConfigError(f"the air stream needs at least one input channel, got in_chans={in_chans}.")
         if not (len(dims) == len(depths) == len(strides)) or not dims:
-            raise ConfigError(f"air stream dims={list(dims)}, depths={list(depths)} and strides={list(strides)} must "
+            raise ConfigError(f"model.air.dims={list(dims)}, depths={list(depths)} and strides={list(strides)} must "
                               "have the same, non-zero length.")
-        if any(s not in (1, 2) for s in strides):
-            raise ConfigError(f"air stream strides={list(strides)} must each be 1 or 2.")
         self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], 1), LayerNorm2d(dims[0], eps=1e-6))
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.transitions = nn.ModuleList()

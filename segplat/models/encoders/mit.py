@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import torch
 from timm.layers import DropPath
@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from segplat.errors import ConfigError
 from segplat.models.convert.mit import SOURCE_EPS, load_mit_weights
+from segplat.schema import OpenFraction, PositiveFloat
 
 NVLABS_EPS = SOURCE_EPS["nvlabs"]  # block and stage LayerNorms in the NVlabs code (and its published weights)
 
@@ -47,6 +48,7 @@ MIT_SETTINGS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "mit_b4": ((64, 128, 320, 512), (3, 8, 27, 3)),
     "mit_b5": ((64, 128, 320, 512), (3, 6, 40, 3)),
 }
+MiTName = Literal["mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5"]  # a config's `backbone`
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -223,23 +225,26 @@ def init_mit_weights(m: nn.Module) -> None:
 
 # --------------------------------------------------------------------------------------------- factories
 
-def build_mit(name: str, in_chans: int = 3, pretrained: str | Path | None = None, drop_path_rate: float = 0.1,
-              **kwargs: Any) -> MixVisionTransformer:
-    """MiT by variant name (`mit_b0` … `mit_b5`); a wrong name is refused listing the valid ones."""
+def build_mit(name: MiTName, in_chans: int = 3, pretrained: str | Path | None = None,
+              drop_path_rate: OpenFraction = 0.1, drop_rate: OpenFraction = 0.0, attn_drop_rate: OpenFraction = 0.0,
+              mlp_ratio: PositiveFloat = 4.0, norm_eps: PositiveFloat | None = None) -> MixVisionTransformer:
+    """MiT by variant name (`mit_b0` … `mit_b5`, as `MiTName` types a config's `backbone`; `MiT-B2` is read as
+    `mit_b2`)."""
     key = str(name).lower().replace("-", "_")
-    if key not in MIT_SETTINGS:
-        raise ConfigError(f"backbone={name!r} is not a MiT variant; valid: {', '.join(MIT_SETTINGS)}.")
     dims, depths = MIT_SETTINGS[key]
-    return MixVisionTransformer(dims, depths, in_chans=in_chans, drop_path_rate=drop_path_rate,
-                                pretrained=pretrained, name=key, **kwargs)
+    return MixVisionTransformer(dims, depths, in_chans=in_chans, drop_path_rate=drop_path_rate, drop_rate=drop_rate,
+                                attn_drop_rate=attn_drop_rate, mlp_ratio=mlp_ratio, norm_eps=norm_eps,
+                                pretrained=pretrained, name=key)
 
 
 def _variant(name: str) -> Callable[..., MixVisionTransformer]:
-    """A named factory for one MiT variant (the config files' `_target_: segplat.models.encoders.mit.mit_b1`)."""
+    """A named factory for one MiT variant (the config files' `_target_: segplat.models.encoders.mit.mit_b1`); its
+    signature is the schema of such a node."""
 
-    def build(in_chans: int = 3, pretrained: str | Path | None = None, drop_path_rate: float = 0.1,
-              **kwargs: Any) -> MixVisionTransformer:
-        return build_mit(name, in_chans, pretrained, drop_path_rate, **kwargs)
+    def build(in_chans: int = 3, pretrained: str | Path | None = None, drop_path_rate: OpenFraction = 0.1,
+              drop_rate: OpenFraction = 0.0, attn_drop_rate: OpenFraction = 0.0, mlp_ratio: PositiveFloat = 4.0,
+              norm_eps: PositiveFloat | None = None) -> MixVisionTransformer:
+        return build_mit(name, in_chans, pretrained, drop_path_rate, drop_rate, attn_drop_rate, mlp_ratio, norm_eps)
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = f"MiT-{name[-2:].upper()} (dims, depths = {MIT_SETTINGS[name]}); see `build_mit`."

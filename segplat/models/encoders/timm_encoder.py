@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Annotated, Literal
 
 import timm
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 
 from segplat.errors import ConfigError
 from segplat.models.weights import load_adapted_state_dict, load_state_file
+from segplat.schema import Hint, OpenFraction
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +25,13 @@ class TimmEncoder(nn.Module):
     supports it (DeepLabV3+).
     """
 
-    def __init__(self, name: str, in_chans: int, pretrained: str | None = None,
-                 out_indices: tuple[int, ...] | None = None, output_stride: int | None = None,
-                 drop_path_rate: float = 0.0) -> None:
+    def __init__(self, name: Annotated[str, Hint("a timm model with features_only support")], in_chans: int,
+                 pretrained: str | None = None,
+                 out_indices: Annotated[Sequence[int] | None, Hint("pyramid levels; null = all")] = None,
+                 output_stride: Annotated[Literal[8, 16, 32] | None, Hint("null = 32")] = None,
+                 drop_path_rate: OpenFraction = 0.0) -> None:
         super().__init__()
         self.name = name
-        if output_stride not in (None, 8, 16, 32):  # timm asserted, a traceback with no key
-            raise ConfigError(f"model encoder output_stride={output_stride} must be 8, 16 or 32 (null: 32).")
         kwargs = {"features_only": True, "pretrained": False, "in_chans": in_chans}
         if out_indices is not None:
             kwargs["out_indices"] = tuple(out_indices)

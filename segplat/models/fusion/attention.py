@@ -18,6 +18,7 @@ prefer which. `stream_weights(feats)` returns w for inspection.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from torch import nn
 from segplat.errors import ConfigError
 from segplat.models.fusion.film_gate import resample_to
 from segplat.models.fusion.spec import StageFusion
+from segplat.schema import Hint, PositiveInt
 
 
 class AttentionFusion(StageFusion):
@@ -32,10 +34,10 @@ class AttentionFusion(StageFusion):
 
     fusion_type = "attention"
 
-    def __init__(self, in_channels: Sequence[int], out_channels: int, reduction: int = 4) -> None:
+    def __init__(self, in_channels: Sequence[int], out_channels: int,
+                 reduction: Annotated[PositiveInt, Hint("squeeze ratio of the channel and spatial branches")] = 4,
+                 ) -> None:
         super().__init__(in_channels, out_channels)
-        if reduction < 1:
-            raise ConfigError(f"fusion.module.reduction={reduction} must be a positive integer.")
         n = len(in_channels)
         self.proj = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),

@@ -20,8 +20,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from segplat.errors import ConfigError
+from segplat.schema import Hint
+
+# the two policies of an inexact mapping (config keys of the GFM encoders)
+MissingBands = Annotated[Literal["error", "zero"], Hint("a pretrained band the dataset lacks: refuse, or feed zeros")]
+ExtraBands = Annotated[Literal["drop", "learn"] | Sequence[str],
+                       Hint("a dataset band the model was not pretrained on: drop it, learn it, or a list of the band "
+                            "names to learn")]
 
 log = logging.getLogger(__name__)
 
@@ -80,23 +88,13 @@ class InputMapping:
         return len(self.pretrained)
 
 
-def check_policies(missing_bands: str, extra_bands: str | Sequence[str]) -> None:
-    if missing_bands not in ("error", "zero"):
-        raise ConfigError(f"model.encoder.missing_bands={missing_bands!r} must be error (refuse) or zero "
-                          "(feed zeros for the pretrained bands the dataset lacks).")
-    if isinstance(extra_bands, str) and extra_bands not in ("drop", "learn"):
-        raise ConfigError(f"model.encoder.extra_bands={extra_bands!r} must be drop, learn or a list of band names "
-                          "to learn (the others are dropped).")
-
-
 def map_bands(gfm: str, input_name: str, pretrained: Sequence[str], dataset_bands: Sequence[tuple[int, str, str]],
-              band_map: Mapping[str, str] | None = None, missing_bands: str = "error",
-              extra_bands: str | Sequence[str] = "drop") -> InputMapping:
+              band_map: Mapping[str, str] | None = None, missing_bands: MissingBands = "error",
+              extra_bands: ExtraBands = "drop") -> InputMapping:
     """Map `dataset_bands` ((stacked channel, modality, band name), in channel order) onto one GFM input.
 
     Raises one ConfigError sentence naming the bands when the mapping is ambiguous or incomplete.
     """
-    check_policies(missing_bands, extra_bands)
     pretrained = [str(b).upper() for b in pretrained]
     by_canonical: dict[str, tuple[int, str, str]] = {}
     extras: list[tuple[int, str, str]] = []

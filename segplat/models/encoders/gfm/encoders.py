@@ -25,21 +25,27 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from segplat.errors import CheckpointError, ConfigError
-from segplat.models.encoders.gfm.bands import InputMapping, check_policies, map_bands, stacked_bands
-from segplat.models.encoders.gfm.neck import ViTPyramidNeck, default_out_indices
+from segplat.models.encoders.gfm.bands import ExtraBands, InputMapping, MissingBands, map_bands, stacked_bands
+from segplat.models.encoders.gfm.neck import NeckChannels, NeckKind, Strides, ViTPyramidNeck, default_out_indices
 from segplat.models.encoders.gfm.weights import resolve_weights
 from segplat.models.weights import load_state_file
+from segplat.schema import Hint, OpenFraction
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install -e ".[gfm]"'
+
+# the keys both GFM encoders take
+Pretrained = Annotated[str | None, Hint("a local file or folder, or hf for the Hugging Face cache; null = random")]
+OutIndices = Annotated[Sequence[int] | None, Hint("the ViT blocks of the pyramid levels; null = evenly spaced")]
+BandMap = Annotated[Mapping[str, str] | None, Hint("dataset band name -> pretrained band name")]
 TERRAMIND_REGISTER = "terratorch.models.backbones.terramind.model.terramind_register"
 
 
@@ -130,13 +136,12 @@ class GFMEncoder(nn.Module):
         return len(list(config.get("strides") or (4, 8, 16, 32)))
 
     def __init__(self, in_chans: int, bands: Mapping[str, Sequence[str]] | None, name: str,
-                 pretrained: str | None = None, out_indices: Sequence[int] | None = None, neck: str = "learned",
-                 strides: Sequence[int] = (4, 8, 16, 32), neck_channels: Sequence[int] | int | None = None,
-                 band_map: Mapping[str, str] | None = None, missing_bands: str = "error",
-                 extra_bands: str | Sequence[str] = "drop", drop_path_rate: float = 0.0) -> None:
+                 pretrained: str | None = None, out_indices: OutIndices = None, neck: NeckKind = "learned",
+                 strides: Strides = (4, 8, 16, 32), neck_channels: NeckChannels = None,
+                 band_map: BandMap = None, missing_bands: MissingBands = "error",
+                 extra_bands: ExtraBands = "drop", drop_path_rate: OpenFraction = 0.0) -> None:
         super().__init__()
         self.name = str(name)
-        check_policies(missing_bands, extra_bands)
         registry = terratorch_registry()
         with terratorch_leaves_the_process_as_it_was():
             self.check_name(registry)
@@ -156,13 +161,7 @@ class GFMEncoder(nn.Module):
             self.load_weights(weights)
             log.info("model.encoder: loaded %s %s from %s", self.family, self.name, weights)
         self.extend_patch_embeddings()
-        depth = self.depth
-        levels = len(list(strides))
-        indices = list(out_indices) if out_indices is not None else default_out_indices(depth, levels)
-        if len(indices) != levels or any(not -depth <= int(i) < depth for i in indices):
-            raise ConfigError(f"model.encoder.out_indices={list(indices)} must name {levels} blocks (one per level of "
-                              f"strides={list(strides)}) of the {depth} that {self.family} {self.name} has.")
-        self.out_indices = [int(i) % depth for i in indices]
+        self.out_indices = self._block_indices(out_indices, strides)
         self.neck = ViTPyramidNeck(self.embed_dim, self.patch_size, strides, neck, neck_channels)
         self.out_channels: list[int] = list(self.neck.out_channels)
         self.reductions: list[int] = list(self.neck.strides)
@@ -170,6 +169,15 @@ class GFMEncoder(nn.Module):
             self.register_buffer(f"_sources_{i}", torch.tensor([s if s >= 0 else in_chans for s in m.sources],
                                                                 dtype=torch.long), persistent=False)
         self.needs_zeros = any(s < 0 for m in self.mappings for s in m.sources)
+
+    def _block_indices(self, out_indices: Sequence[int] | None, strides: Sequence[int]) -> list[int]:
+        """The ViT blocks whose tokens make the pyramid levels: one per level of `strides`, blocks of this model."""
+        depth, levels = self.depth, len(list(strides))
+        indices = list(out_indices) if out_indices is not None else default_out_indices(depth, levels)
+        if len(indices) != levels or any(not -depth <= int(i) < depth for i in indices):
+            raise ConfigError(f"model.encoder.out_indices={list(indices)} must name {levels} blocks (one per level of "
+                              f"strides={list(strides)}) of the {depth} that {self.family} {self.name} has.")
+        return [int(i) % depth for i in indices]
 
     # -- what subclasses provide ----------------------------------------------------------------------
     def check_name(self, registry: Any) -> None:
@@ -245,11 +253,11 @@ class PrithviEncoder(GFMEncoder):
     family = "Prithvi"
 
     def __init__(self, in_chans: int, bands: Mapping[str, Sequence[str]] | None = None,
-                 name: str = "prithvi_eo_v2_300", pretrained: str | None = None,
-                 out_indices: Sequence[int] | None = None, neck: str = "learned",
-                 strides: Sequence[int] = (4, 8, 16, 32), neck_channels: Sequence[int] | int | None = None,
-                 band_map: Mapping[str, str] | None = None, missing_bands: str = "error",
-                 extra_bands: str | Sequence[str] = "drop", drop_path_rate: float = 0.0) -> None:
+                 name: Annotated[str, Hint("a Prithvi-EO backbone of TerraTorch")] = "prithvi_eo_v2_300",
+                 pretrained: Pretrained = None, out_indices: OutIndices = None, neck: NeckKind = "learned",
+                 strides: Strides = (4, 8, 16, 32), neck_channels: NeckChannels = None,
+                 band_map: BandMap = None, missing_bands: MissingBands = "error",
+                 extra_bands: ExtraBands = "drop", drop_path_rate: OpenFraction = 0.0) -> None:
         super().__init__(in_chans, bands, name, pretrained, out_indices, neck, strides, neck_channels, band_map,
                          missing_bands, extra_bands, drop_path_rate)
 
@@ -336,15 +344,17 @@ class TerraMindEncoder(GFMEncoder):
     family = "TerraMind"
 
     def __init__(self, in_chans: int, bands: Mapping[str, Sequence[str]] | None = None,
-                 name: str = "terramind_v1_base", pretrained: str | None = None,
-                 modality_map: Mapping[str, str] | None = None, merge: str = "mean",
-                 out_indices: Sequence[int] | None = None, neck: str = "learned",
-                 strides: Sequence[int] = (4, 8, 16, 32), neck_channels: Sequence[int] | int | None = None,
-                 band_map: Mapping[str, str] | None = None, missing_bands: str = "error",
-                 extra_bands: str | Sequence[str] = "drop", drop_path_rate: float = 0.0) -> None:
-        if merge not in ("mean", "max", "concat"):
-            raise ConfigError(f"model.encoder.merge={merge!r} must be mean, max or concat (how TerraMind merges the "
-                              "tokens of several modalities at one patch).")
+                 name: Annotated[str, Hint("a TerraMind v1 backbone of TerraTorch")] = "terramind_v1_base",
+                 pretrained: Pretrained = None,
+                 modality_map: Annotated[Mapping[str, str] | None,
+                                         Hint("dataset modality -> TerraMind input (S2L1C, S2L2A, S1GRD, S1RTC, RGB, "
+                                              "DEM)")] = None,
+                 merge: Annotated[Literal["mean", "max", "concat"],
+                                  Hint("how the tokens of several modalities at one patch are merged")] = "mean",
+                 out_indices: OutIndices = None, neck: NeckKind = "learned",
+                 strides: Strides = (4, 8, 16, 32), neck_channels: NeckChannels = None,
+                 band_map: BandMap = None, missing_bands: MissingBands = "error",
+                 extra_bands: ExtraBands = "drop", drop_path_rate: OpenFraction = 0.0) -> None:
         self.modality_map = {str(k): str(v).upper() for k, v in (modality_map or {}).items()}
         self.merge = merge
         super().__init__(in_chans, bands, name, pretrained, out_indices, neck, strides, neck_channels, band_map,

@@ -17,14 +17,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Annotated, Literal
 
 import torch
+from annotated_types import MinLen
 from torch import nn
 from torch.nn import functional as F
 
 from segplat.errors import ConfigError
+from segplat.schema import Hint, PositiveInt
 
-NECKS = ("learned", "interpolate")
+NeckKind = Annotated[Literal["learned", "interpolate"],
+                     Hint("learned: ViTDet's simple feature pyramid; interpolate: bilinear only")]
+Strides = Annotated[Sequence[PositiveInt], MinLen(1), Hint("the levels' input strides, finest first")]
+NeckChannels = Annotated[PositiveInt | Sequence[PositiveInt] | None,
+                         Hint("per-level widths after a 1x1 projection (or one for all); null = the neck's own")]
 
 
 def default_out_indices(depth: int, levels: int) -> list[int]:
@@ -61,13 +68,11 @@ class _Level(nn.Module):
 class ViTPyramidNeck(nn.Module):
     """Token maps at the patch stride -> `len(strides)` maps at the given input strides (finest first)."""
 
-    def __init__(self, dim: int, patch_size: int, strides: Sequence[int] = (4, 8, 16, 32), kind: str = "learned",
-                 channels: Sequence[int] | int | None = None) -> None:
+    def __init__(self, dim: int, patch_size: int, strides: Strides = (4, 8, 16, 32), kind: NeckKind = "learned",
+                 channels: NeckChannels = None) -> None:
         super().__init__()
-        if kind not in NECKS:
-            raise ConfigError(f"model.encoder.neck={kind!r} is not a neck; choose one of {', '.join(NECKS)}.")
         strides = [int(s) for s in strides]
-        if not strides or any(s < 1 for s in strides) or strides != sorted(strides):
+        if strides != sorted(strides):
             raise ConfigError(f"model.encoder.strides={strides} must be positive and increasing (finest first), "
                               "e.g. [4, 8, 16, 32].")
         if isinstance(channels, int):
