@@ -70,8 +70,8 @@ def load_for_inference(location: str | Path, device: str | torch.device = "cpu",
     if not state.get("config"):
         raise CheckpointError(f"checkpoint {path} carries no config (written by an older segplat); predict from a "
                               "run trained with this version.")
-    data = DataFacts.from_state(state.get("data"), path)
     cfg = inference_config(state, path, searchpath)
+    data = DataFacts.from_state(state.get("data"), path)
     check_belongs_to_run(location, path, cfg)
     specs = data.specs
     modalities = {m: len(s.bands) for m, s in specs.items()}
