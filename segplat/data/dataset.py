@@ -89,25 +89,27 @@ class PatchDataset(Dataset):
         self.align = grid_alignment(scales.values())
         self.ignore_index = store.ignore_index
         self.num_classes = len(store.classes)
-        meta = store.tiles_meta(split)
+        self._index(store.tiles_meta(split))
+        self._store: PatchStore | None = store  # reused by this process's first _open (opening costs requests remotely)
+        self._group = None
+        self._pid: int | None = os.getpid()
+
+    def _index(self, meta: list[dict[str, Any] | None]) -> None:
+        """The samples: a tile per training draw (`patches_per_tile` each), or the validation windows of each tile."""
         self.tiles = [i for i, m in enumerate(meta) if m is not None]  # skipped samples leave empty tiles
         # the scene's part of each tile (rows, columns from the top left); the rest is padding, never cropped alone
-        self.valid_size = {t: tuple(int(v) for v in meta[t].get("window", [0, 0, self.tile_size,
-                                                                           self.tile_size])[2:4])
-                           for t in self.tiles}
+        full = [0, 0, self.tile_size, self.tile_size]
+        self.valid_size = {t: tuple(int(v) for v in meta[t].get("window", full)[2:4]) for t in self.tiles}
         # validation: windows over the scene's part only, each label pixel scored once (`owned` rows and columns)
         self.owned: list[tuple[int, int]] = []
         if self.train:
             self.index = [(t, None) for t in self.tiles for _ in range(self.patches_per_tile)]
-        else:
-            self.index = []
-            for t in self.tiles:
-                ys, xs = (self._grid(n) for n in self.valid_size[t])
-                self.index += [(t, (y, x)) for y, _ in ys for x, _ in xs]
-                self.owned += [(oy, ox) for _, oy in ys for _, ox in xs]
-        self._store: PatchStore | None = store  # reused by this process's first _open (opening costs requests remotely)
-        self._group = None
-        self._pid: int | None = os.getpid()
+            return
+        self.index = []
+        for t in self.tiles:
+            ys, xs = (self._grid(n) for n in self.valid_size[t])
+            self.index += [(t, (y, x)) for y, _ in ys for x, _ in xs]
+            self.owned += [(oy, ox) for _, oy in ys for _, ox in xs]
 
     def _grid(self, length: int) -> list[tuple[int, int]]:
         """(start, first owned pixel within the window) of validation windows covering `length` scene pixels: the
