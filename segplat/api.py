@@ -14,7 +14,6 @@ them.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segplat.errors import ConfigError
+from segplat.messages import must_be, not_a_key, not_known
 
 
 def create_model(name: str, modalities: Mapping[str, int], num_classes: int,
@@ -38,8 +38,8 @@ def create_model(name: str, modalities: Mapping[str, int], num_classes: int,
     """
     from hydra.errors import MissingConfigException
 
-    from segplat.config import check_model_fusion
     from segplat.models.build import build_model
+    from segplat.rules import check_model_fusion
     from segplat.schema import check_targets
     from segplat.utils.searchpath import searchpath_override
     from segplat.utils.task import compose_config, user_error_in
@@ -51,39 +51,39 @@ def create_model(name: str, modalities: Mapping[str, int], num_classes: int,
     except MissingConfigException as err:
         group, _, value = str(getattr(err, "missing_cfg_file", "")).rpartition("/")
         options = [str(o) for o in getattr(err, "options", None) or []]
-        near = difflib.get_close_matches(value, options, n=1)
-        hint = f"did you mean {near[0]!r}? " if near else ""
-        raise ConfigError(f"create_model: {value!r} is not a {group or 'config'} preset; {hint}choose one of "
-                          f"{', '.join(options)}.") from err
+        raise ConfigError("create_model: " + not_known(group or "config", value, options)) from err
     model_cfg = cfg.model
     # a preset that takes the fusion group points at it (`fusion: ${fusion}`); others hold their own
     takes_group = "fusion" in model_cfg and OmegaConf.is_interpolation(model_cfg, "fusion")
     if isinstance(fusion, Mapping):
-        _merge(cfg if takes_group else model_cfg, {"fusion": dict(fusion)}, "fusion")
-    _merge(model_cfg, overrides, f"model {name!r}")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"create_model: num_classes={num_classes!r} must be a positive integer.")
+        _merge(cfg if takes_group else model_cfg, {"fusion": dict(fusion)}, "" if takes_group else "model")
+    _merge(model_cfg, overrides, "model")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError("create_model: " + must_be("num_classes", num_classes, "a positive integer"))
     modalities = {str(k): int(v) for k, v in dict(modalities).items()}
     with open_dict(cfg):
         cfg.dataset.modalities = list(modalities)
-    check_targets(cfg.fusion, root="fusion")  # every key against its target's signature, as the tasks do
-    check_targets(model_cfg, root="model")
-    check_model_fusion(cfg)  # the same refusal as the CLI's, e.g. a fusion a preset with a fixed one would ignore
+    try:
+        check_targets(cfg.fusion, root="fusion")  # every key against its target's signature, as the tasks do
+        check_targets(model_cfg, root="model")
+        check_model_fusion(cfg)  # the same refusal as the CLI's, e.g. a fusion a preset with a fixed one would ignore
+    except ConfigError as err:
+        raise ConfigError(f"create_model: {err}") from None
     try:
         return build_model(model_cfg, modalities, num_classes)
     except Exception as err:  # Hydra wraps what a constructor raises; give the user's error itself
         raise (user_error_in(err) or err) from err
 
 
-def _merge(node: DictConfig, values: Mapping[str, Any], what: str) -> None:
-    """Merge plain values into a composed node, refusing keys it does not have (struct mode)."""
+def _merge(node: DictConfig, values: Mapping[str, Any], where: str) -> None:
+    """Merge plain values into a composed node (mounted at `where`), refusing keys it does not have."""
     for key, value in values.items():
+        full = f"{where}.{key}" if where else str(key)
         if key not in node:
-            near = difflib.get_close_matches(key, [str(k) for k in node], n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else f"; its keys are {', '.join(str(k) for k in node)}."
-            raise ConfigError(f"create_model: {what} has no key {key!r}{hint}")
+            keys = [str(k) for k in node if not str(k).startswith("_")]
+            raise ConfigError("create_model: " + not_a_key(full, where, keys))
         if isinstance(value, Mapping) and OmegaConf.is_dict(node[key]):
-            _merge(node[key], value, f"{what}.{key}")
+            _merge(node[key], value, full)
         else:
             with open_dict(node):
                 node[key] = value

@@ -9,26 +9,40 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
-from segplat.config import check_values
+from segplat.config import CheckpointTask, check_values
 from segplat.errors import ConfigError, DataError
 from segplat.inference import forward_batch, load_for_inference
 from segplat.metrics import ConfusionMatrix, metrics_from_confusion
 from segplat.plots import plot_confusion
 from segplat.predict import choose_device
+from segplat.schema import Hint, check_targets, section
 from segplat.utils.console import say
 from segplat.utils.io import atomic_write, atomic_write_json
 from segplat.utils.task import CONF_DIR, remove_if_no_results, run_dir_of, task_wrapper, with_config_hints
 
 log = logging.getLogger("segplat")
+
+
+@section
+class EvaluateTask(CheckpointTask):
+    """The keys of `python -m segplat.evaluate` (conf/evaluate.yaml), checked first by `run_evaluation`."""
+
+    split: Annotated[str | None, Hint("null: the split the run validated on")] = None
+    protocol: Annotated[Literal["standard", "isprs"],
+                        Hint("isprs: eroded labels, clutter left out of the class means")] = "standard"
+    exclude_classes: Sequence[str] = ()
+    # merged onto the checkpoint's dataset config where not null (its keys are checked there, against DataModule)
+    dataset: Mapping[str, Any] = field(default_factory=dict)
 
 
 def means_without(metrics: dict[str, Any], exclude: Sequence[str]) -> dict[str, float]:
@@ -50,9 +64,7 @@ def evaluate(cfg: DictConfig) -> float:
 
 
 def run_evaluation(cfg: DictConfig) -> float:
-    check_values(cfg)
-    if cfg.protocol not in ("standard", "isprs"):
-        raise ConfigError(f"protocol={cfg.protocol} is not known; use standard or isprs.")
+    check_values(cfg, EvaluateTask)
     device = choose_device(cfg.device)
     loaded = load_for_inference(cfg.ckpt, device=device)
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if v is not None}
@@ -70,6 +82,7 @@ def run_evaluation(cfg: DictConfig) -> float:
     unknown = [c for c in exclude if c not in loaded.classes]
     if unknown:
         raise ConfigError(f"exclude_classes names {unknown}, which are not classes of this model ({loaded.classes}).")
+    check_targets(ds_cfg, root="dataset")  # the checkpoint's dataset config with this command's keys on top
     datamodule = hydra.utils.instantiate(ds_cfg)
     info = datamodule.setup()
     if list(info.classes) != loaded.classes:

@@ -14,7 +14,6 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,11 +24,18 @@ from tqdm.auto import tqdm
 
 from segplat.data.layouts.base import ModalitySpec
 from segplat.data.preprocess import Preprocessor
-from segplat.data.windows import window_starts
-from segplat.engine.checkpoint import check_belongs_to_run, find_checkpoint, inference_config, load_checkpoint
+from segplat.data.windows import check_grid_alignment, grid_alignment, window_starts
+from segplat.engine.checkpoint import (
+    DataFacts,
+    check_belongs_to_run,
+    find_checkpoint,
+    inference_config,
+    load_checkpoint,
+)
 from segplat.engine.forward import TTAView, forward_batch
 from segplat.errors import CheckpointError, ConfigError, DataError
 from segplat.models.build import build_model
+from segplat.schema import OpenFraction, PositiveFloat, PositiveInt
 
 
 @dataclass
@@ -61,20 +67,20 @@ def load_for_inference(location: str | Path, device: str | torch.device = "cpu",
     searchpath = command_searchpath() if searchpath is None else searchpath
     path = find_checkpoint(location, prefer=prefer)
     state = load_checkpoint(path)
-    data = state.get("data")
-    if not data or not state.get("config"):
-        raise CheckpointError(f"checkpoint {path} carries no config or data facts (written by an older segplat); "
-                              "predict from a run trained with this version.")
+    if not state.get("config"):
+        raise CheckpointError(f"checkpoint {path} carries no config (written by an older segplat); predict from a "
+                              "run trained with this version.")
     cfg = inference_config(state, path, searchpath)
+    data = DataFacts.from_state(state.get("data"), path)
     check_belongs_to_run(location, path, cfg)
-    specs = {m: ModalitySpec.from_attrs(a) for m, a in data["modalities"].items()}
+    specs = data.specs
     modalities = {m: len(s.bands) for m, s in specs.items()}
-    model = build_model(cfg.model, modalities, len(data["classes"]), {m: s.bands for m, s in specs.items()})
+    model = build_model(cfg.model, modalities, len(data.classes), {m: s.bands for m, s in specs.items()})
     model.load_state_dict(state["model"])
     model.eval().to(device)
-    pre = Preprocessor(specs, data["stats"], list(specs))
-    return LoadedModel(model, pre, specs, list(data["classes"]), [list(c) for c in data["palette"]],
-                       int(data["ignore_index"]), int(data.get("patch_size") or 256), cfg, path)
+    pre = Preprocessor(specs, data.stats, list(specs))
+    return LoadedModel(model, pre, specs, list(data.classes), [list(c) for c in data.palette], data.ignore_index,
+                       data.patch_size, cfg, path)
 
 
 # -- window geometry -------------------------------------------------------------------------------------
@@ -85,16 +91,6 @@ def blend_weights(size: int, kind: str = "cosine") -> np.ndarray:
     ramp = 0.5 * (1 - np.cos(2 * np.pi * (np.arange(size) + 0.5) / size))
     w = np.outer(ramp, ramp).astype(np.float32)
     return np.maximum(w, 1e-3)
-
-
-def grid_alignment(specs: Mapping[str, ModalitySpec]) -> int:
-    """Label pixels a window start must be a multiple of so that it falls on a whole pixel of every modality
-    (8 for a 1/8 grid): a start between coarse pixels would pair the window with ground half a pixel away."""
-    align = 1
-    for spec in specs.values():
-        denominator = Fraction(spec.scale).limit_denominator(1024).denominator
-        align = align * denominator // math.gcd(align, denominator)
-    return align
 
 
 @dataclass(frozen=True)
@@ -225,33 +221,24 @@ class SlidingWindowPredictor:
     whatever the scene's height; `predict` collects the bands of an in-memory scene.
     """
 
-    def __init__(self, loaded: LoadedModel, window: int | None = None, overlap: float = 0.25, batch_size: int = 4,
-                 flips: bool = False, scales: Sequence[float] = (1.0,), device: str | torch.device = "cpu",
-                 bf16: bool | None = None, progress: bool = True) -> None:
-        if not 0 <= overlap < 1:
-            raise ConfigError(f"overlap={overlap} must be in [0, 1).")
-        if int(batch_size) < 1:
-            raise ConfigError(f"batch_size={batch_size} must be at least 1.")
+    def __init__(self, loaded: LoadedModel, window: PositiveInt | None = None, overlap: OpenFraction = 0.25,
+                 batch_size: PositiveInt = 4, flips: bool = False, scales: Sequence[PositiveFloat] = (1.0,),
+                 device: str | torch.device = "cpu", bf16: bool | None = None, progress: bool = True) -> None:
+        """Each argument's range is its type (the predict task's keys are checked against the same types); what
+        is checked here is the window against the model: its size in memory and on every modality's grid."""
         self.loaded = loaded
         self.window = int(window or loaded.patch_size)
-        if self.window < 1:
-            raise ConfigError(f"window={window} must be a positive number of pixels (or null for the training "
-                              "patch size).")
         if self.window > MAX_WINDOW:
             per_window = self.window ** 2 * (len(loaded.classes) + 2) * 4 / 2**30
             raise ConfigError(f"window={self.window} is larger than {MAX_WINDOW} px: one window's weights and logits "
                               f"alone would take {per_window:.1f} GiB; scenes of any size are tiled, so use a window "
                               f"near the training patch size ({loaded.patch_size}).")
-        self.align = grid_alignment(loaded.specs)
-        if self.window % self.align:
-            coarse = [f"{m} (scale {s.scale:g})" for m, s in loaded.specs.items() if (self.window * s.scale) % 1]
-            raise ConfigError(f"window={self.window} does not map to whole pixels of {', '.join(coarse)}; use a "
-                              f"multiple of {self.align}.")
+        scales_of = {m: s.scale for m, s in loaded.specs.items()}
+        check_grid_alignment(self.window, scales_of, "window")
+        self.align = grid_alignment(scales_of.values())
         stride = round(self.window * (1 - overlap))
         self.stride = max(self.align, stride - stride % self.align)
         self.batch_size = int(batch_size)
-        if any(float(s) <= 0 for s in scales):
-            raise ConfigError(f"tta.scales={list(scales)} must be positive factors.")
         if any(float(s) != 1.0 for s in scales) and any(s.temporal for s in loaded.specs.values()):
             raise ConfigError("tta.scales other than 1.0 cannot resize the time series this model takes; use "
                               "tta.scales=[1.0].")

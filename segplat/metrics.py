@@ -82,23 +82,3 @@ def validation_metric_names(class_names: Sequence[str]) -> list[str]:
 def monitor_mode(monitor: str) -> str:
     """The direction in which a validation metric improves: losses fall, scores rise."""
     return "min" if monitor.endswith("loss") else "max"
-
-
-def check_monitor(monitor: str, class_names: Sequence[str], mode: str | None = None) -> None:
-    """`callbacks.monitor` must be a metric validation logs, followed in its own direction (`mode`, when given);
-    refused in one sentence with the nearest metric or the mode to set."""
-    import difflib
-
-    from segplat.errors import ConfigError
-
-    names = validation_metric_names(class_names)
-    if monitor not in names:
-        near = difflib.get_close_matches(monitor, names, n=1)
-        hint = f"did you mean {near[0]}? " if near else ""
-        raise ConfigError(f"callbacks.monitor={monitor} is not a metric validation logs; {hint}choose one of "
-                          f"{', '.join(names)}.")
-    if mode is not None and mode != monitor_mode(monitor):
-        want = monitor_mode(monitor)
-        raise ConfigError(f"callbacks.monitor={monitor} {'falls' if want == 'min' else 'rises'} as the model improves, "
-                          f"but callbacks.mode={mode}: the best checkpoint, early stopping, the plateau schedule and a "
-                          f"sweep's direction would all follow it the wrong way; set callbacks.mode={want}.")

@@ -15,8 +15,10 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+from collections.abc import Mapping
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import hydra
 from hydra.utils import instantiate
@@ -25,13 +27,35 @@ from omegaconf import DictConfig
 from segplat.config import check_values, register_resolvers
 from segplat.data.store import COMPLETE_MARKER, PatchStore, is_complete, read_marker, verify_store
 from segplat.data.store_location import ObjectAccess, check_access
-from segplat.errors import ConfigError, DataError, SegplatError
+from segplat.errors import DataError, SegplatError
+from segplat.schema import Hint, section
 from segplat.utils.console import say
 from segplat.utils.searchpath import check_command_configs
 from segplat.utils.task import CONF_DIR, with_config_hints
 
 log = logging.getLogger("segplat")
 register_resolvers()
+
+
+@section
+class ProgressOnly:
+    """`trainer` in prepare: the one trainer key dataset configs read (`progress: ${trainer.progress}`)."""
+
+    progress: bool = True
+
+
+@section
+class PrepareTask:
+    """The keys of `python -m segplat.prepare` (conf/prepare.yaml) beside `dataset`, checked first by `prepare`."""
+
+    paths: Mapping[str, Any] = field(default_factory=dict)
+    task_name: str = "prepare"
+    seed: int = 42
+    force: Annotated[bool, Hint("rebuild even when a complete store with the same fingerprint exists")] = False
+    verify: Annotated[Literal["deep", "quick"],
+                      Hint("deep = every checksum and label value, quick = structure and chunk presence")] = "deep"
+    trainer: ProgressOnly = field(default_factory=ProgressOnly)
+    dataset: Any = None  # a DataModule config: checked against its signature
 
 
 def summarise(store: PatchStore) -> dict[str, Any]:
@@ -48,10 +72,8 @@ def summarise(store: PatchStore) -> dict[str, Any]:
 
 def prepare(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     """Prepare or verify the store of `cfg.dataset`; returns its path (or URI) and a summary."""
-    check_values(cfg)
+    check_values(cfg, PrepareTask)
     verify = str(cfg.get("verify", "deep"))
-    if verify not in ("deep", "quick"):
-        raise ConfigError(f"verify={verify} is not known; use deep (every checksum and label value) or quick.")
     dm = instantiate(cfg.dataset)
     _, location, fingerprint = dm.locate()
     check_access(location)

@@ -58,7 +58,7 @@ OpenFraction = Annotated[float, Ge(0), Lt(1)]  # an overlap, a dropout rate: 1 w
 def section(cls: type) -> type:
     """Mark a dataclass as a closed nested config section: its fields are the only keys it takes, each checked
     against its type, and a refusal names the full key (`dataset.layout.modalities.rgb.nodta`)."""
-    if not dataclasses.is_dataclass(cls):
+    if "__dataclass_fields__" not in cls.__dict__:  # a subclass of a dataclass adds fields only once made one
         cls = dataclasses.dataclass(cls)
     cls.__segplat_section__ = True  # type: ignore[attr-defined]
     return cls
@@ -348,9 +348,29 @@ def _accepts(tp: Any, value: Any) -> bool:
         if isinstance(value, list):
             return _accepts(tp, _tuples(value))
         return isinstance(value, str) and _takes_path(tp) and _accepts_text_path(tp, value)
-    except Exception:  # a hint pydantic cannot build a validator for (an arbitrary class): not checked here
-        return True
+    except Exception:  # a hint pydantic cannot build a validator for (an arbitrary class): its shape only
+        return _shape_fits(tp, value)
     return True
+
+
+def _shape_fits(tp: Any, value: Any) -> bool:
+    """Whether `value` has the container shape of some member of `tp` (a mapping for `Mapping[str, nn.Module]`, a
+    list for a sequence; null where optional); members that are arbitrary classes take anything (a `_target_`)."""
+    for member in _members(_strip(tp)[0]):
+        base = _strip(member)[0]
+        origin = get_origin(base) or base
+        if base is type(None):
+            if value is None:
+                return True
+        elif isinstance(origin, type) and issubclass(origin, Mapping):
+            if isinstance(value, Mapping):
+                return True
+        elif isinstance(origin, type) and issubclass(origin, Sequence) and origin is not str:
+            if isinstance(value, list | tuple):
+                return True
+        else:
+            return True
+    return False
 
 
 def _tuples(value: Any) -> Any:
@@ -374,20 +394,26 @@ def _accepts_text_path(tp: Any, value: str) -> bool:
     return True
 
 
-def _section_in(tp: Any) -> tuple[str, Any] | None:
-    """Where a closed section sits in `tp`: ("self" | "items" | "values", section type), or None."""
+def _section_in(tp: Any, value: Any = None) -> tuple[str, Any] | None:
+    """Where a closed section sits in `tp`: ("self" | "items" | "values", section type), or None. In a union with
+    other types (`PositiveInt | PerSensor`), the section is the one a mapping (or list) value means."""
     base, _ = _strip(tp)
     members = [m for m in _members(base) if m is not type(None)]
-    if len(members) != 1:
-        return None
-    inner, _ = _strip(members[0])
-    if is_section(inner):
-        return "self", inner
-    origin, args = get_origin(inner), get_args(inner)
-    if origin in (list, tuple, Sequence) and args and is_section(_strip(args[0])[0]):
-        return "items", _strip(args[0])[0]
-    if origin in (dict, Mapping) and len(args) == 2 and is_section(_strip(args[1])[0]):
-        return "values", _strip(args[1])[0]
+    found = []
+    for member in members:
+        inner, _ = _strip(member)
+        origin, args = get_origin(inner), get_args(inner)
+        if is_section(inner):
+            found.append(("self", inner))
+        elif origin in (list, tuple, Sequence) and args and is_section(_strip(args[0])[0]):
+            found.append(("items", _strip(args[0])[0]))
+        elif origin in (dict, Mapping) and len(args) == 2 and is_section(_strip(args[1])[0]):
+            found.append(("values", _strip(args[1])[0]))
+    if len(members) == 1:
+        return found[0] if found else None
+    for kind, cls in found:
+        if isinstance(value, list) if kind == "items" else isinstance(value, Mapping):
+            return kind, cls
     return None
 
 
@@ -395,7 +421,7 @@ def check_value(key: str, tp: Any, value: Any) -> None:
     """Refuse `value` for `key` unless it is of type `tp` (strictly), recursing into closed sections."""
     if tp is Any or tp is inspect.Parameter.empty or _is_target(value) or value == "???":
         return
-    where = _section_in(tp)
+    where = _section_in(tp, value)
     if where is not None and value is not None:
         kind, cls = where
         if kind == "self" and isinstance(value, Mapping):
@@ -417,13 +443,40 @@ def check_value(key: str, tp: Any, value: Any) -> None:
 
 
 def check_section(key: str, cls: type, value: Mapping[str, Any]) -> None:
-    """A closed section: only its fields, each of its type."""
+    """A closed section: only its fields, each of its type (`key` "" for a task's top-level keys)."""
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for name, item in value.items():
+        full = f"{key}.{name}" if key else str(name)
         if name not in names:
-            raise ConfigError(not_a_key(f"{key}.{name}", key, names))
-        check_value(f"{key}.{name}", hints.get(name, Any), item)
+            raise ConfigError(not_a_key(full, key, names))
+        check_value(full, hints.get(name, Any), item)
+
+
+S = typing.TypeVar("S")
+
+
+def build_section(cls: type[S], value: Mapping[str, Any] | S | None) -> S:
+    """A section's dataclass from its config mapping (checked by the walker before), nested sections included, or
+    its defaults for null."""
+    if isinstance(value, cls):
+        return value
+    from segplat.utils.plain import to_plain
+
+    hints = _hints(cls)
+    given = dict(to_plain(value) or {})
+    for name, item in given.items():
+        where = _section_in(hints.get(name, Any), item)
+        if where is None or item is None:
+            continue
+        kind, inner = where
+        if kind == "self" and isinstance(item, Mapping):
+            given[name] = build_section(inner, item)
+        elif kind == "items" and isinstance(item, list):
+            given[name] = [build_section(inner, v) for v in item]
+        elif kind == "values" and isinstance(item, Mapping):
+            given[name] = {k: build_section(inner, v) for k, v in item.items()}
+    return cls(**given)
 
 
 def _is_target(value: Any) -> bool:
@@ -474,7 +527,7 @@ def check_node(path: str, node: Mapping[str, Any]) -> None:
             check_value(full, param.annotation, value)
 
 
-def _plain(cfg: Any) -> Any:
+def plain_config(cfg: Any) -> Any:
     """The config as plain Python with interpolations resolved where they can be (a `${hydra:...}` outside a
     running app stays as written)."""
     if not isinstance(cfg, DictConfig | ListConfig):
@@ -484,11 +537,11 @@ def _plain(cfg: Any) -> Any:
     except Exception:
         pass
     if isinstance(cfg, ListConfig):
-        return [_plain(v) for v in cfg]
+        return [plain_config(v) for v in cfg]
     out: dict[str, Any] = {}
     for key in cfg:
         try:
-            out[str(key)] = _plain(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
+            out[str(key)] = plain_config(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
         except Exception:
             out[str(key)] = OmegaConf.to_container(cfg, resolve=False)[key]
     return out
@@ -497,7 +550,7 @@ def _plain(cfg: Any) -> Any:
 def check_targets(cfg: Any, root: str = "", skip: Sequence[str] = ("hydra",)) -> None:
     """Every `_target_` node of `cfg` (a composed config or any section of one, mounted at `root`) against its
     target's signature; the first wrong key stops with one sentence naming its full key."""
-    tree = _plain(cfg)
+    tree = plain_config(cfg)
     if isinstance(tree, Mapping):
         tree = {k: v for k, v in tree.items() if k not in skip}
     for path, node in target_nodes(tree, root):

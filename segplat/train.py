@@ -19,11 +19,11 @@ from omegaconf import DictConfig
 
 from segplat.config import check_config, register_resolvers
 from segplat.engine import interrupt
-from segplat.engine.checkpoint import RunFacts, check_resumed_config
+from segplat.engine.checkpoint import RunFacts
 from segplat.engine.loggers import TRIAL_ENV, Tracker
 from segplat.errors import ConfigError, DataError
-from segplat.metrics import check_monitor
 from segplat.models.build import build_model
+from segplat.rules import check_model_inputs, check_monitor, check_resumed_config
 from segplat.utils.console import say
 from segplat.utils.dist import is_main_process
 from segplat.utils.seed import seed_everything
@@ -106,6 +106,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> float:
     expected = datamodule.describe()
     # a typo or a wrong direction stops here, not after the first epoch
     check_monitor(str(cfg.callbacks.monitor), expected.classes, str(cfg.callbacks.mode))
+    check_model_inputs(get_class(cfg.model._target_), expected.specs)  # time series a model cannot take
     model = build_model(cfg.model, expected.modalities, expected.num_classes, expected.bands)
     # loss, optimiser, schedule and callbacks too: a refused key stops here, before the store is prepared
     loss = instantiate(cfg.loss)

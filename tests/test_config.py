@@ -14,6 +14,7 @@ from segplat.data.layouts.base import Layout
 from segplat.errors import ConfigError
 from segplat.models.encoders.gfm.encoders import import_terratorch
 from segplat.models.fusion import FusionSpec
+from segplat.schema import check_targets
 from tests.conftest import CONF_DIR, compose_train
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith(("hydra", "sweep")))
@@ -87,7 +88,7 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path: Pat
         assert dm.patch_size <= dm.tile_size
         layout_cls = get_class(cfg.dataset.layout._target_)
         assert issubclass(layout_cls, Layout)
-        layout_cls.check_config(cfg.dataset.layout)  # the YAML holds only keys the layout takes
+        check_targets(cfg.dataset, root="dataset")  # the YAML holds only keys the layout takes, each of its type
     elif group in ("loss",):
         loss = instantiate(cfg.loss)
         loss.set_ignore_index(255)
@@ -135,14 +136,6 @@ def test_a_word_for_a_true_false_key_is_refused(override: str, key: str) -> None
     with pytest.raises(ConfigError, match=rf"^{key}=\S+ must be true or false\.$"):
         check_config(compose_train([override]))
     check_config(compose_train([f"{key}=false"]))
-
-
-def test_flag_names_come_from_the_shipped_configs() -> None:
-    from segplat.config import flag_names
-
-    names = flag_names()
-    assert {"overwrite", "force", "flips", "progress", "resample", "channels_last"} <= names
-    assert not names & {"name", "lr", "kind", "monitor", "root", "compile_options"}
 
 
 def test_a_missing_required_key_and_a_gpu_that_is_not_there_are_one_sentence(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from segplat.engine.checkpoint import load_checkpoint
 from segplat.engine.finetune import EncoderFineTuning, inner_optimizer
 from segplat.engine.trainer import StopTraining
 from segplat.errors import ConfigError
+from segplat.schema import check_targets
 from segplat.train import train
 from segplat.utils.task import user_error_in
 from tests.conftest import TINY, compose_train
@@ -162,8 +163,9 @@ def test_train_bn_false_on_an_encoder_without_batch_norm_is_refused(tmp_path):
 def test_finetune_config_errors():
     with pytest.raises(ConfigError, match="patience or unfreeze_epoch"):
         EncoderFineTuning(patience=None, unfreeze_epoch=None)
-    with pytest.raises(ConfigError, match="lr_factor"):
-        EncoderFineTuning(lr_factor=0)
+    node = {"_target_": "segplat.engine.finetune.EncoderFineTuning", "lr_factor": 0}
+    with pytest.raises(ConfigError, match=r"^callbacks.finetune.lr_factor=0 must be a positive number\.$"):
+        check_targets(node, root="callbacks.finetune")
 
 
 @pytest.mark.parametrize("monitor,mode", [("val/loss", "min"), ("val/iou_thin_cloud", "max")])

@@ -287,8 +287,10 @@ def test_a_store_that_disagrees_with_its_layout_is_refused_before_training(tmp_p
 
 @pytest.mark.parametrize("override, message", [
     ("loss.aux_weights={f2: 0.5}", r"^loss\.aux_weights names \['f2'\], but model Segmenter returns no auxiliary "),
-    ("callbacks.visuals.every_n_epochs=0", r"^callbacks\.visuals\.every_n_epochs=0 must be 1 or more"),
-    ("callbacks.early_stopping.patience=0", r"^callbacks\.early_stopping\.patience=0 must be 1 or more"),
+    ("callbacks.visuals.every_n_epochs=0", r"^callbacks\.visuals\.every_n_epochs=0 must be a positive integer; to "
+                                           r"render no panels, set callbacks\.visuals=null\.$"),
+    ("callbacks.early_stopping.patience=0", r"^callbacks\.early_stopping\.patience=0 must be a positive integer; "
+                                            r"validations without improvement; to train every epoch"),
     # mode max on a loss kept the worst epoch as best, stopped early while it improved, swept the wrong way
     ("callbacks.monitor=val/loss", r"^callbacks\.monitor=val/loss falls as the model improves, but callbacks\.mode"
                                    r"=max: .* set callbacks\.mode=min\.$"),

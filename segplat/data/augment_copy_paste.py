@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from annotated_types import MinLen
 
 from segplat.data.store import PatchStore
 from segplat.errors import ConfigError
+from segplat.schema import Hint, NonNegativeInt, PositiveInt, Probability, section
 
 
 class StoreDonor:
@@ -78,18 +80,23 @@ def sample_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return mask[ys][:, xs]
 
 
+@section
+class CopyPasteConfig:
+    """`dataset.augment.copy_paste`: which classes to paste, how often and how many regions."""
+
+    classes: Annotated[list[NonNegativeInt], MinLen(1), Hint("the class indices to paste, e.g. [1, 2] for thick "
+                                                             "and thin cloud")]
+    p: Probability = 0.5
+    max_instances: PositiveInt = 3
+    min_area: NonNegativeInt = 16
+    tries: PositiveInt = 4
+
+
 class CopyPaste:
     """Paste 1..`max_instances` connected regions of `classes` from a donor crop, with probability `p`."""
 
     def __init__(self, donor: Any, classes: Sequence[int], p: float = 0.5, max_instances: int = 3,
                  min_area: int = 16, ignore_index: int = 255, tries: int = 4) -> None:
-        if not classes:
-            raise ConfigError("dataset.augment.copy_paste.classes is empty; list the class indices to paste "
-                              "(e.g. [1, 2] for thick and thin cloud).")
-        if not 0.0 <= float(p) <= 1.0:
-            raise ConfigError(f"dataset.augment.copy_paste.p={p} is a probability; use a value in [0, 1].")
-        if int(max_instances) < 1:
-            raise ConfigError(f"dataset.augment.copy_paste.max_instances={max_instances} must be at least 1.")
         specs = getattr(donor, "specs", {})
         temporal = [m for m, s in specs.items() if getattr(s, "temporal", False)]
         if temporal:

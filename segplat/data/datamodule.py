@@ -19,15 +19,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
 from segplat.data.augment_copy_paste import StoreDonor
-from segplat.data.dataset import PatchDataset, check_patch_size, collate
-from segplat.data.layouts.base import Layout, ModalitySpec, build_layout
+from segplat.data.dataset import PatchDataset, collate
+from segplat.data.layouts.base import LabelValue, Layout, ModalitySpec, build_layout
 from segplat.data.preprocess import PhotometricAugment, Preprocessor
 from segplat.data.store import (
     PatchStore,
@@ -38,8 +38,17 @@ from segplat.data.store import (
     wait_until_complete,
 )
 from segplat.data.store_location import StoreLocation, check_access
-from segplat.data.transforms import build_augment
+from segplat.data.transforms import AugmentConfig, build_augment
 from segplat.errors import ConfigError, DataError
+from segplat.rules import check_patch_size
+from segplat.schema import (
+    Hint,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    build_section,
+)
 from segplat.utils.io import atomic_write_json
 from segplat.utils.plain import to_plain
 
@@ -98,9 +107,6 @@ class ShardSampler(Sampler[int]):
         return len(self._indices())
 
 
-VERIFY_MODES = ("once", "read", "off")
-
-
 @contextmanager
 def _local_lock(store: Path | None) -> Iterator[None]:
     """An exclusive lock beside a local store while it is prepared: the first process of every node prepares a
@@ -118,6 +124,8 @@ def _local_lock(store: Path | None) -> Iterator[None]:
 
 
 class DataModule:
+    """`dataset`: its keys are this constructor's arguments, typed below (checked with the config, before any run)."""
+
     def __init__(
         self,
         name: str,
@@ -127,28 +135,31 @@ class DataModule:
         root_hint: str = "",
         store_dir: str = "~/.cache/segplat/stores",
         store_uri: str | None = None,
-        store_client: str = "fsspec",
-        tiles_per_shard: int = 0,
+        store_client: Annotated[Literal["fsspec", "obstore"], Hint("obstore starts loader workers by forkserver")]
+        = "fsspec",
+        tiles_per_shard: Annotated[NonNegativeInt, Hint("0 = one object per tile; N = zarr v3 shards of N tiles")] = 0,
         cache_dir: str | None = None,
-        cache_max_gb: float = 50.0,
-        prepare_timeout_s: float = 3600.0,
-        verify: str = "once",
+        cache_max_gb: Annotated[PositiveFloat, Hint("gigabytes of the remote store's local cache")] = 50.0,
+        prepare_timeout_s: PositiveFloat = 3600.0,
+        verify: Literal["once", "read", "off"] = "once",
         store_path: str | None = None,
-        tile_size: int = 256,
-        compressor: str | None = "none",
+        tile_size: PositiveInt = 256,
+        compressor: Literal["none", "zstd", "lz4"] | None = "none",
         modalities: Sequence[str] | None = None,
-        patch_size: int = 256,
-        batch_size: int = 8,
-        val_batch_size: int | None = None,
-        num_workers: int = 2,
+        patch_size: PositiveInt = 256,
+        batch_size: Annotated[PositiveInt, Hint("the global batch, split over the processes")] = 8,
+        val_batch_size: PositiveInt | None = None,
+        num_workers: NonNegativeInt = 2,
         train_split: str = "train",
         val_split: str = "val",
-        patches_per_tile: int = 1,
-        class_balanced: float = 0.0,
-        augment: Mapping[str, Any] | None = None,
-        photometric: Mapping[str, Any] | None = None,
+        patches_per_tile: PositiveInt = 1,
+        class_balanced: Annotated[Probability, Hint("the probability that a training crop is centred on a pixel of a "
+                                                    "class drawn evenly from those in its tile: 0 = off, 1 = always")]
+        = 0.0,
+        augment: AugmentConfig | None = None,
+        photometric: PhotometricAugment | None = None,
         seed: int = 0,
-        ignore_index: int = 255,
+        ignore_index: LabelValue = 255,
         progress: bool = True,
     ) -> None:
         self.name = name
@@ -179,30 +190,13 @@ class DataModule:
         self.train_split, self.val_split = train_split, val_split
         self.patches_per_tile = int(patches_per_tile)
         self.class_balanced = float(class_balanced)
-        self.augment_cfg = dict(augment) if augment else None
-        self.photometric_cfg = dict(photometric) if photometric else None
+        self.augment_cfg = dict(to_plain(augment)) if augment else None
+        self.photometric = build_section(PhotometricAugment, photometric) if photometric else None
         self.seed = int(seed)
         self.progress = progress
         self.ignore_index = int(ignore_index)
         self.store: PatchStore | None = None
         self.info: DataInfo | None = None
-        for key, value in (("dataset.patch_size", self.patch_size), ("dataset.batch_size", self.batch_size),
-                           ("dataset.tile_size", self.tile_size), ("dataset.patches_per_tile", self.patches_per_tile)):
-            if value <= 0:
-                raise ConfigError(f"{key}={value} must be a positive integer.")
-        if self.num_workers < 0:
-            raise ConfigError(f"dataset.num_workers={self.num_workers} must be 0 or more.")
-        if not 0.0 <= self.class_balanced <= 1.0:
-            raise ConfigError(f"dataset.class_balanced={self.class_balanced:g} is the probability that a training "
-                              "crop is centred on a pixel of a class drawn evenly from those in its tile; give a value "
-                              "from 0 (off) to 1 (always).")
-        if self.tiles_per_shard < 0:
-            raise ConfigError(f"dataset.tiles_per_shard={self.tiles_per_shard} must be 0 (one object per tile) or a "
-                              "positive number of tiles per shard.")
-        if self.verify not in VERIFY_MODES:
-            raise ConfigError(f"dataset.verify={self.verify} is not known; use one of {', '.join(VERIFY_MODES)}.")
-        if self.prepare_timeout_s <= 0:
-            raise ConfigError(f"dataset.prepare_timeout_s={self.prepare_timeout_s:g} must be positive.")
         if self.cache_dir and not (self.store_uri and str(self.store_uri).startswith("s3://")):
             raise ConfigError(f"dataset.cache_dir={self.cache_dir} caches remote stores only, but "
                               f"dataset.store_uri={self.store_uri} is local; unset dataset.cache_dir.")
@@ -351,7 +345,7 @@ class DataModule:
         self._verify_once(accelerator)
         specs = self._selected(self.store.modalities)
         names = list(specs)
-        check_patch_size(self.patch_size, self.store.tile_size, {m: specs[m] for m in names}, self.name)
+        check_patch_size(self.patch_size, self.store.tile_size, {m: specs[m].scale for m in names}, self.name)
         if self.store.ignore_index != self.ignore_index:
             raise ConfigError(f"dataset.ignore_index={self.ignore_index} differs from the store's "
                               f"{self.store.ignore_index} ({location.uri}); set it to {self.store.ignore_index}.")
@@ -377,10 +371,9 @@ class DataModule:
         assert self.info is not None, "call setup() first"
         augment = None
         if train and self.augment_cfg:
-            cfg = {k: to_plain(v) for k, v in self.augment_cfg.items()}
             donor = StoreDonor(self.location, split, list(self.info.modalities), self.patch_size) \
-                if cfg.get("copy_paste") else None
-            augment = build_augment(cfg, self.info.specs, self.info.ignore_index, donor)
+                if self.augment_cfg.get("copy_paste") else None
+            augment = build_augment(self.augment_cfg, self.info.specs, self.info.ignore_index, donor)
         return PatchDataset(self.location, split, self.patch_size, list(self.info.modalities), train=train,
                             patches_per_tile=self.patches_per_tile, class_balanced=self.class_balanced,
                             augment=augment, seed=self.seed, verify=self.verify == "read")
@@ -407,5 +400,4 @@ class DataModule:
 
     def preprocessor(self) -> Preprocessor:
         assert self.info is not None, "call setup() first"
-        photometric = PhotometricAugment(**self.photometric_cfg) if self.photometric_cfg else None
-        return Preprocessor(self.info.specs, self.info.stats, list(self.info.modalities), photometric, self.seed)
+        return Preprocessor(self.info.specs, self.info.stats, list(self.info.modalities), self.photometric, self.seed)

@@ -13,7 +13,7 @@ A label value outside the classes and the ignore index stops with the store and 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from segplat.data.layouts.base import ModalitySpec
 from segplat.data.store import PatchStore, label_value_error
 from segplat.data.store_location import StoreLocation
-from segplat.data.windows import window_starts
+from segplat.data.windows import grid_alignment, window_starts
 from segplat.errors import ConfigError
+from segplat.rules import check_patch_size
 
 
 class _ArrayHandles(dict):
@@ -45,19 +45,6 @@ class _ArrayHandles(dict):
         reader = self.store.reader(self.split, key, self.verify) if self.memmap else self.group[key]
         self[key] = reader
         return reader
-
-
-def check_patch_size(patch_size: int, tile_size: int, specs: Mapping[str, ModalitySpec], store_name: str) -> None:
-    """The one data-side check of `dataset.patch_size`: it fits the store's tiles and maps to whole pixels of
-    every modality (a 1/8 grid needs multiples of 8)."""
-    if patch_size > tile_size:
-        raise ConfigError(f"dataset.patch_size={patch_size} is larger than the {store_name} tiles ({tile_size} px); "
-                          "lower dataset.patch_size or re-prepare with a larger dataset.tile_size.")
-    for m, spec in specs.items():
-        p = patch_size * spec.scale
-        if abs(p - round(p)) > 1e-6:
-            raise ConfigError(f"dataset.patch_size={patch_size} does not map to whole pixels of {m} "
-                              f"(scale {spec.scale}); use a multiple of {round(1 / spec.scale)}.")
 
 
 class PatchDataset(Dataset):
@@ -95,32 +82,34 @@ class PatchDataset(Dataset):
             raise ConfigError(f"dataset.modalities names {unknown}, which the store {store.path} does not hold; "
                               f"choose from {list(self.specs)}.")
         self.tile_size = store.tile_size
-        check_patch_size(self.patch_size, self.tile_size, {m: self.specs[m] for m in self.modalities},
-                         f"store {store.location.uri}")
+        scales = {m: self.specs[m].scale for m in self.modalities}
+        check_patch_size(self.patch_size, self.tile_size, scales, f"store {store.location.uri}")
         # crop offsets snap to whole pixels of every coarser modality (8 for a 1/8 grid); otherwise a
         # 64x64 grid cut at round(y / 8) would sit up to 4 label pixels off the label crop
-        self.align = max([round(1 / self.specs[m].scale) for m in self.modalities if self.specs[m].scale < 1] or [1])
+        self.align = grid_alignment(scales.values())
         self.ignore_index = store.ignore_index
         self.num_classes = len(store.classes)
-        meta = store.tiles_meta(split)
+        self._index(store.tiles_meta(split))
+        self._store: PatchStore | None = store  # reused by this process's first _open (opening costs requests remotely)
+        self._group = None
+        self._pid: int | None = os.getpid()
+
+    def _index(self, meta: list[dict[str, Any] | None]) -> None:
+        """The samples: a tile per training draw (`patches_per_tile` each), or the validation windows of each tile."""
         self.tiles = [i for i, m in enumerate(meta) if m is not None]  # skipped samples leave empty tiles
         # the scene's part of each tile (rows, columns from the top left); the rest is padding, never cropped alone
-        self.valid_size = {t: tuple(int(v) for v in meta[t].get("window", [0, 0, self.tile_size,
-                                                                           self.tile_size])[2:4])
-                           for t in self.tiles}
+        full = [0, 0, self.tile_size, self.tile_size]
+        self.valid_size = {t: tuple(int(v) for v in meta[t].get("window", full)[2:4]) for t in self.tiles}
         # validation: windows over the scene's part only, each label pixel scored once (`owned` rows and columns)
         self.owned: list[tuple[int, int]] = []
         if self.train:
             self.index = [(t, None) for t in self.tiles for _ in range(self.patches_per_tile)]
-        else:
-            self.index = []
-            for t in self.tiles:
-                ys, xs = (self._grid(n) for n in self.valid_size[t])
-                self.index += [(t, (y, x)) for y, _ in ys for x, _ in xs]
-                self.owned += [(oy, ox) for _, oy in ys for _, ox in xs]
-        self._store: PatchStore | None = store  # reused by this process's first _open (opening costs requests remotely)
-        self._group = None
-        self._pid: int | None = os.getpid()
+            return
+        self.index = []
+        for t in self.tiles:
+            ys, xs = (self._grid(n) for n in self.valid_size[t])
+            self.index += [(t, (y, x)) for y, _ in ys for x, _ in xs]
+            self.owned += [(oy, ox) for _, oy in ys for _, ox in xs]
 
     def _grid(self, length: int) -> list[tuple[int, int]]:
         """(start, first owned pixel within the window) of validation windows covering `length` scene pixels: the

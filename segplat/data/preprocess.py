@@ -21,13 +21,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from segplat.data.layouts.base import ModalitySpec
-from segplat.errors import ConfigError
+from segplat.schema import NonNegativeFloat, PositiveInt, Probability, section
 
 log = logging.getLogger(__name__)
 _warned_no_cupy = False
@@ -73,9 +72,9 @@ def box_mean(xp, u, k: int):
     return (s / (k * k)).astype(xp.float32)
 
 
-@dataclass
+@section
 class PhotometricAugment:
-    """Per-sample photometric jitter in the unit range; each op applies with probability `p`.
+    """Per-sample photometric jitter in the unit range (`dataset.photometric`); each op applies with probability `p`.
 
     brightness: additive offset in U(-b, b); contrast: factor in U(1-c, 1+c) around the sample's
     mean per band; gamma: exponent exp(U(-g, g)) on the [0, 1] part; saturation: factor in
@@ -84,24 +83,15 @@ class PhotometricAugment:
     of `clip(u - box_mean(u, local_window), +-local_clip)` added back (clip-limited local contrast).
     """
 
-    brightness: float = 0.1
-    contrast: float = 0.1
-    gamma: float = 0.0
-    saturation: float = 0.0
-    hue: float = 0.0
-    local_contrast: float = 0.0
-    local_window: int = 15
-    local_clip: float = 0.2
-    p: float = 0.8
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.p <= 1.0:
-            raise ConfigError(f"dataset.photometric.p={self.p} is a probability; use a value in [0, 1].")
-        for key in ("brightness", "contrast", "gamma", "saturation", "hue", "local_contrast", "local_clip"):
-            if float(getattr(self, key)) < 0:
-                raise ConfigError(f"dataset.photometric.{key}={getattr(self, key)} must be 0 or more.")
-        if int(self.local_window) < 1:
-            raise ConfigError(f"dataset.photometric.local_window={self.local_window} must be a positive size.")
+    brightness: NonNegativeFloat = 0.1
+    contrast: NonNegativeFloat = 0.1
+    gamma: NonNegativeFloat = 0.0
+    saturation: NonNegativeFloat = 0.0
+    hue: NonNegativeFloat = 0.0
+    local_contrast: NonNegativeFloat = 0.0
+    local_window: PositiveInt = 15
+    local_clip: NonNegativeFloat = 0.2
+    p: Probability = 0.8
 
     def params(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
         """Host-side draws for a batch of n samples (identity values where an op is off)."""

@@ -29,6 +29,7 @@ from rasterio.transform import Affine, array_bounds
 from rasterio.warp import Resampling, reproject
 
 from segplat.errors import DataError
+from segplat.messages import first_line
 
 # origins may differ by this fraction of a pixel (and pixel sizes by this much over the raster's extent) and
 # still count as one grid: float rounding in files written by different tools, never a real shift
@@ -46,8 +47,8 @@ def open_raster(path: str | Path, action: str = "opened") -> Iterator[Any]:
             with rasterio.open(path) as src:
                 yield src
     except (RasterioError, OSError) as err:
-        raise DataError(f"{path}: cannot be {action} as a raster ({_short(err)}); re-download or remove the file.") \
-            from err
+        raise DataError(f"{path}: cannot be {action} as a raster ({first_line(err)[:160]}); re-download or remove the "
+                        "file.") from err
 
 
 def _header(src: Any) -> dict[str, Any]:
@@ -292,10 +293,6 @@ def norm_nodata(value: Any) -> float | int | None:
     if math.isnan(v):
         return float("nan")
     return int(v) if v.is_integer() else v
-
-
-def _short(err: Exception) -> str:
-    return str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
 
 
 def decode_colour_label(

@@ -27,7 +27,6 @@ from zarr.core.sync import sync
 
 from segplat.errors import ConfigError, DataError
 
-CLIENTS = ("fsspec", "obstore")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
 
@@ -44,13 +43,10 @@ class StoreLocation:
     @classmethod
     def parse(cls, value: str | os.PathLike | StoreLocation, client: str = "fsspec", cache_dir: str | None = None,
               cache_max_gb: float = 50.0, key: str = "dataset.store_uri") -> StoreLocation:
-        """Validate `value` (a folder, `file://...` or `s3://bucket/prefix`) in one sentence per mistake."""
+        """Validate `value` (a folder, `file://...` or `s3://bucket/prefix`) in one sentence per mistake (`client`
+        and `cache_max_gb` are typed on `segplat.data.DataModule`, whose config sets them)."""
         if isinstance(value, StoreLocation):
             return value
-        if client not in CLIENTS:
-            raise ConfigError(f"dataset.store_client={client!r} is not known; use one of {', '.join(CLIENTS)}.")
-        if cache_max_gb is None or float(cache_max_gb) <= 0:
-            raise ConfigError(f"dataset.cache_max_gb={cache_max_gb} must be a positive number of gigabytes.")
         text = str(value)
         parsed = urlparse(text)
         scheme = parsed.scheme.lower()

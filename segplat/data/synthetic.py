@@ -16,6 +16,7 @@ import numpy as np
 
 from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef
 from segplat.data.layouts.clouds import MODALITIES as CLOUDS_MODALITIES
+from segplat.schema import PositiveInt
 
 CLASSES = ("clear", "thick_cloud", "thin_cloud", "cloud_shadow")
 PALETTE = ((0, 0, 0), (255, 0, 0), (0, 255, 0), (255, 255, 0))  # RGB, as the clouds dataset
@@ -93,8 +94,8 @@ class SyntheticClouds(Layout):
     palette = PALETTE
     ignore_index = 255
 
-    def __init__(self, root: str | None = None, num_train: int = 96, num_val: int = 24,
-                 scene_size: int = 128, seed: int = 0) -> None:
+    def __init__(self, root: str | None = None, num_train: PositiveInt = 96, num_val: PositiveInt = 24,
+                 scene_size: PositiveInt = 128, seed: int = 0) -> None:
         super().__init__(root)
         self.num = {"train": int(num_train), "val": int(num_val)}
         self.scene_size = int(scene_size)

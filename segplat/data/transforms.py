@@ -18,53 +18,57 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from annotated_types import Ge
 
+from segplat.data.augment_copy_paste import CopyPasteConfig
 from segplat.errors import ConfigError
+from segplat.messages import must_be
+from segplat.schema import Hint, NonNegativeFloat, OpenFraction, Probability, build_section, section
 
 Sample = dict[str, np.ndarray]
 MAX_CV_CHANNELS = 256  # cv2 warps at most 512 channels at once; stay well below
+ZoomFactor = Annotated[float, Ge(1)]
+
+
+@section
+class GeometricConfig:
+    """The geometric keys of `dataset.augment`: probabilities `hflip`, `vflip`, `rot90`, `scale_crop`, `ssr`;
+    `scale_range` bounds the zoom of scale_crop (>= 1: a window of patch/zoom pixels is cut at a random place and
+    resized to the patch); `shift_limit` (fraction of the patch), `scale_limit` (fraction), `rotate_limit`
+    (degrees) bound ssr."""
+
+    hflip: Probability = 0.5
+    vflip: Probability = 0.5
+    rot90: Probability = 0.5
+    scale_crop: Probability = 0.0
+    scale_range: Annotated[tuple[ZoomFactor, ZoomFactor], Hint("zoom factors [lo, hi] with 1 <= lo <= hi; the crop "
+                                                               "never leaves the patch")] = (1.0, 1.5)
+    ssr: Probability = 0.0
+    shift_limit: NonNegativeFloat = 0.0625
+    scale_limit: OpenFraction = 0.1
+    rotate_limit: NonNegativeFloat = 30.0
+    interpolation: Literal["linear", "nearest"] = "linear"
 
 
 @dataclass
-class GeometricAugment:
+class GeometricAugment(GeometricConfig):
     """Flips, rot90 (exact), random zoom-crop and shift-scale-rotate (resampled), one draw per sample.
 
-    Probabilities: `hflip`, `vflip`, `rot90`, `scale_crop`, `ssr`. `scale_range` bounds the zoom of
-    scale_crop (>= 1: a window of patch/zoom pixels is cut at a random place and resized to the patch).
-    `shift_limit` (fraction of the patch), `scale_limit` (fraction), `rotate_limit` (degrees) bound ssr.
     `nodata` (modality -> value) is the border for data; `ignore_index` the border for the label.
     """
 
-    hflip: float = 0.5
-    vflip: float = 0.5
-    rot90: float = 0.5
-    scale_crop: float = 0.0
-    scale_range: Sequence[float] = (1.0, 1.5)
-    ssr: float = 0.0
-    shift_limit: float = 0.0625
-    scale_limit: float = 0.1
-    rotate_limit: float = 30.0
-    interpolation: str = "linear"
     ignore_index: int = 255
     nodata: Mapping[str, float | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for key in ("hflip", "vflip", "rot90", "scale_crop", "ssr"):
-            v = float(getattr(self, key))
-            if not 0.0 <= v <= 1.0:
-                raise ConfigError(f"dataset.augment.{key}={v} is a probability; use a value in [0, 1].")
         lo, hi = (float(v) for v in self.scale_range)
-        if not 1.0 <= lo <= hi:
-            raise ConfigError(f"dataset.augment.scale_range={list(self.scale_range)} must be [lo, hi] with "
-                              "1 <= lo <= hi (zoom factors; the crop never leaves the patch).")
-        if self.interpolation not in ("linear", "nearest"):
-            raise ConfigError(f"dataset.augment.interpolation={self.interpolation!r} must be linear or nearest.")
-        if not 0.0 <= self.scale_limit < 1.0:
-            raise ConfigError(f"dataset.augment.scale_limit={self.scale_limit} must be in [0, 1).")
+        if lo > hi:  # each bound's range is the type's; their order is this rule
+            raise ConfigError(must_be("dataset.augment.scale_range", list(self.scale_range), "[lo, hi] with lo <= hi",
+                                      "zoom factors from 1 up"))
 
     # -- parameters -----------------------------------------------------------------------------
     def draw(self, rng: np.random.Generator, size: int) -> tuple[list[tuple[str, int]], np.ndarray | None]:
@@ -211,32 +215,31 @@ class Compose:
         return sample
 
 
-GEOMETRIC_KEYS = {"hflip", "vflip", "rot90", "scale_crop", "scale_range", "ssr", "shift_limit", "scale_limit",
-                  "rotate_limit", "interpolation"}
+@section
+class AugmentConfig(GeometricConfig):
+    """`dataset.augment`: the geometric keys plus `copy_paste` (segplat.data.augment_copy_paste)."""
+
+    copy_paste: CopyPasteConfig | None = None
 
 
-def build_augment(cfg: Mapping[str, Any] | None, specs: Mapping[str, Any], ignore_index: int,
+def build_augment(cfg: Mapping[str, Any] | AugmentConfig | None, specs: Mapping[str, Any], ignore_index: int,
                   donor: Any | None = None) -> Callable[[Sample, np.random.Generator], Sample] | None:
-    """The CPU augmentation from the dataset's `augment:` block (geometric keys plus `copy_paste:`).
+    """The CPU augmentation from the dataset's `augment:` block (its keys were checked with the config).
 
     `specs` (modality -> ModalitySpec) gives the no-data borders; `donor` is what copy-paste draws
     other tiles from (`segplat.data.augment_copy_paste.StoreDonor`).
     """
     if not cfg:
         return None
-    cfg = dict(cfg)
-    cp_cfg = cfg.pop("copy_paste", None)
-    unknown = sorted(set(cfg) - GEOMETRIC_KEYS)
-    if unknown:
-        raise ConfigError(f"dataset.augment has unknown keys {unknown}; use {sorted(GEOMETRIC_KEYS | {'copy_paste'})}.")
+    config = build_section(AugmentConfig, cfg)
     nodata = {m: s.nodata for m, s in specs.items()}
     transforms: list[Callable[[Sample, np.random.Generator], Sample]] = []
-    if cp_cfg:
+    if config.copy_paste:
         from segplat.data.augment_copy_paste import CopyPaste
 
         if donor is None:
             raise ConfigError("dataset.augment.copy_paste needs the training store to draw instances from.")
-        transforms.append(CopyPaste(donor=donor, ignore_index=ignore_index, **dict(cp_cfg)))
-    geo = GeometricAugment(**cfg, ignore_index=ignore_index, nodata=nodata)
-    transforms.append(geo)
+        transforms.append(CopyPaste(donor=donor, ignore_index=ignore_index, **asdict(config.copy_paste)))
+    geometric = {f.name: getattr(config, f.name) for f in fields(GeometricConfig)}
+    transforms.append(GeometricAugment(**geometric, ignore_index=ignore_index, nodata=nodata))
     return transforms[0] if len(transforms) == 1 else Compose(transforms)

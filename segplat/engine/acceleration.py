@@ -3,7 +3,7 @@
 Both are checked when the trainer is built (before any data is read), applied to the model before Accelerate wraps
 it, and the inputs follow the model's memory format:
 
-    check_acceleration(compile, channels_last, device)                      # Trainer.__init__
+    check_acceleration(compile, device, mixed_precision)                    # Trainer.__init__ (segplat.rules)
     model = prepare_model(model, compile=self.compile, channels_last=self.channels_last, device=acc.device)
     inputs = prepare_inputs(inputs, channels_last=self.channels_last)       # after the preprocessor
 
@@ -31,14 +31,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from segplat.errors import ConfigError
-
-
-def _check_flag(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r} must be true or false.")
-    return value
-
 
 def compile_unavailable_reason(device: torch.device | str | None = None) -> str | None:
     """Why torch.compile's default backend (inductor) cannot run on `device` here, or None when it can."""
@@ -60,18 +52,6 @@ def run_device(cpu: bool) -> str:
     return "cuda" if torch.cuda.is_available() and not cpu else "cpu"
 
 
-def check_acceleration(compile: Any, channels_last: Any, device: torch.device | str | None = None,
-                       compile_options: Mapping[str, Any] | None = None) -> None:
-    """Refuse impossible `trainer.compile` / `trainer.channels_last` values; cheap, so the trainer can call it in its
-    constructor, before any data is read (`prepare_model` calls it again)."""
-    compile = _check_flag("trainer.compile", compile)
-    _check_flag("trainer.channels_last", channels_last)
-    if compile and dict(compile_options or {}).get("backend", "inductor") == "inductor":
-        reason = compile_unavailable_reason(device)
-        if reason is not None:
-            raise ConfigError(f"trainer.compile=true cannot run here: {reason}; or set trainer.compile=false.")
-
-
 def to_channels_last(model: nn.Module) -> nn.Module:
     """4-D parameters and buffers to channels_last, in place. (`model.to(memory_format=...)` refuses a model
     with any 5-D tensor, e.g. the Conv3d of unet3d, which keeps its layout here.)"""
@@ -89,7 +69,9 @@ def prepare_model(model: nn.Module, compile: bool = False, channels_last: bool =
 
     `compile_options` go to `torch.compile` (e.g. `{"mode": "max-autotune"}`, or `{"backend": "eager"}` to trace
     without code generation). Call it before `accelerator.prepare`, after any module surgery (SyncBatchNorm)."""
-    check_acceleration(compile, channels_last, device, compile_options)
+    from segplat.rules import check_acceleration
+
+    check_acceleration(compile, device, compile_options=compile_options)
     if channels_last:
         to_channels_last(model)
     if compile:

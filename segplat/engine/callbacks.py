@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from segplat.errors import ConfigError
+from segplat.schema import Hint, NonNegativeFloat, PositiveInt
 
 if TYPE_CHECKING:
     from segplat.engine.trainer import Trainer
@@ -72,15 +72,12 @@ class EarlyStopping(Callback):
 
     name = "early_stopping"
 
-    def __init__(self, patience: int = 5, min_delta: float = 0.0) -> None:
+    def __init__(self, patience: Annotated[PositiveInt, Hint("validations without improvement; to train every "
+                                                             "epoch, set callbacks.early_stopping=null")] = 5,
+                 min_delta: Annotated[NonNegativeFloat, Hint("the smallest change that counts as an improvement")]
+                 = 0.0) -> None:
         self.patience = int(patience)
         self.min_delta = float(min_delta)
-        if self.patience < 1:
-            raise ConfigError(f"callbacks.early_stopping.patience={self.patience} must be 1 or more validations "
-                              "without improvement; to train every epoch, set callbacks.early_stopping=null.")
-        if self.min_delta < 0:
-            raise ConfigError(f"callbacks.early_stopping.min_delta={self.min_delta:g} must be 0 or more: it is the "
-                              "smallest change that counts as an improvement.")
         self.best: float | None = None
         self.wait = 0
 

@@ -35,16 +35,20 @@ import pickle
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import yaml
+from annotated_types import MinLen
 from omegaconf import DictConfig, OmegaConf
 
 from segplat.config import CONF_DIR
+from segplat.data.layouts.base import RGB, ModalitySpec
 from segplat.errors import CheckpointError, ConfigError
+from segplat.messages import first_line
+from segplat.schema import PositiveInt, check_section, section
 from segplat.utils.bounded_yaml import load_bounded
 from segplat.utils.io import atomic_write
 
@@ -60,6 +64,65 @@ TRAINING_KEYS = (*INFERENCE_KEYS, "optimizer", "scheduler", "scaler", "rng", "ca
 
 
 # -- what a run says about itself ----------------------------------------------------------------------
+@section
+@dataclass(frozen=True)
+class DataFacts:
+    """A checkpoint's `data` section: what prediction and evaluation need to know about the data without the data.
+
+    Stored as plain data (`torch.load(weights_only=True)` reads it): one writer, `to_state`, used by every
+    checkpoint a run saves, and one reader, `from_state`, which refuses a missing or odd field naming the file."""
+
+    classes: Annotated[list[str], MinLen(1)]
+    palette: Sequence[RGB]
+    ignore_index: int
+    modalities: Annotated[dict[str, dict[str, Any]], MinLen(1)]  # name -> ModalitySpec.to_attrs(), input order
+    stats: dict[str, dict[str, Any]]  # name -> normalisation statistics (mean, std, p2, p98 per band)
+    patch_size: PositiveInt  # the training patch: prediction's default window
+    dataset: str  # the dataset config's name
+
+    @classmethod
+    def of(cls, info: Any, patch_size: int, dataset: str) -> DataFacts:
+        """From a run's `DataInfo` (after the store is open: the statistics are the store's)."""
+        return cls(classes=list(info.classes), palette=[tuple(int(v) for v in c) for c in info.palette],
+                   ignore_index=int(info.ignore_index), modalities={m: s.to_attrs() for m, s in info.specs.items()},
+                   stats=dict(info.stats), patch_size=int(patch_size), dataset=str(dataset))
+
+    def to_state(self) -> dict[str, Any]:
+        """The `data` section as written (lists and dicts only)."""
+        return {"classes": list(self.classes), "palette": [list(c) for c in self.palette],
+                "ignore_index": self.ignore_index, "modalities": dict(self.modalities), "stats": dict(self.stats),
+                "patch_size": self.patch_size, "dataset": self.dataset}
+
+    @classmethod
+    def from_state(cls, data: Any, source: str | Path) -> DataFacts:
+        """The `data` section of the checkpoint at `source`, every field checked against its type."""
+        def refuse(problem: str) -> CheckpointError:
+            return CheckpointError(f"checkpoint {source}: {problem}; it was not written by this segplat (or is "
+                                   "damaged): predict from a run trained with this version.")
+
+        if not isinstance(data, Mapping) or not data:
+            raise refuse("it carries no data facts (classes, band specs, statistics)")
+        missing = [f.name for f in fields(cls) if f.name not in data]
+        if missing:
+            raise refuse(f"its data section lacks {', '.join(missing)}")
+        try:
+            check_section("data", cls, data)
+            facts = cls(**{**data, "palette": [tuple(c) for c in data["palette"]]})
+            facts.specs  # noqa: B018 (every modality's attributes build a ModalitySpec)
+        except (ConfigError, TypeError, ValueError, KeyError) as err:
+            raise refuse(f"its data section is not what segplat writes ({first_line(err)})") from None
+        absent = [m for m in facts.modalities if m not in facts.stats]
+        if absent:
+            raise refuse(f"its data section has no statistics for {', '.join(absent)}")
+        if len(facts.palette) != len(facts.classes):
+            raise refuse(f"its data section has {len(facts.palette)} palette colours for {len(facts.classes)} classes")
+        return facts
+
+    @property
+    def specs(self) -> dict[str, ModalitySpec]:
+        return {m: ModalitySpec.from_attrs(a) for m, a in self.modalities.items()}
+
+
 @dataclass(frozen=True)
 class RunFacts:
     """What a checkpoint carries beside tensors: `meta` is compared on resume, `data` and `config` let a
@@ -79,9 +142,7 @@ class RunFacts:
                                             "stages": list(spec.stages) if spec.stages else None}
         meta = {"model_target": f"{model_cls.__module__}.{model_cls.__qualname__}", "classes": list(info.classes),
                 "modalities": dict(info.modalities), "fusion": fusion}
-        data = {"classes": list(info.classes), "palette": info.palette, "ignore_index": info.ignore_index,
-                "modalities": {m: s.to_attrs() for m, s in info.specs.items()}, "stats": info.stats,
-                "patch_size": datamodule.patch_size, "dataset": datamodule.name}
+        data = DataFacts.of(info, datamodule.patch_size, datamodule.name).to_state()
         return cls(meta, data, OmegaConf.to_yaml(cfg, resolve=True))
 
 
@@ -162,40 +223,6 @@ def check_compatible(state: dict[str, Any], meta: Mapping[str, Any], source: str
                                   f"{meta[key]}; use a matching config or start a new run.")
 
 
-# config parts a resumed run restores from the checkpoint (optimiser param groups, schedule state), so a value
-# changed on the command line would be written to config.yaml but never take effect
-RESTORED_ON_RESUME = ("optimizer", "scheduler")
-
-
-def check_resumed_config(state: dict[str, Any], cfg: DictConfig, source: str | Path) -> None:
-    """Refuse a resume whose optimiser or schedule keys differ from the run's, or whose max_epochs is already done."""
-    text = state.get("config")
-    if not text:
-        return
-    old = stored_config(text, source)
-    changed = []
-    for part in RESTORED_ON_RESUME:
-        if part not in cfg or part not in old:
-            continue
-        raw = _flat(OmegaConf.to_container(cfg[part], resolve=False))
-        now, before = _flat(OmegaConf.to_container(cfg[part], resolve=True)), _flat(old[part])
-        for key in sorted(set(now) | set(before)):
-            if isinstance(raw.get(key), str) and "${" in raw[key]:
-                continue  # follows another key (e.g. trainer.max_epochs), which may change on a resume
-            if now.get(key) != before.get(key):
-                changed.append(f"{part}.{key}={now.get(key)} (the run's: {before.get(key)})")
-    if changed:
-        raise ConfigError(f"trainer.resume: {'; '.join(changed[:3])} differ from the run in {source}, whose "
-                          "optimiser and schedule state is restored, so the change would not take effect; resume "
-                          "with the run's values, or start a new run from its weights "
-                          "(model.pretrained=<run>/checkpoints/best.ckpt).")
-    done = int(state.get("trainer", {}).get("epoch", 0) or 0)
-    max_epochs = OmegaConf.select(cfg, "trainer.max_epochs")
-    if isinstance(max_epochs, int) and max_epochs < done:
-        raise ConfigError(f"trainer.max_epochs={max_epochs} but the run in {source} has already completed {done} "
-                          f"epochs; give trainer.max_epochs above {done} to train on.")
-
-
 def stored_config(text: Any, source: str | Path) -> dict[str, Any]:
     """A checkpoint's stored config (YAML text), parsed within bounds (size, alias expansion: see
     `segplat.utils.bounded_yaml`): the one way a checkpoint's config is read."""
@@ -210,15 +237,6 @@ def stored_config(text: Any, source: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {source} holds a config that is not a mapping of keys; use a checkpoint "
                               "written by segplat.")
     return data
-
-
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict):
-        return {prefix.rstrip("."): node} if prefix else {}
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
 
 
 # -- resume and the run folder ------------------------------------------------------------------------

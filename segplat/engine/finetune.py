@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from torch import nn
 
 from segplat.engine.callbacks import Callback, improved
 from segplat.errors import ConfigError
 from segplat.optim import remove_params
+from segplat.schema import Hint, NonNegativeFloat, PositiveFloat, PositiveInt
 
 if TYPE_CHECKING:
     import torch
@@ -56,18 +57,13 @@ class EncoderFineTuning(Callback):
 
     name = "finetune"
 
-    def __init__(self, patience: int | None = 3, unfreeze_epoch: int | None = None, encoder_lr: float | None = None,
-                 lr_factor: float = 0.1, min_delta: float = 0.0, group: str = "encoder", train_bn: bool = True) -> None:
+    def __init__(self, patience: PositiveInt | None = 3,
+                 unfreeze_epoch: Annotated[PositiveInt | None, Hint("1-based: the first epoch the encoder trains")]
+                 = None, encoder_lr: PositiveFloat | None = None, lr_factor: PositiveFloat = 0.1,
+                 min_delta: NonNegativeFloat = 0.0, group: str = "encoder",
+                 train_bn: bool = True) -> None:
         if patience is None and unfreeze_epoch is None:
             raise ConfigError("callbacks.finetune needs patience or unfreeze_epoch (or both); set one.")
-        if patience is not None and int(patience) < 1:
-            raise ConfigError(f"callbacks.finetune.patience={patience} must be a positive integer or null.")
-        if unfreeze_epoch is not None and int(unfreeze_epoch) < 1:
-            raise ConfigError(f"callbacks.finetune.unfreeze_epoch={unfreeze_epoch} must be >= 1 or null.")
-        if encoder_lr is not None and not encoder_lr > 0:
-            raise ConfigError(f"callbacks.finetune.encoder_lr={encoder_lr} must be positive or null.")
-        if not lr_factor > 0:
-            raise ConfigError(f"callbacks.finetune.lr_factor={lr_factor} must be positive.")
         self.patience = None if patience is None else int(patience)
         self.unfreeze_epoch = None if unfreeze_epoch is None else int(unfreeze_epoch)
         self.encoder_lr = encoder_lr

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import yaml
@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from segplat.engine import interrupt
-from segplat.engine.acceleration import check_acceleration, prepare_inputs, prepare_model, run_device
+from segplat.engine.acceleration import prepare_inputs, prepare_model, run_device
 from segplat.engine.callbacks import Callback, EarlyStopping, improved
 from segplat.engine.checkpoint import (
     BEST,
@@ -46,7 +46,9 @@ from segplat.engine.loader_watch import LoaderWatch
 from segplat.engine.loggers import JsonlLogger, RunInfo, Tracker, format_metrics, sweep_facts
 from segplat.errors import CheckpointError, ConfigError, SegplatError
 from segplat.messages import first_line
-from segplat.metrics import ConfusionMatrix, check_monitor, flatten_metrics
+from segplat.metrics import ConfusionMatrix, flatten_metrics
+from segplat.rules import check_acceleration, check_monitor, check_sync_batchnorm
+from segplat.schema import Hint, NonNegativeFloat, PositiveFloat, PositiveInt
 from segplat.utils.console import say
 from segplat.utils.io import atomic_write_json
 from segplat.utils.seed import rng_state, set_rng_state
@@ -83,49 +85,38 @@ class TrainState:
 
 
 def resolve_mixed_precision(value: str, cpu: bool) -> str:
-    if value not in ("auto", "no", "bf16", "fp16"):
-        raise ConfigError(f"trainer.mixed_precision={value!r} is not known; use auto, no, bf16 or fp16.")
+    """`auto`: bf16 where the device supports it, else full precision (the value is typed on `Trainer`)."""
     cuda = torch.cuda.is_available() and not cpu
     if value == "auto":
         return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-    if value == "fp16" and not cuda:
-        raise ConfigError("trainer.mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU.")
     return value
 
 
 def resolve_sync_batchnorm(value: str | bool, num_processes: int, on_gpu: bool) -> bool:
-    """`auto`: SyncBatchNorm when several processes train on GPUs. On CPU torch has no SyncBatchNorm: each process
-    then normalises with its own micro-batch's statistics, so `true` is refused there rather than ignored."""
-    if value not in ("auto", True, False):
-        raise ConfigError(f"trainer.sync_batchnorm={value!r} is not known; use auto, true or false.")
+    """`auto`: SyncBatchNorm when several processes train on GPUs (`true` on CPU processes is refused by
+    `segplat.rules.check_sync_batchnorm`)."""
     if value == "auto":
         return num_processes > 1 and on_gpu
-    if value and num_processes > 1 and not on_gpu:
-        raise ConfigError("trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); use auto "
-                          "or false for several CPU processes, where each normalises its own micro-batch.")
+    check_sync_batchnorm(value, num_processes, on_gpu)
     return bool(value) and num_processes > 1
 
 
 class Trainer:
-    def __init__(self, max_epochs: int = 10, mixed_precision: str = "auto", accumulate_grad_batches: int = 1,
-                 gradient_clip_val: float | None = 1.0, val_every_n_epochs: int = 1, resume: str | None = None,
-                 overwrite: bool = False, progress: bool = True, limit_train_batches: int | None = None,
-                 limit_val_batches: int | None = None, sync_batchnorm: str | bool = "auto", cpu: bool = False,
-                 backend: str = "auto", rendezvous_timeout: float = 120.0, dist_timeout: float = 1800.0,
+    """`trainer`: its keys are this constructor's arguments, typed below (checked with the config, before any run)."""
+
+    def __init__(self, max_epochs: PositiveInt = 10,
+                 mixed_precision: Annotated[Literal["auto", "no", "bf16", "fp16"],
+                                            Hint("auto = bf16 where the device supports it")] = "auto",
+                 accumulate_grad_batches: PositiveInt = 1, gradient_clip_val: NonNegativeFloat | None = 1.0,
+                 val_every_n_epochs: PositiveInt = 1, resume: str | None = None, overwrite: bool = False,
+                 progress: bool = True, limit_train_batches: PositiveInt | None = None,
+                 limit_val_batches: PositiveInt | None = None, sync_batchnorm: Literal["auto"] | bool = "auto",
+                 cpu: bool = False, backend: Literal["auto", "nccl", "gloo"] = "auto",
+                 rendezvous_timeout: PositiveFloat = 120.0, dist_timeout: PositiveFloat = 1800.0,
                  compile: bool = False, channels_last: bool = False,
-                 nonfinite: Literal["stop", "skip"] = "stop") -> None:
-        for key, value in (("trainer.max_epochs", max_epochs), ("trainer.accumulate_grad_batches",
-                           accumulate_grad_batches), ("trainer.val_every_n_epochs", val_every_n_epochs)):
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{key}={value} must be a positive integer.")
-        for key, value in (("trainer.limit_train_batches", limit_train_batches),
-                           ("trainer.limit_val_batches", limit_val_batches)):
-            if value is not None and value <= 0:
-                raise ConfigError(f"{key}={value} must be a positive integer or null.")
-        if gradient_clip_val is not None and gradient_clip_val < 0:
-            raise ConfigError(f"trainer.gradient_clip_val={gradient_clip_val} must be >= 0 or null.")
-        resolve_sync_batchnorm(sync_batchnorm, 1, False)  # the value itself, before anything starts
-        check_acceleration(compile, channels_last, run_device(cpu))
+                 nonfinite: Annotated[Literal["stop", "skip"], Hint("what a NaN or infinite loss does")] = "stop"
+                 ) -> None:
+        check_acceleration(compile, run_device(cpu), mixed_precision)
         self.compile, self.channels_last = bool(compile), bool(channels_last)
         self.nonfinite = nonfinite  # a NaN/Inf loss stops the run, or its optimiser step is skipped and counted
         self.max_epochs = max_epochs
@@ -193,8 +184,6 @@ class Trainer:
             monitor: str = "val/miou", mode: str = "max", loggers: Sequence[Tracker] = (),
             facts: RunFacts | None = None) -> float:
         """Train to `max_epochs` (or a stop); returns the best monitored score (NaN when never validated)."""
-        if mode not in ("max", "min"):
-            raise ConfigError(f"callbacks.mode={mode!r} must be max or min.")
         start = self.prepare_run(run_dir)
         self.run_dir = Path(run_dir)
         self.monitor, self.mode = monitor, mode
@@ -609,7 +598,7 @@ class Trainer:
         try:
             acc.unwrap_model(self.model).load_state_dict(state["model"])
         except RuntimeError as err:
-            raise CheckpointError(f"checkpoint {path} does not fit this model ({str(err).splitlines()[0]}); use the "
+            raise CheckpointError(f"checkpoint {path} does not fit this model ({first_line(err)}); use the "
                                   "config it was trained with or start a new run.") from err
         for cb in self.callbacks:  # e.g. a fine-tuning switch that must re-add its param group first
             restore = getattr(cb, "before_optimizer_restore", None)

@@ -11,31 +11,30 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import torch
 
 from segplat.engine.callbacks import Callback
-from segplat.errors import ConfigError
+from segplat.schema import Hint, PositiveInt
 from segplat.utils.io import atomic_write
 
 if TYPE_CHECKING:
     from segplat.engine.trainer import Trainer
 
 log = logging.getLogger("segplat")
+NO_PANELS = Hint("to render no panels, set callbacks.visuals=null")
 
 
 class PredictionVisualizer(Callback):
     name = "visuals"
 
-    def __init__(self, every_n_epochs: int = 1, num_samples: int = 4) -> None:
+    # 0 used to mean every epoch (every_n_epochs) or no panels without a word (num_samples)
+    def __init__(self, every_n_epochs: Annotated[PositiveInt, NO_PANELS] = 1,
+                 num_samples: Annotated[PositiveInt, NO_PANELS] = 4) -> None:
         self.every = int(every_n_epochs)
         self.num_samples = int(num_samples)
-        for key, value in (("every_n_epochs", self.every), ("num_samples", self.num_samples)):
-            if value < 1:  # 0 used to mean every epoch (every_n_epochs) or no panels without a word (num_samples)
-                raise ConfigError(f"callbacks.visuals.{key}={value} must be 1 or more; to render no panels, set "
-                                  "callbacks.visuals=null.")
 
     @torch.no_grad()
     def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:

@@ -43,6 +43,9 @@ class SegmentationModel(nn.Module):
     fusion_stages_selectable: ClassVar[bool] = True
     # set: the model takes exactly two modalities, in this order (e.g. "RGB stream first, X stream second")
     stream_roles: ClassVar[str | None] = None
+    # True: the model takes time series ((B, T, C, H, W) with `<m>_time_mask` / `<m>_dates`); others are refused on
+    # a temporal modality before any data is read (segplat.rules.check_model_inputs)
+    takes_time_series: ClassVar[bool] = False
     # first attribute name in a parameter path -> group; anything else is "decoder"
     encoder_prefixes: ClassVar[tuple[str, ...]] = ("encoder", "encoders")
     fusion_prefixes: ClassVar[tuple[str, ...]] = ("fusion", "fusions")

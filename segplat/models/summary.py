@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import hydra
 import torch
@@ -24,9 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from segplat.config import CONF_DIR, check_config, register_resolvers
+from segplat.config import CONF_DIR, check_config, check_task_keys, register_resolvers
 from segplat.errors import ConfigError, SegplatError
 from segplat.models.build import PlainModel, build_model
+from segplat.schema import Hint, PositiveInt, section
 from segplat.utils.searchpath import check_command_configs
 
 register_resolvers()
@@ -73,6 +74,18 @@ def count_macs(model: nn.Module, inputs: Any) -> OpCount:
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         model(inputs)
     return OpCount({str(k): v // 2 for k, v in counter.get_flop_counts()["Global"].items()})
+
+
+@section
+class SummaryTask:
+    """The summary's own keys (conf/summary.yaml) beside the train config's, checked first by `run`."""
+
+    input_size: Annotated[PositiveInt, Hint("the primary modality's square size")] = 256
+    batch_size: PositiveInt = 1
+    channels: Mapping[str, PositiveInt] | None = None
+    num_classes: PositiveInt | None = None
+    time_steps: PositiveInt | None = None
+    demo: bool = False
 
 
 def stream_specs(cfg: DictConfig) -> tuple[dict[str, dict[str, Any]], int]:
@@ -178,8 +191,6 @@ def build(cfg: DictConfig) -> tuple[nn.Module, dict[str, dict[str, Any]], int]:
 def summarise(cfg: DictConfig) -> dict[str, Any]:
     """Build, count, run one forward with hooks and one under the FLOP counter; print a report."""
     size, batch = int(cfg.input_size), int(cfg.batch_size)
-    if size <= 0 or batch <= 0:
-        raise ConfigError(f"input_size={size} and batch_size={batch} must be positive integers.")
     model, streams, num_classes = build(cfg)
     model.eval()
     # a plain module's own parts are watched, not the wrapper that gives it segplat's defaults
@@ -268,6 +279,7 @@ def demo_all(cfg: DictConfig) -> int:
 
 def run(cfg: DictConfig) -> int:
     check_command_configs()  # the user's config folders (hydra.searchpath): there, and none hidden
+    check_task_keys(cfg, SummaryTask, closed=False)
     torch.manual_seed(0)
     if cfg.get("demo"):
         return 1 if demo_all(cfg) else 0

@@ -131,6 +131,7 @@ class UNetDecoder2d(nn.Module):
 class UNet3D(SegmentationModel):
     # mid and late: any fusion type with a per-stage module (concat, attention, ... as conf/fusion defines them)
     builds_stage_modules = True
+    takes_time_series = True
     supported_fusion: ClassVar[Mapping[str, tuple[str, ...] | None]] = {"early": ("concat",), "mid": None, "late": None}
 
     def __init__(self, modalities: Mapping[str, int], num_classes: int, fusion: Any = None,

@@ -8,14 +8,15 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from annotated_types import Ge, MinLen, Predicate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from segplat.config import check_values
+from segplat.config import CheckpointTask, check_values
 from segplat.errors import ConfigError
 from segplat.inference import (
     LoadedModel,
@@ -26,37 +27,60 @@ from segplat.predict import stac
 from segplat.predict.group import Workers
 from segplat.predict.scenes import Scene, build_layout, layout_split, list_scenes, open_scene, read_class_raster
 from segplat.predict.writer import NODATA_CLASS, PARTIAL, UINT8_PROBABILITY_SCALE, OutputFiles, SceneWriter
+from segplat.schema import Hint, NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt, section
 from segplat.utils.io import atomic_write_json
 from segplat.utils.plain import to_plain
 from segplat.utils.task import remove_if_no_results, run_dir_of
 
 log = logging.getLogger("segplat")
-PROBABILITY_FORMATS = ("uint8", "float16")
-COMPRESSIONS = ("deflate", "zstd", "lzw", "none")
-SUBMISSIONS = ("clouds", "clouds_per_class")
+
+
+def _power_of_two(value: int) -> bool:
+    return value > 0 and not value & (value - 1)
+
+
+@section
+class TTASettings:
+    """`tta`: test-time augmentation, averaged over every flip and scale."""
+
+    flips: bool = False
+    scales: Annotated[list[PositiveFloat], MinLen(1), Hint("resize factors of the scene; 1.0 = as trained")] = \
+        field(default_factory=lambda: [1.0])
+
+
+@section
+class OutputSettings:
+    """`output`: how the Cloud-Optimized GeoTIFFs and previews are written."""
+
+    compress: Literal["deflate", "zstd", "lzw", "none"] = "deflate"
+    blocksize: Annotated[int, Ge(16), Predicate(_power_of_two),
+                         Hint("a power of two, e.g. 512: the GeoTIFFs' tile size")] = 512
+    preview_size: Annotated[NonNegativeInt, Hint("pixels on the previews' long side; 0: no previews")] = 2048
+
+
+@section
+class PredictTask(CheckpointTask):
+    """The keys of `python -m segplat.predict` (conf/predict.yaml), checked by `check_predict_config`."""
+
+    input: Any = "???"  # a raster, a folder, a list file or modality -> path: read by segplat.predict.scenes
+    split: str | None = None
+    window: Annotated[PositiveInt | None, Hint("null: the training patch size")] = None
+    overlap: OpenFraction = 0.25
+    batch_size: Annotated[PositiveInt, Hint("windows per forward pass")] = 4
+    tta: TTASettings = field(default_factory=TTASettings)
+    probabilities: Annotated[Literal["uint8", "float16"] | None,
+                             Hint(f"uint8 = probability x {UINT8_PROBABILITY_SCALE} in one byte per class, "
+                                  "null = no probability rasters")] = None
+    output: OutputSettings = field(default_factory=OutputSettings)
+    gdal_cache_mb: Annotated[PositiveInt, Hint("megabytes of GDAL's block cache")] = 64
+    submission: Literal["clouds", "clouds_per_class"] | None = None
+    limit: Annotated[PositiveInt | None, Hint("scenes to predict; null = all")] = None
+    dist_timeout: PositiveFloat = 86400.0
 
 
 def check_predict_config(cfg: DictConfig) -> None:
-    """Every key this task reads, checked before the checkpoint is loaded."""
-    check_values(cfg)
-    if cfg.probabilities is not None and cfg.probabilities not in PROBABILITY_FORMATS:
-        shown = str(cfg.probabilities).lower() if isinstance(cfg.probabilities, bool) else cfg.probabilities
-        raise ConfigError(f"probabilities={shown} is not a format; use uint8 (probability x "
-                          f"{UINT8_PROBABILITY_SCALE}, one byte per class), float16, or null for none.")
-    if cfg.submission is not None and cfg.submission not in SUBMISSIONS:
-        raise ConfigError(f"submission={cfg.submission} is not known; use {' or '.join(SUBMISSIONS)}.")
-    out = cfg.output
-    if str(out.compress).lower() not in COMPRESSIONS:
-        raise ConfigError(f"output.compress={out.compress} is not known; use one of {', '.join(COMPRESSIONS)}.")
-    blocksize = out.blocksize
-    if not isinstance(blocksize, int) or blocksize < 16 or blocksize & (blocksize - 1):
-        raise ConfigError(f"output.blocksize={blocksize} must be a power of two of at least 16 (e.g. 512).")
-    if not isinstance(out.preview_size, int) or out.preview_size < 0:
-        raise ConfigError(f"output.preview_size={out.preview_size} must be a number of pixels (0: no previews).")
-    if not isinstance(cfg.gdal_cache_mb, int) or cfg.gdal_cache_mb < 1:
-        raise ConfigError(f"gdal_cache_mb={cfg.gdal_cache_mb} must be a positive number of megabytes.")
-    if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
-        raise ConfigError(f"limit={cfg.limit} must be a positive number of scenes, or null for all.")
+    """Every key this task reads, checked before the checkpoint is loaded (the types by `check_values`)."""
+    check_values(cfg, PredictTask)
     choose_device(cfg.device)
 
 

@@ -29,7 +29,6 @@ how Hydra applies a `key=value` override to the composed config.
 from __future__ import annotations
 
 import copy
-import difflib
 import itertools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,6 +40,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segplat.errors import ConfigError, SegplatError
+from segplat.messages import did_you_mean as nearest
 from segplat.messages import first_line
 from segplat.sweep import space as sp
 
@@ -78,13 +78,14 @@ def _lookup(tree: Any, key: str) -> Any:
 
 def did_you_mean(key: str, candidates: Sequence[str]) -> str:
     """` (did you mean x?)` for the closest candidate, compared as a whole and by the last part."""
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.75)
-    if not close and "." in key:
+    close = nearest(key, candidates)
+    if close is None and "." in key:
         parent, last = key.rsplit(".", 1)
         siblings = [c.rsplit(".", 1)[1] for c in candidates if c.startswith(parent + ".") and
                     "." not in c[len(parent) + 1:]]
-        close = [f"{parent}.{m}" for m in difflib.get_close_matches(last, siblings, n=1, cutoff=0.6)]
-    return f" (did you mean {close[0]}?)" if close else ""
+        sibling = nearest(last, siblings)
+        close = f"{parent}.{sibling}" if sibling is not None else None
+    return f" (did you mean {close}?)" if close else ""
 
 
 @dataclass

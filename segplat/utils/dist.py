@@ -75,9 +75,7 @@ def resolve_backend(backend: str | None = "auto", cpu: bool = False) -> str:
     to gloo with a warning, so one command works on a laptop and on a GPU node."""
     import torch
 
-    backend = (backend or "auto").lower()
-    if backend not in ("auto", "nccl", "gloo"):
-        raise ConfigError(f"trainer.backend={backend!r} is not known; use auto, nccl or gloo.")
+    backend = (backend or "auto").lower()  # typed on segplat.engine.Trainer: auto, nccl or gloo
     cuda = torch.cuda.is_available() and not cpu
     if backend == "auto":
         return "nccl" if cuda else "gloo"
@@ -106,8 +104,6 @@ def init_distributed(backend: str | None = "auto", cpu: bool = False, rendezvous
         raise ConfigError(f"WORLD_SIZE={world_size()} is set but MASTER_ADDR/MASTER_PORT are not; start the run "
                           "with torchrun or accelerate launch (see launch/README.md).")
     chosen = resolve_backend(backend, cpu)
-    if rendezvous_timeout is None or float(rendezvous_timeout) <= 0:
-        raise ConfigError(f"trainer.rendezvous_timeout={rendezvous_timeout} must be a positive number of seconds.")
     try:
         store, rank, world = next(iter(dist.rendezvous("env://", timeout=timedelta(seconds=float(rendezvous_timeout)))))
     except (RuntimeError, TimeoutError, OSError, ValueError) as err:

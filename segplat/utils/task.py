@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import functools
 import logging
 import re
@@ -17,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segplat.config import CONF_DIR, check_values
 from segplat.errors import SegplatError
-from segplat.messages import redact
+from segplat.messages import did_you_mean, first_line, redact
 from segplat.utils.console import say, traceback_to_log_file, warnings_logged
 from segplat.utils.dist import is_main_process
 from segplat.utils.searchpath import check_command_configs, searchpath_entries, user_config_dirs
@@ -179,7 +178,7 @@ def config_error_hint(config_name: str, argv: Sequence[str]) -> str | None:
     except MissingConfigException as err:
         return _unknown_option(err, overrides)
     except OverrideParseException as err:
-        return f"an override could not be parsed ({str(err).strip().splitlines()[0]}); see Hydra's message above."
+        return f"an override could not be parsed ({first_line(err)}); see Hydra's message above."
     except Exception as err:
         if "requires --multirun" in str(err):  # a sweep's line composes under --multirun: something else failed
             return None
@@ -190,7 +189,7 @@ def config_error_hint(config_name: str, argv: Sequence[str]) -> str | None:
                     f"write {group}=NAME, not +{group}=NAME.")
         found = re.search(r"Could not override '([^']+)'", str(err))
         if found is None:
-            return f"the command line was refused ({str(err).strip().splitlines()[0]}); see Hydra's message above."
+            return f"the command line was refused ({first_line(err)}); see Hydra's message above."
         key = found.group(1)
         rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
         return _unknown_key(key, config_name, rest)
@@ -201,12 +200,12 @@ def _unknown_option(err: Exception, overrides: Sequence[str]) -> str:
     group, _, value = missing.rpartition("/")
     options = [str(o) for o in (getattr(err, "options", None) or [])] or \
         sorted(f.stem for f in (CONF_DIR / group).glob("*.yaml"))
-    near = difflib.get_close_matches(value, options, n=1, cutoff=0.5)
+    near = did_you_mean(value, options)
     if not group:
         return f"{missing} is not a config in conf/; see Hydra's message above."
     where = f"{group}={value} is not an option of {group} (conf/{group}/)"
     if near:
-        return f"{where}; did you mean {group}={near[0]}?"
+        return f"{where}; did you mean {group}={near}?"
     return f"{where}; choose one of {', '.join(options)}." if options else f"{where}."
 
 
@@ -244,9 +243,9 @@ def _unknown_key(key: str, config_name: str, other_overrides: Sequence[str]) -> 
         return (f"{key}: {'.'.join([*known, wrong])} is {shown} here, not a section with keys; set it whole "
                 f"(see its config) or add keys on purpose with +{key}=...")
     candidates = [str(k) for k in node] if OmegaConf.is_dict(node) else []
-    near = difflib.get_close_matches(wrong, candidates, n=1, cutoff=0.5)
+    near = did_you_mean(wrong, candidates)
     parent = ".".join(known) or "the config"
     if near:
-        suggestion = ".".join([*known, near[0], *parts[len(known) + 1:]])
+        suggestion = ".".join([*known, near, *parts[len(known) + 1:]])
         return f"{key} is not a key of {parent}; did you mean {suggestion}? (add keys on purpose with +{key}=...)"
     return f"{key} is not a key of {parent}; see Hydra's message above (add keys on purpose with +{key}=...)."

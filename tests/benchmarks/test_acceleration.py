@@ -20,13 +20,10 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from segplat.engine.acceleration import (
-    check_acceleration,
-    compile_unavailable_reason,
-    prepare_inputs,
-    prepare_model,
-)
+from segplat.config import check_config
+from segplat.engine.acceleration import compile_unavailable_reason, prepare_inputs, prepare_model
 from segplat.errors import ConfigError
+from segplat.rules import check_acceleration
 from tests.conftest import compose_train
 
 MODALITIES = {"rgb": 3, "nir": 1}
@@ -137,17 +134,16 @@ def test_inputs_follow_the_memory_format() -> None:
 
 @pytest.mark.parametrize("key", ["compile", "channels_last"])
 def test_flags_must_be_booleans(key: str) -> None:
-    with pytest.raises(ConfigError, match=rf"trainer\.{key}='yes' must be true or false"):
-        prepare_model(nn.Linear(2, 2), **{key: "yes"})
-    with pytest.raises(ConfigError, match=rf"trainer\.{key}=1 must be true or false"):
-        check_acceleration(**{"compile": False, "channels_last": False, key: 1})
+    for value in ("yes", 1):
+        with pytest.raises(ConfigError, match=rf"^trainer\.{key}={value} must be true or false\.$"):
+            check_config(compose_train([f"trainer.{key}={value}"]))
 
 
 def test_compile_without_a_compiler_is_refused_before_any_step(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr("segplat.engine.acceleration.shutil.which", lambda name: None)
     with pytest.raises(ConfigError, match=r"trainer\.compile=true cannot run here: inductor needs a C\+\+ compiler"):
-        check_acceleration(True, False, "cpu")  # what the trainer's constructor calls, before data
+        check_acceleration(True, "cpu")  # what the trainer's constructor calls, before data
     with pytest.raises(ConfigError, match=r"trainer\.compile=true cannot run here: inductor needs a C\+\+ compiler"):
         prepare_model(nn.Linear(2, 2), compile=True, device="cpu")
     prepare_model(nn.Linear(2, 2), compile=True, device="cpu", compile_options={"backend": "eager"})  # no codegen

@@ -10,18 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from rasterio.transform import from_origin
 
-from segplat.data.layouts.base import HYDRA_KEYS, build_layout
+from segplat.data.layouts.base import build_layout
 from segplat.data.layouts.geotiff import GeoTiffLayout
 from segplat.data.raster import Grid, grid_difference, write_geotiff
 from segplat.data.store import PatchStore, prepare_store
 from segplat.errors import ConfigError, DataError
+from segplat.schema import HYDRA_KEYS, check_targets, signature_of
 from tests.conftest import compose_train
 from tests.data.conftest import scene_from_tiles
 
 UTM = "EPSG:32633"
+GEOTIFF = "segplat.data.layouts.geotiff.GeoTiffLayout"
 PX = 30.0  # Landsat pixels
 X0, Y0 = 500_010.0, 5_300_020.0
 H, W = 40, 70
@@ -55,9 +57,10 @@ def write_scene(root: Path, name: str, split: str = "train", shift_cols: float =
 
 
 def layout(root: Path, modalities: dict | None = None, **kw) -> GeoTiffLayout:
+    """The layout as `dataset.layout` builds it: every key checked against the constructor's types first."""
     mods = modalities or {"optical": {"glob": "*/optical/*.tif", "bands": ["red", "green", "blue", "nir"]}}
-    return GeoTiffLayout(str(root), modalities=mods, label={"glob": "*/label/*.tif"}, classes=CLASSES,
-                         splits={"train": "train/*", "val": "val/*"}, **kw)
+    return build_layout({"_target_": GEOTIFF, "modalities": mods, "label": {"glob": "*/label/*.tif"},
+                         "classes": CLASSES, "splits": {"train": "train/*", "val": "val/*"}, **kw}, str(root))
 
 
 def test_grid_difference_tolerates_a_fraction_of_a_pixel_only() -> None:
@@ -239,38 +242,43 @@ def test_one_multiband_file_feeds_two_modalities_by_description_and_index(tmp_pa
         bad.read(bad.scan()["train"][0])
     with pytest.raises(ConfigError, match="one 1-based band index or band description per name"):
         layout(root, {"x": {"glob": "*/optical/*.tif", "bands": ["x", "y"], "source_bands": [1]}})
-    with pytest.raises(ConfigError, match="source_bands"):
+    with pytest.raises(ConfigError, match=r"^dataset\.layout\.modalities\.x\.source_bands=\[0\] must be a list of "):
         layout(root, {"x": {"glob": "*/optical/*.tif", "bands": ["x"], "source_bands": [0]}})
 
 
 def test_unknown_keys_are_refused_before_any_read(tmp_path: Path) -> None:
     nowhere = str(tmp_path / "does-not-exist")
     mods = {"optical": {"glob": "*.tif", "bands": ["a"], "band_indices": [1]}}
-    with pytest.raises(ConfigError, match=r"dataset.layout.modalities.optical.band_indices is not a key of the "
-                                          r"geotiff layout; valid keys: glob, folder, pattern, bands, source_bands"):
-        GeoTiffLayout(nowhere, modalities=mods, classes=["a"])
-    with pytest.raises(ConfigError, match=r"dataset.layout.label.no_data is not a key .* nodata"):
-        GeoTiffLayout(nowhere, modalities={"o": {"glob": "*.tif", "bands": ["a"]}}, label={"no_data": 0},
-                      classes=["a"])
+    with pytest.raises(ConfigError, match=r"^dataset.layout.modalities.optical.band_indices is not a key of "
+                                          r"dataset.layout.modalities.optical; its keys are bands, dtype"):
+        build_layout({"_target_": GEOTIFF, "modalities": mods, "classes": ["a"]}, nowhere)
+    with pytest.raises(ConfigError, match=r"^dataset.layout.label.no_data is not a key of dataset.layout.label; did "
+                                          r"you mean dataset.layout.label.nodata\?"):
+        build_layout({"_target_": GEOTIFF, "modalities": {"o": {"glob": "*.tif", "bands": ["a"]}},
+                      "label": {"no_data": 0}, "classes": ["a"]}, nowhere)
     cfg = compose_train(["dataset=geotiff", f"dataset.root={tmp_path}", "+dataset.layout.band_indices=[1]"])
-    with pytest.raises(ConfigError, match=r"dataset.layout.band_indices is not a key of the geotiff layout; valid "
-                                          r"keys: modalities, label, classes"):
+    with pytest.raises(ConfigError, match=r"^dataset.layout.band_indices is not a key of dataset.layout; its keys "
+                                          r"are classes, ignore_index, label, modalities"):
         instantiate(cfg.dataset).build_layout()
-    with pytest.raises(ConfigError, match=r"dataset.layout.output_band is not a key of the sen1floods11 layout"):
+    with pytest.raises(ConfigError, match=r"^dataset.layout.output_band is not a key of dataset.layout; did you mean "
+                                          r"dataset.layout.output_bands\?"):
         build_layout({"_target_": "segplat.data.layouts.sen1floods11.Sen1Floods11Layout", "output_band": ["B2"]},
                      nowhere)
     with pytest.raises(ConfigError, match=r"dataset.layout.max_time.s3 is not a key"):
         build_layout({"_target_": "segplat.data.layouts.s1s2_series.S1S2SeriesLayout", "max_time": {"s3": 4}},
                      nowhere)
+    with pytest.raises(ConfigError, match=r"^dataset.layout.root is not a key of dataset.layout; .*\(the data's "
+                                          r"folder is dataset.root\)"):
+        build_layout({"_target_": "segplat.data.synthetic.SyntheticClouds", "root": "x"}, nowhere)
 
 
 @pytest.mark.parametrize("name", ["clouds", "sen1floods11", "vaihingen", "potsdam", "geotiff", "airquality",
                                   "s1s2_series", "synthetic"])
 def test_each_dataset_config_lists_exactly_its_layouts_keys(name: str) -> None:
     cfg = compose_train([f"dataset={name}"]).dataset.layout
-    cls = get_class(cfg._target_)
-    cls.check_config(cfg)
-    assert sorted(k for k in cfg if k not in HYDRA_KEYS) == sorted(cls.config_keys())
+    check_targets(cfg, root="dataset.layout")
+    takes = [k for k in signature_of(cfg._target_).params if k != "root"]
+    assert sorted(k for k in cfg if k not in HYDRA_KEYS) == sorted(takes)
 
 
 def test_unreadable_first_file_is_skipped_and_counted(tmp_path: Path) -> None:

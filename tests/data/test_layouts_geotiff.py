@@ -12,6 +12,7 @@ import rasterio
 from rasterio.windows import Window
 
 from segplat.data.fake.geotiff import write_fake
+from segplat.data.layouts.base import build_layout
 from segplat.data.layouts.geotiff import GeoTiffLayout
 from segplat.data.raster import write_geotiff
 from segplat.data.store import PatchStore, prepare_store
@@ -25,8 +26,9 @@ CLASSES = ["background", "water", "building"]
 
 
 def layout(root: Path, **kw) -> GeoTiffLayout:
+    """The layout as `dataset.layout` builds it: every key checked against the constructor's types first."""
     args = {"modalities": MODS, "label": LABEL, "classes": CLASSES, "splits": {"train": "train/*", "val": "val/*"}}
-    return GeoTiffLayout(str(root), **{**args, **kw})
+    return build_layout({"_target_": "segplat.data.layouts.geotiff.GeoTiffLayout", **args, **kw}, str(root))
 
 
 @pytest.fixture(scope="module")
@@ -170,9 +172,10 @@ def test_label_classes_out_of_range_and_config_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no files match optical glob"):
         layout(tmp_path / "empty").scan()
     bad_nodata = {**MODS, "optical": {**MODS["optical"], "nodata": "abc"}}
-    with pytest.raises(ConfigError, match=r"^dataset\.layout\.modalities\.optical\.nodata=abc is not a nodata value"):
+    with pytest.raises(ConfigError, match=r"^dataset\.layout\.modalities\.optical\.nodata=abc must be a number .*; a "
+                                          r"number, \.nan, null \(none\) or file"):
         layout(root, modalities=bad_nodata)
-    with pytest.raises(ConfigError, match=r"^dataset\.layout\.label\.nodata=none is not a nodata value"):
+    with pytest.raises(ConfigError, match=r"^dataset\.layout\.label\.nodata=none must be a number"):
         layout(root, label={**LABEL, "nodata": "none"})
 
 

@@ -11,6 +11,7 @@ import pytest
 import rasterio
 
 from segplat.data.fake.isprs import write_fake_potsdam, write_fake_vaihingen
+from segplat.data.layouts.base import build_layout
 from segplat.data.layouts.isprs import PALETTE, PotsdamLayout, VaihingenLayout
 from segplat.data.store import PatchStore, prepare_store
 from segplat.errors import ConfigError, DataError
@@ -151,8 +152,8 @@ def test_bad_input(vaihingen_root: Path, tmp_path: Path) -> None:
     assert "top_mosaic_09cm_area3.tif: label colours [(10, 20, 30)]" in joined
     assert "sizes disagree" in joined and "area5" in joined
     assert "top_mosaic_09cm_area2.tif: has 4 bands" in joined
-    with pytest.raises(ConfigError, match="rgbir"):
-        VaihingenLayout(str(root), image="rgbir")
+    with pytest.raises(ConfigError, match=r"^dataset.layout.image=rgbir is not known; use irrg; Vaihingen ships IRRG "):
+        build_layout({"_target_": "segplat.data.layouts.isprs.VaihingenLayout", "image": "rgbir"}, str(root))
     with pytest.raises(DataError, match="no vaihingen image tiles"):
         VaihingenLayout(str(tmp_path)).scan()
 

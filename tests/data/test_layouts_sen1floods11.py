@@ -11,6 +11,7 @@ import pytest
 import rasterio
 
 from segplat.data.fake.sen1floods11 import write_fake
+from segplat.data.layouts.base import build_layout
 from segplat.data.layouts.sen1floods11 import S2_BANDS, Sen1Floods11Layout
 from segplat.data.store import PatchStore, prepare_store
 from segplat.errors import ConfigError, DataError
@@ -137,8 +138,13 @@ def test_all_nodata_chip_is_skipped(tmp_path: Path) -> None:
 def test_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="B13"):
         Sen1Floods11Layout(str(tmp_path), output_bands=["B2", "B13"])
-    with pytest.raises(ConfigError, match="sensors"):
-        Sen1Floods11Layout(str(tmp_path), sensors=["s3"])
+    with pytest.raises(ConfigError, match=r"^dataset.layout.sensors=\[s3\] must be a non-empty list of one of "
+                                          r"s[12], s[12]"):
+        build_layout({"_target_": "segplat.data.layouts.sen1floods11.Sen1Floods11Layout", "sensors": ["s3"]},
+                     str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^dataset.layout.splits=\[train,tset\] must be a list of one of"):
+        build_layout({"_target_": "segplat.data.layouts.sen1floods11.Sen1Floods11Layout", "splits": ["train", "tset"]},
+                     str(tmp_path))
     with pytest.raises(DataError, match="HandLabeled"):
         Sen1Floods11Layout(str(tmp_path)).scan()
 

@@ -19,6 +19,7 @@ from segplat.data.layouts.base import SampleRef
 from segplat.data.layouts.clouds import CloudsLayout
 from segplat.data.store import PatchStore, is_complete, prepare_store
 from segplat.errors import ConfigError, DataError
+from segplat.schema import check_targets
 from tests.conftest import REPO
 
 
@@ -244,6 +245,8 @@ def test_two_nodes_sharing_a_store_folder_prepare_it_once(tmp_path: Path) -> Non
 @pytest.mark.parametrize("value", [2, -0.5])
 def test_class_balanced_outside_a_probability_is_refused(value: float) -> None:
     """It is compared with a uniform draw, so 2 acted as 1 and -0.5 as 0 without a word."""
-    with pytest.raises(ConfigError, match=rf"^dataset\.class_balanced={value:g} is the probability .* from 0 \(off\)"):
-        DataModule(name="x", layout={}, requires_root=False, class_balanced=value)
+    node = {"_target_": "segplat.data.DataModule", "name": "x", "layout": {}, "class_balanced": value}
+    with pytest.raises(ConfigError, match=rf"^dataset\.class_balanced={value:g} must be a number from 0 to 1; the "
+                                          r"probability .* 0 = off, 1 = always\.$"):
+        check_targets(node, root="dataset")
     assert DataModule(name="x", layout={}, requires_root=False, class_balanced=1.0).class_balanced == 1.0

@@ -11,10 +11,13 @@ import pytest
 
 from segplat.data.dataset import PatchDataset, collate
 from segplat.data.fake.s1s2_series import write_fake
+from segplat.data.layouts.base import build_layout
 from segplat.data.layouts.s1s2_series import VOID_CLASS, S1S2SeriesLayout
 from segplat.data.store import PatchStore, prepare_store
 from segplat.errors import ConfigError, DataError
 from tests.conftest import CONF_DIR, compose_train
+
+S1S2 = "segplat.data.layouts.s1s2_series.S1S2SeriesLayout"
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +130,9 @@ def test_band_selection_and_messages_that_say_the_fix(fake_root: Path, tmp_path:
     np.testing.assert_array_equal(picked.arrays["s1"], full.arrays["s1"][:, :1])
     with pytest.raises(ConfigError, match=r"dataset.layout.bands.s2 names 'B1'"):
         S1S2SeriesLayout(str(fake_root), bands={"s2": ["B1"]})
-    with pytest.raises(ConfigError, match=r"dataset.layout.nodata.s3 is not a key of the s1s2_series layout"):
-        S1S2SeriesLayout(str(fake_root), nodata={"s3": 0})
+    with pytest.raises(ConfigError, match=r"^dataset.layout.nodata.s3 is not a key of dataset.layout.nodata; its "
+                                          r"keys are s1 or s2\.$"):
+        build_layout({"_target_": S1S2, "nodata": {"s3": 0}}, str(fake_root))
     root = write_fake(tmp_path / "p", num_patches=5, size=16)
     meta = json.loads((root / "metadata.geojson").read_text())
     del meta["features"][0]["properties"]["dates-S2"]
@@ -180,5 +184,7 @@ def test_one_max_time_caps_every_sensor(fake_root: Path) -> None:
     layout = S1S2SeriesLayout(str(fake_root), max_time=6)
     assert layout.max_time("s2") == layout.max_time("s1") == 6
     assert S1S2SeriesLayout(str(fake_root), max_time={"s2": 4, "s1": None}).max_time("s2") == 4
-    with pytest.raises(ConfigError, match=r"^dataset\.layout\.max_time=\[6\] must be a number of dates for every "):
-        S1S2SeriesLayout(str(fake_root), max_time=[6])
+    with pytest.raises(ConfigError, match=r"^dataset\.layout\.max_time=\[6\] must be a positive integer or a "
+                                          r"section with the keys s2, s1 or null; a number of dates for every "
+                                          r"sensor, or \{s2: "):
+        build_layout({"_target_": S1S2, "max_time": [6]}, str(fake_root))

@@ -19,6 +19,7 @@ from segplat.data.store import COMPLETE_MARKER, PatchStore, is_complete, prepare
 from segplat.data.store_location import StoreLocation, check_access
 from segplat.data.synthetic import SyntheticClouds
 from segplat.errors import ConfigError, DataError
+from segplat.schema import check_targets
 from tests.conftest import TINY
 from tests.data.s3_server import S3Server, s3_env_fixture, s3_server_fixture  # noqa: F401  (fixtures)
 from tests.distributed.launch_utils import BASE, env_for, run, summary, torchrun_cmd
@@ -191,8 +192,9 @@ def test_uris_with_credentials_or_other_schemes_are_refused() -> None:
         StoreLocation.parse("gs://bucket-a/x.zarr")
     with pytest.raises(ConfigError, match="names a whole bucket"):
         StoreLocation.parse("s3://bucket-a")
-    with pytest.raises(ConfigError, match=r"dataset\.store_client='boto' is not known"):
-        StoreLocation.parse("s3://bucket-a/x", client="boto")
+    node = {"_target_": "segplat.data.DataModule", "name": "x", "layout": {}, "store_client": "boto"}
+    with pytest.raises(ConfigError, match=r"^dataset\.store_client=boto is not known; use fsspec or obstore; "):
+        check_targets(node, root="dataset")
     with pytest.raises(ConfigError, match="caches remote stores only"):
         _dm(None, cache_dir="/tmp/cache")
 

@@ -14,6 +14,7 @@ from segplat.data.store import prepare_store
 from segplat.data.synthetic import SyntheticClouds
 from segplat.data.transforms import Compose, GeometricAugment, build_augment, warp
 from segplat.errors import ConfigError
+from segplat.schema import check_targets
 from tests.conftest import TINY, compose_train
 
 
@@ -91,13 +92,28 @@ def test_same_generator_same_result_and_flip_semantics() -> None:
     assert (o1["label"] != 255).all(), "a zoom-crop inside the patch never reaches the border"
 
 
-def test_build_augment_checks_keys() -> None:
+@pytest.mark.parametrize(("augment", "message"), [
+    ({"hflp": 0.5}, r"^dataset.augment.hflp is not a key of dataset.augment; did you mean dataset.augment.hflip\?$"),
+    ({"ssr": 2}, r"^dataset.augment.ssr=2 must be a number from 0 to 1\.$"),
+    ({"scale_range": [0.5, 2]}, r"^dataset.augment.scale_range=\[0.5,2\] must be a list of 2 numbers of at least 1"),
+    ({"interpolation": "cubic"}, r"^dataset.augment.interpolation=cubic is not known; use linear or nearest\.$"),
+    ({"copy_paste": {"classes": []}}, r"^dataset.augment.copy_paste.classes=\[\] must be a non-empty list"),
+    ({"copy_paste": {"classes": [1], "max_instances": 0}}, r"^dataset.augment.copy_paste.max_instances=0 must be a "
+                                                            r"positive integer\.$"),
+])
+def test_augment_keys_are_checked_with_the_config(augment: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_targets({"_target_": "segplat.data.DataModule", "name": "x", "layout": {}, "augment": augment},
+                      root="dataset")
+
+
+def test_build_augment_builds_what_the_keys_say() -> None:
     specs = {"rgb": ModalitySpec(("r", "g", "b"))}
-    assert isinstance(build_augment({"hflip": 0.5, "vflip": 0.5, "rot90": 0.5}, specs, 255), GeometricAugment)
-    with pytest.raises(ConfigError, match="unknown keys"):
-        build_augment({"hflp": 0.5}, specs, 255)
-    with pytest.raises(ConfigError, match="probability"):
-        build_augment({"ssr": 2}, specs, 255)
+    built = build_augment({"hflip": 0.25, "vflip": 0.5, "rot90": 0.5, "scale_range": [1.2, 2.0]}, specs, 7)
+    assert isinstance(built, GeometricAugment)
+    assert (built.hflip, tuple(built.scale_range), built.ignore_index) == (0.25, (1.2, 2.0), 7)
+    with pytest.raises(ConfigError, match=r"scale_range=\[2,1.2\] must be \[lo, hi\] with lo <= hi"):
+        build_augment({"scale_range": [2.0, 1.2]}, specs, 255)
     with pytest.raises(ConfigError, match="needs the training store"):
         build_augment({"copy_paste": {"classes": [1]}}, specs, 255)
 

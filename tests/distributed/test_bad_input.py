@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from segplat.config import check_config
 from segplat.data.datamodule import DataModule
 from segplat.errors import ConfigError
 from segplat.utils import dist
@@ -44,8 +45,8 @@ def test_nccl_without_gpus_falls_back_to_gloo(monkeypatch: pytest.MonkeyPatch) -
     assert any("trainer.backend=nccl needs CUDA devices" in str(w.message) for w in caught)
     assert dist.resolve_backend("auto") == "gloo"
     assert dist.resolve_backend("gloo", cpu=True) == "gloo"
-    with pytest.raises(ConfigError, match=r"trainer\.backend='mpi'"):
-        dist.resolve_backend("mpi")
+    with pytest.raises(ConfigError, match=r"^trainer\.backend=mpi is not known; use auto, nccl or gloo\.$"):
+        check_config(compose_train(["trainer.backend=mpi"]))
 
 
 @pytest.mark.slow

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from segplat.config import check_config
 from segplat.engine.trainer import resolve_sync_batchnorm
 from segplat.errors import ConfigError
-from tests.conftest import REPO
+from tests.conftest import REPO, compose_train
 from tests.distributed.launch_utils import BASE, env_for, free_port, metrics, plain_cmd, run, summary, torchrun_cmd
 
 pytestmark = pytest.mark.distributed
@@ -125,8 +126,8 @@ def test_sync_batchnorm_values():
     assert resolve_sync_batchnorm(False, 4, on_gpu=True) is False
     with pytest.raises(ConfigError, match="needs GPUs"):
         resolve_sync_batchnorm(True, 2, on_gpu=False)
-    with pytest.raises(ConfigError, match="is not known"):
-        resolve_sync_batchnorm("yes", 2, on_gpu=True)
+    with pytest.raises(ConfigError, match=r"^trainer\.sync_batchnorm=yes must be one of auto or true or false\.$"):
+        check_config(compose_train(["trainer.sync_batchnorm=yes"]))
 
 
 def _bn_weights_differ(runs: Path, a: str, b: str) -> float:

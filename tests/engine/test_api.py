@@ -40,13 +40,17 @@ def test_create_model_builds_what_the_cli_builds(name, overrides, cli, tmp_path)
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: segplat.create_model("unett", RGB_NIR, 4), r"'unett' is not a model preset; did you mean 'unet'\?"),
-    (lambda: segplat.create_model("unet", RGB_NIR, 4, encoder={"nme": "x"}), r"encoder has no key 'nme'; did you "
-                                                                             r"mean 'name'\?"),
-    (lambda: segplat.create_model("cmx", RGB_NIR, 4, backbon="mit_b0"), r"no key 'backbon'; did you mean 'backbone'"),
-    (lambda: segplat.create_model("unet", RGB_NIR, 4, fusion="sideways"), r"'sideways' is not a fusion preset"),
+    (lambda: segplat.create_model("unett", RGB_NIR, 4), r"model=unett is not known; did you mean model=unet\?"),
+    (lambda: segplat.create_model("unet", RGB_NIR, 4, encoder={"nme": "x"}), r"model.encoder.nme is not a key of "
+                                                                             r"model.encoder; did you mean "
+                                                                             r"model.encoder.name\?"),
+    (lambda: segplat.create_model("cmx", RGB_NIR, 4, backbon="mit_b0"), r"model.backbon is not a key of model; did "
+                                                                        r"you mean model.backbone\?"),
+    (lambda: segplat.create_model("unet", RGB_NIR, 4, fusion="sideways"), r"fusion=sideways is not known"),
     (lambda: segplat.create_model("cmx", RGB_NIR, 4, fusion="mid"), r"fusion.type=concat is not supported by CMX"),
     (lambda: segplat.create_model("unet", RGB_NIR, 0), r"num_classes=0 must be a positive integer"),
+    (lambda: segplat.create_model("unet", RGB_NIR, 4, encoder={"name": 3}), r"^create_model: model.encoder.name=3 "
+                                                                            r"must be a string"),
 ])
 def test_create_model_refuses_what_would_not_take_effect(call, message):
     with pytest.raises(ConfigError, match=message):

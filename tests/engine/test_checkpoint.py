@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -15,6 +17,7 @@ from omegaconf import OmegaConf
 from segplat.engine.checkpoint import (
     INFERENCE_KEYS,
     TRAINING_KEYS,
+    DataFacts,
     RunFacts,
     inference_state,
     load_checkpoint,
@@ -43,6 +46,40 @@ def test_the_two_kinds_hold_what_the_schema_says(tmp_path):
     assert set(best) == {"format", "kind", *INFERENCE_KEYS}
     assert torch.equal(best["model"]["w"], last["model"]["w"]) and best["data"] == {"classes": ["a", "b"]}
     assert (tmp_path / "best.ckpt").stat().st_size < (tmp_path / "last.ckpt").stat().st_size
+
+
+# the data section exactly as main's RunFacts.of_run wrote it (a dict built key by key), with a 1/8 grid modality
+MAIN_DATA = {"classes": ["clear", "cloud"], "palette": [[0, 0, 0], [255, 255, 255]], "ignore_index": 255,
+             "modalities": {"rgb": {"bands": ["r", "g", "b"], "nodata": None, "dtype": "uint8", "optical": True,
+                                    "scale": 1.0, "temporal": False, "max_time": None},
+                            "air": {"bands": ["no2"], "nodata": "nan", "dtype": "float32", "optical": False,
+                                    "scale": 0.125, "temporal": False, "max_time": None}},
+             "stats": {"rgb": {"mean": [1.0, 2.0, 3.0], "std": [1.0, 1.0, 1.0], "p2": [0, 0, 0], "p98": [9, 9, 9]},
+                       "air": {"mean": [0.5], "std": [0.1], "p2": [0.0], "p98": [1.0]}},
+             "patch_size": 64, "dataset": "airquality"}
+
+
+def test_the_data_section_has_one_writer_and_one_reader(tmp_path: Path) -> None:
+    """A checkpoint written by main (before the section was a type) reads back through `weights_only=True`; the writer
+    writes exactly that shape; a missing or odd field is one sentence naming the file."""
+    path = save_checkpoint(tmp_path / "old.ckpt", {"model": {}, "data": MAIN_DATA, "config": "model: {}\n"})
+    facts = DataFacts.from_state(load_checkpoint(path)["data"], path)
+    assert facts.to_state() == MAIN_DATA
+    assert facts.specs["air"].scale == 0.125 and np.isnan(facts.specs["air"].nodata)
+    assert (facts.patch_size, facts.dataset, facts.classes) == (64, "airquality", ["clear", "cloud"])
+    info = SimpleNamespace(classes=facts.classes, palette=MAIN_DATA["palette"], ignore_index=255,
+                           specs=facts.specs, stats=MAIN_DATA["stats"])
+    assert DataFacts.of(info, 64, "airquality").to_state() == MAIN_DATA
+    broken = {"no data": (None, r"carries no data facts"),
+              "missing": ({k: v for k, v in MAIN_DATA.items() if k != "patch_size"}, r"lacks patch_size"),
+              "odd type": ({**MAIN_DATA, "patch_size": "64"}, r"data.patch_size=64 must be a positive integer"),
+              "odd spec": ({**MAIN_DATA, "modalities": {"rgb": {"bands": ["r"], "colour": 1}}}, r"is not what"),
+              "no stats": ({**MAIN_DATA, "stats": {"rgb": MAIN_DATA["stats"]["rgb"]}}, r"no statistics for air"),
+              "palette": ({**MAIN_DATA, "palette": [[0, 0, 0]]}, r"1 palette colours for 2 classes")}
+    for data, message in broken.values():
+        with pytest.raises(CheckpointError, match=rf"^checkpoint {tmp_path}/x.ckpt: .*{message}.*; it was not "
+                                                  r"written by this segplat"):
+            DataFacts.from_state(data, tmp_path / "x.ckpt")
 
 
 def run_folder(tmp_path: Path, checkpoints=(), records: int = 0) -> Path:
@@ -138,7 +175,7 @@ def test_only_the_main_process_changes_files(tmp_path):
 def test_a_resume_refuses_optimiser_and_schedule_changes_it_would_not_apply(tmp_path):
     """The optimiser's param groups and the schedule come back from last.ckpt: a new optimizer.lr was written to
     config.yaml but trained with the old one. Keys that follow trainer.max_epochs may change (extending a run)."""
-    from segplat.engine.checkpoint import check_resumed_config
+    from segplat.rules import check_resumed_config
     from tests.conftest import compose_train
 
     run_cfg = compose_train(["trainer.max_epochs=4"], tmp_path)

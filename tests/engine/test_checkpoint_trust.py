@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from segplat.engine.checkpoint import (
-    check_resumed_config,
     inference_config,
     resume_point,
     run_config_target,
@@ -20,6 +19,7 @@ from segplat.engine.checkpoint import (
 from segplat.engine.loggers import RunInfo, TensorBoardLogger
 from segplat.errors import CheckpointError
 from segplat.inference import load_for_inference
+from segplat.rules import check_resumed_config
 from segplat.utils.bounded_yaml import MAX_BYTES, MAX_VALUES, expanded_size, load_bounded
 from tests.conftest import compose_train
 

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from segplat.data.layouts.base import ModalitySpec
 from segplat.data.preprocess import Preprocessor
-from segplat.engine.checkpoint import save_checkpoint
+from segplat.engine.checkpoint import DataFacts, save_checkpoint
 from tests.conftest import compose_train
 
 CLASSES = ("clear", "thick_cloud", "thin_cloud", "cloud_shadow")
@@ -64,10 +64,10 @@ def write_checkpoint(path: str | Path, specs: Mapping[str, ModalitySpec], classe
         balance_classes(net.eval(), Preprocessor(specs, stats, list(specs)), calibrate)
     config = {"model": OmegaConf.to_container(cfg.model, resolve=True),
               "dataset": dict(dataset or {"name": "synthetic"})}
-    data = {"classes": list(classes), "palette": [list(c) for c in palette], "ignore_index": 255,
-            "modalities": {m: s.to_attrs() for m, s in specs.items()},
-            "stats": stats, "patch_size": patch_size, "dataset": "synthetic"}
+    data = DataFacts(classes=list(classes), palette=[tuple(c) for c in palette], ignore_index=255,
+                     modalities={m: s.to_attrs() for m, s in specs.items()}, stats=stats, patch_size=patch_size,
+                     dataset="synthetic")
     meta = {"model_target": cfg.model._target_, "classes": list(classes),
             "modalities": {m: len(s.bands) for m, s in specs.items()}}
-    return save_checkpoint(path, {"model": net.state_dict(), "data": data, "meta": meta,
+    return save_checkpoint(path, {"model": net.state_dict(), "data": data.to_state(), "meta": meta,
                                   "config": yaml.safe_dump(config)})

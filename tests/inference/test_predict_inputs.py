@@ -130,7 +130,7 @@ def test_a_submission_needs_the_clouds_classes(checkpoint: Path, tmp_path: Path)
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match=r"submission=clouds needs a model of the clouds classes"):
         predict(compose_predict([f"ckpt={other}", f"input={tmp_path}", "submission=clouds"], out))
-    with pytest.raises(ConfigError, match=r"output\.blocksize=100 must be a power of two"):
+    with pytest.raises(ConfigError, match=r"^output\.blocksize=100 must be an integer of at least 16; a power of two"):
         predict(compose_predict([f"ckpt={checkpoint}", f"input={tmp_path}", "output.blocksize=100"], out))
 
 

@@ -22,8 +22,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from segplat.data.store import _nodata_mask, _resize_nearest_mask
+from segplat.data.windows import grid_alignment
 from segplat.errors import ConfigError
-from segplat.inference import SlidingWindowPredictor, add_legend, fill_value, grid_alignment, load_for_inference
+from segplat.inference import SlidingWindowPredictor, add_legend, fill_value, load_for_inference
 from segplat.predict import predict
 from segplat.predict.scenes import RasterSource, open_input
 from tests.conftest import CONF_DIR
@@ -86,7 +87,7 @@ def test_streamed_equals_whole_scene_on_two_grids(checkpoint: Path, tmp_path: Pa
     paths = write_geotiffs(tmp_path, arrays)
     loaded = load_for_inference(checkpoint)
     predictor = SlidingWindowPredictor(loaded, window=WINDOW, overlap=0.25, batch_size=3, progress=False)
-    assert grid_alignment(loaded.specs) == 2 and predictor.stride % 2 == 0
+    assert grid_alignment(s.scale for s in loaded.specs.values()) == 2 and predictor.stride % 2 == 0
     grid = predictor.grid(*size)
     assert size[0] % WINDOW and size[1] % WINDOW and len(grid.rows) >= 3 and len(grid.cols) >= 2
     assert all(y % 2 == 0 for y in grid.rows) and all(x % 2 == 0 for x in grid.cols)
@@ -217,7 +218,7 @@ def test_float16_probabilities_and_previews_are_bounded(checkpoint: Path, tmp_pa
     assert np.isnan(stored[:, ~ref_valid]).all()
     overlay = cv2.imread(str(out / "scene_rgb_overlay.png"))
     assert overlay.shape[1] == 240 and overlay.shape[0] > 50  # 50 px scene preview + a legend strip
-    with pytest.raises(ConfigError, match="probabilities=true is not a format"):
+    with pytest.raises(ConfigError, match=r"^probabilities=true is not known; use uint8, float16 or null; uint8 = "):
         predict(compose_predict([f"ckpt={checkpoint}", f"input={paths['rgb']}", "probabilities=true"], tmp_path / "x"))
 
 

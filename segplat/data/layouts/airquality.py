@@ -29,7 +29,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from rasterio.enums import Resampling
@@ -47,6 +47,7 @@ from segplat.data.raster import (
     warp_to_grid,
 )
 from segplat.errors import ConfigError, DataError
+from segplat.schema import PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,12 @@ class AirQualityLayout(Layout):
     ignore_index = 255
     splits = ("train", "val")
 
-    def __init__(self, root: str | None = None, mask_values: Mapping[Any, int] | None = None,
-                 unknown_mask_values: str = "error", image_size: int = 512, air_size: int = 64,
-                 bands_per_file: int = 12, image_nodata: float | None = 0, air_nodata: float | None = None,
-                 strict_names: bool = False, image_bands: Sequence[str | int] | None = None,
-                 air_bands: Sequence[int] | None = None, resample: bool = False) -> None:
+    def __init__(self, root: str | None = None, mask_values: Mapping[int | str, int] | None = None,
+                 unknown_mask_values: Literal["error", "ignore"] = "error", image_size: PositiveInt = 512,
+                 air_size: PositiveInt = 64, bands_per_file: PositiveInt = 12, image_nodata: float | None = 0,
+                 air_nodata: float | None = None, strict_names: bool = False,
+                 image_bands: Sequence[str | PositiveInt] | None = None, air_bands: Sequence[PositiveInt] | None = None,
+                 resample: bool = False) -> None:
         super().__init__(root)
         table = mask_values if mask_values is not None else {90: 0, 10: 1}
         try:
@@ -91,11 +93,9 @@ class AirQualityLayout(Layout):
         if bad:
             raise ConfigError(f"dataset.layout.mask_values has entries {bad} outside mask values 0..255 or classes "
                               f"0..{len(self.classes) - 1} (or {self.ignore_index} to ignore); fix the table.")
-        if unknown_mask_values not in ("error", "ignore"):
-            raise ConfigError(f"dataset.layout.unknown_mask_values={unknown_mask_values!r} must be error or ignore.")
         self.unknown_mask_values = unknown_mask_values
         self.image_size, self.air_size = int(image_size), int(air_size)
-        if self.image_size <= 0 or self.air_size <= 0 or self.image_size % self.air_size:
+        if self.image_size % self.air_size:
             raise ConfigError(f"dataset.layout.image_size={self.image_size} must be a positive multiple of "
                               f"dataset.layout.air_size={self.air_size} (the grids must nest exactly).")
         self.bands_per_file = int(bands_per_file)

@@ -7,23 +7,26 @@ patches or training. `segplat.data.store.prepare_store` turns any layout into a 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any
 
 import numpy as np
+from annotated_types import Ge, Le
 
 from segplat.errors import ConfigError
+from segplat.messages import not_a_key
+from segplat.schema import Hint
 from segplat.utils.plain import to_plain
 
-# keys Hydra reads itself; a layout never sees them as arguments
-HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_", "_args_")
-C = TypeVar("C")
+# a class index or ignore index: labels are stored as uint8
+LabelValue = Annotated[int, Ge(0), Le(255), Hint("labels are stored as 8-bit values")]
+Channel = Annotated[int, Ge(0), Le(255)]
+RGB = tuple[Channel, Channel, Channel]  # a class colour
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,10 @@ class SampleRef:
 class Layout(ABC):
     """Base class of dataset readers. Subclasses carry the dataset's constants as class attributes.
 
-    A layout's config (`dataset.layout`) is its constructor's keyword arguments; `check_config` refuses
-    any other key before anything is read (see `build_layout`), and layouts with nested sections
-    (per-modality settings) check those in their constructor with `config_section`.
+    A layout's config (`dataset.layout`) is its constructor's keyword arguments, typed with the aliases of
+    `segplat.schema` (nested sections, e.g. one modality's settings, are `@section` dataclasses, built with
+    `build_section`): the config walker refuses any other key or a value of another type before anything is read,
+    so a constructor keeps only the rules between its keys.
     """
 
     name: str = "layout"
@@ -132,27 +136,6 @@ class Layout(ABC):
                     except OSError:  # the layout reports unreadable files when it reads them
                         h.update(f"{key}\0{path}\0missing\0".encode())
         return h.hexdigest()[:16]
-
-    @classmethod
-    def config_keys(cls) -> list[str]:
-        """The keys `dataset.layout` may hold: the constructor's keyword arguments (through `**kwargs` to the
-        base class's), without `root`, which comes from `dataset.root`."""
-        keys: list[str] = []
-        for klass in cls.__mro__:
-            init = klass.__dict__.get("__init__")
-            if init is None:
-                continue
-            params = inspect.signature(init).parameters.values()
-            keys += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                     and p.name not in ("self", "root") and p.name not in keys]
-            if not any(p.kind == p.VAR_KEYWORD for p in params):
-                break
-        return keys
-
-    @classmethod
-    def check_config(cls, cfg: Mapping[str, Any]) -> None:
-        """Refuse keys of `dataset.layout` that this layout does not take, listing the ones it does."""
-        check_keys((k for k in cfg if k not in HYDRA_KEYS), cls.config_keys(), "dataset.layout", cls.name)
 
     def fingerprint_params(self) -> dict[str, Any]:
         """Everything that changes the prepared store; subclasses add their options."""
@@ -207,21 +190,6 @@ def hash_split(ids: Sequence[str], val_fraction: float, seed: int) -> dict[str, 
 # -- config helpers -------------------------------------------------------------------------------------
 
 
-def check_keys(given: Iterable[str], valid: Sequence[str], where: str, what: str) -> None:
-    """One ConfigError naming the first unknown key under `where` and listing the valid ones."""
-    unknown = [str(k) for k in given if k not in valid]
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]} is not a key of the {what} layout; valid keys: {', '.join(valid)} "
-                          "(fix the spelling or remove it).")
-
-
-def config_section(cls: type[C], cfg: Mapping[str, Any] | None, where: str, what: str) -> C:
-    """A dataclass from one nested config section (e.g. one modality), refusing unknown keys."""
-    cfg = dict(to_plain(cfg) or {})
-    check_keys(cfg, [f.name for f in fields(cls)], where, what)  # type: ignore[arg-type]
-    return cls(**cfg)
-
-
 def band_names(select: Sequence[str | int] | None, documented: Sequence[str], key: str, what: str) -> tuple[str, ...]:
     """Bands picked by name or 1-based index from a documented band list -> their names (all when None)."""
     if select is None:
@@ -240,24 +208,29 @@ def band_names(select: Sequence[str | int] | None, documented: Sequence[str], ke
     return tuple(out)
 
 
-def build_layout(cfg: Mapping[str, Any], root: str | None) -> Layout:
-    """Instantiate `dataset.layout` after checking its keys against the layout's own (before any file is read)."""
+def build_layout(cfg: Mapping[str, Any], root: str | None, key: str = "dataset.layout") -> Layout:
+    """Instantiate `dataset.layout` after checking its keys against the layout's signature (before any file is read;
+    the tasks checked them with the whole config already, direct callers get the same refusals here)."""
     from hydra.utils import get_class, instantiate
+
+    from segplat.schema import check_targets, signature_of
 
     target = cfg.get("_target_")
     try:
         cls = get_class(str(target))
     except Exception as err:
-        raise ConfigError(f"dataset.layout._target_={target} cannot be imported; check the dataset config.") from err
+        raise ConfigError(f"{key}._target_={target} cannot be imported; check the dataset config.") from err
     doc = "see docs/user-project.md, \"The layout contract\""
     if not (isinstance(cls, type) and issubclass(cls, Layout)):
-        raise ConfigError(f"dataset.layout._target_={target} is not a segplat.data.layouts.base.Layout subclass; a "
+        raise ConfigError(f"{key}._target_={target} is not a segplat.data.layouts.base.Layout subclass; a "
                           f"layout subclasses Layout and defines modalities, scan and read ({doc}).")
     if cls.__abstractmethods__:
         missing = " or ".join(sorted(cls.__abstractmethods__))
-        raise ConfigError(f"dataset.layout._target_={target} does not define {missing}, which every Layout defines "
-                          f"({doc}).")
-    cls.check_config(cfg)
+        raise ConfigError(f"{key}._target_={target} does not define {missing}, which every Layout defines ({doc}).")
+    check_targets(cfg, root=key)
+    if "root" in cfg:  # a constructor argument, but given from dataset.root: the layout's own would be overridden
+        keys = [k for k in signature_of(str(target)).params if k != "root"]
+        raise ConfigError(not_a_key(f"{key}.root", key, keys, "the data's folder is dataset.root"))
     try:
         layout = instantiate(cfg, root=root)
     except Exception as err:  # Hydra wraps what the constructor raises; the user's error is the one to show
@@ -268,7 +241,7 @@ def build_layout(cfg: Mapping[str, Any], root: str | None) -> Layout:
             raise
         raise user_error from None
     if not layout.classes or len(layout.palette) != len(layout.classes):
-        raise ConfigError(f"dataset.layout._target_={target} has {len(layout.classes)} classes and "
+        raise ConfigError(f"{key}._target_={target} has {len(layout.classes)} classes and "
                           f"{len(layout.palette)} palette colours; set Layout.classes (at least one name) and "
                           f"Layout.palette (one RGB triple per class), as class constants or in __init__ ({doc}).")
     return layout

@@ -21,6 +21,7 @@ import numpy as np
 from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef, hash_split
 from segplat.data.raster import decode_colour_label
 from segplat.errors import DataError
+from segplat.schema import NonNegativeInt, Probability
 
 CLASSES = ("background", "thick_cloud", "thin_cloud", "cloud_shadow")
 # RGB; on disk (BGR): [0,0,0] [0,0,255] [0,255,0] [0,255,255]
@@ -77,8 +78,8 @@ class CloudsLayout(Layout):
     ignore_index = 255
     splits = ("train", "val", "test")
 
-    def __init__(self, root: str | None = None, val_fraction: float = 0.15, seed: int = 0, include_test: bool = True,
-                 colour_tolerance: int = 8) -> None:
+    def __init__(self, root: str | None = None, val_fraction: Probability = 0.15, seed: int = 0,
+                 include_test: bool = True, colour_tolerance: NonNegativeInt = 8) -> None:
         super().__init__(root)
         self.val_fraction = float(val_fraction)
         self.seed = int(seed)

@@ -17,6 +17,7 @@ stops before any file is read. Raster helpers live in `segplat.data.raster`; fak
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import math
@@ -24,12 +25,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from annotated_types import Ge
 from rasterio.warp import Resampling
 
-from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef, config_section, hash_split
+from segplat.data.layouts.base import RGB, LabelValue, Layout, ModalitySpec, Sample, SampleRef, hash_split
 from segplat.data.raster import (
     Grid,
     decode_colour_label,
@@ -42,6 +44,8 @@ from segplat.data.raster import (
     warp_to_grid,
 )
 from segplat.errors import ConfigError, DataError
+from segplat.messages import first_line, must_be, not_known
+from segplat.schema import Hint, NonNegativeInt, Probability, build_section, section
 from segplat.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,11 @@ log = logging.getLogger(__name__)
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2", ".png", ".jpg", ".bmp")
 
 
+NoData = Annotated[float | Literal["file", "nan"] | None,
+                   Hint("a number, .nan, null (none) or file (each file's own nodata tag)")]
+
+
+@section
 @dataclass(frozen=True)
 class ModalityConfig:
     """`dataset.layout.modalities.NAME`: where one modality's files are and how to read them."""
@@ -56,13 +65,15 @@ class ModalityConfig:
     glob: str | None = None
     folder: str | None = None  # with `pattern`: another way to write `glob`
     pattern: str | None = None
-    bands: tuple[str, ...] = ()  # names of the stored bands
-    source_bands: tuple[int | str, ...] | None = None  # which file bands: 1-based indexes or band descriptions
-    nodata: Any = "file"  # a number, .nan, null (none) or "file" (the file's own tag)
+    bands: tuple[str | int, ...] = ()  # names of the stored bands
+    # which file bands: 1-based indexes or band descriptions
+    source_bands: tuple[Annotated[int, Ge(1)] | str, ...] | None = None
+    nodata: NoData = "file"
     dtype: str | None = None  # null: the dtype of the first readable file
     optical: bool = True
 
 
+@section
 @dataclass(frozen=True)
 class LabelConfig:
     """`dataset.layout.label`: the label files and how to decode them."""
@@ -70,11 +81,11 @@ class LabelConfig:
     glob: str | None = None
     folder: str | None = None
     pattern: str | None = None
-    nodata: Any = None  # the label value meaning "no label"; null or "file": the file's nodata tag
-    band: int | str = 1  # class-value labels: which band (1-based index or description)
+    nodata: NoData = None  # the label value meaning "no label"; null or "file": the file's nodata tag
+    band: Annotated[int, Ge(1)] | str = 1  # class-value labels: which band (1-based index or description)
     colour: bool = False  # RGB colour-coded labels decoded with the palette
-    tolerance: int = 0
-    ignore_colours: tuple[tuple[int, int, int], ...] = ()
+    tolerance: NonNegativeInt = 0
+    ignore_colours: tuple[RGB, ...] = ()
 
 
 def _globbed(glob: str | None, folder: str | None, pattern: str | None) -> str | None:
@@ -82,6 +93,38 @@ def _globbed(glob: str | None, folder: str | None, pattern: str | None) -> str |
     if not glob and folder:
         return f"{str(folder).rstrip('/')}/{pattern or '*.tif'}"
     return glob
+
+
+def _modality_configs(modalities: Mapping[str, Any] | None) -> dict[str, ModalityConfig]:
+    """`dataset.layout.modalities` as sections, `glob` resolved; the rules between a modality's keys."""
+    out: dict[str, ModalityConfig] = {}
+    for name, m in (to_plain(modalities) or {}).items():
+        cfg = build_section(ModalityConfig, m)
+        glob = _globbed(cfg.glob, cfg.folder, cfg.pattern)
+        bands = tuple(str(b) for b in cfg.bands)
+        if not glob or not bands:
+            raise ConfigError(f"dataset.layout.modalities.{name} needs `glob` (relative to dataset.root) and "
+                              "`bands` (a list of band names).")
+        if cfg.source_bands is not None and len(cfg.source_bands) != len(bands):
+            raise ConfigError(must_be(f"dataset.layout.modalities.{name}.source_bands", list(cfg.source_bands),
+                                      f"one 1-based band index or band description per name in bands ({len(bands)})"))
+        out[name] = dataclasses.replace(cfg, glob=glob, folder=None, pattern=None, bands=bands)
+    if not out:
+        raise ConfigError("dataset.layout.modalities is empty; list at least one modality with a glob and bands.")
+    return out
+
+
+def _label_config(label: Mapping[str, Any] | None, value_map: bool) -> LabelConfig:
+    """`dataset.layout.label` as a section, `glob` resolved; colour labels take no band, value map or the like."""
+    lab = build_section(LabelConfig, label)
+    if lab.colour and (lab.band != 1 or value_map):
+        raise ConfigError("dataset.layout.label.colour=true reads bands 1-3 as RGB and decodes them with the "
+                          "palette, so label.band and value_map do not apply; remove them or set colour=false.")
+    if not lab.colour and (lab.tolerance or lab.ignore_colours):
+        raise ConfigError("dataset.layout.label.tolerance and ignore_colours apply to colour labels only; remove "
+                          "them or set label.colour=true.")
+    return dataclasses.replace(lab, glob=_globbed(lab.glob, lab.folder, lab.pattern), folder=None, pattern=None,
+                               ignore_colours=tuple(tuple(c) for c in lab.ignore_colours))
 
 
 class GeoTiffLayout(Layout):
@@ -92,67 +135,38 @@ class GeoTiffLayout(Layout):
     def __init__(
         self,
         root: str | None = None,
-        modalities: Mapping[str, Mapping[str, Any]] | None = None,
-        label: Mapping[str, Any] | None = None,
+        modalities: Mapping[str, ModalityConfig] | None = None,
+        label: LabelConfig | None = None,
         classes: Sequence[str] = (),
-        palette: Sequence[Sequence[int]] | None = None,
-        value_map: Mapping[Any, Any] | None = None,
-        ignore_index: int = 255,
+        palette: Sequence[RGB] | None = None,
+        value_map: Mapping[int, LabelValue | Literal["ignore"]] | None = None,
+        ignore_index: LabelValue = 255,
         stem_regex: str = r"^(?P<id>.+)$",
         splits: Mapping[str, str] | None = None,
         split_files: Mapping[str, str] | None = None,
-        val_fraction: float = 0.2,
+        val_fraction: Probability = 0.2,
         seed: int = 0,
         resample: bool = False,
         reference: str = "label",
     ) -> None:
         super().__init__(root)
-        self.modality_cfg: dict[str, ModalityConfig] = {}
-        for name, m in (to_plain(modalities) or {}).items():
-            cfg = config_section(ModalityConfig, m, f"dataset.layout.modalities.{name}", self.name)
-            glob = _globbed(cfg.glob, cfg.folder, cfg.pattern)
-            bands = tuple(str(b) for b in (cfg.bands or ()))
-            select = None if cfg.source_bands is None else tuple(cfg.source_bands)
-            if not glob or not bands:
-                raise ConfigError(f"dataset.layout.modalities.{name} needs `glob` (relative to dataset.root) and "
-                                  "`bands` (a list of band names).")
-            if select is not None:
-                bad = [b for b in select if isinstance(b, bool) or not isinstance(b, int | str)
-                       or (isinstance(b, int) and b < 1)]
-                if bad or len(select) != len(bands):
-                    raise ConfigError(f"dataset.layout.modalities.{name}.source_bands={list(select)} must list one "
-                                      f"1-based band index or band description per name in bands ({len(bands)}).")
-            _check_nodata(cfg.nodata, f"dataset.layout.modalities.{name}.nodata")
-            self.modality_cfg[name] = ModalityConfig(glob=glob, bands=bands, source_bands=select, nodata=cfg.nodata,
-                                                     dtype=cfg.dtype, optical=bool(cfg.optical))
-        if not self.modality_cfg:
-            raise ConfigError("dataset.layout.modalities is empty; list at least one modality with a glob and bands.")
-        lab = config_section(LabelConfig, label, "dataset.layout.label", self.name)
-        _check_nodata(lab.nodata, "dataset.layout.label.nodata")
-        self.label_cfg = LabelConfig(**{**asdict(lab), "glob": _globbed(lab.glob, lab.folder, lab.pattern),
-                                        "folder": None, "pattern": None,
-                                        "ignore_colours": tuple(tuple(c) for c in lab.ignore_colours or ())})
-        if self.label_cfg.colour and (self.label_cfg.band != 1 or value_map):
-            raise ConfigError("dataset.layout.label.colour=true reads bands 1-3 as RGB and decodes them with the "
-                              "palette, so label.band and value_map do not apply; remove them or set colour=false.")
-        if not self.label_cfg.colour and (self.label_cfg.tolerance or self.label_cfg.ignore_colours):
-            raise ConfigError("dataset.layout.label.tolerance and ignore_colours apply to colour labels only; remove "
-                              "them or set label.colour=true.")
+        self.modality_cfg = _modality_configs(modalities)
+        self.label_cfg = _label_config(label, bool(value_map))
         self.classes = tuple(to_plain(classes) or ())
         if not self.classes:
             raise ConfigError("dataset.layout.classes is empty; list the class names in label-index order.")
-        colours = to_plain(palette) or _default_palette(len(self.classes))
-        self.palette = tuple(tuple(int(v) for v in c) for c in colours)
+        self.palette = tuple(tuple(int(v) for v in c) for c in to_plain(palette) or _default_palette(len(self.classes)))
         if len(self.palette) != len(self.classes):
             raise ConfigError(f"dataset.layout.palette has {len(self.palette)} colours for {len(self.classes)} "
                               "classes; give one RGB triple per class or leave it null.")
         self.ignore_index = int(ignore_index)
-        self.value_map = {int(k): (self.ignore_index if str(v) == "ignore" else int(v))
+        self.value_map = {int(k): (self.ignore_index if v == "ignore" else int(v))
                           for k, v in (to_plain(value_map) or {}).items()}
         try:
             self.stem_regex = re.compile(stem_regex)
         except re.error as err:
-            raise ConfigError(f"dataset.layout.stem_regex={stem_regex!r} is not a valid regex ({err}).") from err
+            raise ConfigError(must_be("dataset.layout.stem_regex", stem_regex, "a valid regular expression",
+                                      first_line(err))) from err
         self.split_globs = to_plain(splits) or {}
         self.split_files = to_plain(split_files) or {}
         if self.split_globs and self.split_files:
@@ -163,8 +177,8 @@ class GeoTiffLayout(Layout):
         self.resample = bool(resample)
         self.reference = reference
         if reference != "label" and reference not in self.modality_cfg:
-            raise ConfigError(f"dataset.layout.reference={reference!r} must be 'label' or one of the modalities "
-                              f"{list(self.modality_cfg)}.")
+            raise ConfigError(not_known("dataset.layout.reference", reference, ["label", *self.modality_cfg],
+                                        "the grid everything lands on: the label's or a modality's"))
         self.splits = tuple(self.split_globs or self.split_files or ("train", "val"))
         self._specs: dict[str, ModalitySpec] | None = None
         self._files: dict[str, list[Path]] = {}
@@ -392,14 +406,3 @@ def _default_palette(n: int) -> list[tuple[int, int, int]]:
     while len(base) < n:
         base.append(tuple(int(v) for v in rng.integers(0, 256, 3)))
     return base[:n]
-
-
-def _check_nodata(value: Any, key: str) -> None:
-    """A nodata value is a number, .nan, null or "file"; anything else was a float() traceback at the first file."""
-    if value is None or value == "file" or (isinstance(value, int | float) and not isinstance(value, bool)):
-        return
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value} is not a nodata value; give a number, .nan, null (none) or file (each "
-                          "file's own nodata tag).") from None

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 from rasterio.warp import Resampling
@@ -41,6 +41,7 @@ from segplat.data.raster import (
     warp_to_grid,
 )
 from segplat.errors import ConfigError, DataError
+from segplat.schema import Hint, NonNegativeInt, PositiveInt
 from segplat.utils.plain import to_plain
 
 log = logging.getLogger(__name__)
@@ -60,20 +61,15 @@ class _ISPRSLayout(Layout):
     SPLITS: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {}
     IMAGE_BANDS: ClassVar[dict[str, tuple[str, ...]]] = {}
 
-    def __init__(self, root: str | None = None, image: str = "irrg", elevation: str = "dsm", eroded: bool = False,
-                 split: str = "standard", colour_tolerance: int = 8, image_bands: Sequence[str | int] | None = None,
-                 val_tiles: Sequence[str | int] | None = None, resample: bool = False) -> None:
+    def __init__(self, root: str | None = None, image: str = "irrg",
+                 elevation: Annotated[Literal["dsm", "ndsm", "none"], Hint("the elevation stream")] = "dsm",
+                 eroded: bool = False, split: str = "standard", colour_tolerance: NonNegativeInt = 8,
+                 image_bands: Sequence[str | PositiveInt] | None = None, val_tiles: Sequence[str | int] | None = None,
+                 resample: bool = False) -> None:
+        """`image` and `split` are typed by each dataset's own constructor (its images and splits)."""
         super().__init__(root)
-        if image not in self.IMAGE_BANDS:
-            raise ConfigError(f"dataset.layout.image={image!r} is not available for {self.name}; "
-                              f"choose one of {', '.join(self.IMAGE_BANDS)}.")
         self.image_bands = band_names(image_bands, self.IMAGE_BANDS[image], "dataset.layout.image_bands",
                                       f"the {image.upper()} image")
-        if elevation not in ("dsm", "ndsm", "none"):
-            raise ConfigError(f"dataset.layout.elevation={elevation!r} must be dsm, ndsm or none.")
-        if split not in self.SPLITS:
-            raise ConfigError(f"dataset.layout.split={split!r} is not a {self.name} split; "
-                              f"choose one of {', '.join(self.SPLITS)}.")
         self.image, self.elevation, self.eroded, self.split = image, elevation, bool(eroded), split
         self.colour_tolerance = int(colour_tolerance)
         self.val_tiles = tuple(str(t) for t in (to_plain(val_tiles) or ()))
@@ -229,6 +225,11 @@ class VaihingenLayout(_ISPRSLayout):
         "ms2mnet": {"train": tuple(t for t in _VAIHINGEN_TRAIN if t not in _MS2MNET_TEST), "test": MS2MNET_TEST},
     }
 
+    def __init__(self, root: str | None = None,
+                 image: Annotated[Literal["irrg"], Hint("Vaihingen ships IRRG images only")] = "irrg",
+                 split: Literal["standard", "ms2mnet"] = "standard", **kwargs: Any) -> None:
+        super().__init__(root, image=image, split=split, **kwargs)
+
     def image_path(self, root: Path, tid: str) -> Path:
         return self._first(root, ("top",), (f"top_mosaic_09cm_area{tid}.tif",))
 
@@ -259,8 +260,9 @@ class PotsdamLayout(_ISPRSLayout):
             "7_13")
     SPLITS: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {"standard": {"train": TRAIN, "test": TEST}}
 
-    def __init__(self, root: str | None = None, image: str = "rgb", **kwargs: Any) -> None:
-        super().__init__(root, image=image, **kwargs)
+    def __init__(self, root: str | None = None, image: Literal["rgb", "irrg", "rgbir"] = "rgb",
+                 split: Literal["standard"] = "standard", **kwargs: Any) -> None:
+        super().__init__(root, image=image, split=split, **kwargs)
 
     def image_path(self, root: Path, tid: str) -> Path:
         folder, suffix = self.IMAGE_FOLDERS[self.image]

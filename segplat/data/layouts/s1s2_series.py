@@ -29,13 +29,15 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from annotated_types import MinLen
 
-from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef, band_names, check_keys
+from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef, band_names
 from segplat.errors import ConfigError, DataError
-from segplat.utils.plain import to_plain
+from segplat.messages import must_be
+from segplat.schema import Hint, PositiveInt, build_section, section
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,30 @@ def rectangle_bounds(geometry: Mapping[str, Any] | None) -> tuple[float, float, 
         return None
     return float(west), float(south), float(east), float(north)
 
+@section
+class SensorDates:
+    """`dataset.layout.max_time` per sensor (null: the largest count in metadata.geojson)."""
+
+    s2: PositiveInt | None = None
+    s1: PositiveInt | None = None
+
+
+@section
+class SensorNodata:
+    """`dataset.layout.nodata` per sensor."""
+
+    s2: float | None = 0
+    s1: float | None = float("nan")
+
+
+@section
+class SensorBands:
+    """`dataset.layout.bands` per sensor: band names or 1-based indexes (null: all)."""
+
+    s2: Sequence[str | PositiveInt] | None = None
+    s1: Sequence[str | PositiveInt] | None = None
+
+
 class S1S2SeriesLayout(Layout):
     """PASTIS-R-style reader; modalities `s2` and `s1`, both temporal."""
 
@@ -113,22 +139,17 @@ class S1S2SeriesLayout(Layout):
     ignore_index = 255
     splits = ("train", "val", "test")
 
-    def __init__(self, root: str | None = None, folds: Mapping[str, Sequence[int]] | None = None,
-                 s1_orbit: str = "S1A", sensors: Sequence[str] = ("s2", "s1"),
-                 max_time: int | Mapping[str, int | None] | None = None, reference_date: str = "2018-09-01",
-                 nodata: Mapping[str, float | None] | None = None, drop_nodata_dates: bool = True,
-                 bands: Mapping[str, Sequence[str | int] | None] | None = None) -> None:
+    def __init__(self, root: str | None = None, folds: Mapping[str, Sequence[PositiveInt]] | None = None,
+                 s1_orbit: Annotated[Literal["S1A", "S1D"], Hint("S1A ascending, S1D descending")] = "S1A",
+                 sensors: Annotated[Sequence[Literal["s2", "s1"]], MinLen(1)] = ("s2", "s1"),
+                 max_time: Annotated[PositiveInt | SensorDates | None,
+                                     Hint("a number of dates for every sensor, or {s2: N, s1: M}")] = None,
+                 reference_date: str = "2018-09-01", nodata: SensorNodata | None = None,
+                 drop_nodata_dates: bool = True, bands: SensorBands | None = None) -> None:
         super().__init__(root)
-        if isinstance(max_time, int) and not isinstance(max_time, bool):  # one cap for every sensor
-            max_time = {"s2": max_time, "s1": max_time}
-        elif max_time is not None and not isinstance(to_plain(max_time), dict):
-            raise ConfigError(f"dataset.layout.max_time={max_time} must be a number of dates for every sensor, or "
-                              "{s2: N, s1: M}.")
-        for key, table in (("max_time", max_time), ("nodata", nodata), ("bands", bands)):
-            check_keys(to_plain(table) or {}, ("s2", "s1"), f"dataset.layout.{key}", self.name)
-        picks = dict(to_plain(bands) or {})
-        self.bands = {"s2": band_names(picks.get("s2"), S2_BANDS, "dataset.layout.bands.s2", "PASTIS-R S2"),
-                      "s1": band_names(picks.get("s1"), S1_BANDS, "dataset.layout.bands.s1", "PASTIS-R S1")}
+        picks = build_section(SensorBands, bands)
+        self.bands = {"s2": band_names(picks.s2, S2_BANDS, "dataset.layout.bands.s2", "PASTIS-R S2"),
+                      "s1": band_names(picks.s1, S1_BANDS, "dataset.layout.bands.s1", "PASTIS-R S1")}
         folds = folds if folds is not None else {"train": [1, 2, 3], "val": [4], "test": [5]}
         self.folds = {str(k): [int(f) for f in v] for k, v in dict(folds).items()}
         seen: dict[int, str] = {}
@@ -138,21 +159,17 @@ class S1S2SeriesLayout(Layout):
                     raise ConfigError(f"dataset.layout.folds puts fold {f} in both {seen[f]} and {split}; "
                                       "give each fold one split.")
                 seen[f] = split
-        if s1_orbit not in ("S1A", "S1D"):
-            raise ConfigError(f"dataset.layout.s1_orbit={s1_orbit!r} must be S1A (ascending) or S1D (descending).")
         self.s1_orbit = s1_orbit
         self.sensors = [str(s) for s in sensors]
-        bad = [s for s in self.sensors if s not in ("s2", "s1")]
-        if bad or not self.sensors:
-            raise ConfigError(f"dataset.layout.sensors={list(sensors)} must list s2 and/or s1.")
-        mt = dict(max_time or {})
-        self._max_time_cfg = {s: (int(mt[s]) if mt.get(s) is not None else None) for s in ("s2", "s1")}
+        dates = SensorDates(max_time, max_time) if isinstance(max_time, int) else build_section(SensorDates, max_time)
+        self._max_time_cfg = {"s2": dates.s2, "s1": dates.s1}
         try:
             self.reference = dt.date.fromisoformat(str(reference_date))
         except ValueError as err:
-            raise ConfigError(f"dataset.layout.reference_date={reference_date!r} is not YYYY-MM-DD.") from err
-        nd = {"s2": 0, "s1": float("nan"), **dict(nodata or {})}
-        self.nodata: dict[str, float | None] = {k: (None if v is None else float(v)) for k, v in nd.items()}
+            raise ConfigError(must_be("dataset.layout.reference_date", reference_date, "a date YYYY-MM-DD")) from err
+        nd = build_section(SensorNodata, nodata)
+        self.nodata: dict[str, float | None] = {k: (None if v is None else float(v))
+                                                for k, v in (("s2", nd.s2), ("s1", nd.s1))}
         self.drop_nodata_dates = bool(drop_nodata_dates)
         self._meta: dict[str, dict[str, Any]] | None = None
         self._bounds: dict[str, tuple[float, float, float, float] | None] = {}

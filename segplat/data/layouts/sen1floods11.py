@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import csv
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from annotated_types import MinLen
 
 from segplat.data.layouts.base import Layout, ModalitySpec, Sample, SampleRef, band_names
 from segplat.data.raster import Grid, georef, raster_header, read_on_grid, read_raster
-from segplat.errors import ConfigError, DataError
+from segplat.errors import DataError
+from segplat.schema import PositiveInt
 
 S2_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")
 S1_BANDS = ("VV", "VH")
@@ -42,21 +45,18 @@ class Sen1Floods11Layout(Layout):
     ignore_index = 255
     splits = ("train", "val", "test", "bolivia")
 
-    def __init__(self, root: str | None = None, sensors: tuple[str, ...] | list[str] = ("s1", "s2"),
-                 output_bands: list[str | int] | None = None, s1_bands: list[str | int] | None = None,
-                 splits: list[str] | None = None, resample: bool = False) -> None:
+    def __init__(self, root: str | None = None,
+                 sensors: Annotated[Sequence[Literal["s1", "s2"]], MinLen(1)] = ("s1", "s2"),
+                 output_bands: Sequence[str | PositiveInt] | None = None,
+                 s1_bands: Sequence[str | PositiveInt] | None = None,
+                 splits: Sequence[Literal["train", "val", "test", "bolivia"]] | None = None,
+                 resample: bool = False) -> None:
         super().__init__(root)
         self.sensors = tuple(sensors)
-        bad = [s for s in self.sensors if s not in ("s1", "s2")]
-        if bad or not self.sensors:
-            raise ConfigError(f"dataset.layout.sensors={list(self.sensors)} must name s1 and/or s2.")
         self.output_bands = band_names(output_bands, S2_BANDS, "dataset.layout.output_bands", "Sentinel-2 L1C")
         self.s1_bands = band_names(s1_bands, S1_BANDS, "dataset.layout.s1_bands", "Sentinel-1")
         self.resample = bool(resample)
         self.use_splits = tuple(splits or self.splits)
-        unknown = [s for s in self.use_splits if s not in SPLIT_FILES]
-        if unknown:
-            raise ConfigError(f"dataset.layout.splits names {unknown}; choose from {', '.join(SPLIT_FILES)}.")
         self.notes: list[str] = []
 
     @property
