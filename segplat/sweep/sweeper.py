@@ -367,6 +367,9 @@ class OptunaSweeper:
         self.check_launcher()
         debug = self.debug_study()
         # the whole space before any trial: nothing is written (no folder, no study) when it is invalid
+        import time
+
+        started = time.monotonic()
         checker = SpaceChecker(params, fixed, self.compose, self.config, group_options=self.group_options)
         pinned = {p.key for p in params if p.key in cli_params and p.distribution is None}
         baselines = [{k: v for k, v in b.items() if k not in pinned} if isinstance(b, Mapping) else b
@@ -376,8 +379,9 @@ class OptunaSweeper:
             log.info("the baselines' values for %s give way to the command line's", ", ".join(dropped))
         baselines = checker.run(baselines)
         report = checker.report
-        log.info("search space checked: %d draws%s compose and pass the task's checks (%d config compositions)",
-                 report.draws, "" if report.exhaustive else " (every model/fusion combination, each other value once)",
+        log.info("search space checked in %.1f s: %d draws%s compose and pass the task's checks (%d config "
+                 "compositions)", time.monotonic() - started, report.draws,
+                 "" if report.exhaustive else " (every model/fusion combination, each other value once)",
                  report.compositions)
         sweep_dir = self.sweep_dir()
         self.study_name = self.study_name or sweep_dir.name
