@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from benchmarks.common import CONF_DIR, RESULTS, machine_line
 

@@ -56,9 +56,11 @@ from segplat.sweep.study import (
     make_storage,
     redact,
     requeue_baseline,
+    sampler_target,
     storage_error,
     trial_id,
 )
+from segplat.sweep.tracking import SweepTracking
 from segplat.sweep.validate import SpaceChecker
 from segplat.utils.plain import to_plain
 
@@ -409,6 +411,12 @@ class OptunaSweeper:
         groups = self.config_groups([p.key for p in params])
         log.info("study %r in %s: %s; %d of %d trials used; sweep dir %s", self.study_name, redact(url),
                  "created" if created else "resumed", budget_used(study), self.n_trials, sweep_dir)
+        # the trials' trackers: MLflow's parent run (its id to every trial), TensorBoard's HParams experiment
+        tracking = SweepTracking.start(self.config, study, sweep_dir, params, {
+            "study_name": self.study_name, "n_trials": self.n_trials, "sampler": sampler_target(self.sampler_spec),
+            "directions": directions, "objectives": [k for k, _ in objectives], "storage": redact(url),
+            "sweep_dir": str(sweep_dir)})
+        env.update(tracking.env())
 
         results: list[dict[str, Any]] = []
         old_term = signal.getsignal(signal.SIGTERM)
@@ -440,6 +448,9 @@ class OptunaSweeper:
         finally:
             signal.signal(signal.SIGTERM, old_term)
             self.finish(study, sweep_dir, params, groups, url, objectives)
+            stopped = sys.exc_info()[0]
+            tracking.finish(study, sweep_dir, params, "FINISHED" if stopped is None else "KILLED"
+                            if issubclass(stopped, KeyboardInterrupt) else "FAILED")
         return results
 
     def abandon(self, study: optuna.Study, trial: optuna.trial.Trial, reason: str, interrupted: bool) -> None:

@@ -32,6 +32,13 @@ callbacks:
 trainer:
   max_epochs: 1
 """
+
+
+def with_sampler(option: str) -> str:
+    """HEAD choosing an option of the hydra/sweeper/sampler group."""
+    return HEAD.replace("segplat_optuna\n", f"segplat_optuna\n  - override /hydra/sweeper/sampler: {option}\n")
+
+
 SWEEPS = {
     "tiny": HEAD + """hydra:
   sweeper:
@@ -62,7 +69,7 @@ SWEEPS = {
 """,
     # an encoder timm does not have passes the checks before training and makes its trial exit with a
     # ConfigError when the model is built; the sweep records it and goes on
-    "crash": HEAD.replace("segplat_optuna\n", "segplat_optuna\n  - override /hydra/sweeper/sampler: random\n") + """hydra:
+    "crash": with_sampler("random") + """hydra:
   sweeper:
     study_name: crash
     n_trials: 3
@@ -75,7 +82,7 @@ SWEEPS = {
       - {model.encoder.name: resnet10t}
       - {model.encoder.name: no_such_encoder}
 """,
-    "multi": HEAD.replace("segplat_optuna\n", "segplat_optuna\n  - override /hydra/sweeper/sampler: nsgaii\n") + """hydra:
+    "multi": with_sampler("nsgaii") + """hydra:
   sweeper:
     study_name: multi
     n_trials: 2
