@@ -111,11 +111,15 @@ def log_model(tracking_uri: str, run_id: str, checkpoint: str | Path, register_a
     loaded = load_for_inference(checkpoint)
     served = ServedModel(loaded.model, loaded.preprocessor, loaded.classes).eval()
     example = input_example(loaded)
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id), _quiet_serving_check():
-        info = mlflow.pytorch.log_model(served, name="model", signature=signature(loaded, example),
-                                        input_example=example, registered_model_name=register_as,
-                                        serialization_format="pickle", await_registration_for=60)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)  # MLflow's fluent API; unset, it writes a store in the working folder
+    try:
+        with mlflow.start_run(run_id=run_id), _quiet_serving_check():
+            info = mlflow.pytorch.log_model(served, name="model", signature=signature(loaded, example),
+                                            input_example=example, registered_model_name=register_as,
+                                            serialization_format="pickle", await_registration_for=60)
+    finally:
+        mlflow.set_tracking_uri(previous)
     log.info("MLflow model %s logged from %s%s", info.model_uri, checkpoint,
              f" and registered as {register_as}" if register_as else "")
     return info.model_uri
