@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -369,8 +370,6 @@ class OptunaSweeper:
         self.check_launcher()
         debug = self.debug_study()
         # the whole space before any trial: nothing is written (no folder, no study) when it is invalid
-        import time
-
         started = time.monotonic()
         checker = SpaceChecker(params, fixed, self.compose, self.config, group_options=self.group_options)
         pinned = {p.key for p in params if p.key in cli_params and p.distribution is None}
@@ -395,7 +394,7 @@ class OptunaSweeper:
             self.check_space_matches(study, searched, url)
         if debug:
             log.info("debug=fast: this sweep runs at most %d trials (hydra.sweeper.n_trials=%d is capped) in the "
-                        "study %r, apart from the real one", DEBUG_TRIALS, self.n_trials, self.study_name)
+                     "study %r, apart from the real one", DEBUG_TRIALS, self.n_trials, self.study_name)
             self.n_trials = budget_used(study) + DEBUG_TRIALS
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if seed is not None and not created:  # a joining or resuming worker must not replay the first one's draws

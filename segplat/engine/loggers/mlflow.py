@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from segplat.engine.loggers.base import (
+    GOOD_ENDS,
     RunInfo,
     Tracker,
     numeric,
@@ -207,7 +208,7 @@ class MlflowLogger(Tracker):
                 if value is not None:
                     self.client.set_tag(self.run_id, f"segplat.{key}", str(value))
             best = facts.get("best_checkpoint")
-            if self.log_model and not self.trial and best:
+            if self.log_model and not self.trial and best and facts.get("status") in GOOD_ENDS:
                 self.log_best_model(self.run_id, best)
 
     def log_best_model(self, run_id: str, checkpoint: str | Path) -> str | None:
