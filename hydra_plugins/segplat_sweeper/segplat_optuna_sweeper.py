@@ -6,12 +6,13 @@ plugin scan (which imports every module under hydra_plugins) stays cheap.
 
 from __future__ import annotations
 
+from importlib.resources import files
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from segplat.sweep.config import SegplatOptunaSweeperConf
 
@@ -39,3 +40,9 @@ ConfigStore.instance().store(
     node=SegplatOptunaSweeperConf(_target_="hydra_plugins.segplat_sweeper.segplat_optuna_sweeper.SegplatOptunaSweeper"),
     provider="segplat",
 )
+
+# the hydra/sweeper/sampler group (segplat/conf/hydra/sweeper/sampler/) for apps whose config path is not segplat's
+for _file in sorted(files("segplat").joinpath("conf", "hydra", "sweeper", "sampler").iterdir(), key=str):
+    if _file.name.endswith(".yaml"):
+        ConfigStore.instance().store(group="hydra/sweeper/sampler", name=_file.name[:-len(".yaml")],
+                                     node=OmegaConf.create(_file.read_text()), provider="segplat")

@@ -169,3 +169,13 @@ def test_optimization_results_are_the_peers_file(tmp_path: Path) -> None:
     assert results["name"] == "optuna" and set(results) == {"name", "solutions"}
     assert sorted(tuple(s["values"]) for s in results["solutions"]) == sorted(tuple(t.values)
                                                                                for t in multi.best_trials)
+
+
+def test_the_sampler_group_is_there_for_an_app_of_the_users_own(tmp_path: Path) -> None:
+    """A user's own Hydra app (its config path is not segplat's) selects segplat's sweeper and its sampler group."""
+    (tmp_path / "config.yaml").write_text("defaults:\n  - override hydra/sweeper: segplat_optuna\n"
+                                          "  - override hydra/sweeper/sampler: nsgaii\nx: 1\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True)
+    assert cfg.hydra.sweeper.sampler._target_ == "optuna.samplers.NSGAIISampler"
+    assert cfg.hydra.sweeper.sampler.population_size == 50
