@@ -179,3 +179,18 @@ def test_the_sampler_group_is_there_for_an_app_of_the_users_own(tmp_path: Path) 
         cfg = compose(config_name="config", return_hydra_config=True)
     assert cfg.hydra.sweeper.sampler._target_ == "optuna.samplers.NSGAIISampler"
     assert cfg.hydra.sweeper.sampler.population_size == 50
+
+
+def test_custom_search_space_adds_its_draw_to_the_trial(tmp_path: Path) -> None:
+    """The peer's custom-search-space example: what the function suggests after the params draw (`+w`, a new key)
+    reaches the trial as an override, and the study holds it as a parameter."""
+    from tests.sweep.test_trials import sweeper_with_study
+
+    sweeper, study, parsed = sweeper_with_study(tmp_path, {"x": "range(-5.5, 5.5, 0.5)"},
+                                                custom_search_space=f"{__name__}.extend")
+    fn = sweeper.search_space_extender()
+    result = sweeper.run_one(study, study.ask(), ["ok"], parsed, tmp_path, {}, False, "w",
+                             [("best_score", "maximize")], fn)
+    trial = study.trials[0]
+    assert result["state"] == "COMPLETE" and set(trial.params) == {"x", "+w"}
+    assert trial.user_attrs["overrides"] == ["ok", f"x={trial.params['x']!r}", f"+w={trial.params['+w']!r}"]
