@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import inspect
 import sys
+from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
+from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.config_store import ConfigStore
+from hydra.plugins.search_path_plugin import SearchPathPlugin
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from segplat.sweep.config import SegplatOptunaSweeperConf
 
@@ -61,3 +65,26 @@ ConfigStore.instance().store(
     node=SegplatOptunaSweeperConf(_target_="hydra_plugins.segplat_sweeper.segplat_optuna_sweeper.SegplatOptunaSweeper"),
     provider="segplat",
 )
+
+
+class SegplatSamplerGroup(SearchPathPlugin):
+    """The hydra/sweeper/sampler group (segplat/conf/hydra/sweeper/sampler/) for an app whose config path is not
+    segplat's, registered when Hydra builds that app's search path. segplat's own tasks find the files in their
+    config path; registering them there too would make Hydra match each file against a same-named schema."""
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        conf = Path(str(files("segplat").joinpath("conf"))).resolve()
+        for element in search_path.get_path():
+            path = str(element.path)
+            if path.startswith("pkg://segplat.conf") or (not path.startswith("pkg://") and _resolved(path) == conf):
+                return
+        store = ConfigStore.instance()
+        for file in sorted(conf.joinpath("hydra", "sweeper", "sampler").glob("*.yaml")):
+            store.store(group="hydra/sweeper/sampler", name=file.stem, node=OmegaConf.load(file), provider="segplat")
+
+
+def _resolved(path: str) -> Path | None:
+    try:
+        return Path(path.removeprefix("file://")).resolve()
+    except (OSError, ValueError):
+        return None

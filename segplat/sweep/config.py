@@ -5,29 +5,40 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from omegaconf import MISSING
+
 
 @dataclass
 class SegplatOptunaSweeperConf:
     _target_: str = "segplat.sweep.sweeper.OptunaSweeper"
-    # the study's name in the storage; the sweep folder is usually named after it
-    study_name: str = "segplat"
+    # the sampler is a config group, as in hydra-optuna-sweeper: hydra/sweeper/sampler=tpe|random|cmaes|nsgaii|grid|
+    # gp|qmc (segplat/conf/hydra/sweeper/sampler/)
+    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
+    # the sweeper builds the sampler itself (a joining worker reseeds it, a grid is filled from params)
+    _recursive_: bool = False
+    # the study's name in the storage; the sweep folder is usually named after it; null = the sweep folder's name
+    study_name: str | None = None
     # an SQLAlchemy URL (postgresql://user@host/db, sqlite:////abs/path.db); null = <sweep dir>/study.db
     storage: str | None = None
     # the total trial budget of the study, shared by every worker and every resume
     n_trials: int = 20
     # at most this many trials by this process (null = until the budget is spent)
     worker_trials: int | None = None
-    # auto = from callbacks.mode; or maximize / minimize (single objective)
-    direction: str = "auto"
+    # auto = from callbacks.mode; maximize / minimize; or a list, one per objective (hydra-optuna-sweeper's
+    # `direction: [maximize, minimize]`), whose keys hydra.sweeper.objectives names
+    direction: Any = "auto"
     # multi-objective: [{key: best_score, direction: auto}, {key: num_parameters, direction: minimize}];
     # keys are fields of the trial's summary.json; null = [{key: best_score, direction: auto}]
     objectives: Any = None
-    # {name: tpe|random|gp|cmaes|grid|nsga2|qmc, seed: INT, <sampler constructor options>}
-    sampler: Any = field(default_factory=lambda: {"name": "tpe", "seed": None})
+    # {_target_: optuna.samplers.XSampler, seed: INT, <constructor keys>}: composed from hydra/sweeper/sampler
+    sampler: Any = MISSING
     # {name: median|percentile|hyperband|successive_halving|threshold|wilcoxon|none, <pruner options>}
     pruner: Any = field(default_factory=lambda: {"name": "median", "n_startup_trials": 5, "n_warmup_steps": 0})
     # key -> sweep expression or {when: {KEY: VALUE}, values: EXPRESSION}; see segplat/conf/sweep/fusion_patch_lr.yaml
     params: Any = field(default_factory=dict)
+    # hydra-optuna-sweeper's hook: a dotted path to fn(config, trial) that suggests more parameters after params
+    # (each becomes a `key=value` override of the trial; the space check before the first trial cannot see them)
+    custom_search_space: str | None = None
     # trials enqueued first, once, when the study is created: a list of {key: value} maps of searched keys
     # (checked before the study exists; an interrupted baseline is enqueued again)
     baselines: Any = field(default_factory=list)

@@ -5,7 +5,10 @@
   `# @package _global_` files, so `python -m segplat.train experiment=best
   hydra.searchpath=[file://<sweep dir>]` (or a copy into conf/experiment/) trains the winner;
 - `history.png`, `importance.png` (or `pareto_front.png`): optuna's matplotlib plots;
-- `sweep_summary.json`: counts per state, the best trial(s), where the study lives.
+- `sweep_summary.json`: counts per state, the best trial(s), where the study lives;
+- `optimization_results.yaml`: hydra-optuna-sweeper's file, as that plugin writes it (`name: optuna`,
+  `best_params` and `best_value`; with several objectives `solutions: [{params, values}]`), so tools
+  reading the peer's results read segplat's.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def experiment_yaml(trial: optuna.trial.FrozenTrial, params: Sequence[Param], gr
     values, defaults = {}, []
     for key, value in trial.params.items():
         value = by_key[key].python_value(value) if key in by_key else value
+        key = key.lstrip("+")  # a custom_search_space key that adds one (`+w`): an experiment file just sets it
         if key in groups:
             defaults.append({f"override /{key}": value})
         else:
@@ -130,5 +134,24 @@ def write_outputs(study: optuna.Study, sweep_dir: Path, params: Sequence[Param],
             log.info("parameter importance needs at least 2 complete trials (have %d); importance.png not drawn",
                      len(complete))
     summary["files"]["plots"] = plots
+    if complete:
+        atomic_write_text(sweep_dir / "optimization_results.yaml", optimization_results(study, params))
+        summary["files"]["results"] = "optimization_results.yaml"
     atomic_write_json(sweep_dir / "sweep_summary.json", json.loads(json.dumps(summary, default=str)))
     return summary
+
+
+def optimization_results(study: optuna.Study, params: Sequence[Param]) -> str:
+    """hydra-optuna-sweeper's `optimization_results.yaml` (its keys and layout; list-valued choices as lists)."""
+    by_key = {p.key: p for p in params}
+
+    def values(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+        return {k: by_key[k].python_value(v) if k in by_key else v for k, v in trial.params.items()}
+
+    if len(study.directions) > 1:
+        body: dict[str, Any] = {"name": "optuna", "solutions": [{"params": values(t), "values": list(t.values)}
+                                                                for t in study.best_trials]}
+    else:
+        best = study.best_trial
+        body = {"name": "optuna", "best_params": values(best), "best_value": best.value}
+    return yaml.safe_dump(json.loads(json.dumps(body, default=str)), sort_keys=False)

@@ -1,12 +1,20 @@
 """Search spaces: Hydra sweep expressions -> Optuna distributions, with conditional parameters.
 
 A sweep file's `hydra.sweeper.params` maps a config key to either
-- a Hydra sweep expression: `choice(a, b)`, `range(start, stop[, step])` (stop excluded, as in
-  Python and Hydra), `interval(low, high)` (floats), `tag(log, interval(...))` (log scale),
-  `tag(int, interval(...))` (integers), `tag(log, range(...))`; or a plain value (fixed);
+- a Hydra sweep expression, read as hydra-optuna-sweeper reads it (its own test cases are in
+  tests/sweep/test_space_peer.py): `choice(a, b)`; `range(start, stop[, step])`, the values from
+  start up to and including stop (Optuna's `high`; integers unless a bound or the step is a float);
+  `interval(low, high)` (floats); `int(interval(1, 5))` or `tag(int, interval(...))` (integers);
+  `tag(log, ...)` (log scale); `shuffle(range(...))` / `shuffle(choice(...))` (a choice among the
+  values Hydra's own sweep would list: for a range, start up to but excluding stop); or a plain value
+  (fixed);
 - or a mapping `{when: {KEY: VALUE | [VALUES]}, values: EXPRESSION}`: the parameter is searched
   only when every KEY (a searched parameter, a fixed override or a base config value) equals
   VALUE (or one of VALUES); otherwise it is not sampled and the config keeps its own value.
+
+A draw is of the type written: integer bounds, `int(...)` and `tag(int, ...)` draw integers, a float
+anywhere in a range or interval draws floats. What Optuna cannot honour (a descending range, a log
+scale on a stepped float range, an integer interval with fractional bounds) is refused before any trial.
 
 Choices that are not scalars (lists, dicts) are stored in Optuna as their override text
 (`[2,3]`), so the study stays readable by the `optuna` command line and dashboard.
@@ -14,6 +22,7 @@ Choices that are not scalars (lists, dicts) are stored in Optuna as their overri
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +35,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from segplat.errors import ConfigError
 
+log = logging.getLogger("segplat.sweep")
 SCALARS = (str, int, float, bool, type(None))
 MISSING = object()
 
@@ -81,6 +91,64 @@ class Param:
         return value
 
 
+def _categorical(key: str, items: Sequence[Any]) -> tuple[optuna.distributions.BaseDistribution, dict[Any, str]]:
+    choices, texts = [], {}
+    for item in items:
+        if isinstance(item, SCALARS):
+            choices.append(item)
+        else:
+            text = format_value(item)
+            texts[text] = text
+            choices.append(text)
+    if len(set(map(repr, choices))) != len(choices):
+        raise ConfigError(f"hydra.sweeper.params.{key} lists a choice twice; list each once.")
+    return optuna.distributions.CategoricalDistribution(choices), texts
+
+
+def _last_on_grid(start: float, stop: float, step: float) -> float:
+    """The largest start + n*step <= stop (Optuna's `high` of a stepped distribution), free of float noise."""
+    from decimal import Decimal
+
+    lo, hi, st = Decimal(repr(start)), Decimal(repr(stop)), Decimal(repr(step))
+    return float(lo + ((hi - lo) // st) * st)
+
+
+def _range(key: str, sweep: RangeSweep, tags: set[str]) -> optuna.distributions.BaseDistribution:
+    """hydra-optuna-sweeper's range: start to stop inclusive (Optuna's low/high), step 1 unless given."""
+    start, stop, step = sweep.start, sweep.stop, sweep.step if sweep.step is not None else 1
+    written = f"hydra.sweeper.params.{key}=range({start}, {stop}, step={step})"
+    if step <= 0 or stop < start:
+        raise ConfigError(f"{written} is empty or descending; write it ascending with a positive step, "
+                          "e.g. range(1, 5) for 1, 2, 3, 4, 5.")
+    floats = any(isinstance(v, float) for v in (start, stop, step))
+    last = _last_on_grid(start, stop, step)
+    if not floats:
+        if "log" in tags and step != 1:
+            raise ConfigError(f"{written}: a log range needs step 1 in Optuna; drop the step.")
+        return optuna.distributions.IntDistribution(int(start), int(last), log="log" in tags, step=int(step))
+    if "log" in tags:
+        raise ConfigError(f"{written}: Optuna cannot log-scale a float range with a step; use "
+                          "tag(log, interval(a, b)).")
+    high = float(stop) if math.isclose(last, stop, rel_tol=0, abs_tol=1e-12) else last
+    return optuna.distributions.FloatDistribution(float(start), high, step=float(step))
+
+
+def _interval(key: str, sweep: IntervalSweep, tags: set[str]) -> optuna.distributions.BaseDistribution:
+    """Floats, or integers when both bounds are (`int(interval(...))`) or the int tag is given."""
+    low, high = sweep.start, sweep.end
+    if not low < high:
+        raise ConfigError(f"hydra.sweeper.params.{key}=interval({low}, {high}) needs low < high.")
+    if "log" in tags and low <= 0:
+        raise ConfigError(f"hydra.sweeper.params.{key}: a log interval needs low > 0, not {low}.")
+    integers = "int" in tags or (isinstance(low, int) and isinstance(high, int))
+    if not integers:
+        return optuna.distributions.FloatDistribution(float(low), float(high), log="log" in tags)
+    if float(low) != int(low) or float(high) != int(high):
+        raise ConfigError(f"hydra.sweeper.params.{key}=tag(int, interval({low}, {high})) draws integers, so its "
+                          "bounds must be whole numbers; write them as integers.")
+    return optuna.distributions.IntDistribution(int(low), int(high), log="log" in tags)
+
+
 def _distribution(key: str, sweep: Any) -> tuple[optuna.distributions.BaseDistribution, dict[Any, str]]:
     tags = set(getattr(sweep, "tags", set()) or set())
     unknown = tags - {"log", "int"}
@@ -89,42 +157,20 @@ def _distribution(key: str, sweep: Any) -> tuple[optuna.distributions.BaseDistri
     if isinstance(sweep, ChoiceSweep):
         if tags:
             raise ConfigError(f"hydra.sweeper.params.{key}: tags do not apply to choice(...); remove them.")
-        choices, texts = [], {}
-        for item in sweep.list:
-            if isinstance(item, SCALARS):
-                choices.append(item)
-            else:
-                text = format_value(item)
-                texts[text] = text
-                choices.append(text)
-        if len(set(map(repr, choices))) != len(choices):
-            raise ConfigError(f"hydra.sweeper.params.{key} lists a choice twice; list each once.")
-        return optuna.distributions.CategoricalDistribution(choices), texts
+        return _categorical(key, sweep.list)
+    if isinstance(sweep, RangeSweep) and sweep.shuffle:
+        # hydra-optuna-sweeper: a choice among the values Hydra's own range lists (stop excluded), in their order
+        if tags:
+            raise ConfigError(f"hydra.sweeper.params.{key}: tags do not apply to shuffle(range(...)); remove them.")
+        values = list(sweep.range())
+        if not values:
+            raise ConfigError(f"hydra.sweeper.params.{key}=shuffle(range({sweep.start}, {sweep.stop})) lists no "
+                              "value; write start < stop.")
+        return _categorical(key, values)
     if isinstance(sweep, RangeSweep):
-        start, stop, step = sweep.start, sweep.stop, sweep.step if sweep.step is not None else 1
-        if step <= 0 or stop <= start:
-            raise ConfigError(f"hydra.sweeper.params.{key}=range({start}, {stop}, {step}) is empty; use start < stop "
-                              "and a positive step.")
-        n = math.ceil((stop - start) / step - 1e-9)
-        last = start + (n - 1) * step
-        if all(isinstance(v, int) for v in (start, stop, step)):
-            if "log" in tags and step != 1:
-                raise ConfigError(f"hydra.sweeper.params.{key}: a log range needs step 1 in Optuna; drop the step.")
-            return optuna.distributions.IntDistribution(int(start), int(last), log="log" in tags,
-                                                        step=int(step)), {}
-        if "log" in tags:
-            raise ConfigError(f"hydra.sweeper.params.{key}: a float range cannot be log scaled; use "
-                              "tag(log, interval(a, b)).")
-        return optuna.distributions.FloatDistribution(float(start), float(last), step=float(step)), {}
+        return _range(key, sweep, tags), {}
     if isinstance(sweep, IntervalSweep):
-        low, high = sweep.start, sweep.end
-        if not low < high:
-            raise ConfigError(f"hydra.sweeper.params.{key}=interval({low}, {high}) needs low < high.")
-        if "log" in tags and low <= 0:
-            raise ConfigError(f"hydra.sweeper.params.{key}: a log interval needs low > 0, not {low}.")
-        if "int" in tags:
-            return optuna.distributions.IntDistribution(int(low), int(high), log="log" in tags), {}
-        return optuna.distributions.FloatDistribution(float(low), float(high), log="log" in tags), {}
+        return _interval(key, sweep, tags), {}
     raise ConfigError(f"hydra.sweeper.params.{key}={sweep} is not supported; use choice, range, interval or tag.")
 
 
@@ -141,7 +187,12 @@ def parse_expression(key: str, expression: Any) -> Param:
                           "segplat/conf/sweep/fusion_patch_lr.yaml.") from err
     if not override.is_sweep_override():
         return Param(key, fixed=override.value())
-    dist, texts = _distribution(key, override.value())
+    sweep = override.value()
+    dist, texts = _distribution(key, sweep)
+    if isinstance(sweep, RangeSweep) and not sweep.shuffle and getattr(dist, "high", None) == sweep.stop:
+        # the one place segplat's older reading (and Hydra's basic sweeper) differ: say it once per parameter
+        log.info("hydra.sweeper.params.%s=%s draws up to and including %s, as hydra-optuna-sweeper's range does",
+                 key, expression, format_value(sweep.stop))
     return Param(key, distribution=dist, texts=texts)
 
 

@@ -33,7 +33,7 @@ import optuna
 from optuna.trial import TrialState
 
 from segplat.errors import ConfigError
-from segplat.messages import redact
+from segplat.messages import first_line, not_known, redact
 from segplat.sweep.heartbeat import StaleTrialRecorder, SweepStorage
 
 log = logging.getLogger(__name__)
@@ -161,27 +161,21 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     raise AssertionError("unreachable")
 
 
+# the options of the hydra/sweeper/sampler config group (conf/hydra/sweeper/sampler/, hydra-optuna-sweeper's names);
+# `nsga2` is segplat's older spelling of nsgaii. A sampler is chosen with hydra/sweeper/sampler=NAME, or any
+# `_target_` (a user's own BaseSampler subclass too).
 SAMPLERS = {
-    "tpe": "TPESampler",
-    "random": "RandomSampler",
-    "gp": "GPSampler",
-    "cmaes": "CmaEsSampler",
-    "grid": "GridSampler",
-    "nsga2": "NSGAIISampler",
-    "qmc": "QMCSampler",
+    "tpe": "optuna.samplers.TPESampler",
+    "random": "optuna.samplers.RandomSampler",
+    "gp": "optuna.samplers.GPSampler",
+    "cmaes": "optuna.samplers.CmaEsSampler",
+    "grid": "optuna.samplers.GridSampler",
+    "nsgaii": "optuna.samplers.NSGAIISampler",
+    "nsga2": "optuna.samplers.NSGAIISampler",
+    "qmc": "optuna.samplers.QMCSampler",
 }
-SAMPLER_NEEDS = {"gp": "scipy", "cmaes": "cmaes"}
-
-
-def _filtered_kwargs(cls: type, kwargs: Mapping[str, Any], what: str) -> dict[str, Any]:
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    out = {}
-    for k, v in kwargs.items():
-        if k in accepted:
-            out[k] = v
-        else:
-            log.warning("%s.%s is not an option of %s; ignored.", what, k, cls.__name__)
-    return out
+SAMPLER_NEEDS = {"GPSampler": "scipy", "CmaEsSampler": "cmaes"}
+KEY = "hydra.sweeper.sampler"
 
 
 class AskTellGridSampler(optuna.samplers.GridSampler):
@@ -193,31 +187,90 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
         return None
 
 
+def sampler_target(spec: Mapping[str, Any]) -> str:
+    """The sampler's `_target_` (the config group's), or the one segplat's older `name:` key names; both given and
+    naming different samplers is refused (the group's defaults would reach the other sampler)."""
+    target = spec.get("_target_")
+    name = spec.get("name")
+    if name is None:
+        return str(target or SAMPLERS["tpe"])
+    named = SAMPLERS.get(str(name).lower())
+    if named is None:
+        raise ConfigError(not_known(f"{KEY}.name", name, sorted(set(SAMPLERS) - {"nsga2"}),
+                                    "or choose a sampler with hydra/sweeper/sampler=NAME"))
+    if target is not None and str(target) != named:
+        option = next(k for k, v in SAMPLERS.items() if v == named and k != "nsga2")
+        raise ConfigError(f"{KEY}.name={name} names another sampler than {KEY}._target_={target}; choose the sampler "
+                          f"with hydra/sweeper/sampler={option} (in a sweep file: `- override /hydra/sweeper/sampler: "
+                          f"{option}` in its defaults) and drop {KEY}.name.")
+    return named
+
+
+def is_grid(spec: Mapping[str, Any]) -> bool:
+    from hydra.utils import get_class
+
+    try:
+        return issubclass(get_class(sampler_target(spec)), optuna.samplers.GridSampler)
+    except ConfigError:
+        raise
+    except Exception:
+        return False
+
+
 def build_sampler(spec: Mapping[str, Any], seed: int | None,
                   grid: dict[str, list[Any]] | None = None) -> optuna.samplers.BaseSampler:
-    """`{name: tpe|random|gp|cmaes|grid|nsga2|qmc, seed: ..., <constructor options>}`."""
-    spec = dict(spec)
-    name = str(spec.pop("name", "tpe")).lower()
-    spec.pop("seed", None)
-    if name not in SAMPLERS:
-        raise ConfigError(f"hydra.sweeper.sampler.name={name} is not known; use one of {', '.join(SAMPLERS)}.")
-    if name in SAMPLER_NEEDS:
-        import importlib.util
+    """The sampler of a `hydra.sweeper.sampler` node: `{_target_: optuna.samplers.TPESampler, seed: ..., <constructor
+    keys>}` as the hydra/sweeper/sampler group composes it (segplat's older `{name: tpe, ...}` too). Unknown keys
+    are refused naming the nearest one; a grid sampler gets the grid of the searched parameters; `seed` is the
+    caller's (a joining worker reseeds)."""
+    import importlib.util
 
-        module = SAMPLER_NEEDS[name]
-        if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"hydra.sweeper.sampler.name={name} needs the {module} package; "
-                              f"pip install {module}, or choose tpe or random.")
-    cls = AskTellGridSampler if name == "grid" else getattr(optuna.samplers, SAMPLERS[name])
-    kwargs = _filtered_kwargs(cls, spec, "hydra.sweeper.sampler")
-    if name == "grid":
-        kwargs["search_space"] = grid or {}
-    if "seed" in inspect.signature(cls.__init__).parameters:
-        kwargs["seed"] = seed
+    from hydra.utils import get_class, instantiate
+
+    from segplat.schema import check_node
+
+    target = sampler_target(spec)
     try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"hydra.sweeper.sampler ({name}) rejects its options: {err}; fix them.") from err
+        cls = get_class(target)
+    except Exception as err:
+        raise ConfigError(f"{KEY}._target_={target} cannot be imported ({first_line(err)}); use one of "
+                          f"hydra/sweeper/sampler={', '.join(k for k in SAMPLERS if k != 'nsga2')}.") from None
+    if not (isinstance(cls, type) and issubclass(cls, optuna.samplers.BaseSampler)):
+        raise ConfigError(f"{KEY}._target_={target} is not an Optuna sampler (a subclass of "
+                          "optuna.samplers.BaseSampler).")
+    module = SAMPLER_NEEDS.get(cls.__name__)
+    if module is not None and importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{KEY}._target_={target} needs the {module} package; pip install {module}, or choose "
+                          "hydra/sweeper/sampler=tpe or random.")
+    if cls is optuna.samplers.GridSampler:
+        cls = AskTellGridSampler
+    node = {k: v for k, v in spec.items() if k not in ("name", "_partial_")}
+    node["_target_"] = f"{cls.__module__}.{cls.__qualname__}"
+    check_node(KEY, {**node, "_target_": target})
+    takes = inspect.signature(cls.__init__).parameters
+    extra: dict[str, Any] = {}
+    if issubclass(cls, optuna.samplers.GridSampler):
+        extra["search_space"] = grid or {}
+    if "seed" in takes:
+        extra["seed"] = seed
+    else:
+        node.pop("seed", None)
+    try:
+        return instantiate({**node, **extra}, _convert_="all")
+    except Exception as err:
+        cause = err.__cause__ or err
+        raise ConfigError(f"{KEY} ({target}) rejects its options: {first_line(cause)}; fix them.") from None
+
+
+def _filtered_kwargs(cls: type, kwargs: Mapping[str, Any], what: str) -> dict[str, Any]:
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    out = {}
+    for k, v in kwargs.items():
+        if k in accepted:
+            out[k] = v
+        else:
+            log.warning("%s.%s is not an option of %s; ignored.", what, k, cls.__name__)
+    return out
 
 
 PRUNERS = {

@@ -24,6 +24,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -39,6 +40,7 @@ from optuna.trial import TrialState
 
 from segplat.engine.loggers import STUDY_ENV, TRIAL_ENV
 from segplat.errors import ConfigError, SegplatError
+from segplat.messages import first_line, not_known, show
 from segplat.schema import PositiveInt, check_value
 from segplat.sweep import space as sp
 from segplat.sweep.cluster import SubmititBackend, launcher_backend
@@ -50,6 +52,7 @@ from segplat.sweep.slots import slot_envs
 from segplat.sweep.study import (
     INTERRUPTED_ATTR,
     NOT_RUN_ATTR,
+    SAMPLERS,
     ask_within_budget,
     budget_used,
     build_pruner,
@@ -57,18 +60,24 @@ from segplat.sweep.study import (
     counts,
     failure_rate,
     heartbeat_enabled,
+    is_grid,
     is_storage_error,
     make_storage,
     redact,
     requeue_baseline,
+    sampler_target,
     storage_error,
     trial_id,
 )
+from segplat.sweep.tracking import SweepTracking
 from segplat.sweep.validate import SpaceChecker
 from segplat.utils.plain import to_plain
 
 log = logging.getLogger("segplat.sweep")
 OK_STATUSES = ("completed", "stopped_early", "stopped")
+DIRECTIONS = ("auto", "maximize", "minimize")
+# debug=fast: a sweep runs this many trials, in a study of its own (<study>_debug), so the real study is untouched
+DEBUG_TRIALS = 3
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -93,14 +102,15 @@ class StartedTrial:
 class OptunaSweeper:
     """The implementation behind the Hydra plugin class (which only forwards to it)."""
 
-    def __init__(self, study_name: str = "segplat", storage: str | None = None, n_trials: int = 20,
-                 worker_trials: int | None = None, direction: str = "auto", objectives: Any = None,
+    def __init__(self, study_name: str | None = None, storage: str | None = None, n_trials: int = 20,
+                 worker_trials: int | None = None, direction: Any = "auto", objectives: Any = None,
                  sampler: Any = None, pruner: Any = None, params: Any = None, baselines: Any = None,
                  launcher_cmd: Any = None, task_module: str = "segplat.train", max_failure_rate: float = 0.5,
                  trial_timeout: float | None = None, heartbeat_interval: int | None = 60,
                  grace_period: int | None = None, retry_failed: int = 0, env: Any = None,
-                 stderr_lines: int = 30, n_jobs: PositiveInt = 1, share_devices: bool = False) -> None:
-        self.study_name = str(study_name)
+                 stderr_lines: int = 30, n_jobs: PositiveInt = 1, share_devices: bool = False,
+                 custom_search_space: str | None = None) -> None:
+        self.study_name = str(study_name) if study_name is not None else None  # None: the sweep folder's name
         self.storage_url = storage
         if not isinstance(n_trials, int) or n_trials <= 0:
             raise ConfigError(f"hydra.sweeper.n_trials={n_trials} must be a positive integer.")
@@ -110,9 +120,10 @@ class OptunaSweeper:
             raise ConfigError(f"hydra.sweeper.max_failure_rate={max_failure_rate} must lie in [0, 1].")
         self.n_trials = n_trials
         self.worker_trials = worker_trials
-        self.direction = direction
+        self.direction = to_plain(direction)
         self.objectives_spec = to_plain(objectives)
-        self.sampler_spec = dict(to_plain(sampler) or {"name": "tpe"})
+        self.sampler_spec = dict(to_plain(sampler) or {"_target_": SAMPLERS["tpe"]})
+        self.custom_search_space = custom_search_space
         self.pruner_spec = dict(to_plain(pruner) or {"name": "none"})
         self.params_spec = dict(params or {})
         self.baselines = list(to_plain(baselines) or [])
@@ -141,23 +152,55 @@ class OptunaSweeper:
 
     # -- pieces -------------------------------------------------------------------------------
     def objectives(self) -> list[tuple[str, str]]:
-        """(summary.json key, maximize|minimize) per objective."""
+        """(summary.json key, maximize|minimize) per objective. `direction` may be a list, one per objective (as
+        hydra-optuna-sweeper writes it); `auto` follows callbacks.mode, and a direction for best_score that
+        contradicts callbacks.mode is refused (it would search for the worst runs)."""
         mode = OmegaConf.select(self.config, "callbacks.mode", default="max") if self.config else "max"
+        monitor = OmegaConf.select(self.config, "callbacks.monitor", default="the monitor") if self.config else ""
         monitor_dir = "maximize" if mode == "max" else "minimize"
-        spec = self.objectives_spec or [{"key": "best_score", "direction": self.direction}]
+        given = [str(getattr(d, "name", d)).lower() for d in
+                 (self.direction if isinstance(self.direction, list | tuple) else [self.direction])]
+        for i, d in enumerate(given):
+            if d not in DIRECTIONS:
+                key = "hydra.sweeper.direction" + (f"[{i}]" if isinstance(self.direction, list | tuple) else "")
+                raise ConfigError(not_known(key, d, DIRECTIONS))
+        spec = self.objectives_spec
+        if spec is None:
+            if len(given) > 1:
+                raise ConfigError(f"hydra.sweeper.direction={show(given)} has {len(given)} objectives, but a trial "
+                                  "reports its summary.json: name the key of each with hydra.sweeper.objectives=[{key: "
+                                  "best_score}, {key: num_parameters}] (the directions then come from this list).")
+            spec = [{"key": "best_score", "direction": given[0] if given else "auto"}]
+        elif len(given) > 1 or given != ["auto"]:
+            if len(given) != len(spec):
+                raise ConfigError(f"hydra.sweeper.direction={show(given)} gives {len(given)} direction(s) for "
+                                  f"{len(spec)} hydra.sweeper.objectives; give one per objective, or set them in "
+                                  "hydra.sweeper.objectives and leave direction at auto.")
+            spec = [{**({"key": item} if isinstance(item, str) else item), "from_direction": d}
+                    for item, d in zip(spec, given, strict=True)]
         out = []
         for i, item in enumerate(spec):
             if isinstance(item, str):
                 item = {"key": item, "direction": "auto"}
             key, direction = str(item.get("key", "best_score")), str(item.get("direction", "auto")).lower()
+            listed = item.get("from_direction")
+            if listed is not None and listed != "auto":
+                if direction not in ("auto", listed):
+                    raise ConfigError(f"hydra.sweeper.objectives[{i}].direction={direction} contradicts "
+                                      f"hydra.sweeper.direction[{i}]={listed}; set it in one place.")
+                direction = listed
             if direction == "auto":
                 if key != "best_score":
                     raise ConfigError(f"hydra.sweeper.objectives[{i}].direction must be maximize or minimize for "
                                       f"{key} (auto only applies to best_score, from callbacks.mode).")
                 direction = monitor_dir
             if direction not in ("maximize", "minimize"):
-                raise ConfigError(f"hydra.sweeper.objectives[{i}].direction={direction} must be maximize, minimize "
-                                  "or auto.")
+                raise ConfigError(not_known(f"hydra.sweeper.objectives[{i}].direction", direction, DIRECTIONS))
+            if key == "best_score" and direction != monitor_dir:
+                raise ConfigError(f"the sweep would {direction} best_score, the best {monitor} of each trial, "
+                                  f"which callbacks.mode={mode} counts as better when "
+                                  f"{'higher' if mode == 'max' else 'lower'}; use hydra.sweeper.direction="
+                                  f"{monitor_dir} (or auto), or change callbacks.monitor/mode.")
             out.append((key, direction))
         return out
 
@@ -212,6 +255,49 @@ class OptunaSweeper:
             return sorted(loader.get_group_options(group)) if loader is not None else []
         except Exception:
             return []
+
+    def task_args(self) -> list[str]:
+        """The task's own config flags, so that a trial composes what this command composed: `--config-name`, and
+        `--config-dir` when the command gave one (a peer-style primary config beside the user's project)."""
+        if self.config is None:
+            return []
+        args = []
+        for source in OmegaConf.select(self.config, "hydra.runtime.config_sources", default=None) or []:
+            if source.get("provider") == "command-line" and source.get("schema") == "file":
+                args += ["--config-dir", str(source.get("path"))]
+        name = OmegaConf.select(self.config, "hydra.job.config_name", default=None)
+        return [*args, "--config-name", str(name)] if name else args
+
+    def search_space_extender(self) -> Any:
+        """hydra-optuna-sweeper's `custom_search_space`: fn(config, trial), imported before anything runs."""
+        if not self.custom_search_space:
+            return None
+        from hydra.utils import get_method
+
+        try:
+            fn = get_method(self.custom_search_space)
+        except Exception as err:
+            raise ConfigError(f"hydra.sweeper.custom_search_space={self.custom_search_space} cannot be imported "
+                              f"({first_line(err.__cause__ or err)}); give the dotted path of a function "
+                              "fn(config, trial) in an importable module.") from None
+        log.info("hydra.sweeper.custom_search_space=%s adds parameters after each draw; the space check before the "
+                 "first trial cannot see them", self.custom_search_space)
+        return fn
+
+    def debug_study(self) -> bool:
+        """debug=fast: a few trials in a study of their own (`<study>_debug`, and its own folder when the sweep
+        folder is named after the study), so that short debug trials never join the real study's results."""
+        if OmegaConf.select(self.config, "hydra.runtime.choices.debug", default=None) != "fast":
+            return False
+        from omegaconf import open_dict, read_write
+
+        name = f"{self.study_name or self.sweep_dir().name}_debug"
+        with read_write(self.config), open_dict(self.config):
+            OmegaConf.update(self.config, "hydra.sweeper.study_name", name)
+        self.study_name = name
+        if self.worker_trials is None or self.worker_trials > DEBUG_TRIALS:
+            self.worker_trials = DEBUG_TRIALS
+        return True
 
     def check_launcher(self) -> list[dict[str, str]]:
         """How trials start: the command, Hydra's launcher (cluster jobs) and the slots; their env per slot."""
@@ -308,17 +394,20 @@ class OptunaSweeper:
         fixed, cli_params = self.split_arguments(arguments)
         params = sp.parse_params({**self.params_spec, **cli_params})
         searched = [p for p in params if p.distribution is not None]
-        if not searched:
+        if not searched and not self.custom_search_space:
             raise ConfigError("hydra.sweeper.params searches nothing; add a choice/range/interval, e.g. "
                               "sweep=fusion_patch_lr.")
         objectives = self.objectives()
         directions = [d for _, d in objectives]
-        grid = sp.grid_space(searched) if str(self.sampler_spec.get("name", "tpe")).lower() == "grid" else None
+        grid = sp.grid_space(searched) if is_grid(self.sampler_spec) else None
         seed = self.sampler_spec.get("seed")
         sampler = build_sampler(self.sampler_spec, seed, grid)  # a bad sampler stops before the study exists
         pruner = build_pruner(self.pruner_spec)
+        extend = self.search_space_extender()
         slots = self.check_launcher()
+        debug = self.debug_study()
         # the whole space before any trial: nothing is written (no folder, no study) when it is invalid
+        started = time.monotonic()
         checker = SpaceChecker(params, fixed, self.compose, self.config, group_options=self.group_options)
         pinned = {p.key for p in params if p.key in cli_params and p.distribution is None}
         baselines = [{k: v for k, v in b.items() if k not in pinned} if isinstance(b, Mapping) else b
@@ -328,16 +417,22 @@ class OptunaSweeper:
             log.info("the baselines' values for %s give way to the command line's", ", ".join(dropped))
         baselines = checker.run(baselines)
         report = checker.report
-        log.info("search space checked: %d draws%s compose and pass the task's checks (%d config compositions)",
-                 report.draws, "" if report.exhaustive else " (every model/fusion combination, each other value once)",
+        log.info("search space checked in %.1f s: %d draws%s compose and pass the task's checks (%d config "
+                 "compositions)", time.monotonic() - started, report.draws,
+                 "" if report.exhaustive else " (every model/fusion combination, each other value once)",
                  report.compositions)
         sweep_dir = self.sweep_dir()
+        self.study_name = self.study_name or sweep_dir.name
         self.url = url = self.storage_url or f"sqlite:///{sweep_dir / 'study.db'}"
         if not self.storage_url:
             sweep_dir.mkdir(parents=True, exist_ok=True)
         study, created = self.open_study(url, directions, pruner, baselines)
         if not created:
             self.check_space_matches(study, searched, url)
+        if debug:
+            log.info("debug=fast: this sweep runs at most %d trials (hydra.sweeper.n_trials=%d is capped) in the "
+                     "study %r, apart from the real one", DEBUG_TRIALS, self.n_trials, self.study_name)
+            self.n_trials = budget_used(study) + DEBUG_TRIALS
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if seed is not None and not created:  # a joining or resuming worker must not replay the first one's draws
             sampler = build_sampler(self.sampler_spec, (int(seed) + 7919 * budget_used(study) + os.getpid()) % 2**31,
@@ -360,6 +455,12 @@ class OptunaSweeper:
         groups = self.config_groups([p.key for p in params])
         log.info("study %r in %s: %s; %d of %d trials used; sweep dir %s", self.study_name, redact(url),
                  "created" if created else "resumed", budget_used(study), self.n_trials, sweep_dir)
+        # the trials' trackers: MLflow's parent run (its id to every trial), TensorBoard's HParams experiment
+        tracking = SweepTracking.start(self.config, study, sweep_dir, params, {
+            "study_name": self.study_name, "n_trials": self.n_trials, "sampler": sampler_target(self.sampler_spec),
+            "directions": directions, "objectives": [k for k, _ in objectives], "storage": redact(url),
+            "sweep_dir": str(sweep_dir)})
+        env.update(tracking.env())
 
         old_term = signal.getsignal(signal.SIGTERM)
 
@@ -368,7 +469,8 @@ class OptunaSweeper:
 
         signal.signal(signal.SIGTERM, on_term)
         try:
-            return self.run_trials(study, grid, slots, fixed, params, sweep_dir, env, pruning, worker, objectives)
+            return self.run_trials(study, grid, slots, fixed, params, sweep_dir, env, pruning, worker, objectives,
+                                   extend)
         finally:
             signal.signal(signal.SIGTERM, old_term)
             if self.backend is not None and exported is None:
@@ -376,6 +478,9 @@ class OptunaSweeper:
             elif self.backend is not None:
                 os.environ[STORAGE_ENV] = exported
             self.finish(study, sweep_dir, params, groups, url, objectives)
+            stopped = sys.exc_info()[0]
+            tracking.finish(study, sweep_dir, params, "FINISHED" if stopped is None else "KILLED"
+                            if issubclass(stopped, KeyboardInterrupt) else "FAILED")
 
     def ask(self, study: optuna.Study) -> optuna.trial.Trial | None:
         """The next trial within the budget, with SIGTERM held from `ask` until start_trial's bookkeeping (a
@@ -392,7 +497,7 @@ class OptunaSweeper:
 
     def run_trials(self, study: optuna.Study, grid: Any, slots: list[dict[str, str]], fixed: list[str],
                    params: list[sp.Param], sweep_dir: Path, env: dict[str, str], pruning: bool, worker: str,
-                   objectives: list[tuple[str, str]]) -> list[dict[str, Any]]:
+                   objectives: list[tuple[str, str]], extend: Any = None) -> list[dict[str, Any]]:
         """Keep up to n_jobs trials running (one per slot), each watched by its own thread; this thread asks,
         starts and collects, so SIGTERM and Ctrl-C reach it. Past the failure limit no trial is started and the
         running ones end first; when the sweeper is stopped, every running trial is stopped and recorded."""
@@ -419,7 +524,7 @@ class OptunaSweeper:
                         break
                     slot = free.pop(0)
                     started = self.start_trial(study, trial, fixed, params, sweep_dir, env, pruning, worker,
-                                               slots[slot])
+                                               slots[slot], extend)
                     running[pool.submit(self.finish_trial, study, started, objectives, stop)] = slot
                 if not running:
                     break
@@ -473,7 +578,7 @@ class OptunaSweeper:
 
     def start_trial(self, study: optuna.Study, trial: optuna.trial.Trial, fixed: list[str], params: list[sp.Param],
                     sweep_dir: Path, env: dict[str, str], pruning: bool, worker: str,
-                    slot: dict[str, str] | None = None) -> StartedTrial:
+                    slot: dict[str, str] | None = None, extend: Any = None) -> StartedTrial:
         """Draw the trial's values and record where it runs (in the thread that asked it)."""
         storage = self.storage
         run_dir = sweep_dir / f"trial_{trial.number:04d}"
@@ -484,6 +589,11 @@ class OptunaSweeper:
             if heartbeat:
                 heartbeat()
             chosen = sp.suggest(trial, params, self.config)
+            if extend is not None:  # hydra-optuna-sweeper's custom_search_space: what it suggests joins the draw
+                extend(self.config, trial)
+                added = {k: v for k, v in trial.params.items() if k not in chosen}
+                params = [*params, *(sp.Param(k, fixed=v) for k, v in added.items())]
+                chosen = {**chosen, **added}
             searched = {k: v for k, v in chosen.items() if k in trial.params}
             overrides = self.trial_overrides(fixed, chosen, params, (tid, trial.number) if pruning else None)
             trial.set_user_attr("run_dir", str(run_dir))
@@ -499,9 +609,9 @@ class OptunaSweeper:
 
     def run_one(self, study: optuna.Study, trial: optuna.trial.Trial, fixed: list[str], params: list[sp.Param],
                 sweep_dir: Path, env: dict[str, str], pruning: bool, worker: str,
-                objectives: list[tuple[str, str]]) -> dict[str, Any]:
+                objectives: list[tuple[str, str]], extend: Any = None) -> dict[str, Any]:
         """One trial from start to its recorded end, in this thread."""
-        started = self.start_trial(study, trial, fixed, params, sweep_dir, env, pruning, worker)
+        started = self.start_trial(study, trial, fixed, params, sweep_dir, env, pruning, worker, extend=extend)
         return self.finish_trial(study, started, objectives)
 
     def finish_trial(self, study: optuna.Study, started: StartedTrial, objectives: list[tuple[str, str]],
@@ -520,8 +630,8 @@ class OptunaSweeper:
             functools.partial(self.backend.start, name=f"{self.study_name}-{trial.number}")
         # SweepInterrupted in this thread, TrialStopped in a trial's thread
         with self.abandoned_on_error(study, trial, "the sweeper was interrupted while this trial ran"):
-            res = run_trial(started.overrides, run_dir, started.env, self.launcher_cmd, self.task_module,
-                            self.trial_timeout, started.heartbeat,
+            res = run_trial([*self.task_args(), *started.overrides], run_dir, started.env, self.launcher_cmd,
+                            self.task_module, self.trial_timeout, started.heartbeat,
                             heartbeat_every=max(1.0, float(self.heartbeat_interval or 30) / 2),
                             stderr_lines=self.stderr_lines, stop=stop, on_start=on_start, start=start)
         if storage.get_trial(tid).state.is_finished():

@@ -37,7 +37,7 @@ from typing import Any
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from segplat.errors import ConfigError, SegplatError
 from segplat.messages import did_you_mean as nearest
@@ -88,6 +88,36 @@ def did_you_mean(key: str, candidates: Sequence[str]) -> str:
     return f" (did you mean {close}?)" if close else ""
 
 
+def _leaves(tree: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        if isinstance(value, dict | list):
+            yield from _leaves(value, (*path, key))
+        else:
+            yield (*path, key), value
+
+
+def _template(cfg: DictConfig, tree: Any) -> DictConfig:
+    """The config a draw is set on: the composed one without Hydra's node, each interpolation that cannot resolve
+    before the run (the run folder, `${hydra:...}`) made literal text. The checks see the same text either way
+    (they never resolve it), but one unresolvable value made every check resolve the whole config node by node,
+    about a second per draw on a busy machine."""
+    template = copy.deepcopy(tree)
+    for path, value in _leaves(tree):
+        if not (isinstance(value, str) and "${" in value):
+            continue
+        try:
+            OmegaConf.select(cfg, ".".join(map(str, path)), throw_on_resolution_failure=True)
+        except Exception:
+            node = template
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = value.replace("${", "\\${")
+    out = OmegaConf.create(template)
+    OmegaConf.set_struct(out, True)  # as Hydra composes it: a key the checks read that does not exist raises
+    return out
+
+
 @dataclass
 class SpaceReport:
     """What was checked, for the sweeper's log line."""
@@ -121,6 +151,7 @@ class SpaceChecker:
         self.max_draws = max_draws
         self.report = SpaceReport()
         self._bases: dict[tuple[str, ...], tuple[DictConfig, Any]] = {}
+        self._templates: dict[tuple[str, ...], DictConfig] = {}  # what each draw is set on (see _template)
         self._key_problems: dict[tuple[tuple[str, ...], str], str | None] = {}
         self.base, self.base_tree = self._compose(())
         self.config = config if config is not None else self.base
@@ -141,6 +172,7 @@ class SpaceChecker:
             tree = OmegaConf.to_container(cfg, resolve=False)
             tree.pop("hydra", None)
             self._bases[group_overrides] = (cfg, tree)
+            self._templates[group_overrides] = _template(cfg, tree)
         return self._bases[group_overrides]
 
     def _composition_error(self, group_overrides: tuple[str, ...], err: Exception) -> ConfigError:
@@ -190,10 +222,10 @@ class SpaceChecker:
     def check_draw(self, draw: Mapping[str, Any]) -> None:
         """Compose one draw and run the task's check; a refusal is recorded, a broken key raises."""
         group_overrides = tuple(f"{k}={self.by_key[k].override_text(v)}" for k, v in draw.items() if k in self.groups)
-        base, tree = self._compose(group_overrides)
-        cfg = copy.deepcopy(base)
-        with open_dict(cfg):  # the task function gets the config without Hydra's own node
-            cfg.pop("hydra", None)
+        _, tree = self._compose(group_overrides)
+        # the composed config once per group choice; a draw's values are set on a copy as a `key=value` override
+        # merges into the composed config (the task function gets it without Hydra's node)
+        cfg = copy.deepcopy(self._templates[group_overrides])
         parser = OverridesParser.create()
         for key, value in draw.items():
             if key in self.groups:

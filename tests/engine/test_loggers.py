@@ -4,6 +4,7 @@ the same tracker run without finishing the first, as a resumed process does."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import matplotlib
@@ -31,7 +32,7 @@ CONFIG = {"model": {"_target_": "segplat.models.Segmenter", "encoder": {"name": 
 def run_info(run_dir: Path, resume_state=None, resume_step: int = 0, resume_epoch: int = 0, **kw) -> RunInfo:
     return RunInfo(run_dir, run_dir.name, kw.pop("config", CONFIG), ["fusion", "nir"], kw.pop("sweep", {}),
                    "val/miou", resuming=resume_state is not None, resume_step=resume_step, resume_epoch=resume_epoch,
-                   resume_state=resume_state)
+                   resume_state=resume_state, overrides=kw.pop("overrides", None))
 
 
 def record(epoch: int, miou: float) -> dict:
@@ -204,7 +205,8 @@ def test_tensorboard_scalars_images_and_config_read_back(tmp_path):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     lg = TensorBoardLogger()
-    lg.start(run_info(tmp_path, sweep={"study_name": "s", "trial_number": 2}))
+    lg.start(run_info(tmp_path, sweep={"study_name": "s", "trial_number": 2},
+                      overrides=["model.encoder.name=resnet10t", "trainer.max_epochs=3", "logger=[tensorboard]"]))
     for e in (1, 2):
         lg.log_metrics(record(e, 0.2 * e), 4 * e)
     lg.log_images({"val/predictions": png(tmp_path / "p.png", (0, 255, 0))}, 8)
@@ -220,6 +222,7 @@ def test_tensorboard_scalars_images_and_config_read_back(tmp_path):
     hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
     assert hparams["model.encoder.name"].string_value == "resnet10t"
     assert hparams["trainer.max_epochs"].number_value == 3 and hparams["sweep.trial_number"].number_value == 2
+    assert "logger" not in hparams and "seed" not in hparams  # what the command line set, not the whole config
     assert "tags/text_summary" in acc.Tags()["tensors"]
 
 
@@ -229,6 +232,9 @@ def test_tensorboard_resume_purges_the_steps_trained_again(tmp_path):
     for e in (1, 2, 3):
         first.log_metrics(record(e, 0.1 * e), 4 * e)
     saved = first.state_dict()  # killed here (no finish); the checkpoint is from epoch 2 (step 8)
+    # a resume is a later process: its event file sorts after the killed one's (names hold the second and a
+    # per-process counter, which in one test process can sort "...0.10" before "...0.9")
+    time.sleep(1.05 - time.time() % 1)
     second = TensorBoardLogger()
     second.start(run_info(tmp_path, resume_state=saved, resume_step=8, resume_epoch=2))
     for e in (3, 4):

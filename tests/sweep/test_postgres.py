@@ -81,7 +81,7 @@ def postgres_url() -> Iterator[str]:
 def test_two_workers_share_a_postgres_study(root: Path, tmp_path: Path, postgres_url: str) -> None:  # noqa: F811
     sweep_dir = tmp_path / "pg"
     cmd = command(root, "tiny", sweep_dir, "hydra.sweeper.study_name=pg", "hydra.sweeper.n_trials=4",
-                  "hydra.sweeper.sampler.name=random", f"hydra.sweeper.storage={postgres_url}")
+                  "hydra/sweeper/sampler=random", f"hydra.sweeper.storage={postgres_url}")
     procs = []
     for _ in range(2):
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

@@ -32,13 +32,20 @@ callbacks:
 trainer:
   max_epochs: 1
 """
+
+
+def with_sampler(option: str) -> str:
+    """HEAD choosing an option of the hydra/sweeper/sampler group."""
+    return HEAD.replace("segplat_optuna\n", f"segplat_optuna\n  - override /hydra/sweeper/sampler: {option}\n")
+
+
 SWEEPS = {
     "tiny": HEAD + """hydra:
   sweeper:
     study_name: tiny
     n_trials: 4
     heartbeat_interval: 5
-    sampler: {name: tpe, seed: 0, n_startup_trials: 2}
+    sampler: {seed: 0}
     pruner: {name: none}
     params:
       optimizer.lr: tag(log, interval(1e-4, 1e-2))
@@ -62,12 +69,12 @@ SWEEPS = {
 """,
     # an encoder timm does not have passes the checks before training and makes its trial exit with a
     # ConfigError when the model is built; the sweep records it and goes on
-    "crash": HEAD + """hydra:
+    "crash": with_sampler("random") + """hydra:
   sweeper:
     study_name: crash
     n_trials: 3
     max_failure_rate: 0.7
-    sampler: {name: random, seed: 1}
+    sampler: {seed: 1}
     pruner: {name: none}
     params:
       model.encoder.name: choice(resnet10t, no_such_encoder)
@@ -75,11 +82,11 @@ SWEEPS = {
       - {model.encoder.name: resnet10t}
       - {model.encoder.name: no_such_encoder}
 """,
-    "multi": HEAD + """hydra:
+    "multi": with_sampler("nsgaii") + """hydra:
   sweeper:
     study_name: multi
     n_trials: 2
-    sampler: {name: nsga2, seed: 0}
+    sampler: {seed: 0}
     objectives:
       - {key: best_score, direction: auto}
       - {key: num_parameters, direction: minimize}
@@ -200,7 +207,7 @@ def test_bad_trial_is_pruned_at_its_first_report(root: Path, tmp_path: Path) -> 
 def test_two_workers_share_one_budget(root: Path, tmp_path: Path) -> None:
     sweep_dir = tmp_path / "duo"
     cmd = command(root, "tiny", sweep_dir, "hydra.sweeper.study_name=duo", "hydra.sweeper.n_trials=6",
-                  "hydra.sweeper.sampler.name=random")
+                  "hydra/sweeper/sampler=random")
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=400) for p in procs]
     for p, (_, err) in zip(procs, outs):

@@ -95,10 +95,59 @@ class RunInfo:
     resume_step: int = 0  # the optimiser step of the checkpoint resumed from
     resume_epoch: int = 0
     resume_state: dict[str, Any] | None = None  # this tracker's state_dict() from that checkpoint
+    # the command line's overrides (`key=value`, as Hydra records them); None: read from Hydra when it runs
+    overrides: list[str] | None = None
 
     @property
     def params(self) -> dict[str, Any]:
         return flatten(self.config)
+
+    @property
+    def hparams(self) -> dict[str, bool | int | float | str]:
+        """What this run varies: the keys its command line set (a sweep trial's: its draw and the sweep's fixed
+        overrides), with their values in the resolved config (a config group by its option's name, a list as
+        written), and the study and trial of a sweep trial. Tracker plumbing (logger, hydra, paths, resume) is
+        not a hyperparameter."""
+        out: dict[str, bool | int | float | str] = {}
+        for text in self.overrides if self.overrides is not None else hydra_overrides():
+            if text.startswith("~") or "=" not in text:
+                continue
+            key, written = text.split("=", 1)
+            key = key.lstrip("+")
+            if key.startswith(PLUMBING):
+                continue
+            value = lookup(self.config, key)
+            out[key] = value if isinstance(value, bool | int | float | str) else written
+        out.update({f"sweep.{k}": v for k, v in self.sweep.items()})
+        return out
+
+
+# override keys that set up where and how a run is recorded, not what it trains
+PLUMBING = ("hydra.", "hydra/", "logger", "callbacks.optuna_pruning", "trainer.resume", "trainer.overwrite",
+            "trainer.progress", "run_name", "paths.", "tags", "task_name")
+
+
+def hydra_overrides() -> list[str]:
+    """The task's command-line overrides when Hydra runs the task (empty otherwise)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return [str(o) for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
+    except Exception:  # a task composed outside Hydra's run (tests, the API)
+        return []
+
+
+def lookup(config: Mapping[str, Any], key: str) -> Any:
+    """The value at a dotted key of a plain config (None when it has none)."""
+    node: Any = config
+    for part in key.split("."):
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
 
 
 class Tracker:

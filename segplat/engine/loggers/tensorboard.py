@@ -1,9 +1,17 @@
-"""TensorBoard event files in the run folder (or a shared log_dir, one subfolder per run)."""
+"""TensorBoard event files in the run folder (or a shared log_dir, one subfolder per run).
+
+HParams: each run writes a session (its `RunInfo.hparams`: the keys its command line set, for a sweep trial
+its draw) and, at its end, its status and the best value of the monitored metric (`best/<monitor>`); the
+sweeper writes the experiment (the searched keys with their domains, the monitored metric) in the folder
+that holds the trials' sessions (`write_hparams_experiment`), so the HParams tab of a sweep folder compares
+its trials on exactly the searched keys. Without an experiment (plain runs side by side), TensorBoard builds
+one from the sessions.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +40,7 @@ class TensorBoardLogger(Tracker):
         self.images = bool(log_images)
         self.writer = None
         self.step = 0
+        self.monitor = "val/miou"
 
     def start(self, run: RunInfo) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -44,6 +53,7 @@ class TensorBoardLogger(Tracker):
         folder = own  # from the config; a checkpoint never chooses where files are written
         self.log_dir = str(folder)
         self.step = run.resume_step
+        self.monitor = run.monitor
         if run.resuming:
             purge: int | None = run.resume_step + 1  # steps after the checkpoint are trained (and logged) again
         else:  # a fresh start in a folder with events of an earlier attempt hides those
@@ -53,13 +63,14 @@ class TensorBoardLogger(Tracker):
             self._write_config(run)
 
     def _write_config(self, run: RunInfo) -> None:
-        from torch.utils.tensorboard.summary import hparams
+        from tensorboard.plugins.hparams import plugin_data_pb2
 
-        params = {k: v if isinstance(v, int | float | str | bool) else dumps_json(v, default=str)
-                  for k, v in run.params.items()}
-        params.update({f"sweep.{k}": v for k, v in run.sweep.items()})
-        for summary in hparams(params, {run.monitor: math.nan, "val/loss": math.nan}):
-            self.writer.file_writer.add_summary(summary)
+        # the session: written once, at step 0 (a resume's purge keeps it)
+        start = plugin_data_pb2.SessionStartInfo(group_name=str(run.sweep.get("study_name", "")),
+                                                 start_time_secs=time.time())
+        for name, value in run.hparams.items():
+            start.hparams[name].CopyFrom(_value(value))
+        self.writer.file_writer.add_summary(_hparams_summary(start=start))
         self.writer.add_text("config", "```\n" + dumps_json(run.config, default=str, indent=2) + "\n```", 0)
         if run.tags:
             self.writer.add_text("tags", ", ".join(run.tags), 0)
@@ -94,10 +105,21 @@ class TensorBoardLogger(Tracker):
     def log_summary(self, facts: Mapping[str, Any]) -> None:
         if self.writer is not None:
             self.writer.add_text("summary", "\n\n".join(f"{k}: {v}" for k, v in facts.items()), self.step)
+            best = facts.get("best_score")
+            if isinstance(best, int | float) and not isinstance(best, bool):  # the HParams tab's metric
+                self.writer.add_scalar(f"best/{self.monitor}", float(best), self.step)
             self.writer.flush()
 
     def finish(self, status: str = "completed") -> None:
         if self.writer is not None:
+            from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+            # TensorBoard knows success and failure only: a pruned trial ended as the sweep wanted, a killed run did not
+            ends = {"completed": api_pb2.STATUS_SUCCESS, "stopped_early": api_pb2.STATUS_SUCCESS,
+                    "pruned": api_pb2.STATUS_SUCCESS}
+            end = plugin_data_pb2.SessionEndInfo(status=ends.get(status, api_pb2.STATUS_FAILURE),
+                                                 end_time_secs=time.time())
+            self.writer.file_writer.add_summary(_hparams_summary(end=end), self.step)
             self.writer.close()
             self.writer = None
 
@@ -115,6 +137,63 @@ def check_kept_folder(kept: Any, own: Path, run_dir: Path) -> None:
         raise CheckpointError(f"trainer.resume: the run's checkpoint keeps {kept!r} as its TensorBoard folder, but "
                               f"this config writes to {own} (logger.tensorboard.log_dir); a checkpoint never chooses "
                               "where files go: resume with the log_dir the run started with, or start a new run.")
+
+
+def write_hparams_experiment(folder: str | Path, hparams: Mapping[str, Sequence[Any] | tuple[float, float]],
+                             metrics: Sequence[str]) -> None:
+    """The HParams experiment of the sessions under `folder`: each hyperparameter with its discrete values (a
+    list) or its interval (a `(low, high)` tuple), and the metrics to compare (scalar tags of the sessions)."""
+    from google.protobuf import struct_pb2
+    from tensorboard.plugins.hparams import api_pb2
+    from torch.utils.tensorboard import SummaryWriter
+
+    infos = []
+    for name, domain in hparams.items():
+        if isinstance(domain, tuple):
+            infos.append(api_pb2.HParamInfo(name=name, type=api_pb2.DATA_TYPE_FLOAT64,
+                                            domain_interval=api_pb2.Interval(min_value=domain[0],
+                                                                             max_value=domain[1])))
+            continue
+        values = list(domain)
+        if all(isinstance(v, bool) for v in values):
+            kind, items = api_pb2.DATA_TYPE_BOOL, [struct_pb2.Value(bool_value=v) for v in values]
+        elif all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            kind, items = api_pb2.DATA_TYPE_FLOAT64, [struct_pb2.Value(number_value=v) for v in values]
+        else:
+            kind, items = api_pb2.DATA_TYPE_STRING, [struct_pb2.Value(string_value=str(v)) for v in values]
+        infos.append(api_pb2.HParamInfo(name=name, type=kind, domain_discrete=struct_pb2.ListValue(values=items)))
+    experiment = api_pb2.Experiment(hparam_infos=infos, time_created_secs=time.time(),
+                                    metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t)) for t in metrics])
+    writer = SummaryWriter(log_dir=str(folder))
+    try:
+        writer.file_writer.add_summary(_hparams_summary(experiment=experiment))
+    finally:
+        writer.close()
+
+
+def _value(value: Any) -> Any:
+    from google.protobuf import struct_pb2
+
+    if isinstance(value, bool):
+        return struct_pb2.Value(bool_value=value)
+    if isinstance(value, int | float):
+        return struct_pb2.Value(number_value=value)
+    return struct_pb2.Value(string_value=str(value))
+
+
+def _hparams_summary(experiment: Any = None, start: Any = None, end: Any = None) -> Any:
+    """One HParams plugin summary (its experiment, a session's start or its end), built as TensorBoard's own
+    `hparams.summary` builds it, without the TensorFlow that module imports."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    if experiment is not None:
+        tag, data = metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment)
+    elif start is not None:
+        tag, data = metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=start)
+    else:
+        tag, data = metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=end)
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data))])
 
 
 def read_rgb(path: str | Path):
