@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segplat.config import CONF_DIR, check_values
 from segplat.errors import SegplatError
-from segplat.messages import did_you_mean, first_line, redact
+from segplat.messages import choices, did_you_mean, first_line, redact
 from segplat.utils.console import say, traceback_to_log_file, warnings_logged
 from segplat.utils.dist import is_main_process
 from segplat.utils.searchpath import check_command_configs, searchpath_entries, user_config_dirs
@@ -192,7 +192,22 @@ def config_error_hint(config_name: str, argv: Sequence[str]) -> str | None:
             return f"the command line was refused ({first_line(err)}); see Hydra's message above."
         key = found.group(1)
         rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
-        return _unknown_key(key, config_name, rest)
+        return _group_chosen_by_key(key, overrides) or _unknown_key(key, config_name, rest)
+
+
+def _group_chosen_by_key(key: str, overrides: Sequence[str]) -> str | None:
+    """`hydra.sweeper.sampler.name=random` where `hydra/sweeper/sampler` is a config group: the group's spelling."""
+    group, _, leaf = key.rpartition(".")
+    folder = CONF_DIR / group.replace(".", "/")
+    if leaf not in ("name", "type", "kind") or not group or not folder.is_dir():
+        return None
+    options = sorted(f.stem for f in folder.glob("*.yaml"))
+    value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), "")
+    value = {"nsga2": "nsgaii"}.get(value, value)
+    slash = group.replace(".", "/")
+    if value in options:
+        return f"{key} is not a key: {group} is a config group, chosen with {slash}={value}."
+    return f"{key} is not a key: {group} is a config group, chosen with {slash}=NAME; use {choices(options)}."
 
 
 def _unknown_option(err: Exception, overrides: Sequence[str]) -> str:

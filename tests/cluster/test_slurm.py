@@ -149,7 +149,7 @@ def test_sweep_workers_as_a_job_array_share_a_postgres_study(slurm: Slurm, tmp_p
     env = job_env(slurm, tmp_path / "logs", SEGPLAT_STUDY_STORAGE=postgres_url, SWEEP_DIR=str(sweep_dir))
     job = slurm.sbatch("--array=0-1", "--partition=cpu", f"--chdir={tmp_path}", f"--output={tmp_path}/w-%A_%a.out",
                        str(ARRAY), "sweep=array", f"hydra.searchpath=[file://{root}]", "hydra.sweeper.n_trials=4",
-                       "hydra.sweeper.sampler.name=random", "hydra.sweeper.launcher_cmd=[srun,--ntasks,1,python]",
+                       "hydra/sweeper/sampler=random", "hydra.sweeper.launcher_cmd=[srun,--ntasks,1,python]",
                        *TRAIN, env=env)
     for task in (0, 1):
         slurm.wait(f"{job}_{task}", timeout=500)

@@ -23,6 +23,10 @@ from segplat.utils.task import config_error_hint, overrides_of
     # sweep has a place in the defaults (so that debug=fast applies to trials): the old +sweep= is explained
     (["+sweep=fusion_patch_lr"], "sweep already has a place in the config's defaults, so it is chosen without a +: "
                                  "write sweep=NAME, not +sweep=NAME."),
+    # the sampler is a config group (as in hydra-optuna-sweeper), no longer a `name` key
+    (["-m", "hydra.sweeper.sampler.name=random"], "hydra.sweeper.sampler.name is not a key: hydra.sweeper.sampler is "
+                                                  "a config group, chosen with hydra/sweeper/sampler=random."),
+    (["-m", "hydra.sweeper.sampler.name=nsga2"], "chosen with hydra/sweeper/sampler=nsgaii."),
 ])
 def test_near_misses_get_a_suggestion(argv, hint):
     assert hint in config_error_hint("train", argv)

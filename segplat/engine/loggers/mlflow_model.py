@@ -44,9 +44,9 @@ class ServedModel(nn.Module):
 
 def example_size(loaded: Any) -> int:
     """A label-grid size every modality maps to whole pixels at, and the model takes (the training patch or less)."""
-    from segplat.inference import grid_alignment
+    from segplat.data.windows import grid_alignment
 
-    align = grid_alignment(loaded.specs)
+    align = grid_alignment(spec.scale for spec in loaded.specs.values())
     size = min(int(loaded.patch_size), EXAMPLE_SIZE)
     return size if size % align == 0 and int(loaded.patch_size) % size == 0 else int(loaded.patch_size)
 
