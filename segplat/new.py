@@ -91,6 +91,7 @@ SWEEP = """# @package _global_
 # (the syntax of params: segplat's conf/sweep/fusion_patch_lr.yaml)
 defaults:
   - override /hydra/sweeper: segplat_optuna
+  - override /hydra/sweeper/sampler: tpe   # tpe | random | gp | cmaes | grid | nsgaii | qmc
 trainer:
   max_epochs: 8
 callbacks:
@@ -103,7 +104,6 @@ hydra:
     study_name: {pkg}_search
     n_trials: 12
     sampler:
-      name: tpe
       seed: 0
     pruner:
       name: median

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,7 +98,8 @@ def wandb_history(tmp: Path, run_dir: Path) -> list[tuple[str, int, float]]:
     rows: list[tuple[str, int, float]] = []
     last: dict[str, int] = {}
     for segment in sorted((run_dir / "wandb").glob("offline-run-*")):
-        run_id = segment.name.rsplit("-", 1)[1]
+        # offline-run-<time>-<id>, or offline-run-<time>-<id>-<n> when a resume starts within the same second
+        run_id = re.fullmatch(r"offline-run-\d{8}_\d{6}-([0-9a-z]+)(-\d+)?", segment.name).group(1)
         for record in wandb_records(next(segment.glob("*.wandb"))):
             if record.WhichOneof("record_type") != "history":
                 continue
