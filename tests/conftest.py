@@ -14,7 +14,10 @@ from omegaconf import DictConfig, open_dict
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "segplat" / "conf"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one test process per core under pytest-xdist (`-n auto`): each takes its share of the cores, so that the processes'
+# torch threads do not wait on each other (on 2 cores, two threads per process over two processes ran 5x slower)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 # torch's process-wide float32 precision as the session starts: no import and no test may change it (TerraTorch's
 # import sets "medium", bf16 matmuls on CPU, which once made unrelated tolerance tests fail in the full run)
 FP32_PRECISION = torch.get_float32_matmul_precision(), torch.backends.mkldnn.matmul.fp32_precision

@@ -61,7 +61,9 @@ def _tiny_model(modalities, num_classes, cfg):
     return instantiate(cfg.model, modalities=modalities, num_classes=num_classes)
 
 
-@pytest.mark.parametrize("group, option", CASES, ids=[f"{g}={o}" for g, o in CASES])
+@pytest.mark.parametrize("group, option", [
+    pytest.param(g, o, id=f"{g}={o}", marks=[pytest.mark.slow] if g == "model" and o in GFM_PRESETS else [])
+    for g, o in CASES])  # a GFM preset is slow: TerraTorch's import alone takes seconds
 def test_option_composes_and_instantiates(group: str, option: str, tmp_path: Path) -> None:
     gfm = group == "model" and option in GFM_PRESETS
     if gfm:

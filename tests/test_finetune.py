@@ -137,6 +137,7 @@ class NormProbe(Callback):
                                  if isinstance(m, torch.nn.BatchNorm2d) and model.param_group(n) == "encoder"))
 
 
+@pytest.mark.slow  # over a second: in the full run, not the local loop
 @pytest.mark.parametrize("train_bn", [True, False])
 def test_train_bn_false_keeps_the_frozen_encoders_norm_statistics(tmp_path, train_bn):
     """Frozen meant no gradient only: the BatchNorm statistics of a pretrained encoder drifted while frozen."""

@@ -205,6 +205,7 @@ def test_a_reused_run_folder_is_never_trained_into_from_scratch(tmp_path: Path) 
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
 
 
+@pytest.mark.slow  # over a second: in the full run, not the local loop
 def test_resume_auto_after_a_kill_during_the_first_save(tmp_path: Path) -> None:
     """The first save was killed: epoch 1 in metrics.jsonl, a temporary checkpoint file, no last.ckpt. resume=auto
     starts afresh without logging epoch 1 twice and removes the temporary file."""
@@ -241,6 +242,7 @@ def test_checkpoint_from_a_different_model_is_refused(tmp_path: Path) -> None:
         train(cfg)
 
 
+@pytest.mark.slow  # over a second: in the full run, not the local loop
 def test_gradient_accumulation_makes_one_optimiser_step_per_group(tmp_path: Path) -> None:
     """Two micro-batches accumulate into one optimiser step (the weights' equality with a larger batch is
     tests/distributed/test_ddp.py's)."""

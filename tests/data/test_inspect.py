@@ -80,6 +80,7 @@ def test_histograms_count_only_the_stores_valid_pixels_and_go_under_logs(tmp_pat
     assert sum(summary["class_pixels"].values()) == inside
 
 
+@pytest.mark.slow  # over a second: in the full run, not the local loop
 def test_help_typos_and_bad_own_keys_are_one_line_not_a_traceback(capsys) -> None:
     assert main(["--help"]) == 0 and "per-band" in capsys.readouterr().out
     assert main(["dataset=synthetic", "dataset.tile_sise=64"]) == 2

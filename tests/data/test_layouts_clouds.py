@@ -81,6 +81,7 @@ def test_val_split_is_stable_and_seeded(clouds_root: Path) -> None:
     assert not {r.id for r in a["val"]} & {r.id for r in a["train"]}
 
 
+@pytest.mark.slow  # over a second: in the full run, not the local loop
 def test_one_training_epoch(clouds_root: Path, tmp_path: Path) -> None:
     train_one_epoch("clouds", clouds_root, tmp_path)
 

@@ -81,6 +81,7 @@ def test_pixels_masks_and_georeferencing_survive(gt_root: Path) -> None:
     assert_padding_invalid(store, "val")
 
 
+@pytest.mark.slow  # over a second: in the full run, not the local loop
 def test_one_training_epoch(gt_root: Path, tmp_path: Path) -> None:
     train_one_epoch("geotiff", gt_root, tmp_path, "dataset.tile_size=64")
 

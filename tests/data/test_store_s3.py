@@ -199,6 +199,7 @@ def test_uris_with_credentials_or_other_schemes_are_refused() -> None:
         _dm(None, cache_dir="/tmp/cache")
 
 
+@pytest.mark.slow  # over a second: in the full run, not the local loop
 def test_check_access_passes_for_a_good_endpoint(s3_env: S3Server) -> None:
     check_access(StoreLocation.parse(s3_env.uri("any")))
     check_access(StoreLocation.parse(s3_env.uri("any"), "obstore"))

@@ -147,6 +147,7 @@ def test_mlflow_resume_continues_the_run_with_each_step_once(store, tmp_path):
     assert "trainer.max_epochs=4" in run.data.tags["segplat.resumed_with"]  # ... the resumed ones are a tag
 
 
+@pytest.mark.slow  # over a second: in the full run, not the local loop
 def test_mlflow_fresh_start_marks_a_killed_earlier_start(store, tmp_path):
     run_dir = tmp_path / "again"
     run_dir.mkdir()

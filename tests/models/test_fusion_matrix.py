@@ -164,6 +164,7 @@ def random_fusion_overrides(rng: random.Random) -> list[str]:
     return overrides
 
 
+@pytest.mark.slow  # over a second: in the full run, not the local loop
 @pytest.mark.parametrize("preset", MODEL_PRESETS)
 def test_random_fusion_keys_take_effect_or_are_refused(preset: str, tmp_path: Path) -> None:
     rng = random.Random(f"fusion-keys-{preset}")

@@ -5,6 +5,7 @@ from files in the published formats (TerraTorch's own MAE / ViT modules write th
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 import subprocess
@@ -15,19 +16,23 @@ import pytest
 import torch
 
 from segplat.errors import CheckpointError, ConfigError
-from segplat.models.encoders.gfm.encoders import import_terratorch
-
-try:
-    import_terratorch()  # through segplat's import: TerraTorch's own import changes torch's fp32 precision
-except ConfigError:
-    pytest.skip('the gfm extra is not installed (pip install -e ".[gfm]")', allow_module_level=True)
-
 from segplat.models import Segmenter
 from segplat.models.decoders import UNetDecoder
 from segplat.models.encoders.gfm import PrithviEncoder, TerraMindEncoder
+from segplat.models.encoders.gfm.encoders import import_terratorch
 from segplat.optim import build_optimizer
 from tests.conftest import REPO
 from tests.models.base_tester import ModelTester
+
+# the import itself (seconds) waits for the first test that builds a GFM: collection stays quick in every process
+if importlib.util.find_spec("terratorch") is None:
+    pytest.skip('the gfm extra is not installed (pip install -e ".[gfm]")', allow_module_level=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _terratorch() -> None:
+    import_terratorch()  # through segplat's import: TerraTorch's own import changes torch's fp32 precision
+
 
 S2 = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
 S1 = ["VV", "VH"]
@@ -180,6 +185,7 @@ def test_every_parameter_gets_a_gradient(encoder, fusion):
 
 
 # -- weights --------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # over a second: in the full run, not the local loop
 def test_prithvi_loads_the_encoder_of_a_prithvi_mae_checkpoint(tmp_path):
     from terratorch.registry import FULL_MODEL_REGISTRY
 
