@@ -23,6 +23,18 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 FP32_PRECISION = torch.get_float32_matmul_precision(), torch.backends.mkldnn.matmul.fp32_precision
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under `-n`, the files with the most slow tests go first, so that the long ones start early and the short ones
+    fill the processes at the end (a file stays in one process; every process sorts the same list the same way)."""
+    if not config.getoption("numprocesses", None):
+        return
+    slow: dict[Path, int] = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    order = {path: rank for rank, path in enumerate(slow)}
+    items.sort(key=lambda item: (-slow[item.path], order[item.path]))
+
+
 @pytest.fixture(autouse=True)
 def _fp32_precision_unchanged(request: pytest.FixtureRequest) -> Iterator[None]:
     assert (torch.get_float32_matmul_precision(), torch.backends.mkldnn.matmul.fp32_precision) == FP32_PRECISION, (
