@@ -74,4 +74,21 @@ def test_a_wheel_runs_the_default_job_from_an_empty_folder(tmp_path):
     run_dir = Path(out.strip().splitlines()[-1].removeprefix("run_dir: "))
     assert run_dir == empty / "logs" / "train" / "runs" / "from_wheel"
     assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "config.yaml").is_file()
+
+    # the other tasks from the same wheel: prepare (the store exists: verified), predict, evaluate, a sweep
+    bin_dir = venv / "bin"
+    assert "verified" in sh([str(bin_dir / "segplat-prepare")], empty, env).lower()
+    scene = tmp_path / "scene"
+    sh([str(bin_dir / "python"), "-m", "segplat.data.fake", "scene", str(scene)], empty, env)
+    out = sh([str(bin_dir / "segplat-predict"), f"ckpt={run_dir}",
+              f"input={{rgb: {scene / 'scene_rgb.tif'}, nir: {scene / 'scene_nir.tif'}}}"], empty, env)
+    predicted = Path(out.strip().splitlines()[-1].removeprefix("run_dir: "))
+    assert list(predicted.rglob("*.tif")), out
+    out = sh([str(bin_dir / "segplat-evaluate"), f"ckpt={run_dir}"], empty, env)
+    assert "mIoU" in out or "miou" in out, out
+    out = sh([str(bin_dir / "segplat-train"), "--multirun", "sweep=fusion_patch_lr", "debug=fast",
+              "hydra.sweeper.n_trials=1"], empty, env)
+    sweep_dir = empty / "logs" / "train" / "sweeps" / "fusion_patch_lr_debug"  # debug=fast: a study of its own
+    assert (sweep_dir / "study.db").is_file() and (sweep_dir / "optimization_results.yaml").is_file(), out
+    assert sorted(p.name for p in sweep_dir.glob("trial_*")) == ["trial_0000"]
     assert sorted(p.name for p in empty.iterdir()) == ["logs"]

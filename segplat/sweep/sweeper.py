@@ -429,10 +429,12 @@ class OptunaSweeper:
         study, created = self.open_study(url, directions, pruner, baselines)
         if not created:
             self.check_space_matches(study, searched, url)
-        if debug:
-            log.info("debug=fast: this sweep runs at most %d trials (hydra.sweeper.n_trials=%d is capped) in the "
-                     "study %r, apart from the real one", DEBUG_TRIALS, self.n_trials, self.study_name)
-            self.n_trials = budget_used(study) + DEBUG_TRIALS
+        if debug:  # a few trials more in the debug study, never more than hydra.sweeper.n_trials asks for
+            runs = min(self.n_trials, DEBUG_TRIALS)
+            capped = f" (hydra.sweeper.n_trials={self.n_trials} is capped)" if self.n_trials > DEBUG_TRIALS else ""
+            log.info("debug=fast: this sweep runs at most %d trial(s)%s in the study %r, apart from the real one",
+                     runs, capped, self.study_name)
+            self.n_trials = budget_used(study) + runs
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if seed is not None and not created:  # a joining or resuming worker must not replay the first one's draws
             sampler = build_sampler(self.sampler_spec, (int(seed) + 7919 * budget_used(study) + os.getpid()) % 2**31,

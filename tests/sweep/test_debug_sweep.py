@@ -40,10 +40,16 @@ def test_debug_fast_caps_the_budget_in_a_study_of_its_own(tmp_path: Path) -> Non
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ.copy())
         assert done.returncode == 0, done.stderr[-3000:]
         log = done.stdout + done.stderr
-        assert f"debug=fast: this sweep runs at most {DEBUG_TRIALS} trials (hydra.sweeper.n_trials=40 is capped) " \
+        assert f"debug=fast: this sweep runs at most {DEBUG_TRIALS} trial(s) (hydra.sweeper.n_trials=40 is capped) " \
                "in the study 'long_debug'" in log
         assert optuna.get_all_study_names(storage) == ["long_debug"]  # the real study is not touched
         trials = optuna.load_study(study_name="long_debug", storage=storage).trials
         assert [t.state.name for t in trials] == ["COMPLETE"] * DEBUG_TRIALS * runs
+    # a budget below the cap is kept, not raised to it (a wheel's debug sweep with n_trials=1 once ran 3 trials)
+    done = subprocess.run([*cmd, "hydra.sweeper.n_trials=1"], capture_output=True, text=True, timeout=300,
+                          env=os.environ.copy())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "this sweep runs at most 1 trial(s) in the study 'long_debug'" in done.stdout + done.stderr
+    assert len(optuna.load_study(study_name="long_debug", storage=storage).trials) == DEBUG_TRIALS * 2 + 1
     # the trials were debug runs: debug=fast reached each of them
     assert "debug=fast" in (sweep_dir / "trial_0000" / "command.txt").read_text().split()
