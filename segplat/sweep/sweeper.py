@@ -406,21 +406,7 @@ class OptunaSweeper:
         extend = self.search_space_extender()
         slots = self.check_launcher()
         debug = self.debug_study()
-        # the whole space before any trial: nothing is written (no folder, no study) when it is invalid
-        started = time.monotonic()
-        checker = SpaceChecker(params, fixed, self.compose, self.config, group_options=self.group_options)
-        pinned = {p.key for p in params if p.key in cli_params and p.distribution is None}
-        baselines = [{k: v for k, v in b.items() if k not in pinned} if isinstance(b, Mapping) else b
-                     for b in self.baselines]
-        dropped = sorted({k for b in self.baselines if isinstance(b, Mapping) for k in b if k in pinned})
-        if dropped:
-            log.info("the baselines' values for %s give way to the command line's", ", ".join(dropped))
-        baselines = checker.run(baselines)
-        report = checker.report
-        log.info("search space checked in %.1f s: %d draws%s compose and pass the task's checks (%d config "
-                 "compositions)", time.monotonic() - started, report.draws,
-                 "" if report.exhaustive else " (every model/fusion combination, each other value once)",
-                 report.compositions)
+        baselines = self.check_space(params, fixed, cli_params)  # nothing is written when the space is invalid
         sweep_dir = self.sweep_dir()
         self.study_name = self.study_name or sweep_dir.name
         self.url = url = self.storage_url or f"sqlite:///{sweep_dir / 'study.db'}"
@@ -429,12 +415,8 @@ class OptunaSweeper:
         study, created = self.open_study(url, directions, pruner, baselines)
         if not created:
             self.check_space_matches(study, searched, url)
-        if debug:  # a few trials more in the debug study, never more than hydra.sweeper.n_trials asks for
-            runs = min(self.n_trials, DEBUG_TRIALS)
-            capped = f" (hydra.sweeper.n_trials={self.n_trials} is capped)" if self.n_trials > DEBUG_TRIALS else ""
-            log.info("debug=fast: this sweep runs at most %d trial(s)%s in the study %r, apart from the real one",
-                     runs, capped, self.study_name)
-            self.n_trials = budget_used(study) + runs
+        if debug:
+            self.cap_debug_budget(study)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if seed is not None and not created:  # a joining or resuming worker must not replay the first one's draws
             sampler = build_sampler(self.sampler_spec, (int(seed) + 7919 * budget_used(study) + os.getpid()) % 2**31,
@@ -447,13 +429,7 @@ class OptunaSweeper:
         env = {**self.env, STORAGE_ENV: url, PRUNER_ENV: json.dumps(self.pruner_spec)}
         worker = this_worker()
         exported = os.environ.get(STORAGE_ENV)
-        if self.backend is not None:  # jobs get the database URL from the environment sbatch exports, not a file
-            os.environ[STORAGE_ENV] = env.pop(STORAGE_ENV)
-            log.info("%d trial(s) at once as %s jobs of hydra/launcher=%s", self.n_jobs, self.backend.cluster,
-                     self.backend.choice)
-        elif self.n_jobs > 1:
-            log.info("%d trial(s) at once; %s", self.n_jobs,
-                     "; ".join(" ".join(f"{k}={v}" for k, v in slot.items()) for slot in slots))
+        self.announce_slots(env, slots)
         groups = self.config_groups([p.key for p in params])
         log.info("study %r in %s: %s; %d of %d trials used; sweep dir %s", self.study_name, redact(url),
                  "created" if created else "resumed", budget_used(study), self.n_trials, sweep_dir)
@@ -483,6 +459,44 @@ class OptunaSweeper:
             stopped = sys.exc_info()[0]
             tracking.finish(study, sweep_dir, params, "FINISHED" if stopped is None else "KILLED"
                             if issubclass(stopped, KeyboardInterrupt) else "FAILED")
+
+    def check_space(self, params: list[sp.Param], fixed: list[str], cli_params: Mapping[str, Any]) -> list[Any]:
+        """The whole space before any trial (every draw composes and passes the task's checks); returns the
+        baselines, whose values for keys the command line pins give way to it."""
+        started = time.monotonic()
+        checker = SpaceChecker(params, fixed, self.compose, self.config, group_options=self.group_options)
+        pinned = {p.key for p in params if p.key in cli_params and p.distribution is None}
+        baselines = [{k: v for k, v in b.items() if k not in pinned} if isinstance(b, Mapping) else b
+                     for b in self.baselines]
+        dropped = sorted({k for b in self.baselines if isinstance(b, Mapping) for k in b if k in pinned})
+        if dropped:
+            log.info("the baselines' values for %s give way to the command line's", ", ".join(dropped))
+        baselines = checker.run(baselines)
+        report = checker.report
+        log.info("search space checked in %.1f s: %d draws%s compose and pass the task's checks (%d config "
+                 "compositions)", time.monotonic() - started, report.draws,
+                 "" if report.exhaustive else " (every model/fusion combination, each other value once)",
+                 report.compositions)
+        return baselines
+
+    def cap_debug_budget(self, study: optuna.Study) -> None:
+        """debug=fast: a few trials more in the debug study, never more than hydra.sweeper.n_trials asks for."""
+        runs = min(self.n_trials, DEBUG_TRIALS)
+        capped = f" (hydra.sweeper.n_trials={self.n_trials} is capped)" if self.n_trials > DEBUG_TRIALS else ""
+        log.info("debug=fast: this sweep runs at most %d trial(s)%s in the study %r, apart from the real one",
+                 runs, capped, self.study_name)
+        self.n_trials = budget_used(study) + runs
+
+    def announce_slots(self, env: dict[str, str], slots: list[dict[str, str]]) -> None:
+        """Say how trials run at once; cluster jobs get the database URL from the environment sbatch exports (not
+        a file), so it moves from the trials' env into this process's."""
+        if self.backend is not None:
+            os.environ[STORAGE_ENV] = env.pop(STORAGE_ENV)
+            log.info("%d trial(s) at once as %s jobs of hydra/launcher=%s", self.n_jobs, self.backend.cluster,
+                     self.backend.choice)
+        elif self.n_jobs > 1:
+            log.info("%d trial(s) at once; %s", self.n_jobs,
+                     "; ".join(" ".join(f"{k}={v}" for k, v in slot.items()) for slot in slots))
 
     def ask(self, study: optuna.Study) -> optuna.trial.Trial | None:
         """The next trial within the budget, with SIGTERM held from `ask` until start_trial's bookkeeping (a
