@@ -429,7 +429,9 @@ class OptunaSweeper:
         env = {**self.env, STORAGE_ENV: url, PRUNER_ENV: json.dumps(self.pruner_spec)}
         worker = this_worker()
         exported = os.environ.get(STORAGE_ENV)
-        self.announce_slots(env, slots)
+        if self.backend is not None:  # jobs get the database URL from the environment sbatch exports, not a file
+            os.environ[STORAGE_ENV] = env.pop(STORAGE_ENV)  # put back in the `finally` below
+        self.announce_slots(slots)
         groups = self.config_groups([p.key for p in params])
         log.info("study %r in %s: %s; %d of %d trials used; sweep dir %s", self.study_name, redact(url),
                  "created" if created else "resumed", budget_used(study), self.n_trials, sweep_dir)
@@ -487,11 +489,9 @@ class OptunaSweeper:
                  runs, capped, self.study_name)
         self.n_trials = budget_used(study) + runs
 
-    def announce_slots(self, env: dict[str, str], slots: list[dict[str, str]]) -> None:
-        """Say how trials run at once; cluster jobs get the database URL from the environment sbatch exports (not
-        a file), so it moves from the trials' env into this process's."""
+    def announce_slots(self, slots: list[dict[str, str]]) -> None:
+        """Say how trials run at once: as cluster jobs, or K local slots with their devices and threads."""
         if self.backend is not None:
-            os.environ[STORAGE_ENV] = env.pop(STORAGE_ENV)
             log.info("%d trial(s) at once as %s jobs of hydra/launcher=%s", self.n_jobs, self.backend.cluster,
                      self.backend.choice)
         elif self.n_jobs > 1:

@@ -203,11 +203,14 @@ def _group_chosen_by_key(key: str, overrides: Sequence[str]) -> str | None:
         return None
     options = sorted(f.stem for f in folder.glob("*.yaml"))
     value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), "")
-    value = {"nsga2": "nsgaii"}.get(value, value)
     slash = group.replace(".", "/")
+    where = f"{key} is not a key: {group} is a config group"
     if value in options:
-        return f"{key} is not a key: {group} is a config group, chosen with {slash}={value}."
-    return f"{key} is not a key: {group} is a config group, chosen with {slash}=NAME; use {choices(options)}."
+        return f"{where}, chosen with {slash}={value}."
+    near = did_you_mean(value, options)
+    if near:
+        return f"{where}, chosen with {slash}=NAME; did you mean {slash}={near}?"
+    return f"{where}, chosen with {slash}=NAME; use {choices(options)}."
 
 
 def _unknown_option(err: Exception, overrides: Sequence[str]) -> str:

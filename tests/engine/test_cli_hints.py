@@ -26,7 +26,10 @@ from segplat.utils.task import config_error_hint, overrides_of
     # the sampler is a config group (as in hydra-optuna-sweeper), no longer a `name` key
     (["-m", "hydra.sweeper.sampler.name=random"], "hydra.sweeper.sampler.name is not a key: hydra.sweeper.sampler is "
                                                   "a config group, chosen with hydra/sweeper/sampler=random."),
-    (["-m", "hydra.sweeper.sampler.name=nsga2"], "chosen with hydra/sweeper/sampler=nsgaii."),
+    (["-m", "hydra.sweeper.sampler.name=nsga2"], "chosen with hydra/sweeper/sampler=NAME; did you mean "
+                                                 "hydra/sweeper/sampler=nsgaii?"),
+    (["-m", "hydra.sweeper.sampler.name=xyz"], "chosen with hydra/sweeper/sampler=NAME; use cmaes, gp, grid, "
+                                                 "nsgaii, qmc, random or tpe."),
 ])
 def test_near_misses_get_a_suggestion(argv, hint):
     assert hint in config_error_hint("train", argv)
